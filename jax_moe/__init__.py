@@ -1,0 +1,16 @@
+"""jax_moe: Mixture-of-Experts layers for JAX with CUDA kernels as XLA FFI primitives.
+
+Public API (see DESIGN.md):
+  route(x, top_k, ...)                    -> (weights f32 [T, k], ids int32 [T, k])
+  expert_gemv(x, ids, w_gate_up, w_down)  -> y [T, k, H]
+  combine(y, weights, index=None)         -> out [T, H]
+  moe_block(x, params, config)            -> out [..., H]
+"""
+
+from jax_moe import _ffi  # registers the FFI targets  # noqa: F401
+from jax_moe import reference
+from jax_moe._ffi import build_info
+from jax_moe.route import route
+
+__all__ = ["route", "reference", "build_info"]
+__version__ = "0.1.0"

@@ -1,0 +1,292 @@
+"""jax_moe.route against reference.route on fresh tie-free inputs: ids exactly,
+weights to f32 rounding; jit, vmap, scan; every bad-input error."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_moe
+from jax_moe import reference
+from helpers import poison_device_memory, rng, routing_hidden, routing_logits
+
+DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
+EK = [(E, k) for E in (1, 8, 60, 64, 128, 160, 256, 384) for k in (1, 2, 6, 8) if k <= E]
+
+
+def check(x, top_k, **kw):
+  poison_device_memory()
+  w, ids = jax.jit(lambda x: jax_moe.route(x, top_k, **kw))(x)
+  wr, ir = reference.route(x.reshape(-1, x.shape[-1]), top_k, **kw)
+  w, ids = np.asarray(w).reshape(-1, top_k), np.asarray(ids).reshape(-1, top_k)
+  assert ids.dtype == np.int32 and w.dtype == np.float32
+  np.testing.assert_array_equal(ids, np.asarray(ir))
+  # Logits from a router matmul differ from the reference by f32 summation order,
+  # which grows like sqrt(H); the weights inherit that relative error.
+  rw = kw.get("router_weight")
+  rtol = 2e-6 if rw is None else 2e-6 + 3e-7 * np.sqrt(rw.shape[1])
+  np.testing.assert_allclose(w, np.asarray(wr), rtol=rtol, atol=1e-7)
+  return w, ids
+
+
+@pytest.mark.parametrize("E,k", EK)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+def test_softmax_logits(platform, E, k, dtype):
+  r = rng()
+  T = 64 if E % 2 == 0 else 3
+  x = jnp.asarray(routing_logits(r, T, E, dtype, top_k=k), dtype)
+  w, ids = check(x, k)
+  assert np.all((ids >= 0) & (ids < E))
+  np.testing.assert_allclose(w.sum(-1), 1.0, rtol=1e-5)  # renormalized by default
+  assert all(len(set(row)) == k for row in ids)
+
+
+@pytest.mark.parametrize("T", [0, 1, 3, 64, 1000])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+def test_token_counts_logits(platform, T, dtype):
+  r = rng()
+  x = jnp.asarray(routing_logits(r, T, 128, dtype, top_k=8), dtype)
+  w, ids = check(x, 8)
+  assert w.shape == (T, 8)
+
+
+@pytest.mark.parametrize("T", [0, 1, 3, 16, 17, 64, 1000])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+def test_router_weight_fused(platform, T, dtype):
+  """hidden [T, H] + router [E, H]: fused for small T, XLA dot + routing above."""
+  r = rng()
+  E, H = 64, 200
+  router = np.asarray(jnp.asarray(r.normal(size=(E, H)) / np.sqrt(H), dtype).astype(jnp.float32))
+  x = routing_hidden(r, T, H, router.astype(np.float64), dtype, top_k=6)
+  check(jnp.asarray(x, dtype), 6, router_weight=jnp.asarray(router, dtype))
+
+
+@pytest.mark.parametrize("E,H", [(8, 64), (128, 256), (256, 7168), (384, 96), (60, 33)])
+def test_router_weight_shapes(platform, E, H):
+  """Several E and H (H not a multiple of 8 takes the scalar path)."""
+  r = rng()
+  k = min(8, E)
+  router = np.asarray(jnp.asarray(r.normal(size=(E, H)) / np.sqrt(H), jnp.bfloat16)
+                      .astype(jnp.float32))
+  x = routing_hidden(r, 5, H, router.astype(np.float64), jnp.bfloat16, top_k=k)
+  check(jnp.asarray(x, jnp.bfloat16), k, router_weight=jnp.asarray(router, jnp.bfloat16))
+
+
+GROUPED = {
+    # DeepSeek-V3: sigmoid, correction bias, top-2-sum group score, scaling factor
+    "dsv3": dict(E=256, k=8, scoring="sigmoid", num_groups=8, top_groups=4,
+                 group_score="top2_sum", bias=True, scaling_factor=2.5),
+    # DeepSeek-V2: softmax, max group score, no renormalization
+    "dsv2": dict(E=160, k=6, scoring="softmax", num_groups=8, top_groups=3,
+                 group_score="max", bias=False, scaling_factor=16.0, renormalize=False),
+    "e160_top2sum": dict(E=160, k=8, scoring="sigmoid", num_groups=8, top_groups=3,
+                         group_score="top2_sum", bias=True, scaling_factor=1.0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GROUPED))
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("with_router", [False, True], ids=["logits", "router"])
+def test_grouped(platform, name, dtype, with_router):
+  cfg = dict(GROUPED[name])
+  r = rng()
+  E, k = cfg.pop("E"), cfg.pop("k")
+  bias = (r.normal(scale=0.05, size=E)).astype(np.float32) if cfg.pop("bias") else None
+  kw = dict(scoring=cfg["scoring"], num_groups=cfg["num_groups"], top_groups=cfg["top_groups"],
+            group_score=cfg["group_score"], bias=bias)
+  T = 40
+  if with_router:
+    H = 128
+    router = np.asarray(jnp.asarray(r.normal(size=(E, H)) / np.sqrt(H), dtype)
+                        .astype(jnp.float32))
+    x = routing_hidden(r, T, H, router.astype(np.float64), dtype, top_k=k, **kw)
+    extra = dict(router_weight=jnp.asarray(router, dtype))
+  else:
+    x = routing_logits(r, T, E, dtype, top_k=k, **kw)
+    extra = {}
+  kw.pop("bias")
+  w, ids = check(jnp.asarray(x, dtype), k, correction_bias=None if bias is None else jnp.asarray(bias),
+                 scaling_factor=cfg["scaling_factor"], renormalize=cfg.get("renormalize", True),
+                 **kw, **extra)
+  G = E // cfg["num_groups"]
+  assert all(len(set(row // G)) <= cfg["top_groups"] for row in ids)
+
+
+def test_options_are_not_ignored(platform):
+  """Each option changes the result the way the reference says."""
+  r = rng()
+  E, k, T = 64, 4, 32
+  x = jnp.asarray(routing_logits(r, T, E, jnp.float32, top_k=k))
+  w0, i0 = check(x, k)
+  scale = jnp.asarray(r.uniform(0.5, 2.0, size=E), jnp.float32)
+  w1, i1 = check(x, k, expert_scale=scale)
+  np.testing.assert_allclose(w1, w0 * np.asarray(scale)[i0], rtol=1e-5)
+  w2, _ = check(x, k, scaling_factor=3.0)
+  np.testing.assert_allclose(w2, 3.0 * w0, rtol=1e-6)
+  w3, i3 = check(x, k, renormalize=False)
+  np.testing.assert_array_equal(i3, i0)
+  assert np.all(w3.sum(-1) < 1.0)
+  xs = jnp.asarray(routing_logits(r, T, E, jnp.float32, top_k=k, scoring="sigmoid"))
+  w4, _ = check(xs, k, scoring="sigmoid", renormalize=False)
+  np.testing.assert_allclose(w4, 1 / (1 + np.exp(-np.take_along_axis(np.asarray(xs), _, -1))),
+                             rtol=1e-5)
+
+
+def test_bias_changes_selection(platform):
+  """A large bias on one expert makes it selected everywhere, with its unbiased weight."""
+  r = rng()
+  E, k, T = 32, 2, 16
+  x = jnp.asarray(routing_logits(r, T, E, jnp.float32, top_k=k, scoring="sigmoid"))
+  bias = np.zeros(E, np.float32)
+  bias[7] = 10.0
+  w, ids = check(x, k, scoring="sigmoid", correction_bias=jnp.asarray(bias), renormalize=False)
+  assert np.all(ids[:, 0] == 7)
+  np.testing.assert_allclose(w[:, 0], 1 / (1 + np.exp(-np.asarray(x)[:, 7])), rtol=1e-5)
+
+
+def test_many_experts_fallback(platform):
+  """E above the CUDA kernel's limit still works (reference lowering on GPU)."""
+  r = rng()
+  x = jnp.asarray(routing_logits(r, 4, 1100, jnp.float32, top_k=4))
+  check(x, 4)
+
+
+def test_leading_dims(platform):
+  r = rng()
+  x = routing_logits(r, 24, 64, jnp.float32, top_k=4).reshape(2, 3, 4, 64)
+  w, ids = jax_moe.route(jnp.asarray(x), 4)
+  assert w.shape == (2, 3, 4, 4) and ids.shape == (2, 3, 4, 4)
+  wr, ir = reference.route(jnp.asarray(x.reshape(-1, 64)), 4)
+  np.testing.assert_array_equal(np.asarray(ids).reshape(-1, 4), ir)
+
+
+@pytest.mark.parametrize("with_router", [False, True], ids=["logits", "router"])
+def test_vmap_two_batch_dims(platform, with_router):
+  r = rng()
+  E, k, H = 64, 4, 96
+  if with_router:
+    router = np.asarray(jnp.asarray(r.normal(size=(E, H)) / np.sqrt(H)), np.float32)
+    x = routing_hidden(r, 2 * 3 * 5, H, router.astype(np.float64), jnp.float32, top_k=k)
+    kw = dict(router_weight=jnp.asarray(router))
+  else:
+    x = routing_logits(r, 2 * 3 * 5, E, jnp.float32, top_k=k)
+    kw = {}
+  xb = jnp.asarray(x.reshape(2, 3, 5, -1))
+  f = jax.jit(jax.vmap(jax.vmap(lambda t: jax_moe.route(t, k, **kw))))
+  w, ids = f(xb)
+  wr, ir = reference.route(jnp.asarray(x), k, **kw)
+  np.testing.assert_array_equal(np.asarray(ids).reshape(-1, k), ir)
+  np.testing.assert_allclose(np.asarray(w).reshape(-1, k), wr, rtol=2e-6, atol=1e-7)
+
+
+def test_vmap_over_bias(platform):
+  """A batched correction_bias cannot fold into tokens: the rule maps over it."""
+  r = rng()
+  E, k, T = 32, 4, 6
+  x = jnp.asarray(routing_logits(r, T, E, jnp.float32, top_k=k, scoring="sigmoid"))
+  biases = jnp.asarray(np.stack([np.zeros(E), np.eye(E)[3] * 5]), jnp.float32)
+  f = jax.vmap(lambda b: jax_moe.route(x, k, scoring="sigmoid", correction_bias=b))
+  w, ids = f(biases)
+  for i in range(2):
+    wr, ir = reference.route(x, k, scoring="sigmoid", correction_bias=biases[i])
+    np.testing.assert_array_equal(ids[i], ir)
+  assert np.all(np.asarray(ids[1])[:, 0] == 3)
+
+
+def test_scan(platform):
+  r = rng()
+  E, k, T, steps = 64, 4, 8, 5
+  xs = jnp.asarray(np.stack([routing_logits(r, T, E, jnp.bfloat16, top_k=k)
+                             for _ in range(steps)]), jnp.bfloat16)
+
+  @jax.jit
+  def run(xs):
+    def body(c, x):
+      w, ids = jax_moe.route(x, k)
+      return c + w.sum(), (w, ids)
+    return jax.lax.scan(body, jnp.float32(0), xs)
+
+  _, (w, ids) = run(xs)
+  for s in range(steps):
+    wr, ir = reference.route(xs[s], k)
+    np.testing.assert_array_equal(ids[s], ir)
+    np.testing.assert_allclose(w[s], wr, rtol=2e-6, atol=1e-7)
+
+
+def test_nan_logits_give_valid_ids(platform):
+  r = rng()
+  E, k, T = 64, 8, 8
+  x = routing_logits(r, T, E, jnp.float32, top_k=k)
+  x[0, :] = np.nan
+  x[1, ::3] = np.nan
+  x[2, 5] = np.nan
+  for scoring in ("softmax", "sigmoid"):
+    w, ids = jax.jit(lambda x: jax_moe.route(x, k, scoring=scoring, num_groups=4,
+                                             top_groups=2))(jnp.asarray(x))
+    ids = np.asarray(ids)
+    assert np.all((ids >= 0) & (ids < E)), ids
+    assert all(len(set(row)) == k for row in ids)
+
+
+def test_deterministic(platform):
+  r = rng()
+  E, H = 256, 512
+  router = jnp.asarray(r.normal(size=(E, H)) / np.sqrt(H), jnp.bfloat16)
+  x = jnp.asarray(r.normal(size=(16, H)), jnp.bfloat16)
+  f = jax.jit(lambda x: jax_moe.route(x, 8, router_weight=router, scoring="sigmoid",
+                                      num_groups=8, top_groups=4))
+  w0, i0 = f(x)
+  for _ in range(5):
+    w, i = f(x)
+    np.testing.assert_array_equal(np.asarray(i), np.asarray(i0))
+    np.testing.assert_array_equal(np.asarray(w), np.asarray(w0))
+
+
+# ---- bad input: clear errors naming the argument ----------------------------------
+
+X = jnp.ones((4, 16), jnp.float32)
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda: jax_moe.route(jnp.ones((16,)), 2), ValueError, "x must have rank"),
+    (lambda: jax_moe.route(jnp.ones((4, 16), jnp.int32), 2), TypeError, "x must be float32"),
+    (lambda: jax_moe.route(X, 0), ValueError, "top_k"),
+    (lambda: jax_moe.route(X, 17), ValueError, "top_k"),
+    (lambda: jax_moe.route(X, 2.0), TypeError, "top_k"),
+    (lambda: jax_moe.route(X, 2, scoring="relu"), ValueError, "scoring"),
+    (lambda: jax_moe.route(X, 2, group_score="mean", num_groups=2), ValueError, "group_score"),
+    (lambda: jax_moe.route(X, 2, num_groups=3), ValueError, "num_groups"),
+    (lambda: jax_moe.route(X, 2, num_groups=4, top_groups=5), ValueError, "top_groups"),
+    (lambda: jax_moe.route(X, 2, num_groups=4, top_groups=0), ValueError, "top_groups"),
+    (lambda: jax_moe.route(X, 9, num_groups=4, top_groups=2), ValueError, "top_k=9 exceeds"),
+    (lambda: jax_moe.route(X, 2, correction_bias=jnp.ones(15)), ValueError, "correction_bias"),
+    (lambda: jax_moe.route(X, 2, correction_bias=jnp.ones(16, jnp.int32)), TypeError,
+     "correction_bias"),
+    (lambda: jax_moe.route(X, 2, expert_scale=jnp.ones((16, 1))), ValueError, "expert_scale"),
+    (lambda: jax_moe.route(X, 2, scaling_factor="big"), TypeError, "scaling_factor"),
+    (lambda: jax_moe.route(X, 2, scaling_factor=float("inf")), ValueError, "scaling_factor"),
+    (lambda: jax_moe.route(X, 2, renormalize=1), TypeError, "renormalize"),
+    (lambda: jax_moe.route(X, 2, router_weight=jnp.ones((8, 15))), ValueError, "router_weight"),
+    (lambda: jax_moe.route(X, 2, router_weight=jnp.ones((8,))), ValueError, "router_weight"),
+    (lambda: jax_moe.route(X, 2, router_weight=jnp.ones((8, 16), jnp.bfloat16)), TypeError,
+     "router_weight"),
+])
+def test_bad_input(call, exc, match):
+  with pytest.raises(exc, match=match):
+    call()
+
+
+def test_handler_revalidates():
+  """Binding the primitive directly with bad attributes gets an error from the C++
+  handler instead of a crash."""
+  from jax_moe.route import route_p
+  x = jnp.ones((4, 16), jnp.float32)
+  empty = jnp.zeros((0, 0), jnp.float32)
+  e0 = jnp.zeros((0,), jnp.float32)
+  with pytest.raises(Exception, match="num_groups must divide"):
+    jax.jit(lambda x: route_p.bind(x, empty, e0, e0, top_k=2, scoring="softmax",
+                                   renormalize=True, num_groups=3, top_groups=1,
+                                   group_score="top2_sum", scaling_factor=1.0,
+                                   k_split=1))(x)[0].block_until_ready()
