@@ -1,0 +1,107 @@
+"""Timing harness shared by the benchmarks (METHOD: count bytes first, time inside a
+jitted program, never on zeros, baselines and the HBM floor in the same run).
+
+time_op(fn, arg_sets) compiles ONE jitted program that calls fn once per argument
+set, back to back on the device (as a decode loop does, layer after layer), and
+returns the median wall time per call over several runs. Why not a fori_loop: XLA
+hoists loop-invariant work (our custom calls included) out of while loops, and any
+op that makes the inputs loop-dependent is an extra kernel inside the timing. So the
+caller passes distinct argument sets (distinct inputs, so nothing is CSE'd; weights
+rotated over enough copies to miss L2), and every output stays live.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def device_description() -> str:
+  d = jax.devices()[0]
+  return f"{d.platform}:{getattr(d, 'device_kind', '?')}"
+
+
+def _block(tree):
+  jax.tree.map(lambda a: a.block_until_ready(), tree)
+
+
+def time_op(fn: Callable, arg_sets: Sequence[tuple], *, repeats: int = 7) -> float:
+  """Median seconds per call of fn(*args) over the calls on arg_sets in one program."""
+  arg_sets = [tuple(a) for a in arg_sets]
+
+  @jax.jit
+  def run(sets):
+    return [fn(*a) for a in sets]
+
+  _block(run(arg_sets))  # compile and warm up
+  _block(run(arg_sets))
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    _block(run(arg_sets))
+    times.append((time.perf_counter() - t0) / len(arg_sets))
+  return statistics.median(times)
+
+
+def rotation_count(bytes_per_set: int, l2_bytes: int, max_sets: int = 16) -> int:
+  """How many argument copies to rotate so that consecutive calls miss L2: enough
+  that the sets together exceed twice the L2 size."""
+  if bytes_per_set <= 0:
+    return 1
+  return int(max(1, min(max_sets, -(-2 * l2_bytes // bytes_per_set))))
+
+
+def measure_read_bandwidth(nbytes: int = 1 << 30) -> float:
+  """Streaming read rate (bytes/s): a sum over a random bf16 array of nbytes."""
+  n = nbytes // 2
+  x = jax.random.normal(jax.random.PRNGKey(0), (n,), jnp.bfloat16)
+  xs = [x + jnp.bfloat16(i) for i in range(4)]
+  t = time_op(lambda a: jnp.sum(a, dtype=jnp.float32), [(a,) for a in xs])
+  del xs
+  del x
+  return nbytes / t
+
+
+def measure_copy_bandwidth(nbytes: int = 2 << 30) -> float:
+  """Device copy rate (bytes read + written per second) of an elementwise op."""
+  n = nbytes // 2
+  x = jax.random.normal(jax.random.PRNGKey(1), (n,), jnp.bfloat16)
+  y = x + jnp.bfloat16(1)
+  t = time_op(lambda a: a * jnp.bfloat16(1.5), [(x,), (y,)])
+  del x, y
+  return 2 * nbytes / t
+
+
+def write_json(path: str, payload: dict) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(payload, f, indent=2, default=float)
+
+
+def print_table(rows: list[dict], cols: list[tuple[str, str]], file=sys.stdout) -> None:
+  """cols: (key, format) pairs, e.g. ("us_ours", "{:.1f}")."""
+  heads = [c for c, _ in cols]
+  cells = [[(fmt.format(r[c]) if r.get(c) is not None else "-") for c, fmt in cols]
+           for r in rows]
+  widths = [max(len(h), *(len(row[i]) for row in cells)) if cells else len(h)
+            for i, h in enumerate(heads)]
+  print("  ".join(h.rjust(w) for h, w in zip(heads, widths)), file=file)
+  for row in cells:
+    print("  ".join(c.rjust(w) for c, w in zip(row, widths)), file=file)
+  file.flush()
+
+
+def random_array(key, shape, dtype, scale=1.0):
+  return (jax.random.normal(key, shape, jnp.float32) * scale).astype(dtype)
+
+
+def np_rng(seed=0):
+  return np.random.default_rng(seed)
