@@ -33,3 +33,35 @@ def route_k_split(num_tokens: int, num_experts: int, hidden: int, sm_count: int)
   want = -(-2 * sm_count // (expert_groups * tiles))
   most = max(1, hidden // 256)
   return max(1, min(want, most))
+
+
+# ---- expert_gemv -------------------------------------------------------------
+
+def gemv_token_tiles(num_tokens: int) -> int:
+  """n-tiles of 8 tokens per weight pass (the kernel's NT: 1, 2 or 4).
+
+  With distinct experts per token, one expert gets at most num_tokens assignments,
+  so NT*8 >= num_tokens means every expert's weights are read once. Larger NT costs
+  registers (accumulators) and shared memory; beyond 32 tokens per expert the kernel
+  takes extra passes, which only prefill-sized batches hit (moe_block sends those
+  to the grouped path).
+  """
+  if num_tokens <= 8:
+    return 1
+  if num_tokens <= 16:
+    return 2
+  return 4
+
+
+def gemv_k_split(rows: int, reduce_len: int) -> int:
+  """Warps (of 8 per block) that split the reduction dimension K.
+
+  A block covers 16 * (8 / k_split) rows. Splitting K gives smaller row tiles, so
+  more blocks at decode (T=1 selects only k experts) and better balance across
+  SMs; but each warp should still stream at least ~8 chunks of 32 columns, or the
+  split-K reduction and the prologue dominate.
+  """
+  for ks in (8, 4, 2):
+    if reduce_len // ks >= 256:
+      return ks
+  return 1

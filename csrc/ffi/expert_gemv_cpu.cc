@@ -1,8 +1,45 @@
-// PLACEHOLDER: replaced by the real handler in the expert_gemv work.
+// jax_moe_expert_gemv on the CPU platform: decode -> validate -> dispatch dtype -> run.
+#include "common/cpu_types.h"
 #include "common/ffi_helpers.h"
+#include "cpu/expert_gemv.h"
+#include "ffi/expert_gemv_validate.h"
+
 namespace jax_moe {
-static ffi::Error ExpertGemvCpuHandler(ffi::RemainingArgs, ffi::RemainingRets) {
-  return ffi::Error(ffi::ErrorCode::kUnimplemented, "jax_moe: expert_gemv not implemented yet");
+
+static ffi::Error ExpertGemvCpuHandler(ffi::AnyBuffer x, ffi::AnyBuffer ids, ffi::AnyBuffer wgu,
+                                       ffi::AnyBuffer wd, ffi::Result<ffi::AnyBuffer> y,
+                                       ffi::Result<ffi::AnyBuffer> h, int64_t activation,
+                                       int64_t token_tiles, int64_t k_split_gate_up,
+                                       int64_t k_split_down) {
+  (void)h;  // the CPU version keeps the intermediate in a local buffer
+  (void)token_tiles;
+  (void)k_split_gate_up;
+  (void)k_split_down;
+  GemvShapes s;
+  JM_RETURN_IF_ERROR(ValidateExpertGemv(x, ids, wgu, wd, *y, activation, &s));
+  const int32_t* idp = reinterpret_cast<const int32_t*>(ids.untyped_data());
+  return JM_DISPATCH_FLOAT(x.element_type(), float, bf16_t, f16_t, [&] {
+    cpu::ExpertGemvImpl<scalar_t>(
+        reinterpret_cast<const scalar_t*>(x.untyped_data()), idp,
+        reinterpret_cast<const scalar_t*>(wgu.untyped_data()),
+        reinterpret_cast<const scalar_t*>(wd.untyped_data()), s.T, s.k, s.H, s.I, s.E,
+        static_cast<int>(activation), reinterpret_cast<scalar_t*>(y->untyped_data()));
+    return ffi::Error::Success();
+  });
 }
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ExpertGemvCpu, ExpertGemvCpuHandler, ffi::Ffi::Bind().RemainingArgs().RemainingRets());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    ExpertGemvCpu, ExpertGemvCpuHandler,
+    ffi::Ffi::Bind()
+        .Arg<ffi::AnyBuffer>()   // x [T, H]
+        .Arg<ffi::AnyBuffer>()   // ids s32 [T, k]
+        .Arg<ffi::AnyBuffer>()   // w_gate_up [E, 2I, H]
+        .Arg<ffi::AnyBuffer>()   // w_down [E, H, I]
+        .Ret<ffi::AnyBuffer>()   // y [T, k, H]
+        .Ret<ffi::AnyBuffer>()   // h [T * k, I] activated intermediate (CUDA scratch)
+        .Attr<int64_t>("activation")
+        .Attr<int64_t>("token_tiles")
+        .Attr<int64_t>("k_split_gate_up")
+        .Attr<int64_t>("k_split_down"));
+
 }  // namespace jax_moe

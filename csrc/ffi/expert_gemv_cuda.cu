@@ -1,8 +1,62 @@
-// PLACEHOLDER: replaced by the real handler in the expert_gemv work.
-#include "common/ffi_helpers.h"
+// jax_moe_expert_gemv on the CUDA platform: decode -> validate -> dispatch dtype -> launch.
+#include "common/cuda_ffi.h"
+#include "common/cuda_utils.cuh"
+#include "ffi/expert_gemv_validate.h"
+#include "kernels/expert_gemv.cuh"
+
 namespace jax_moe {
-static ffi::Error ExpertGemvCudaHandler(ffi::RemainingArgs, ffi::RemainingRets) {
-  return ffi::Error(ffi::ErrorCode::kUnimplemented, "jax_moe: expert_gemv not implemented yet");
+
+static ffi::Error ExpertGemvCudaHandler(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer ids,
+                                        ffi::AnyBuffer wgu, ffi::AnyBuffer wd,
+                                        ffi::Result<ffi::AnyBuffer> y,
+                                        ffi::Result<ffi::AnyBuffer> h, int64_t activation,
+                                        int64_t token_tiles, int64_t k_split_gate_up,
+                                        int64_t k_split_down) {
+  GemvShapes s;
+  JM_RETURN_IF_ERROR(ValidateExpertGemv(x, ids, wgu, wd, *y, activation, &s));
+  JM_REQUIRE(h->element_type() == x.element_type() && NumElements(*h) == s.T * s.k * s.I,
+             "expert_gemv (CUDA): scratch h must be [T * k, I] in x's dtype");
+  JM_REQUIRE(s.E <= 65535, "expert_gemv (CUDA): at most 65535 experts");
+  JM_REQUIRE(token_tiles == 1 || token_tiles == 2 || token_tiles == 4,
+             "expert_gemv (CUDA): token_tiles must be 1, 2 or 4");
+  auto ks_ok = [](int64_t v) { return v == 1 || v == 2 || v == 4 || v == 8; };
+  JM_REQUIRE(ks_ok(k_split_gate_up) && ks_ok(k_split_down),
+             "expert_gemv (CUDA): k_split values must be 1, 2, 4 or 8");
+  cuda::ExpertGemvArgs a;
+  a.x = x.untyped_data();
+  a.ids = reinterpret_cast<const int32_t*>(ids.untyped_data());
+  a.w_gate_up = wgu.untyped_data();
+  a.w_down = wd.untyped_data();
+  a.h = h->untyped_data();
+  a.y = y->untyped_data();
+  a.T = s.T;
+  a.k = s.k;
+  a.H = s.H;
+  a.I = s.I;
+  a.E = s.E;
+  a.activation = static_cast<int>(activation);
+  a.token_tiles = static_cast<int>(token_tiles);
+  a.k_split_gate_up = static_cast<int>(k_split_gate_up);
+  a.k_split_down = static_cast<int>(k_split_down);
+  return JM_DISPATCH_FLOAT(x.element_type(), float, bf16, f16, [&] {
+    return CudaStatus(cuda::LaunchExpertGemv<scalar_t>(a, stream), "expert_gemv kernel launch");
+  });
 }
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ExpertGemvCuda, ExpertGemvCudaHandler, ffi::Ffi::Bind().RemainingArgs().RemainingRets());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    ExpertGemvCuda, ExpertGemvCudaHandler,
+    ffi::Ffi::Bind()
+        .Ctx<ffi::PlatformStream<cudaStream_t>>()
+        .Arg<ffi::AnyBuffer>()   // x [T, H]
+        .Arg<ffi::AnyBuffer>()   // ids s32 [T, k]
+        .Arg<ffi::AnyBuffer>()   // w_gate_up [E, 2I, H]
+        .Arg<ffi::AnyBuffer>()   // w_down [E, H, I]
+        .Ret<ffi::AnyBuffer>()   // y [T, k, H]
+        .Ret<ffi::AnyBuffer>()   // h [T * k, I] activated intermediate (scratch)
+        .Attr<int64_t>("activation")
+        .Attr<int64_t>("token_tiles")
+        .Attr<int64_t>("k_split_gate_up")
+        .Attr<int64_t>("k_split_down"),
+    {ffi::Traits::kCmdBufferCompatible});
+
 }  // namespace jax_moe

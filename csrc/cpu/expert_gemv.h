@@ -1,0 +1,68 @@
+// CPU expert GEMV: y[t, j] = down(act(gate) * up) for expert ids[t, j], f32
+// accumulation, the activated intermediate rounded to the storage type (as the
+// CUDA kernels store it). An id outside [0, E) gives a zero row.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "common/cpu_types.h"
+#include "common/params.h"
+
+namespace jax_moe {
+namespace cpu {
+
+inline float Activate(int activation, float g) {
+  switch (activation) {
+    case kGeluTanh: {
+      const float c = 0.7978845608028654f;  // sqrt(2 / pi)
+      return 0.5f * g * (1.0f + std::tanh(c * (g + 0.044715f * g * g * g)));
+    }
+    case kGelu:
+      return 0.5f * g * (1.0f + std::erf(g * 0.7071067811865476f));
+    default:
+      return g / (1.0f + std::exp(-g));
+  }
+}
+
+// x [T, H], ids [T, k], w_gate_up [E, 2I, H], w_down [E, H, I] -> y [T, k, H].
+template <typename T>
+void ExpertGemvImpl(const T* x, const int32_t* ids, const T* w_gate_up, const T* w_down,
+                    int64_t num_tokens, int64_t k, int64_t H, int64_t I, int64_t E,
+                    int activation, T* y) {
+  std::vector<float> xf(H), h(I);
+  for (int64_t t = 0; t < num_tokens; ++t) {
+    for (int64_t c = 0; c < H; ++c) xf[c] = ToFloat(x[t * H + c]);
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t a = t * k + j;
+      const int64_t e = ids[a];
+      T* out = y + a * H;
+      if (e < 0 || e >= E) {
+        for (int64_t r = 0; r < H; ++r) out[r] = FromFloat<T>(0.0f);
+        continue;
+      }
+      const T* wg = w_gate_up + e * 2 * I * H;
+      for (int64_t r = 0; r < I; ++r) {
+        const T* grow = wg + r * H;
+        const T* urow = wg + (I + r) * H;
+        float g = 0.f, u = 0.f;
+        for (int64_t c = 0; c < H; ++c) {
+          g += ToFloat(grow[c]) * xf[c];
+          u += ToFloat(urow[c]) * xf[c];
+        }
+        h[r] = ToFloat(FromFloat<T>(Activate(activation, g) * u));
+      }
+      const T* wd = w_down + e * H * I;
+      for (int64_t r = 0; r < H; ++r) {
+        const T* drow = wd + r * I;
+        float acc = 0.f;
+        for (int64_t c = 0; c < I; ++c) acc += ToFloat(drow[c]) * h[c];
+        out[r] = FromFloat<T>(acc);
+      }
+    }
+  }
+}
+
+}  // namespace cpu
+}  // namespace jax_moe

@@ -1,0 +1,44 @@
+// Shape/attribute validation for jax_moe_expert_gemv, shared by the CPU and CUDA
+// handlers (the Python wrapper validates first).
+#pragma once
+
+#include "common/ffi_helpers.h"
+#include "common/params.h"
+
+namespace jax_moe {
+
+struct GemvShapes {
+  int64_t T = 0, k = 0, H = 0, I = 0, E = 0;
+};
+
+inline ffi::Error ValidateExpertGemv(const ffi::AnyBuffer& x, const ffi::AnyBuffer& ids,
+                                     const ffi::AnyBuffer& wgu, const ffi::AnyBuffer& wd,
+                                     const ffi::AnyBuffer& y, int64_t activation,
+                                     GemvShapes* s) {
+  JM_REQUIRE(Rank(x) == 2, "expert_gemv: x must be rank 2 [T, H]");
+  JM_REQUIRE(IsFloatDtype(x.element_type()), "expert_gemv: x must be float32, bfloat16 or float16");
+  JM_REQUIRE(Rank(ids) == 2 && ids.element_type() == ffi::DataType::S32,
+             "expert_gemv: ids must be int32 [T, k]");
+  JM_REQUIRE(Rank(wgu) == 3 && Rank(wd) == 3,
+             "expert_gemv: w_gate_up must be [E, 2I, H] and w_down [E, H, I]");
+  JM_REQUIRE(wgu.element_type() == x.element_type() && wd.element_type() == x.element_type(),
+             "expert_gemv: weights must have x's dtype");
+  s->T = Dim(x, 0);
+  s->H = Dim(x, 1);
+  s->k = Dim(ids, 1);
+  s->E = Dim(wgu, 0);
+  JM_REQUIRE(Dim(ids, 0) == s->T, "expert_gemv: ids [T, k] must match x [T, H]");
+  JM_REQUIRE(Dim(wgu, 1) % 2 == 0, "expert_gemv: w_gate_up dim 1 must be 2I (even)");
+  s->I = Dim(wgu, 1) / 2;
+  JM_REQUIRE(Dim(wgu, 2) == s->H, "expert_gemv: w_gate_up [E, 2I, H] must match x's H");
+  JM_REQUIRE(Dim(wd, 0) == s->E && Dim(wd, 1) == s->H && Dim(wd, 2) == s->I,
+             "expert_gemv: w_down must be [E, H, I] matching w_gate_up [E, 2I, H]");
+  JM_REQUIRE(activation == kSilu || activation == kGeluTanh || activation == kGelu,
+             "expert_gemv: unknown activation code");
+  JM_REQUIRE(y.element_type() == x.element_type() && Rank(y) == 3 && Dim(y, 0) == s->T &&
+                 Dim(y, 1) == s->k && Dim(y, 2) == s->H,
+             "expert_gemv: output must be [T, k, H] in x's dtype");
+  return ffi::Error::Success();
+}
+
+}  // namespace jax_moe

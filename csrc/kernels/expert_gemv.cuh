@@ -1,0 +1,494 @@
+// CUDA expert GEMV for decode: y[a] = down(act(gate) * up) for each assignment
+// a = t * k + j with expert e = ids[a]. Raw pointers, sizes and a stream in;
+// cudaError_t out; no XLA headers.
+//
+// Two launches, both "grouped GEMV" over the distinct experts the routing selected:
+//   phase 1: w_gate_up[e] (2I x H) times the x rows of e's tokens, activation fused,
+//            h [T*k, I] written in the storage type;
+//   phase 2: w_down[e] (H x I) times the h rows of e's assignments -> y [T*k, H].
+// Block (row tile, slot s) finds the s-th smallest selected expert itself (a bitmap
+// of ids in shared memory), lists that expert's assignments in ascending order, and
+// streams its rows of the weight ONCE for all of them: each weight byte is read once
+// per call however many tokens chose the expert (up to 8 * NT tokens per pass; more
+// take extra passes). Slots past the number of selected experts exit at once.
+//
+// Fast path (bf16/f16, H and I multiples of 8): tensor-core mma.sync m16n8k16 with
+// the weight tile as A (16 rows x 32 columns per step, loaded straight from global
+// memory as 16-byte vectors: each lane's 8 consecutive columns serve as its fragment
+// under a fixed permutation of k that B uses too) and up to 8 tokens per n-tile as
+// B. The 8 warps of a block split K (k_split ways) and rows (8 / k_split tiles of
+// 16 rows); partial sums meet in shared memory and are added in a fixed order, so
+// results are deterministic. Generic path (f32, or sizes not multiples of 8): one
+// warp per row, scalar loads, same work decomposition.
+//
+// Phase 2 is launched with programmatic dependent launch (sm_90): its blocks find
+// their expert and list their assignments while phase 1 finishes, then wait.
+#pragma once
+
+#include <cstdint>
+#include <cuda_runtime.h>
+
+#include "common/cuda_utils.cuh"
+#include "common/params.h"
+
+namespace jax_moe {
+namespace cuda {
+
+constexpr int kGemvWarps = 8;
+constexpr int kGemvThreads = kGemvWarps * 32;
+constexpr int kGemvChunk = 32;      // K columns per mma step pair (4 lanes x 8 values)
+constexpr int kGemvUnroll = 4;      // K chunks loaded before the first mma of a batch
+constexpr int kGemvGenericRows = kGemvWarps;  // generic path: one row per warp
+
+struct GemvPhaseArgs {
+  const void* src = nullptr;    // B rows: x [T, H] (phase 1) or h [T*k, I] (phase 2)
+  const int32_t* ids = nullptr; // [T*k]
+  const void* w = nullptr;      // w_gate_up [E, 2I, H] (phase 1) or w_down [E, H, I]
+  void* out = nullptr;          // h [T*k, I] (phase 1) or y [T*k, H] (phase 2)
+  int64_t num_assign = 0;       // T * k
+  int64_t top_k = 1;            // phase 1: token of assignment a is a / top_k
+  int64_t rows = 0;             // output rows per expert: I or H
+  int64_t K = 0;                // reduction length: H or I
+  int E = 0;
+  int k_split = 1;              // warps along K in the fast path (1, 2, 4, 8)
+  int activation = kSilu;
+  bool zero_dropped = false;    // phase 2: write zero rows for ids outside [0, E)
+};
+
+__device__ __forceinline__ float activate(int act, float g) {
+  if (act == kGeluTanh) {
+    const float c = 0.7978845608028654f;
+    return 0.5f * g * (1.0f + tanhf(c * (g + 0.044715f * g * g * g)));
+  }
+  if (act == kGelu) return 0.5f * g * (1.0f + erff(g * 0.7071067811865476f));
+  return g / (1.0f + expf(-g));
+}
+
+// ---- block prologue: which expert does this slot serve, and its assignments -----
+
+// Returns the expert of slot `slot` (the slot-th smallest selected expert), or -1.
+// bitmap: ceil(E / 32) words of shared memory.
+__device__ int slot_expert(const GemvPhaseArgs& a, int slot, uint32_t* bitmap) {
+  __shared__ int s_expert;
+  const int words = (a.E + 31) >> 5;
+  for (int i = threadIdx.x; i < words; i += blockDim.x) bitmap[i] = 0u;
+  if (threadIdx.x == 0) s_expert = -1;
+  __syncthreads();
+  for (int64_t i = threadIdx.x; i < a.num_assign; i += blockDim.x) {
+    const int e = a.ids[i];
+    if (e >= 0 && e < a.E) atomicOr(&bitmap[e >> 5], 1u << (e & 31));
+  }
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    const int lane = threadIdx.x;
+    int before = 0;
+    for (int base = 0; base < words; base += 32) {
+      const uint32_t w = (base + lane < words) ? bitmap[base + lane] : 0u;
+      const int cnt = __popc(w);
+      int incl = cnt;
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const int v = __shfl_up_sync(0xffffffffu, incl, o);
+        if (lane >= o) incl += v;
+      }
+      const int excl = before + incl - cnt;
+      if (slot >= excl && slot < excl + cnt) {
+        const int bit = __fns(w, 0, slot - excl + 1);
+        s_expert = ((base + lane) << 5) + bit;
+      }
+      before += __shfl_sync(0xffffffffu, incl, 31);
+    }
+  }
+  __syncthreads();
+  return s_expert;
+}
+
+// Lists, in ascending order, the assignments of expert e with rank in
+// [first, first + cap) among e's assignments. Returns e's total assignment count.
+__device__ int list_assignments(const GemvPhaseArgs& a, int e, int first, int cap,
+                                int* list) {
+  __shared__ int s_warp_count[kGemvWarps];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  int running = 0;
+  for (int64_t base = 0; base < a.num_assign; base += blockDim.x) {
+    const int64_t i = base + threadIdx.x;
+    const bool match = i < a.num_assign && a.ids[i] == e;
+    const uint32_t ballot = __ballot_sync(0xffffffffu, match);
+    if (lane == 0) s_warp_count[warp] = __popc(ballot);
+    __syncthreads();
+    int warp_off = 0, total = 0;
+    for (int w = 0; w < kGemvWarps; ++w) {
+      const int c = s_warp_count[w];
+      if (w < warp) warp_off += c;
+      total += c;
+    }
+    if (match) {
+      const int rank = running + warp_off + __popc(ballot & ((1u << lane) - 1u));
+      if (rank >= first && rank < first + cap) list[rank - first] = static_cast<int>(i);
+    }
+    running += total;
+    __syncthreads();
+  }
+  return running;
+}
+
+// ---- fast path: tensor cores --------------------------------------------------------
+
+template <typename T> struct MmaOp;
+template <> struct MmaOp<bf16> {
+  __device__ __forceinline__ static void run(float (&c)[4], uint32_t a0, uint32_t a1,
+                                             uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+};
+template <> struct MmaOp<f16> {
+  __device__ __forceinline__ static void run(float (&c)[4], uint32_t a0, uint32_t a1,
+                                             uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+};
+
+// One 32-column chunk: rows g and g+8 of the A tile (lo/hi) and a B vector give
+// two m16n8k16 steps. Lane (g, c) holds columns 8c..8c+7 of its rows; step 0 uses
+// words 0,1 and step 1 words 2,3, with B's words in the same positions.
+template <typename T>
+__device__ __forceinline__ void mma_chunk(float (&c)[4], const uint4& lo, const uint4& hi,
+                                          const uint4& b) {
+  MmaOp<T>::run(c, lo.x, hi.x, lo.y, hi.y, b.x, b.y);
+  MmaOp<T>::run(c, lo.z, hi.z, lo.w, hi.w, b.z, b.w);
+}
+
+__device__ __forceinline__ uint4 load_or_zero(const void* p, bool ok) {
+  return ok ? ldg_stream_v4(p) : make_uint4(0u, 0u, 0u, 0u);
+}
+__device__ __forceinline__ uint4 load_b_or_zero(const void* p, bool ok) {
+  return ok ? ldg_nc_v4(p) : make_uint4(0u, 0u, 0u, 0u);
+}
+
+// grid = (row tiles of 16 * (8 / k_split) rows, slots). NT n-tiles of 8 tokens.
+template <typename T, int NT, bool GATED>
+__global__ void __launch_bounds__(kGemvThreads)
+gemv_mma_kernel(GemvPhaseArgs a) {
+  constexpr int MATS = GATED ? 2 : 1;
+  constexpr int CAP = NT * 8;
+  extern __shared__ uint32_t dyn_smem[];  // expert bitmap
+  __shared__ int list[CAP];
+  __shared__ float red[kGemvWarps][MATS][NT][16][8];
+
+  pdl_launch_dependents();
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, c = lane & 3;
+  const int wr_count = kGemvWarps / a.k_split;
+  const int wr = warp % wr_count, ks = warp / wr_count;
+  const int64_t tile_rows = 16 * wr_count;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * tile_rows;
+  const int slot = blockIdx.y;
+  const T* w = static_cast<const T*>(a.w);
+  T* out = static_cast<T*>(a.out);
+
+  if (a.zero_dropped && slot == 0) {  // ids outside [0, E): zero rows of y
+    for (int64_t i = 0; i < a.num_assign; ++i) {
+      const int e = a.ids[i];
+      if (e >= 0 && e < a.E) continue;
+      for (int64_t r = row0 + threadIdx.x; r < row0 + tile_rows && r < a.rows; r += blockDim.x)
+        out[i * a.rows + r] = from_float<T>(0.f);
+    }
+  }
+  const int e = slot_expert(a, slot, dyn_smem);
+  if (e < 0) return;
+
+  // This warp's rows and K chunks.
+  const int64_t r_lo = row0 + wr * 16 + g, r_hi = r_lo + 8;
+  const bool ok_lo = r_lo < a.rows, ok_hi = r_hi < a.rows;
+  const int64_t mat_rows = GATED ? 2 * a.rows : a.rows;
+  const T* wbase = w + static_cast<int64_t>(e) * mat_rows * a.K;
+  const T* wg_lo = wbase + r_lo * a.K;
+  const T* wg_hi = wbase + r_hi * a.K;
+  const T* wu_lo = wbase + (a.rows + r_lo) * a.K;  // up rows (GATED only)
+  const T* wu_hi = wbase + (a.rows + r_hi) * a.K;
+  const int64_t nchunks = (a.K + kGemvChunk - 1) / kGemvChunk;
+  const int64_t per_warp = (nchunks + a.k_split - 1) / a.k_split;
+  const int64_t ch0 = ks * per_warp;
+  const int64_t ch1 = (ch0 + per_warp < nchunks) ? ch0 + per_warp : nchunks;
+
+  const T* src = static_cast<const T*>(a.src);
+  bool waited = false;
+  for (int first = 0;; first += CAP) {
+    const int count = list_assignments(a, e, first, CAP, list);
+    const int n = count - first < CAP ? count - first : CAP;
+    if (n <= 0) break;
+    const T* brow[NT];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const int idx = nt * 8 + g;
+      if (idx < n) {
+        const int64_t asg = list[idx];
+        const int64_t srow = GATED ? asg / a.top_k : asg;
+        brow[nt] = src + srow * a.K;
+      } else {
+        brow[nt] = nullptr;
+      }
+    }
+    if (!waited) {  // phase 2 reads h from phase 1: wait for it (no-op otherwise)
+      pdl_wait_prerequisites();
+      waited = true;
+    }
+    float acc[MATS][NT][4];
+#pragma unroll
+    for (int m = 0; m < MATS; ++m)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[m][nt][i] = 0.f;
+
+    for (int64_t ch = ch0; ch < ch1; ch += kGemvUnroll) {
+      uint4 alo[MATS][kGemvUnroll], ahi[MATS][kGemvUnroll], b[NT][kGemvUnroll];
+#pragma unroll
+      for (int u = 0; u < kGemvUnroll; ++u) {
+        const int64_t col = (ch + u) * kGemvChunk + 8 * c;
+        const bool in = (ch + u < ch1) && col < a.K;
+        alo[0][u] = load_or_zero(wg_lo + col, in && ok_lo);
+        ahi[0][u] = load_or_zero(wg_hi + col, in && ok_hi);
+        if (GATED) {
+          alo[MATS - 1][u] = load_or_zero(wu_lo + col, in && ok_lo);
+          ahi[MATS - 1][u] = load_or_zero(wu_hi + col, in && ok_hi);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kGemvUnroll; ++u) {
+        const int64_t col = (ch + u) * kGemvChunk + 8 * c;
+        const bool in = (ch + u < ch1) && col < a.K;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+          b[nt][u] = load_b_or_zero(brow[nt] + col, in && brow[nt] != nullptr);
+      }
+#pragma unroll
+      for (int u = 0; u < kGemvUnroll; ++u)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          if (nt * 8 < n) {
+#pragma unroll
+            for (int m = 0; m < MATS; ++m) mma_chunk<T>(acc[m][nt], alo[m][u], ahi[m][u], b[nt][u]);
+          }
+        }
+    }
+
+    // Partial sums to shared memory: C fragment (g, 2c..2c+1) and (g+8, 2c..2c+1).
+#pragma unroll
+    for (int m = 0; m < MATS; ++m)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        red[warp][m][nt][g][2 * c] = acc[m][nt][0];
+        red[warp][m][nt][g][2 * c + 1] = acc[m][nt][1];
+        red[warp][m][nt][g + 8][2 * c] = acc[m][nt][2];
+        red[warp][m][nt][g + 8][2 * c + 1] = acc[m][nt][3];
+      }
+    __syncthreads();
+    // Sum the k_split partials in order; rows fastest so stores coalesce.
+    const int outputs = wr_count * NT * 8 * 16;
+    for (int o = threadIdx.x; o < outputs; o += blockDim.x) {
+      const int row = o & 15;
+      const int tok = (o >> 4) & 7;
+      const int nt = (o >> 7) % NT;
+      const int owr = (o >> 7) / NT;
+      const int idx = nt * 8 + tok;
+      const int64_t r = row0 + owr * 16 + row;
+      if (idx >= n || r >= a.rows) continue;
+      float v0 = 0.f, v1 = 0.f;
+      for (int k = 0; k < a.k_split; ++k) {
+        const int src_warp = k * wr_count + owr;
+        v0 += red[src_warp][0][nt][row][tok];
+        if (GATED) v1 += red[src_warp][MATS - 1][nt][row][tok];
+      }
+      const float v = GATED ? activate(a.activation, v0) * v1 : v0;
+      out[static_cast<int64_t>(list[idx]) * a.rows + r] = from_float<T>(v);
+    }
+    __syncthreads();
+    if (count - first <= CAP) break;
+  }
+}
+
+// ---- generic path: any float type and size ------------------------------------------
+
+// grid = (ceil(rows / 8), slots); warp w computes row blockIdx.x * 8 + w.
+template <typename T, bool GATED>
+__global__ void __launch_bounds__(kGemvThreads)
+gemv_generic_kernel(GemvPhaseArgs a) {
+  constexpr int CAP = 32;
+  extern __shared__ uint32_t dyn_smem[];
+  __shared__ int list[CAP];
+  pdl_launch_dependents();
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kGemvGenericRows;
+  const int slot = blockIdx.y;
+  T* out = static_cast<T*>(a.out);
+  if (a.zero_dropped && slot == 0) {
+    for (int64_t i = 0; i < a.num_assign; ++i) {
+      const int e = a.ids[i];
+      if (e >= 0 && e < a.E) continue;
+      for (int64_t r = row0 + threadIdx.x; r < row0 + kGemvGenericRows && r < a.rows;
+           r += blockDim.x)
+        out[i * a.rows + r] = from_float<T>(0.f);
+    }
+  }
+  const int e = slot_expert(a, slot, dyn_smem);
+  if (e < 0) return;
+  const int64_t r = row0 + warp;
+  const int64_t mat_rows = GATED ? 2 * a.rows : a.rows;
+  const T* wbase = static_cast<const T*>(a.w) + static_cast<int64_t>(e) * mat_rows * a.K;
+  const T* wg = wbase + r * a.K;
+  const T* wu = wbase + (a.rows + r) * a.K;
+  const T* src = static_cast<const T*>(a.src);
+  bool waited = false;
+  for (int first = 0;; first += CAP) {
+    const int count = list_assignments(a, e, first, CAP, list);
+    const int n = count - first < CAP ? count - first : CAP;
+    if (n <= 0) break;
+    if (!waited) {
+      pdl_wait_prerequisites();
+      waited = true;
+    }
+    if (r < a.rows) {
+      for (int t0 = 0; t0 < n; t0 += 8) {
+        float accg[8], accu[8];
+        const T* brow[8];
+#pragma unroll
+        for (int t = 0; t < 8; ++t) {
+          accg[t] = 0.f;
+          accu[t] = 0.f;
+          const int idx = t0 + t;
+          brow[t] = idx < n ? src + (GATED ? list[idx] / a.top_k : list[idx]) * a.K : nullptr;
+        }
+        for (int64_t col = lane; col < a.K; col += 32) {
+          const float wgv = to_float(wg[col]);
+          const float wuv = GATED ? to_float(wu[col]) : 0.f;
+#pragma unroll
+          for (int t = 0; t < 8; ++t) {
+            if (brow[t] != nullptr) {
+              const float xv = to_float(brow[t][col]);
+              accg[t] = fmaf(wgv, xv, accg[t]);
+              if (GATED) accu[t] = fmaf(wuv, xv, accu[t]);
+            }
+          }
+        }
+#pragma unroll
+        for (int t = 0; t < 8; ++t) {
+          const float g = warp_sum(accg[t]);
+          const float u = GATED ? warp_sum(accu[t]) : 0.f;
+          if (lane == t && brow[t] != nullptr) {
+            const float v = GATED ? activate(a.activation, g) * u : g;
+            out[static_cast<int64_t>(list[t0 + t]) * a.rows + r] = from_float<T>(v);
+          }
+        }
+      }
+    }
+    __syncthreads();  // list is rewritten by the next pass
+    if (count - first <= CAP) break;
+  }
+}
+
+// ---- launcher -----------------------------------------------------------------------
+
+struct ExpertGemvArgs {
+  const void* x = nullptr;       // [T, H]
+  const int32_t* ids = nullptr;  // [T, k]
+  const void* w_gate_up = nullptr;
+  const void* w_down = nullptr;
+  void* h = nullptr;             // [T*k, I] scratch
+  void* y = nullptr;             // [T, k, H]
+  int64_t T = 0, k = 0, H = 0, I = 0, E = 0;
+  int activation = kSilu;
+  int token_tiles = 1;           // NT: 1, 2 or 4 (tokens per pass = 8 * NT)
+  int k_split_gate_up = 8;       // 1, 2, 4 or 8
+  int k_split_down = 8;
+};
+
+inline bool DeviceSupportsPdl() {
+  int dev = 0, major = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return false;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess)
+    return false;
+  return major >= 9;
+}
+
+template <typename Kernel>
+cudaError_t LaunchPhase(Kernel kernel, dim3 grid, size_t smem, cudaStream_t stream, bool pdl,
+                        const GemvPhaseArgs& args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(kGemvThreads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, args);
+}
+
+template <typename T, int NT>
+cudaError_t LaunchGemvMma(const GemvPhaseArgs& p1, const GemvPhaseArgs& p2, dim3 g1, dim3 g2,
+                          size_t smem, cudaStream_t stream, bool pdl) {
+  cudaError_t err = LaunchPhase(gemv_mma_kernel<T, NT, true>, g1, smem, stream, false, p1);
+  if (err != cudaSuccess) return err;
+  return LaunchPhase(gemv_mma_kernel<T, NT, false>, g2, smem, stream, pdl, p2);
+}
+
+template <typename T>
+cudaError_t LaunchExpertGemv(const ExpertGemvArgs& a, cudaStream_t stream) {
+  const int64_t num_assign = a.T * a.k;
+  if (num_assign == 0 || a.H == 0) return cudaSuccess;
+  if (a.E < 1 || a.E > 65535) return cudaErrorInvalidValue;
+  GemvPhaseArgs p1, p2;
+  p1.src = a.x;  p1.ids = a.ids;  p1.w = a.w_gate_up;  p1.out = a.h;
+  p1.num_assign = num_assign;  p1.top_k = a.k;  p1.rows = a.I;  p1.K = a.H;
+  p1.E = static_cast<int>(a.E);  p1.k_split = a.k_split_gate_up;  p1.activation = a.activation;
+  p2 = p1;
+  p2.src = a.h;  p2.w = a.w_down;  p2.out = a.y;  p2.rows = a.H;  p2.K = a.I;
+  p2.k_split = a.k_split_down;  p2.zero_dropped = true;
+  if (a.I == 0) {  // no intermediate: y is all zeros; let phase 2 write it
+    p2.K = 0;
+  }
+  const unsigned slots = static_cast<unsigned>(num_assign < a.E ? num_assign : a.E);
+  const size_t smem = static_cast<size_t>((a.E + 31) / 32) * sizeof(uint32_t);
+  const bool pdl = DeviceSupportsPdl();
+  const bool mma_ok = sizeof(T) == 2 && a.H % 8 == 0 && a.I % 8 == 0;
+  if (mma_ok) {
+    auto ks_ok = [](int ks) { return ks == 1 || ks == 2 || ks == 4 || ks == 8; };
+    if (!ks_ok(p1.k_split) || !ks_ok(p2.k_split)) return cudaErrorInvalidValue;
+    const int64_t rows1 = 16 * (kGemvWarps / p1.k_split), rows2 = 16 * (kGemvWarps / p2.k_split);
+    dim3 g1(static_cast<unsigned>((a.I + rows1 - 1) / rows1), slots);
+    dim3 g2(static_cast<unsigned>((a.H + rows2 - 1) / rows2), slots);
+    if (a.I == 0) g1.x = 0;
+    if constexpr (sizeof(T) == 2) {
+      if (g1.x == 0) {
+        return LaunchPhase(gemv_mma_kernel<T, 1, false>, g2, smem, stream, false, p2);
+      }
+      switch (a.token_tiles) {
+        case 1: return LaunchGemvMma<T, 1>(p1, p2, g1, g2, smem, stream, pdl);
+        case 2: return LaunchGemvMma<T, 2>(p1, p2, g1, g2, smem, stream, pdl);
+        case 4: return LaunchGemvMma<T, 4>(p1, p2, g1, g2, smem, stream, pdl);
+        default: return cudaErrorInvalidValue;
+      }
+    }
+  }
+  dim3 g1(static_cast<unsigned>((a.I + kGemvGenericRows - 1) / kGemvGenericRows), slots);
+  dim3 g2(static_cast<unsigned>((a.H + kGemvGenericRows - 1) / kGemvGenericRows), slots);
+  if (g1.x > 0) {
+    cudaError_t err = LaunchPhase(gemv_generic_kernel<T, true>, g1, smem, stream, false, p1);
+    if (err != cudaSuccess) return err;
+  }
+  return LaunchPhase(gemv_generic_kernel<T, false>, g2, smem, stream, pdl && g1.x > 0, p2);
+}
+
+}  // namespace cuda
+}  // namespace jax_moe

@@ -1,0 +1,127 @@
+"""jax_moe.expert_gemv: the experts of a decode-size MoE layer, one primitive.
+
+y = expert_gemv(x, ids, w_gate_up, w_down, *, activation="silu")
+
+x [..., H], ids int32 [..., k], w_gate_up [E, 2I, H] (gate rows then up rows, the
+[out, in] layout of torch/HF checkpoints), w_down [E, H, I]. Returns y [..., k, H]
+= down(act(gate) * up) per (token, slot), unweighted (combine applies the routing
+weights). An id outside [0, E) gives a zero row (a dropped token, or an expert on
+another device). On GPU each selected expert's weights are read once per call.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+from jax.core import ShapedArray
+
+from jax_moe import _codes, heuristics, reference
+from jax_moe._primitive import (define_primitive, map_over_batch, move_to_front,
+                                register_batching, register_lowerings)
+from jax_moe._validate import check_choice, check_float_dtype, check_rank
+
+TARGET = "jax_moe_expert_gemv"
+expert_gemv_p = define_primitive(TARGET)
+
+
+def _abstract_eval(x, ids, w_gate_up, w_down, *, activation, token_tiles, k_split_gate_up,
+                   k_split_down):
+  T, H = x.shape
+  k = ids.shape[1]
+  I = w_down.shape[2]
+  return (ShapedArray((T, k, H), x.dtype), ShapedArray((T * k, I), x.dtype))
+
+
+expert_gemv_p.def_abstract_eval(_abstract_eval)
+
+
+def _ffi_attrs(params):
+  return dict(activation=np.int64(_codes.ACTIVATION[params["activation"]]),
+              token_tiles=np.int64(params["token_tiles"]),
+              k_split_gate_up=np.int64(params["k_split_gate_up"]),
+              k_split_down=np.int64(params["k_split_down"]))
+
+
+def _fallback(x, ids, w_gate_up, w_down, *, activation, **_):
+  y = reference.expert_gemv(x, ids, w_gate_up, w_down, activation=activation)
+  h = jnp.zeros((ids.shape[0] * ids.shape[1], w_down.shape[2]), x.dtype)
+  return y, h
+
+
+register_lowerings(expert_gemv_p, TARGET, ffi_attrs=_ffi_attrs, fallback=_fallback)
+
+
+def _batch_rule(args, dims, **params):
+  x, ids, wgu, wd = args
+  xd, idd, gd, dd = dims
+  if gd is not None or dd is not None:
+    return map_over_batch(expert_gemv_p, args, dims, params)
+  B = x.shape[xd] if xd is not None else ids.shape[idd]
+  x = move_to_front(x, xd, B)
+  ids = move_to_front(ids, idd, B)
+  T, H = x.shape[1], x.shape[2]
+  k = ids.shape[2]
+  params = dict(params, token_tiles=heuristics.gemv_token_tiles(B * T))
+  y, h = expert_gemv_p.bind(x.reshape(B * T, H), ids.reshape(B * T, k), wgu, wd, **params)
+  return (y.reshape(B, T, k, H), h.reshape(B, T * k, h.shape[-1])), (0, 0)
+
+
+register_batching(expert_gemv_p, _batch_rule)
+
+
+def expert_gemv(x, ids, w_gate_up, w_down, *, activation="silu"):
+  """Per-(token, slot) expert MLP outputs, unweighted.
+
+  Args:
+    x: [..., H] float32, bfloat16 or float16.
+    ids: int32 [..., k] expert ids (leading dims as x's); outside [0, E) -> zero row.
+    w_gate_up: [E, 2I, H], x's dtype; rows 0..I-1 gate, I..2I-1 up.
+    w_down: [E, H, I], x's dtype.
+    activation: "silu" (SwiGLU), "gelu_tanh" (GeGLU as in Gemma) or "gelu".
+
+  Returns:
+    y [..., k, H] in x's dtype.
+  """
+  fn = "expert_gemv"
+  x = jnp.asarray(x)
+  ids = jnp.asarray(ids)
+  w_gate_up = jnp.asarray(w_gate_up)
+  w_down = jnp.asarray(w_down)
+  if x.ndim < 2:
+    raise ValueError(f"{fn}: x must have rank >= 2 [..., H], got shape {tuple(x.shape)}")
+  check_float_dtype(x, "x", fn)
+  if ids.dtype != jnp.int32:
+    raise TypeError(f"{fn}: ids must be int32, got {ids.dtype}")
+  if ids.ndim != x.ndim or ids.shape[:-1] != x.shape[:-1]:
+    raise ValueError(f"{fn}: ids must be [..., k] with x's leading dims {tuple(x.shape[:-1])}, "
+                     f"got shape {tuple(ids.shape)}")
+  check_rank(w_gate_up, 3, "w_gate_up", fn, "[E, 2I, H]")
+  check_rank(w_down, 3, "w_down", fn, "[E, H, I]")
+  for name, w in (("w_gate_up", w_gate_up), ("w_down", w_down)):
+    if w.dtype != x.dtype:
+      raise TypeError(f"{fn}: {name} dtype {w.dtype} must match x dtype {x.dtype}")
+  E, two_i, H = w_gate_up.shape
+  if H != x.shape[-1]:
+    raise ValueError(f"{fn}: w_gate_up has shape {tuple(w_gate_up.shape)} [E, 2I, H] but x has "
+                     f"H = {x.shape[-1]}")
+  if two_i % 2:
+    raise ValueError(f"{fn}: w_gate_up dim 1 must be 2I (gate rows then up rows), got {two_i}")
+  I = two_i // 2
+  if w_down.shape != (E, H, I):
+    raise ValueError(f"{fn}: w_down must have shape (E, H, I) = {(E, H, I)} to match w_gate_up "
+                     f"{tuple(w_gate_up.shape)}, got {tuple(w_down.shape)}")
+  if E < 1:
+    raise ValueError(f"{fn}: need at least one expert, got E = {E}")
+  check_choice(activation, _codes.ACTIVATION, "activation", fn)
+
+  lead = x.shape[:-1]
+  k = ids.shape[-1]
+  x2 = x.reshape(-1, H)
+  ids2 = ids.reshape(-1, k)
+  T = x2.shape[0]
+  y, _ = expert_gemv_p.bind(
+      x2, ids2, w_gate_up, w_down, activation=activation,
+      token_tiles=heuristics.gemv_token_tiles(T),
+      k_split_gate_up=heuristics.gemv_k_split(I, H),
+      k_split_down=heuristics.gemv_k_split(H, I))
+  return y.reshape(lead + (k, H))
