@@ -189,8 +189,9 @@ def test_model_shapes_gpu(name, T):
   k1, k2, k3 = jax.random.split(key, 3)
   with jax.default_device(jax.devices("gpu")[0]):
     E, H, I, k = s.num_experts, s.hidden, s.intermediate, s.top_k
-    wgu = (jax.random.normal(k1, (E, 2 * I, H), jnp.float32) / np.sqrt(H)).astype(jnp.bfloat16)
-    wd = (jax.random.normal(k2, (E, H, I), jnp.float32) / np.sqrt(I)).astype(jnp.bfloat16)
+    # drawn in bf16 directly: DeepSeek-V3's 22.5 GB must not go through f32
+    wgu = jax.random.normal(k1, (E, 2 * I, H), jnp.bfloat16) * jnp.bfloat16(1 / np.sqrt(H))
+    wd = jax.random.normal(k2, (E, H, I), jnp.bfloat16) * jnp.bfloat16(1 / np.sqrt(I))
     x = jax.random.normal(k3, (T, H), jnp.float32).astype(jnp.bfloat16)
     r = rng()
     ids = jnp.asarray(distinct_ids(r, T, k, E))

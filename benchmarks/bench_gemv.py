@@ -1,0 +1,117 @@
+"""Benchmark the decode experts: jax_moe.expert_gemv + combine against the best
+XLA-native formulations (gather the selected experts' weights; sort + ragged_dot)
+and the HBM floor, all in one run.
+
+floor = bytes of the distinct experts' weights the routing selects / read bandwidth
+measured in the same run (a streaming reduction over 1 GiB sets).
+
+python benchmarks/bench_gemv.py --out DIR [--quick] [--shapes gemma4,qwen3] [--tokens 1,8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import baselines  # noqa: E402
+import harness  # noqa: E402
+
+import jax_moe  # noqa: E402
+from jax_moe import _device  # noqa: E402
+from jax_moe.shapes import SHAPES  # noqa: E402
+
+try:
+  from jax_moe import combine as _combine  # noqa: E402
+  COMBINE = "jax_moe.combine"
+except ImportError:  # combine not merged yet: time XLA's einsum instead
+  _combine = baselines.combine
+  COMBINE = "xla einsum"
+
+GATHER_BUDGET = 6 << 30    # skip the gather baseline when it would copy more bytes
+
+
+def distinct_ids(rng, T, k, E):
+  return np.stack([rng.choice(E, size=k, replace=False) for _ in range(T)]).astype(np.int32)
+
+
+def run(out_dir, shapes, tokens, quick=False):
+  rng = np.random.default_rng(0)
+  l2 = _device.l2_bytes()
+  read_bw = harness.measure_read_bandwidth(64 << 20 if quick else 1 << 30)
+  rows = []
+  for name in shapes:
+    s = SHAPES[name] if not quick else SHAPES[name].small_stand_in()
+    E, H, I, k = s.num_experts, s.hidden, s.intermediate, s.top_k
+    key = jax.random.PRNGKey(hash(name) % 1000)
+    k1, k2 = jax.random.split(key)
+    wgu = harness.random_array(k1, (E, 2 * I, H), jnp.bfloat16, 1 / np.sqrt(H))
+    wd = harness.random_array(k2, (E, H, I), jnp.bfloat16, 1 / np.sqrt(I))
+    per_expert = 3 * H * I * 2
+    act = s.activation
+    for T in tokens:
+      if k > E:
+        continue
+      est = max(2e-6, k * T * per_expert / 3e12) if not quick else 1e-4
+      n_calls = int(np.clip(4e-3 / est, 8, 64))
+      sets, distinct = [], []
+      for i in range(n_calls):
+        ids = distinct_ids(rng, T, k, E)
+        distinct.append(len(np.unique(ids)))
+        x = harness.random_array(jax.random.fold_in(key, 7919 * T + i), (T, H), jnp.bfloat16)
+        w = jax.nn.softmax(jax.random.normal(jax.random.fold_in(key, 31 * T + i), (T, k)), -1)
+        sets.append((x, jnp.asarray(ids), w, wgu, wd))
+      floor = float(np.mean(distinct)) * per_expert / read_bw
+
+      def ours(x, ids, w, a, b):
+        return _combine(jax_moe.expert_gemv(x, ids, a, b, activation=act), w)
+
+      def gemv_only(x, ids, w, a, b):
+        return jax_moe.expert_gemv(x, ids, a, b, activation=act)
+
+      def xla_gather(x, ids, w, a, b):
+        return baselines.combine(baselines.experts_gather(x, ids, a, b, act), w)
+
+      def xla_ragged(x, ids, w, a, b):
+        return baselines.combine(baselines.experts_ragged(x, ids, a, b, act), w)
+
+      t_ours = harness.time_op(ours, sets)
+      t_gemv = harness.time_op(gemv_only, sets)
+      t_gather = (harness.time_op(xla_gather, sets[:8])
+                  if T * k * per_expert <= GATHER_BUDGET else None)
+      t_ragged = harness.time_op(xla_ragged, sets[:8])
+      best_xla = min(t for t in (t_gather, t_ragged) if t is not None)
+      row = dict(shape=name, T=T, us_ours=t_ours * 1e6, us_gemv=t_gemv * 1e6,
+                 us_floor=floor * 1e6, x_floor=t_ours / floor,
+                 us_xla_gather=None if t_gather is None else t_gather * 1e6,
+                 us_xla_ragged=t_ragged * 1e6, speedup=best_xla / t_ours,
+                 distinct_experts=float(np.mean(distinct)),
+                 TBps_gemv=float(np.mean(distinct)) * per_expert / t_gemv / 1e12)
+      rows.append(row)
+      print(f"gemv {name} T={T}: ours {row['us_ours']:.1f} us (floor {row['us_floor']:.1f}, "
+            f"{row['x_floor']:.2f}x), xla best {best_xla*1e6:.1f} us", flush=True)
+  payload = dict(device=harness.device_description(), read_bw_GBps=read_bw / 1e9,
+                 combine=COMBINE, rows=rows)
+  harness.write_json(os.path.join(out_dir, "gemv.json"), payload)
+  print(f"\nexpert_gemv + combine ({payload['device']}, read {read_bw/1e9:.0f} GB/s, "
+        f"combine = {COMBINE})")
+  harness.print_table(rows, [("shape", "{}"), ("T", "{}"), ("us_ours", "{:.1f}"),
+                             ("us_gemv", "{:.1f}"), ("us_floor", "{:.1f}"), ("x_floor", "{:.3f}"),
+                             ("us_xla_gather", "{:.1f}"), ("us_xla_ragged", "{:.1f}"),
+                             ("speedup", "{:.1f}x"), ("TBps_gemv", "{:.2f}")])
+  return payload
+
+
+if __name__ == "__main__":
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--out", default="out")
+  ap.add_argument("--quick", action="store_true")
+  ap.add_argument("--shapes", default="gemma4,qwen3,mixtral,deepseek_v3")
+  ap.add_argument("--tokens", default="1,2,4,8,16,32,64")
+  a = ap.parse_args()
+  run(a.out, a.shapes.split(","), [int(t) for t in a.tokens.split(",")], a.quick)

@@ -1,0 +1,80 @@
+"""Benchmark jax_moe.route (router matmul fused) against the same routing written as
+XLA ops, inside one jitted program per case, with the router-weight bytes over the
+measured read bandwidth as the floor.
+
+python benchmarks/bench_route.py --out DIR [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import baselines  # noqa: E402
+import harness  # noqa: E402
+
+import jax_moe  # noqa: E402
+from jax_moe import _device  # noqa: E402
+
+CASES = {
+    "deepseek_v3": dict(H=7168, E=256, k=8, scoring="sigmoid", num_groups=8, top_groups=4,
+                        group_score="top2_sum", scaling_factor=2.5, bias=True, scale=False),
+    "gemma4": dict(H=2816, E=128, k=8, scoring="softmax", num_groups=1, top_groups=1,
+                   group_score="top2_sum", scaling_factor=1.0, bias=False, scale=True),
+    "qwen3": dict(H=2048, E=128, k=8, scoring="softmax", num_groups=1, top_groups=1,
+                  group_score="top2_sum", scaling_factor=1.0, bias=False, scale=False),
+}
+
+
+def run(out_dir, quick=False):
+  tokens = [1, 4, 16] if quick else [1, 4, 16, 64, 1024]
+  cases = {"qwen3": CASES["qwen3"]} if quick else CASES
+  l2 = _device.l2_bytes()
+  read_bw = harness.measure_read_bandwidth(64 << 20 if quick else 1 << 30)
+  rows = []
+  key = jax.random.PRNGKey(0)
+  for name, c in cases.items():
+    H, E, k = (256, 64, 4) if quick else (c["H"], c["E"], c["k"])
+    wbytes = E * H * 2
+    copies = harness.rotation_count(wbytes, l2, max_sets=32)
+    key, kw_, kb, ks = jax.random.split(key, 4)
+    routers = [harness.random_array(jax.random.fold_in(kw_, i), (E, H), jnp.bfloat16,
+                                    1 / np.sqrt(H)) for i in range(copies)]
+    kw = dict(scoring=c["scoring"], num_groups=c["num_groups"] if not quick else 1,
+              top_groups=c["top_groups"] if not quick else 1, group_score=c["group_score"],
+              scaling_factor=c["scaling_factor"],
+              correction_bias=(jax.random.normal(kb, (E,)) * 0.05) if c["bias"] else None,
+              expert_scale=(jax.random.uniform(ks, (E,)) + 0.5) if c["scale"] else None)
+    for T in tokens:
+      n_calls = max(copies, 32 if T <= 64 else 8)
+      xs = [harness.random_array(jax.random.fold_in(key, 1000 * T + i), (T, H), jnp.bfloat16)
+            for i in range(n_calls)]
+      sets = [(xs[i], routers[i % copies]) for i in range(n_calls)]
+      ours = harness.time_op(lambda x, w: jax_moe.route(x, k, router_weight=w, **kw), sets)
+      xla = harness.time_op(lambda x, w: baselines.route(x, k, router_weight=w, **kw), sets)
+      floor = (wbytes + T * H * 2) / read_bw
+      rows.append(dict(case=name, T=T, E=E, H=H, us_ours=ours * 1e6, us_xla=xla * 1e6,
+                       us_floor=floor * 1e6, speedup=xla / ours, x_floor=ours / floor,
+                       fused=T <= jax_moe.heuristics.ROUTE_FUSED_MAX_TOKENS))
+      print(f"route {name} T={T}: ours {ours*1e6:.2f} us, xla {xla*1e6:.2f} us", flush=True)
+  payload = dict(device=harness.device_description(), read_bw_GBps=read_bw / 1e9, rows=rows)
+  harness.write_json(os.path.join(out_dir, "route.json"), payload)
+  print(f"\nroute ({payload['device']}, read {read_bw/1e9:.0f} GB/s; floor = router bytes / read bw)")
+  harness.print_table(rows, [("case", "{}"), ("T", "{}"), ("us_ours", "{:.2f}"),
+                             ("us_xla", "{:.2f}"), ("speedup", "{:.1f}x"), ("us_floor", "{:.2f}"),
+                             ("x_floor", "{:.2f}"), ("fused", "{}")])
+  return payload
+
+
+if __name__ == "__main__":
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--out", default="out")
+  ap.add_argument("--quick", action="store_true")
+  a = ap.parse_args()
+  run(a.out, a.quick)

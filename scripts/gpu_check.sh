@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# One call on a GPU machine: build the CUDA extension against the installed jaxlib,
+# run the GPU tests, run compute-sanitizer over a small run of every kernel, and run
+# the benchmarks. Writes logs, JSON and tables under OUT_DIR.
+#
+#   scripts/gpu_check.sh OUT_DIR [build] [test] [sanitize] [bench] [bench-quick]
+# With no stage names, runs all four full stages. Each stage appends a line to
+# OUT_DIR/summary.txt; the script exits non-zero if any stage failed.
+set -u
+OUT=${1:?usage: gpu_check.sh OUT_DIR [stages...]}
+shift
+STAGES=${*:-build test sanitize bench}
+mkdir -p "$OUT"
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+PY=${PYTHON:-python3}
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
+status=0
+note() { echo "$*" | tee -a "$OUT/summary.txt"; }
+has() { case " $STAGES " in *" $1 "*) return 0;; esac; return 1; }
+
+if has build; then
+  # In-place CMake build (equivalent to pip install --no-build-isolation -e .):
+  # headers from this machine's jaxlib, sm_90a only to keep the build short.
+  t0=$(date +%s)
+  if cmake -S . -B build/gpu -G Ninja -DCMAKE_BUILD_TYPE=Release \
+       -DPython_EXECUTABLE="$(command -v $PY)" -DJAX_MOE_CUDA=ON \
+       -DJAX_MOE_CUDA_ARCHS="${JAX_MOE_CUDA_ARCHS:-90a-real}" >"$OUT/build.log" 2>&1 &&
+     cmake --build build/gpu -j "$(nproc)" >>"$OUT/build.log" 2>&1; then
+    cp build/gpu/_jax_moe_*.so jax_moe/
+    note "build: ok ($(( $(date +%s) - t0 )) s)"
+  else
+    tail -30 "$OUT/build.log"; note "build: FAILED"; exit 1
+  fi
+  $PY -c "import jax, jax_moe; print(jax.__version__, jax.devices()); print(jax_moe.build_info())" \
+    2>&1 | tee "$OUT/env.txt"
+  nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv >>"$OUT/env.txt" 2>&1
+fi
+
+if has test; then
+  if $PY -m pytest -m gpu -q -p no:cacheprovider tests/ >"$OUT/gpu_tests.log" 2>&1; then
+    note "gpu tests: $(tail -1 "$OUT/gpu_tests.log")"
+  else
+    grep -E "^(FAILED|ERROR)" "$OUT/gpu_tests.log" | head -20
+    note "gpu tests: FAILED: $(tail -1 "$OUT/gpu_tests.log")"; status=1
+  fi
+fi
+
+if has sanitize; then
+  for tool in memcheck racecheck initcheck synccheck; do
+    log="$OUT/sanitizer_$tool.log"
+    XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_ALLOCATOR=platform \
+      compute-sanitizer --tool "$tool" --kernel-name kns=jax_moe --error-exitcode 7 \
+      $PY scripts/sanitize_kernels.py >"$log" 2>&1
+    rc=$?
+    summary=$(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$log" | tail -1)
+    if [ $rc -eq 0 ]; then note "sanitizer $tool: ok ($summary)"; else
+      grep -E "=========" "$log" | head -20; note "sanitizer $tool: FAILED rc=$rc ($summary)"; status=1; fi
+  done
+fi
+
+run_bench() {  # name, args...
+  local name=$1; shift
+  if $PY "benchmarks/$name.py" --out "$OUT" "$@" >"$OUT/$name.log" 2>&1; then
+    note "$name: ok"
+  else
+    tail -20 "$OUT/$name.log"; note "$name: FAILED"; status=1
+  fi
+}
+if has bench; then
+  for b in bench_route bench_combine bench_gemv bench_moe; do
+    [ -f "benchmarks/$b.py" ] && run_bench "$b"
+  done
+fi
+if has bench-quick; then
+  for b in bench_route bench_combine bench_gemv bench_moe; do
+    [ -f "benchmarks/$b.py" ] && run_bench "$b" --quick
+  done
+fi
+# The tables last, so they end up in the caller's output tail.
+for f in "$OUT"/bench_*.log; do [ -f "$f" ] && { echo; sed -n '/^$/,$p' "$f" | tail -40; }; done
+echo; cat "$OUT/summary.txt"
+exit $status
