@@ -35,8 +35,9 @@ namespace cuda {
 // bf16 gives 7 blocks on 7 SMs); at large T many small blocks per SM keep enough
 // loads in flight without needing a grid-stride pipeline.
 constexpr int kCombineThreads = 128;
-// 16-byte loads in flight per thread (rows x vectors). 8 x 16 B per thread at
-// ~50% occupancy is ~4x what Little's law asks for on H100 HBM.
+// 16-byte loads in flight per thread (rows x vectors). At the ~6 blocks per SM
+// that ~80 registers allow, 8 x 16 B per thread is ~96 KB in flight per SM,
+// several times what Little's law asks for at H100 HBM rate and latency.
 constexpr int kCombineLoadsInFlight = 8;
 // Blocks per launch; the kernel grid-strides over items beyond this.
 constexpr int64_t kCombineMaxGrid = INT_MAX;
@@ -119,7 +120,12 @@ combine_kernel(CombineArgs a, int64_t units, int64_t chunks) {
 #pragma unroll
       for (int e = 0; e < N; ++e) acc[v][e] = 0.f;
 
-    for (int64_t j0 = 0; j0 < a.k; j0 += KC) {
+    // Per-token bases: slot j of token t is weights_t[j], index_t[j], dense_t + j * H.
+    const int k = static_cast<int>(a.k);
+    const W* wt = w + t * a.k;
+    const int32_t* it = a.index != nullptr ? a.index + t * a.k : nullptr;
+    const Y* dense_t = it == nullptr ? y + t * a.k * a.H + col0 : y;
+    for (int j0 = 0; j0 < k; j0 += KC) {
       // Indices and weights of this group first, all independent loads (a weight
       // load must not wait on its index), then the rows they select; null = past
       // k or an index outside [0, N).
@@ -129,10 +135,9 @@ combine_kernel(CombineArgs a, int64_t units, int64_t chunks) {
       for (int j = 0; j < KC; ++j) {
         ix[j] = 0;
         wj[j] = 0.f;
-        if (j0 + j < a.k) {
-          const int64_t slot = t * a.k + j0 + j;
-          if (a.index != nullptr) ix[j] = __ldg(a.index + slot);
-          wj[j] = to_float(__ldg(w + slot));
+        if (j0 + j < k) {
+          if (it != nullptr) ix[j] = __ldg(it + j0 + j);
+          wj[j] = to_float(__ldg(wt + j0 + j));
         }
       }
       // This thread's first unit in each selected row; its other units sit at
@@ -140,10 +145,9 @@ combine_kernel(CombineArgs a, int64_t units, int64_t chunks) {
       const Y* row[KC];
 #pragma unroll
       for (int j = 0; j < KC; ++j) {
-        const int64_t slot = t * a.k + j0 + j;
         row[j] = nullptr;
-        if (j0 + j < a.k) {
-          if (a.index == nullptr) row[j] = y + slot * a.H + col0;
+        if (j0 + j < k) {
+          if (it == nullptr) row[j] = dense_t + static_cast<int64_t>(j0 + j) * a.H;
           else if (ix[j] >= 0 && ix[j] < a.N) row[j] = y + static_cast<int64_t>(ix[j]) * a.H + col0;
         }
       }
@@ -192,7 +196,7 @@ inline bool IsAligned16(const void* p) {
 // O: of out. T == 0 or H == 0 launches nothing.
 template <typename Y, typename W, typename O>
 cudaError_t LaunchCombine(const CombineArgs& a, cudaStream_t stream) {
-  if (a.T < 0 || a.k < 0 || a.H < 0 || a.N < 0) return cudaErrorInvalidValue;
+  if (a.T < 0 || a.k < 0 || a.k > INT_MAX || a.H < 0 || a.N < 0) return cudaErrorInvalidValue;
   if (a.T == 0 || a.H == 0) return cudaSuccess;
   constexpr int VN = Vec16<Y>::N;
   if (a.H % VN != 0 || !IsAligned16(a.y) || !IsAligned16(a.out)) {
