@@ -10,8 +10,9 @@ Public API (see DESIGN.md):
 from jax_moe import _ffi  # registers the FFI targets  # noqa: F401
 from jax_moe import reference
 from jax_moe._ffi import build_info
+from jax_moe.combine import combine
 from jax_moe.expert_gemv import expert_gemv
 from jax_moe.route import route
 
-__all__ = ["route", "expert_gemv", "reference", "build_info"]
+__all__ = ["route", "expert_gemv", "combine", "reference", "build_info"]
 __version__ = "0.1.0"
