@@ -1,6 +1,7 @@
 """Benchmark the decode experts: jax_moe.expert_gemv + combine against the best
 XLA-native formulations (gather the selected experts' weights; sort + ragged_dot)
-and the HBM floor, all in one run.
+and the HBM floor, all in one run. Each is timed as a chain of layers inside a
+jitted loop (harness.time_chain): x -> combine(expert_gemv(x, ids_l, ...), w_l).
 
 floor = bytes of the distinct experts' weights the routing selects / read bandwidth
 measured in the same run (a streaming reduction over 1 GiB sets).
@@ -67,12 +68,13 @@ def run(out_dir, shapes, tokens, quick=False):
         w = jax.nn.softmax(jax.random.normal(jax.random.fold_in(key, 31 * T + i), (T, k)), -1)
         sets.append((x, jnp.asarray(ids), w, wgu, wd))
       floor = float(np.mean(distinct)) * per_expert / read_bw
+      layer_args = [st[1:] for st in sets]     # (ids, w, wgu, wd) per layer
+      x0 = sets[0][0]
 
-      def ours(x, ids, w, a, b):
-        return _combine(jax_moe.expert_gemv(x, ids, a, b, activation=act), w)
-
-      def gemv_only(x, ids, w, a, b):
-        return jax_moe.expert_gemv(x, ids, a, b, activation=act)
+      def ours(x, ids, w, a, b, variant=0):
+        y = jax_moe.expert_gemv(x, ids, a, b, activation=act,
+                                _config=dict(kernel_variant=variant))
+        return _combine(y, w)
 
       def xla_gather(x, ids, w, a, b):
         return baselines.combine(baselines.experts_gather(x, ids, a, b, act), w)
@@ -80,18 +82,19 @@ def run(out_dir, shapes, tokens, quick=False):
       def xla_ragged(x, ids, w, a, b):
         return baselines.combine(baselines.experts_ragged(x, ids, a, b, act), w)
 
-      t_ours = harness.time_op(ours, sets)
-      t_gemv = harness.time_op(gemv_only, sets)
-      t_gather = (harness.time_op(xla_gather, sets[:8])
+      t_ours = harness.time_chain(ours, x0, layer_args)
+      t_direct = harness.time_chain(lambda *a: ours(*a, variant=1), x0, layer_args)
+      t_pipe = harness.time_chain(lambda *a: ours(*a, variant=2), x0, layer_args)
+      t_gather = (harness.time_chain(xla_gather, x0, layer_args[:8])
                   if T * k * per_expert <= GATHER_BUDGET else None)
-      t_ragged = harness.time_op(xla_ragged, sets[:8])
+      t_ragged = harness.time_chain(xla_ragged, x0, layer_args[:8])
       best_xla = min(t for t in (t_gather, t_ragged) if t is not None)
-      row = dict(shape=name, T=T, us_ours=t_ours * 1e6, us_gemv=t_gemv * 1e6,
-                 us_floor=floor * 1e6, x_floor=t_ours / floor,
+      row = dict(shape=name, T=T, us_ours=t_ours * 1e6, us_direct=t_direct * 1e6,
+                 us_pipe=t_pipe * 1e6, us_floor=floor * 1e6, x_floor=t_ours / floor,
                  us_xla_gather=None if t_gather is None else t_gather * 1e6,
                  us_xla_ragged=t_ragged * 1e6, speedup=best_xla / t_ours,
                  distinct_experts=float(np.mean(distinct)),
-                 TBps_gemv=float(np.mean(distinct)) * per_expert / t_gemv / 1e12)
+                 TBps=float(np.mean(distinct)) * per_expert / t_ours / 1e12)
       rows.append(row)
       print(f"gemv {name} T={T}: ours {row['us_ours']:.1f} us (floor {row['us_floor']:.1f}, "
             f"{row['x_floor']:.2f}x), xla best {best_xla*1e6:.1f} us", flush=True)
@@ -101,9 +104,10 @@ def run(out_dir, shapes, tokens, quick=False):
   print(f"\nexpert_gemv + combine ({payload['device']}, read {read_bw/1e9:.0f} GB/s, "
         f"combine = {COMBINE})")
   harness.print_table(rows, [("shape", "{}"), ("T", "{}"), ("us_ours", "{:.1f}"),
-                             ("us_gemv", "{:.1f}"), ("us_floor", "{:.1f}"), ("x_floor", "{:.3f}"),
+                             ("us_direct", "{:.1f}"), ("us_pipe", "{:.1f}"),
+                             ("us_floor", "{:.1f}"), ("x_floor", "{:.3f}"),
                              ("us_xla_gather", "{:.1f}"), ("us_xla_ragged", "{:.1f}"),
-                             ("speedup", "{:.1f}x"), ("TBps_gemv", "{:.2f}")])
+                             ("speedup", "{:.1f}x"), ("TBps", "{:.2f}")])
   return payload
 
 

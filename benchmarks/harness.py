@@ -51,6 +51,44 @@ def time_op(fn: Callable, arg_sets: Sequence[tuple], *, repeats: int = 7) -> flo
   return statistics.median(times)
 
 
+def time_chain(step: Callable, x0, layer_args: Sequence[tuple], *, repeats: int = 5,
+               target_seconds: float = 0.05) -> float:
+  """Median seconds per step call in a jitted decode-style loop.
+
+  x_{j+1} = step(x_j, *layer_args[j % L]) inside a `fori_loop`, the L layer calls
+  unrolled in the loop body: x is the loop carry, so every call depends on the
+  previous one (nothing can be hoisted out of the loop), and each layer has its own
+  arguments (distinct ids/weights, passed as jit arguments, never sliced).
+  """
+  layer_args = [tuple(a) for a in layer_args]
+  L = len(layer_args)
+
+  def make(n_iter):
+    @jax.jit
+    def run(x, args):
+      def body(i, x):
+        for a in args:
+          x = step(x, *a)
+        return x
+      return jax.lax.fori_loop(0, n_iter, body, x)
+    return run
+
+  probe = make(1)
+  _block(probe(x0, layer_args))
+  t0 = time.perf_counter()
+  _block(probe(x0, layer_args))
+  per_iter = max(time.perf_counter() - t0, 1e-6)
+  n_iter = int(max(2, min(1000, target_seconds / per_iter)))
+  run = make(n_iter)
+  _block(run(x0, layer_args))
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    _block(run(x0, layer_args))
+    times.append((time.perf_counter() - t0) / (n_iter * L))
+  return statistics.median(times)
+
+
 def rotation_count(bytes_per_set: int, l2_bytes: int, max_sets: int = 16) -> int:
   """How many argument copies to rotate so that consecutive calls miss L2: enough
   that the sets together exceed twice the L2 size."""
@@ -60,14 +98,16 @@ def rotation_count(bytes_per_set: int, l2_bytes: int, max_sets: int = 16) -> int
 
 
 def measure_read_bandwidth(nbytes: int = 1 << 30) -> float:
-  """Streaming read rate (bytes/s): a sum over a random bf16 array of nbytes."""
+  """Streaming read rate (bytes/s): the faster of two XLA reductions (full sum and
+  row sums) over random bf16 arrays of nbytes, four distinct arrays per program."""
   n = nbytes // 2
   x = jax.random.normal(jax.random.PRNGKey(0), (n,), jnp.bfloat16)
   xs = [x + jnp.bfloat16(i) for i in range(4)]
-  t = time_op(lambda a: jnp.sum(a, dtype=jnp.float32), [(a,) for a in xs])
-  del xs
-  del x
-  return nbytes / t
+  t_full = time_op(lambda a: jnp.sum(a, dtype=jnp.float32), [(a,) for a in xs])
+  t_rows = time_op(lambda a: jnp.sum(a.reshape(-1, 8192), axis=1, dtype=jnp.float32),
+                   [(a,) for a in xs])
+  del xs, x
+  return nbytes / min(t_full, t_rows)
 
 
 def measure_copy_bandwidth(nbytes: int = 2 << 30) -> float:

@@ -25,7 +25,7 @@ expert_gemv_p = define_primitive(TARGET)
 
 
 def _abstract_eval(x, ids, w_gate_up, w_down, *, activation, token_tiles, k_split_gate_up,
-                   k_split_down):
+                   k_split_down, kernel_variant):
   T, H = x.shape
   k = ids.shape[1]
   I = w_down.shape[2]
@@ -39,7 +39,8 @@ def _ffi_attrs(params):
   return dict(activation=np.int64(_codes.ACTIVATION[params["activation"]]),
               token_tiles=np.int64(params["token_tiles"]),
               k_split_gate_up=np.int64(params["k_split_gate_up"]),
-              k_split_down=np.int64(params["k_split_down"]))
+              k_split_down=np.int64(params["k_split_down"]),
+              kernel_variant=np.int64(params["kernel_variant"]))
 
 
 def _fallback(x, ids, w_gate_up, w_down, *, activation, **_):
@@ -69,7 +70,7 @@ def _batch_rule(args, dims, **params):
 register_batching(expert_gemv_p, _batch_rule)
 
 
-def expert_gemv(x, ids, w_gate_up, w_down, *, activation="silu"):
+def expert_gemv(x, ids, w_gate_up, w_down, *, activation="silu", _config=None):
   """Per-(token, slot) expert MLP outputs, unweighted.
 
   Args:
@@ -81,6 +82,9 @@ def expert_gemv(x, ids, w_gate_up, w_down, *, activation="silu"):
 
   Returns:
     y [..., k, H] in x's dtype.
+
+  `_config` (private, for benchmarks and tuning) overrides the heuristics: a dict
+  with any of token_tiles, k_split_gate_up, k_split_down, kernel_variant.
   """
   fn = "expert_gemv"
   x = jnp.asarray(x)
@@ -119,9 +123,10 @@ def expert_gemv(x, ids, w_gate_up, w_down, *, activation="silu"):
   x2 = x.reshape(-1, H)
   ids2 = ids.reshape(-1, k)
   T = x2.shape[0]
-  y, _ = expert_gemv_p.bind(
-      x2, ids2, w_gate_up, w_down, activation=activation,
-      token_tiles=heuristics.gemv_token_tiles(T),
-      k_split_gate_up=heuristics.gemv_k_split(I, H),
-      k_split_down=heuristics.gemv_k_split(H, I))
+  config = dict(token_tiles=heuristics.gemv_token_tiles(T),
+                k_split_gate_up=heuristics.gemv_k_split(I, H),
+                k_split_down=heuristics.gemv_k_split(H, I),
+                kernel_variant=heuristics.GEMV_KERNEL_VARIANT)
+  config.update(_config or {})
+  y, _ = expert_gemv_p.bind(x2, ids2, w_gate_up, w_down, activation=activation, **config)
   return y.reshape(lead + (k, H))

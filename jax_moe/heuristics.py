@@ -37,6 +37,11 @@ def route_k_split(num_tokens: int, num_experts: int, hidden: int, sm_count: int)
 
 # ---- expert_gemv -------------------------------------------------------------
 
+# Which CUDA kernel streams the weights: 0 auto (the pipelined one), 1 direct
+# register loads, 2 cp.async pipeline through shared memory.
+GEMV_KERNEL_VARIANT = 0
+
+
 def gemv_token_tiles(num_tokens: int) -> int:
   """n-tiles of 8 tokens per weight pass (the kernel's NT: 1, 2 or 4).
 

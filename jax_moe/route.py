@@ -193,7 +193,10 @@ def route(x, top_k, *, router_weight=None, scoring="softmax", renormalize=True, 
       k_split = heuristics.route_k_split(T, E, H, _device.sm_count())
       router = router_weight
     else:  # large T: the router matmul belongs on the tensor cores (XLA's dot)
-      x2 = jnp.dot(x2, router_weight.T, preferred_element_type=jnp.float32)
+      # HIGHEST: f32 inputs must not drop to TF32 on GPU (the fused kernel and the
+      # reference compute f32 products); for 16-bit inputs it changes nothing.
+      x2 = jnp.dot(x2, router_weight.T, preferred_element_type=jnp.float32,
+                   precision=jax.lax.Precision.HIGHEST)
       router = jnp.zeros((0, 0), x2.dtype)
   else:
     router = jnp.zeros((0, 0), x2.dtype)

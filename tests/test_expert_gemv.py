@@ -238,5 +238,26 @@ def test_handler_revalidates():
   wd_bad = jnp.ones((4, 16, 3), jnp.float32)  # I mismatch, bypassing the wrapper
   with pytest.raises(Exception, match="w_down must be"):
     jax.jit(lambda *a: expert_gemv_p.bind(*a, activation="silu", token_tiles=1,
-                                          k_split_gate_up=1, k_split_down=1))(
+                                          k_split_gate_up=1, k_split_down=1,
+                                          kernel_variant=0))(
         x, ids, wgu, wd_bad)[0].block_until_ready()
+
+
+@pytest.mark.parametrize("variant", [1, 2], ids=["direct", "pipelined"])
+@pytest.mark.parametrize("k_split", [1, 2, 4, 8])
+@pytest.mark.parametrize("token_tiles", [1, 2, 4])
+def test_kernel_configs(platform, variant, k_split, token_tiles):
+  """Every CUDA kernel configuration the heuristics can pick (on CPU the config is
+  ignored), on sizes with K and row tails and experts that need several passes."""
+  r = rng()
+  T, H, I, E, k = 20, 72, 40, 4, 2
+  x = jnp.asarray(r.normal(size=(T, H)), jnp.bfloat16)
+  wgu, wd = make_weights(r, E, H, I, jnp.bfloat16)
+  ids = distinct_ids(r, T, k, E)
+  ids[0, 0] = -1
+  cfg = dict(kernel_variant=variant, token_tiles=token_tiles, k_split_gate_up=k_split,
+             k_split_down=k_split)
+  poison_device_memory()
+  y = jax.jit(lambda *a: jax_moe.expert_gemv(*a, _config=cfg))(x, jnp.asarray(ids), wgu, wd)
+  yr = reference.expert_gemv(x, jnp.asarray(ids), wgu, wd)
+  assert_close(y.astype(jnp.float32), yr.astype(jnp.float32), jnp.bfloat16)

@@ -10,11 +10,12 @@ static ffi::Error ExpertGemvCpuHandler(ffi::AnyBuffer x, ffi::AnyBuffer ids, ffi
                                        ffi::AnyBuffer wd, ffi::Result<ffi::AnyBuffer> y,
                                        ffi::Result<ffi::AnyBuffer> h, int64_t activation,
                                        int64_t token_tiles, int64_t k_split_gate_up,
-                                       int64_t k_split_down) {
+                                       int64_t k_split_down, int64_t kernel_variant) {
   (void)h;  // the CPU version keeps the intermediate in a local buffer
   (void)token_tiles;
   (void)k_split_gate_up;
   (void)k_split_down;
+  (void)kernel_variant;
   GemvShapes s;
   JM_RETURN_IF_ERROR(ValidateExpertGemv(x, ids, wgu, wd, *y, activation, &s));
   const int32_t* idp = reinterpret_cast<const int32_t*>(ids.untyped_data());
@@ -40,6 +41,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Attr<int64_t>("activation")
         .Attr<int64_t>("token_tiles")
         .Attr<int64_t>("k_split_gate_up")
-        .Attr<int64_t>("k_split_down"));
+        .Attr<int64_t>("k_split_down")
+        .Attr<int64_t>("kernel_variant"));
 
 }  // namespace jax_moe

@@ -11,7 +11,7 @@ static ffi::Error ExpertGemvCudaHandler(cudaStream_t stream, ffi::AnyBuffer x, f
                                         ffi::Result<ffi::AnyBuffer> y,
                                         ffi::Result<ffi::AnyBuffer> h, int64_t activation,
                                         int64_t token_tiles, int64_t k_split_gate_up,
-                                        int64_t k_split_down) {
+                                        int64_t k_split_down, int64_t kernel_variant) {
   GemvShapes s;
   JM_RETURN_IF_ERROR(ValidateExpertGemv(x, ids, wgu, wd, *y, activation, &s));
   JM_REQUIRE(h->element_type() == x.element_type() && NumElements(*h) == s.T * s.k * s.I,
@@ -22,6 +22,8 @@ static ffi::Error ExpertGemvCudaHandler(cudaStream_t stream, ffi::AnyBuffer x, f
   auto ks_ok = [](int64_t v) { return v == 1 || v == 2 || v == 4 || v == 8; };
   JM_REQUIRE(ks_ok(k_split_gate_up) && ks_ok(k_split_down),
              "expert_gemv (CUDA): k_split values must be 1, 2, 4 or 8");
+  JM_REQUIRE(kernel_variant >= 0 && kernel_variant <= 2,
+             "expert_gemv (CUDA): kernel_variant must be 0 (auto), 1 (direct) or 2 (pipelined)");
   cuda::ExpertGemvArgs a;
   a.x = x.untyped_data();
   a.ids = reinterpret_cast<const int32_t*>(ids.untyped_data());
@@ -38,6 +40,7 @@ static ffi::Error ExpertGemvCudaHandler(cudaStream_t stream, ffi::AnyBuffer x, f
   a.token_tiles = static_cast<int>(token_tiles);
   a.k_split_gate_up = static_cast<int>(k_split_gate_up);
   a.k_split_down = static_cast<int>(k_split_down);
+  a.variant = static_cast<int>(kernel_variant);
   return JM_DISPATCH_FLOAT(x.element_type(), float, bf16, f16, [&] {
     return CudaStatus(cuda::LaunchExpertGemv<scalar_t>(a, stream), "expert_gemv kernel launch");
   });
@@ -56,7 +59,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Attr<int64_t>("activation")
         .Attr<int64_t>("token_tiles")
         .Attr<int64_t>("k_split_gate_up")
-        .Attr<int64_t>("k_split_down"),
+        .Attr<int64_t>("k_split_down")
+        .Attr<int64_t>("kernel_variant"),
     {ffi::Traits::kCmdBufferCompatible});
 
 }  // namespace jax_moe
