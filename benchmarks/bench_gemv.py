@@ -82,9 +82,10 @@ def run(out_dir, shapes, tokens, quick=False):
       def xla_ragged(x, ids, w, a, b):
         return baselines.combine(baselines.experts_ragged(x, ids, a, b, act), w)
 
-      t_ours = harness.time_chain(ours, x0, layer_args)
       t_direct = harness.time_chain(lambda *a: ours(*a, variant=1), x0, layer_args)
       t_pipe = harness.time_chain(lambda *a: ours(*a, variant=2), x0, layer_args)
+      # the default (heuristics.GEMV_KERNEL_VARIANT) is one of the two
+      t_ours = t_direct if jax_moe.heuristics.GEMV_KERNEL_VARIANT == 1 else t_pipe
       t_gather = (harness.time_chain(xla_gather, x0, layer_args[:8])
                   if T * k * per_expert <= GATHER_BUDGET else None)
       t_ragged = harness.time_chain(xla_ragged, x0, layer_args[:8])
