@@ -59,14 +59,13 @@ def gemv_token_tiles(num_tokens: int) -> int:
 
 
 def gemv_k_split(rows: int, reduce_len: int) -> int:
-  """Warps (of 8 per block) that split the reduction dimension K.
+  """Warps (of 8 per block) that split the reduction dimension K: 8 or 4.
 
   A block covers 16 * (8 / k_split) rows. Splitting K gives smaller row tiles, so
   more blocks at decode (T=1 selects only k experts) and better balance across
-  SMs; but each warp should still stream at least ~8 chunks of 32 columns, or the
-  split-K reduction and the prologue dominate.
+  SMs; each warp should still stream at least ~8 chunks of 32 columns. 1 and 2 give
+  row tiles whose shared-memory ring does not fit (the kernel then falls back to
+  direct loads), so they are not chosen.
   """
-  for ks in (8, 4, 2):
-    if reduce_len // ks >= 256:
-      return ks
-  return 1
+  del rows
+  return 8 if reduce_len // 8 >= 256 else 4

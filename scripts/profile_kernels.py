@@ -24,9 +24,10 @@ manifest = []
 r = np.random.default_rng(0)
 
 
-def call(name, fn, n_kernels, bytes_min):
+def call(name, fn, args, n_kernels, bytes_min):
+  f = jax.jit(fn)  # arrays as arguments: closed-over ones would become constants
   for _ in range(2):
-    jax.block_until_ready(fn())
+    jax.block_until_ready(f(*args))
   manifest.append(dict(name=name, kernels=n_kernels, calls=2, bytes_min=bytes_min))
 
 
@@ -47,9 +48,9 @@ for name in shapes:
     n_distinct = len(np.unique(np.asarray(ids)))
     for variant in (1, 2):
       call(f"gemv {name} T={T} v{variant}",
-           lambda: jax_moe.expert_gemv(x, ids, wgu, wd, activation=s.activation,
-                                       _config=dict(kernel_variant=variant)),
-           2, n_distinct * 3 * H * I * 2)
+           lambda *a: jax_moe.expert_gemv(*a, activation=s.activation,
+                                          _config=dict(kernel_variant=variant)),
+           (x, ids, wgu, wd), 2, n_distinct * 3 * H * I * 2)
   del wgu, wd
 
 for name, (E, H, groups, scoring) in {"deepseek_v3": (256, 7168, 8, "sigmoid"),
@@ -58,17 +59,18 @@ for name, (E, H, groups, scoring) in {"deepseek_v3": (256, 7168, 8, "sigmoid"),
   for T in ([1] if quick else [1, 16, 64]):
     x = jax.random.normal(jax.random.PRNGKey(T), (T, H), jnp.bfloat16)
     call(f"route fused {name} T={T}",
-         lambda: jax_moe.route(x, 8, router_weight=W, scoring=scoring, num_groups=groups,
-                               top_groups=max(1, groups // 2)), 1, E * H * 2)
+         lambda x, W: jax_moe.route(x, 8, router_weight=W, scoring=scoring, num_groups=groups,
+                                    top_groups=max(1, groups // 2)), (x, W), 1, E * H * 2)
 logits = jax.random.normal(jax.random.PRNGKey(3), (1024, 256), jnp.float32)
-call("route logits E=256 T=1024", lambda: jax_moe.route(logits, 8, num_groups=8, top_groups=4,
-                                                        scoring="sigmoid"), 1, 1024 * 256 * 4)
+call("route logits E=256 T=1024", lambda l: jax_moe.route(l, 8, num_groups=8, top_groups=4,
+                                                         scoring="sigmoid"), (logits,), 1,
+     1024 * 256 * 4)
 
 for T in ([1, 64] if quick else [1, 64, 1024, 8192]):
   H, k = 7168, 8
   y = jax.random.normal(jax.random.PRNGKey(T), (T, k, H), jnp.bfloat16)
   w = jax.random.uniform(jax.random.PRNGKey(T + 1), (T, k), jnp.float32)
-  call(f"combine H={H} k={k} T={T}", lambda: jax_moe.combine(y, w), 1, T * (k + 1) * H * 2)
+  call(f"combine H={H} k={k} T={T}", jax_moe.combine, (y, w), 1, T * (k + 1) * H * 2)
 
 with open(sys.argv[1], "w") as f:
   json.dump(manifest, f, indent=1)

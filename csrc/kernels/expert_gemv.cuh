@@ -622,6 +622,14 @@ inline bool DeviceSupportsPdl() {
   return major >= 9;
 }
 
+inline int MaxSmemPerBlock() {
+  int dev = 0, v = 48 * 1024;
+  if (cudaGetDevice(&dev) != cudaSuccess) return v;
+  if (cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess)
+    return 48 * 1024;
+  return v;
+}
+
 template <typename... KArgs, typename... Args>
 cudaError_t LaunchEx(void (*kernel)(KArgs...), dim3 grid, size_t smem, cudaStream_t stream,
                      bool pdl, Args... args) {
@@ -651,6 +659,8 @@ cudaError_t LaunchPipe(const GemvPhaseArgs& p, dim3 grid, cudaStream_t stream, b
   const size_t bitmap = static_cast<size_t>((p.E + 31) / 32) * 4;
   if (smem < bitmap) smem = bitmap;
   auto kernel = gemv_pipe_kernel<T, NT, GATED>;
+  if (smem > static_cast<size_t>(MaxSmemPerBlock()) - sizeof(int) * NT * 8)
+    return cudaErrorNotSupported;  // caller falls back to the direct kernel
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem));
   if (err != cudaSuccess) return err;
@@ -660,15 +670,17 @@ cudaError_t LaunchPipe(const GemvPhaseArgs& p, dim3 grid, cudaStream_t stream, b
 template <typename T, int NT>
 cudaError_t LaunchGemvPhases(const GemvPhaseArgs& p1, const GemvPhaseArgs& p2, dim3 g1, dim3 g2,
                              size_t bitmap_smem, cudaStream_t stream, bool pdl, bool pipe) {
-  cudaError_t err;
-  if (pipe) {
-    err = LaunchPipe<T, NT, true>(p1, g1, stream, false);
-    if (err != cudaSuccess) return err;
-    return LaunchPipe<T, NT, false>(p2, g2, stream, pdl && g1.x > 0);
-  }
-  err = LaunchEx(gemv_mma_kernel<T, NT, true>, g1, bitmap_smem, stream, false, p1);
+  // A ring of two stages must fit in shared memory; large row tiles (k_split 1) do
+  // not, and take the direct kernel instead.
+  cudaError_t err = pipe ? LaunchPipe<T, NT, true>(p1, g1, stream, false) : cudaErrorNotSupported;
+  if (err == cudaErrorNotSupported)
+    err = LaunchEx(gemv_mma_kernel<T, NT, true>, g1, bitmap_smem, stream, false, p1);
   if (err != cudaSuccess) return err;
-  return LaunchEx(gemv_mma_kernel<T, NT, false>, g2, bitmap_smem, stream, pdl && g1.x > 0, p2);
+  const bool pdl2 = pdl && g1.x > 0;
+  err = pipe ? LaunchPipe<T, NT, false>(p2, g2, stream, pdl2) : cudaErrorNotSupported;
+  if (err == cudaErrorNotSupported)
+    err = LaunchEx(gemv_mma_kernel<T, NT, false>, g2, bitmap_smem, stream, pdl2, p2);
+  return err;
 }
 
 template <typename T>
