@@ -20,19 +20,19 @@ def route_fuse_router(num_tokens: int, num_experts: int, hidden: int) -> bool:
   return num_tokens <= ROUTE_FUSED_MAX_TOKENS
 
 
-def route_k_split(num_tokens: int, num_experts: int, hidden: int, sm_count: int) -> int:
-  """Slices of H per router row in the fused path.
+def route_experts_per_block(num_tokens: int) -> int:
+  """Experts per block in the fused path (1, 2, 4 or 8; 8 warps split among them).
 
-  A block computes 8 experts (one warp each) over one slice for a 16-token tile.
-  Decode reads the whole router weight (DeepSeek-V3: 3.7 MB) in one launch, so we
-  want about two blocks per SM in flight, but each warp should still load at least
-  one full 512-byte row segment per step (256 bf16), or loads get too short.
+  At T=1 one expert per block spreads the router weight over the most SMs. Each
+  block reads its tokens' rows whole (they are shared by its warps through L1), so
+  with more tokens per tile, more experts per block cut that L2 traffic: a 16-token
+  tile at H=7168 is 229 KB per block.
   """
-  expert_groups = -(-num_experts // 8)
-  tiles = max(1, -(-num_tokens // 16))
-  want = -(-2 * sm_count // (expert_groups * tiles))
-  most = max(1, hidden // 256)
-  return max(1, min(want, most))
+  if num_tokens <= 2:
+    return 1
+  if num_tokens <= 8:
+    return 2
+  return 4
 
 
 # ---- expert_gemv -------------------------------------------------------------

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.core import ShapedArray
 
-from jax_moe import _codes, _device, heuristics, reference
+from jax_moe import _codes, heuristics, reference
 from jax_moe._primitive import (define_primitive, map_over_batch, register_batching,
                                 register_lowerings)
 from jax_moe._validate import as_int, check_choice, check_float_dtype, check_rank
@@ -35,10 +35,10 @@ def _num_experts(x_aval, router_aval) -> int:
 
 
 def _abstract_eval(x, router, bias, scale, *, top_k, scoring, renormalize, num_groups,
-                   top_groups, group_score, scaling_factor, k_split):
+                   top_groups, group_score, scaling_factor, experts_per_block):
   T = x.shape[0]
   E = _num_experts(x, router)
-  scratch = (k_split, T, E) if router.size else (0,)
+  scratch = (T, E) if router.size else (0,)
   return (ShapedArray((T, top_k), jnp.float32), ShapedArray((T, top_k), jnp.int32),
           ShapedArray(scratch, jnp.float32))
 
@@ -55,19 +55,19 @@ def _ffi_attrs(params):
       top_groups=np.int64(params["top_groups"]),
       group_score=np.int64(_codes.GROUP_SCORE[params["group_score"]]),
       scaling_factor=np.float32(params["scaling_factor"]),
-      k_split=np.int64(params["k_split"]),
+      experts_per_block=np.int64(params["experts_per_block"]),
   )
 
 
 def _fallback(x, router, bias, scale, *, top_k, scoring, renormalize, num_groups, top_groups,
-              group_score, scaling_factor, k_split):
+              group_score, scaling_factor, experts_per_block):
   w, ids = reference.route(
       x, top_k, router_weight=router if router.size else None, scoring=scoring,
       renormalize=renormalize, num_groups=num_groups, top_groups=top_groups,
       group_score=group_score, correction_bias=bias if bias.size else None,
       scaling_factor=scaling_factor, expert_scale=scale if scale.size else None)
   E = router.shape[0] if router.size else x.shape[1]
-  scratch = (k_split, x.shape[0], E) if router.size else (0,)
+  scratch = (x.shape[0], E) if router.size else (0,)
   return w, ids, jnp.zeros(scratch, jnp.float32)
 
 
@@ -91,9 +91,9 @@ def _batch_rule(args, dims, **params):
   B, T = x.shape[0], x.shape[1]
   w, ids, scratch = route_p.bind(x.reshape(B * T, x.shape[2]), router, bias, scale, **params)
   k = params["top_k"]
-  if scratch.size or router.size:
-    scratch = scratch.reshape(scratch.shape[0], B, T, scratch.shape[2])
-    scratch_dim = 1
+  if router.size:
+    scratch = scratch.reshape(B, T, scratch.shape[1])
+    scratch_dim = 0
   else:
     scratch = jnp.zeros((B, 0), jnp.float32)
     scratch_dim = 0
@@ -186,11 +186,11 @@ def route(x, top_k, *, router_weight=None, scoring="softmax", renormalize=True, 
   lead = x.shape[:-1]
   x2 = x.reshape(-1, x.shape[-1])
   T = x2.shape[0]
-  k_split = 1
+  experts_per_block = 1
   if router_weight is not None:
     H = x.shape[-1]
     if heuristics.route_fuse_router(T, E, H):
-      k_split = heuristics.route_k_split(T, E, H, _device.sm_count())
+      experts_per_block = heuristics.route_experts_per_block(T)
       router = router_weight
     else:  # large T: the router matmul belongs on the tensor cores (XLA's dot)
       # HIGHEST: f32 inputs must not drop to TF32 on GPU (the fused kernel and the
@@ -203,5 +203,6 @@ def route(x, top_k, *, router_weight=None, scoring="softmax", renormalize=True, 
   w, ids, _ = route_p.bind(x2, router, bias, scale, top_k=top_k, scoring=scoring,
                            renormalize=bool(renormalize), num_groups=num_groups,
                            top_groups=top_groups, group_score=group_score,
-                           scaling_factor=scaling_factor, k_split=k_split)
+                           scaling_factor=scaling_factor,
+                           experts_per_block=experts_per_block)
   return w.reshape(lead + (top_k,)), ids.reshape(lead + (top_k,))

@@ -38,6 +38,15 @@ __device__ __forceinline__ uint4 ldg_stream_v4(const void* p) {
   return r;
 }
 
+// Streamed load that also asks L2 to fetch the surrounding 256-byte block: a warp
+// that reads 64 bytes of each of several rows turns into 256-byte DRAM bursts.
+__device__ __forceinline__ uint4 ldg_stream_pf_v4(const void* p) {
+  uint4 r;
+  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+  return r;
+}
+
 // Unpack 8 16-bit floats (or 4 f32) from a 16-byte vector into floats.
 template <typename T> struct Vec16;
 template <> struct Vec16<bf16> {

@@ -1,7 +1,7 @@
 // CPU routing: optional router matmul, softmax/sigmoid scoring, grouped top-k,
 // renormalization and scaling. Same semantics as the CUDA kernel and
 // jax_moe/reference.py: ids ordered by selection score (highest first, ties to the
-// lower index); NaN scores sort below every number, so ids stay in [0, E).
+// lower index); a NaN score counts as -inf, so ids stay valid and distinct.
 #pragma once
 
 #include <algorithm>
@@ -16,11 +16,13 @@
 namespace jax_moe {
 namespace cpu {
 
-// Total order on floats: larger float -> larger key; NaN lowest.
+// Total order on floats: larger float -> larger key; NaN counts as -inf (as on the
+// GPU), ties go to the lower index.
 inline uint64_t CpuSelectKey(float score, int idx) {
+  if (score != score) score = -INFINITY;
   uint32_t b;
   std::memcpy(&b, &score, 4);
-  uint32_t ord = (score != score) ? 0u : ((b & 0x80000000u) ? ~b : (b | 0x80000000u));
+  uint32_t ord = (b & 0x80000000u) ? ~b : (b | 0x80000000u);
   return (static_cast<uint64_t>(ord + 1u) << 32) |
          static_cast<uint64_t>(0xffffffffu - static_cast<uint32_t>(idx));
 }

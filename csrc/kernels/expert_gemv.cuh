@@ -166,15 +166,18 @@ __device__ __forceinline__ void mma_chunk(float (&c)[4], const uint4& lo, const 
   MmaOp<T>::run(c, lo.z, hi.z, lo.w, hi.w, b.z, b.w);
 }
 
+template <bool PF>
 __device__ __forceinline__ uint4 load_or_zero(const void* p, bool ok) {
-  return ok ? ldg_stream_v4(p) : make_uint4(0u, 0u, 0u, 0u);
+  if (!ok) return make_uint4(0u, 0u, 0u, 0u);
+  return PF ? ldg_stream_pf_v4(p) : ldg_stream_v4(p);
 }
 __device__ __forceinline__ uint4 load_b_or_zero(const void* p, bool ok) {
   return ok ? ldg_nc_v4(p) : make_uint4(0u, 0u, 0u, 0u);
 }
 
-// grid = (row tiles of 16 * (8 / k_split) rows, slots). NT n-tiles of 8 tokens.
-template <typename T, int NT, bool GATED>
+// grid = (row tiles of 16 * (8 / k_split) rows, slots). NT n-tiles of 8 tokens;
+// U chunks of 32 columns loaded per batch; PF: L2 256-byte prefetch hint.
+template <typename T, int NT, bool GATED, int U = kGemvUnroll, bool PF = false>
 __global__ void __launch_bounds__(kGemvThreads)
 gemv_mma_kernel(GemvPhaseArgs a) {
   constexpr int MATS = GATED ? 2 : 1;
@@ -249,21 +252,21 @@ gemv_mma_kernel(GemvPhaseArgs a) {
 #pragma unroll
         for (int i = 0; i < 4; ++i) acc[m][nt][i] = 0.f;
 
-    for (int64_t ch = ch0; ch < ch1; ch += kGemvUnroll) {
-      uint4 alo[MATS][kGemvUnroll], ahi[MATS][kGemvUnroll], b[NT][kGemvUnroll];
+    for (int64_t ch = ch0; ch < ch1; ch += U) {
+      uint4 alo[MATS][U], ahi[MATS][U], b[NT][U];
 #pragma unroll
-      for (int u = 0; u < kGemvUnroll; ++u) {
+      for (int u = 0; u < U; ++u) {
         const int64_t col = (ch + u) * kGemvChunk + 8 * c;
         const bool in = (ch + u < ch1) && col < a.K;
-        alo[0][u] = load_or_zero(wg_lo + col, in && ok_lo);
-        ahi[0][u] = load_or_zero(wg_hi + col, in && ok_hi);
+        alo[0][u] = load_or_zero<PF>(wg_lo + col, in && ok_lo);
+        ahi[0][u] = load_or_zero<PF>(wg_hi + col, in && ok_hi);
         if (GATED) {
-          alo[MATS - 1][u] = load_or_zero(wu_lo + col, in && ok_lo);
-          ahi[MATS - 1][u] = load_or_zero(wu_hi + col, in && ok_hi);
+          alo[MATS - 1][u] = load_or_zero<PF>(wu_lo + col, in && ok_lo);
+          ahi[MATS - 1][u] = load_or_zero<PF>(wu_hi + col, in && ok_hi);
         }
       }
 #pragma unroll
-      for (int u = 0; u < kGemvUnroll; ++u) {
+      for (int u = 0; u < U; ++u) {
         const int64_t col = (ch + u) * kGemvChunk + 8 * c;
         const bool in = (ch + u < ch1) && col < a.K;
 #pragma unroll
@@ -271,7 +274,7 @@ gemv_mma_kernel(GemvPhaseArgs a) {
           b[nt][u] = load_b_or_zero(brow[nt] + col, in && brow[nt] != nullptr);
       }
 #pragma unroll
-      for (int u = 0; u < kGemvUnroll; ++u)
+      for (int u = 0; u < U; ++u)
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
           if (nt * 8 < n) {
@@ -332,7 +335,7 @@ constexpr int kPipeMaxSmem = 110 * 1024;            // two blocks per SM
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
   const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   const int n = valid ? 16 : 0;  // 0 -> zero-fill, nothing read
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(gmem), "r"(n)
+  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;" ::"r"(s), "l"(gmem), "r"(n)
                : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
@@ -597,7 +600,13 @@ gemv_generic_kernel(GemvPhaseArgs a) {
 
 // ---- launcher -----------------------------------------------------------------------
 
-enum GemvVariant : int { kGemvAuto = 0, kGemvDirect = 1, kGemvPipe = 2 };
+// Weight-streaming kernels (benchmarks/bench_gemv.py compares them):
+//   direct: register loads in the mma fragment layout, 4 chunks per batch;
+//   pipe: cp.async ring through shared memory;
+//   direct_pf: direct + L2 256-byte prefetch hint; direct_pf8: 8 chunks per batch too.
+enum GemvVariant : int {
+  kGemvAuto = 0, kGemvDirect = 1, kGemvPipe = 2, kGemvDirectPf = 3, kGemvDirectPf8 = 4
+};
 
 struct ExpertGemvArgs {
   const void* x = nullptr;       // [T, H]
@@ -667,19 +676,33 @@ cudaError_t LaunchPipe(const GemvPhaseArgs& p, dim3 grid, cudaStream_t stream, b
   return LaunchEx(kernel, grid, smem, stream, pdl, p, stages);
 }
 
+template <typename T, int NT, int U, bool PF>
+cudaError_t LaunchDirect(const GemvPhaseArgs& p1, const GemvPhaseArgs& p2, dim3 g1, dim3 g2,
+                         size_t bitmap_smem, cudaStream_t stream, bool pdl2, bool do1, bool do2) {
+  cudaError_t err = cudaSuccess;
+  if (do1) err = LaunchEx(gemv_mma_kernel<T, NT, true, U, PF>, g1, bitmap_smem, stream, false, p1);
+  if (err != cudaSuccess || !do2) return err;
+  return LaunchEx(gemv_mma_kernel<T, NT, false, U, PF>, g2, bitmap_smem, stream, pdl2, p2);
+}
+
 template <typename T, int NT>
 cudaError_t LaunchGemvPhases(const GemvPhaseArgs& p1, const GemvPhaseArgs& p2, dim3 g1, dim3 g2,
-                             size_t bitmap_smem, cudaStream_t stream, bool pdl, bool pipe) {
+                             size_t bitmap_smem, cudaStream_t stream, bool pdl, int variant) {
+  const bool pdl2 = pdl && g1.x > 0;
+  if (variant == kGemvDirectPf)
+    return LaunchDirect<T, NT, 4, true>(p1, p2, g1, g2, bitmap_smem, stream, pdl2, true, true);
+  if (variant == kGemvDirectPf8)
+    return LaunchDirect<T, NT, 8, true>(p1, p2, g1, g2, bitmap_smem, stream, pdl2, true, true);
+  const bool pipe = variant == kGemvPipe || variant == kGemvAuto;
   // A ring of two stages must fit in shared memory; large row tiles (k_split 1) do
   // not, and take the direct kernel instead.
   cudaError_t err = pipe ? LaunchPipe<T, NT, true>(p1, g1, stream, false) : cudaErrorNotSupported;
   if (err == cudaErrorNotSupported)
-    err = LaunchEx(gemv_mma_kernel<T, NT, true>, g1, bitmap_smem, stream, false, p1);
+    err = LaunchDirect<T, NT, 4, false>(p1, p2, g1, g2, bitmap_smem, stream, pdl2, true, false);
   if (err != cudaSuccess) return err;
-  const bool pdl2 = pdl && g1.x > 0;
   err = pipe ? LaunchPipe<T, NT, false>(p2, g2, stream, pdl2) : cudaErrorNotSupported;
   if (err == cudaErrorNotSupported)
-    err = LaunchEx(gemv_mma_kernel<T, NT, false>, g2, bitmap_smem, stream, pdl2, p2);
+    err = LaunchDirect<T, NT, 4, false>(p1, p2, g1, g2, bitmap_smem, stream, pdl2, false, true);
   return err;
 }
 
@@ -706,12 +729,12 @@ cudaError_t LaunchExpertGemv(const ExpertGemvArgs& a, cudaStream_t stream) {
     // I == 0: no gate_up work; y is down(empty) = 0, written by phase 2 alone.
     dim3 g1(static_cast<unsigned>((a.I + rows1 - 1) / rows1), slots);
     dim3 g2(static_cast<unsigned>((a.H + rows2 - 1) / rows2), slots);
-    const bool pipe = a.variant != kGemvDirect;
+    const int v = a.variant;
     if constexpr (sizeof(T) == 2) {
       switch (a.token_tiles) {
-        case 1: return LaunchGemvPhases<T, 1>(p1, p2, g1, g2, bitmap_smem, stream, pdl, pipe);
-        case 2: return LaunchGemvPhases<T, 2>(p1, p2, g1, g2, bitmap_smem, stream, pdl, pipe);
-        case 4: return LaunchGemvPhases<T, 4>(p1, p2, g1, g2, bitmap_smem, stream, pdl, pipe);
+        case 1: return LaunchGemvPhases<T, 1>(p1, p2, g1, g2, bitmap_smem, stream, pdl, v);
+        case 2: return LaunchGemvPhases<T, 2>(p1, p2, g1, g2, bitmap_smem, stream, pdl, v);
+        case 4: return LaunchGemvPhases<T, 4>(p1, p2, g1, g2, bitmap_smem, stream, pdl, v);
         default: return cudaErrorInvalidValue;
       }
     }

@@ -2,18 +2,19 @@
 // cudaError_t out; no XLA headers.
 //
 // Logits path (x = logits [T, E]): one launch, one warp per token.
-// Fused path (x = hidden [T, H], router [E, H]): still one launch. Block
-// (ks, eg, tile) computes the partial router dot products of 8 experts (one per
-// warp) over the ks-th slice of H for a tile of 16 tokens, and writes them to the
-// scratch buffer partial [k_split, T, E]. The last block to finish a token tile
-// (a self-resetting counter per tile) sums the k_split partials in a fixed order
-// and runs the selection for that tile. Nothing is accumulated atomically, so the
-// result is deterministic.
+// Fused path (x = hidden [T, H], router [E, H]): still one launch. Block (e, tile)
+// computes expert e's router dot products for a tile of 16 tokens, its 8 warps
+// splitting H and meeting in shared memory (fixed order), and writes the logits to
+// the scratch buffer [T, E]. The last block to finish a token tile (a
+// self-resetting counter per tile) runs the selection for that tile. Nothing is
+// accumulated atomically, so the result is deterministic.
 //
-// Selection (one warp per token, E <= 1024): scores (softmax or sigmoid) in f32,
-// selection score = score + bias, optional group limit, then top_k rounds of a warp
-// arg-max over 64-bit keys (score order, then lower index). The chosen weights are
-// renormalized, scaled by scaling_factor and by expert_scale[id].
+// Selection (one warp per token, E <= 1024): lane l holds experts
+// [l * EPL, (l + 1) * EPL). Scores (softmax or sigmoid) in f32, selection score =
+// score + bias (NaN counts as -inf), optional group limit (when a group spans whole
+// lanes, its top-2 is a local top-2 plus a few shuffles), then top_k rounds of a
+// warp float max, ties to the lowest lane (= lowest expert index). The chosen
+// weights are renormalized, scaled by scaling_factor and by expert_scale[id].
 #pragma once
 
 #include <algorithm>
@@ -45,36 +46,34 @@ struct RouteArgs {
   const float* scale = nullptr;  // [E] or null
   int64_t T = 0, H = 0, E = 0;
   RouteParams p;
-  int k_split = 1;
   float* weights = nullptr;  // [T, k]
   int32_t* ids = nullptr;    // [T, k]
-  float* partial = nullptr;  // [k_split, T, E] (fused path)
+  float* logits = nullptr;   // [T, E] scratch (fused path)
+  int experts_per_block = 1; // fused path: 1, 2, 4 or 8
 };
 
-// Warp-wide top-2 merge of selection keys.
-__device__ __forceinline__ void warp_top2(unsigned long long& b1, unsigned long long& b2) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    unsigned long long o1 = __shfl_xor_sync(0xffffffffu, b1, o);
-    unsigned long long o2 = __shfl_xor_sync(0xffffffffu, b2, o);
-    // merge {b1, b2} with {o1, o2}; keys are unique (they carry the index)
-    if (o1 > b1) { b2 = (b1 > o2) ? b1 : o2; b1 = o1; }
-    else if (o1 > b2) { b2 = o1; }
-  }
+__device__ __forceinline__ float sel_value(float v) { return v != v ? -INFINITY : v; }
+
+// Warp arg-max over (value, has) pairs: returns the winning lane (the lowest lane
+// among equal values) or -1 when no lane has a candidate.
+__device__ __forceinline__ int warp_argmax_lane(float v, bool has) {
+  const float m = warp_max(has ? v : -INFINITY);
+  const uint32_t b = __ballot_sync(0xffffffffu, has && v == m);
+  return b ? __ffs(b) - 1 : -1;
 }
 
 // Routes one token; every lane of the warp calls it. get(e) returns the f32 logit.
-// EPL: experts per lane (lane l holds experts l, l+32, ...).
 template <int EPL, typename GetLogit>
 __device__ void route_token_warp(GetLogit get, int64_t t, const RouteArgs& a) {
   const int lane = threadIdx.x & 31;
   const int E = static_cast<int>(a.E);
   const RouteParams& p = a.p;
+  const int e0 = lane * EPL;
   float s[EPL], sel[EPL];
   uint32_t avail = 0;
 #pragma unroll
   for (int i = 0; i < EPL; ++i) {
-    const int e = lane + 32 * i;
+    const int e = e0 + i;
     s[i] = (e < E) ? get(e) : -INFINITY;
     if (e < E) avail |= 1u << i;
   }
@@ -98,71 +97,93 @@ __device__ void route_token_warp(GetLogit get, int64_t t, const RouteArgs& a) {
   }
 #pragma unroll
   for (int i = 0; i < EPL; ++i) {
-    const int e = lane + 32 * i;
-    sel[i] = s[i] + ((a.bias != nullptr && e < E) ? a.bias[e] : 0.f);
+    const int e = e0 + i;
+    sel[i] = sel_value(s[i] + ((a.bias != nullptr && e < E) ? a.bias[e] : 0.f));
   }
 
   if (p.num_groups > 1) {
     const int G = E / p.num_groups;
-    // Lane g % 32 keeps the key of group g (g < 64: two slots per lane).
-    unsigned long long gk[2] = {0ull, 0ull};
-    for (int g = 0; g < p.num_groups; ++g) {
-      unsigned long long b1 = 0, b2 = 0;
-#pragma unroll
-      for (int i = 0; i < EPL; ++i) {
-        const int e = lane + 32 * i;
-        if ((avail >> i & 1u) && e / G == g) {
-          const unsigned long long k = select_key(sel[i], e);
-          if (k > b1) { b2 = b1; b1 = k; } else if (k > b2) { b2 = k; }
-        }
-      }
-      warp_top2(b1, b2);
-      // Every lane now has the group's two best keys; recover their scores.
-      const int e1 = key_index(b1);
-      float v1 = 0.f, v2 = 0.f;
-#pragma unroll
-      for (int i = 0; i < EPL; ++i) {
-        const int e = lane + 32 * i;
-        if (e == e1) v1 = sel[i];
-        if (b2 != 0 && e == key_index(b2)) v2 = sel[i];
-      }
-      v1 = __shfl_sync(0xffffffffu, v1, e1 & 31);
-      v2 = __shfl_sync(0xffffffffu, v2, b2 != 0 ? (key_index(b2) & 31) : 0);
-      const float gs = (p.group_score == kGroupMax || b2 == 0) ? v1 : v1 + v2;
-      if ((g & 31) == lane) gk[g >> 5] = select_key(gs, g);
-    }
+    const int lanes_per_group = G / EPL;
     unsigned long long allowed_groups = 0ull;
-    for (int r = 0; r < p.top_groups; ++r) {
-      unsigned long long best = gk[0] > gk[1] ? gk[0] : gk[1];
-      best = warp_max_u64(best);
-      const int g = key_index(best);
-      allowed_groups |= 1ull << g;
-      if ((g & 31) == lane) gk[g >> 5] = 0ull;
+    if (G % EPL == 0 && lanes_per_group >= 1 && (32 % lanes_per_group) == 0 &&
+        E == 32 * EPL) {
+      // Each group is lanes_per_group whole lanes: local top-2, then xor-shuffles.
+      float b1 = -INFINITY, b2 = -INFINITY;
+#pragma unroll
+      for (int i = 0; i < EPL; ++i) {
+        if (sel[i] > b1) { b2 = b1; b1 = sel[i]; } else if (sel[i] > b2) { b2 = sel[i]; }
+      }
+      for (int o = 1; o < lanes_per_group; o <<= 1) {
+        const float o1 = __shfl_xor_sync(0xffffffffu, b1, o);
+        const float o2 = __shfl_xor_sync(0xffffffffu, b2, o);
+        if (o1 > b1) { b2 = fmaxf(b1, o2); b1 = o1; } else { b2 = fmaxf(b2, o1); }
+      }
+      const bool leader = (lane % lanes_per_group) == 0;
+      float gs = (p.group_score == kGroupMax || G < 2) ? b1 : b1 + b2;
+      gs = sel_value(gs);
+      bool has = leader;
+      for (int r = 0; r < p.top_groups; ++r) {
+        const int w = warp_argmax_lane(gs, has);
+        allowed_groups |= 1ull << (w / lanes_per_group);
+        if (lane == w) has = false;
+      }
+    } else {
+      // General layout: one warp reduction per group.
+      unsigned long long gk[2] = {0ull, 0ull};
+      for (int g = 0; g < p.num_groups; ++g) {
+        float b1 = -INFINITY, b2 = -INFINITY;
+        int n = 0;
+#pragma unroll
+        for (int i = 0; i < EPL; ++i) {
+          const int e = e0 + i;
+          if ((avail >> i & 1u) && e / G == g) {
+            ++n;
+            if (sel[i] > b1) { b2 = b1; b1 = sel[i]; } else if (sel[i] > b2) { b2 = sel[i]; }
+          }
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+          const float o1 = __shfl_xor_sync(0xffffffffu, b1, o);
+          const float o2 = __shfl_xor_sync(0xffffffffu, b2, o);
+          if (o1 > b1) { b2 = fmaxf(b1, o2); b1 = o1; } else { b2 = fmaxf(b2, o1); }
+        }
+        const float gs = sel_value((p.group_score == kGroupMax || G < 2) ? b1 : b1 + b2);
+        if ((g & 31) == lane) gk[g >> 5] = select_key(gs, g);
+        (void)n;
+      }
+      for (int r = 0; r < p.top_groups; ++r) {
+        unsigned long long best = gk[0] > gk[1] ? gk[0] : gk[1];
+        best = warp_max_u64(best);
+        const int g = key_index(best);
+        allowed_groups |= 1ull << g;
+        if ((g & 31) == lane) gk[g >> 5] = 0ull;
+      }
     }
 #pragma unroll
     for (int i = 0; i < EPL; ++i) {
-      const int e = lane + 32 * i;
+      const int e = e0 + i;
       if (e < E && !((allowed_groups >> (e / G)) & 1ull)) avail &= ~(1u << i);
     }
   }
 
+  // top_k rounds: each lane keeps its best available candidate.
   float my_w = 0.f;
   int my_id = 0;
   for (int j = 0; j < p.top_k; ++j) {
-    unsigned long long best = 0;
-    float best_s = 0.f;
+    float best = -INFINITY;
+    int bi = -1;
 #pragma unroll
     for (int i = 0; i < EPL; ++i) {
-      if (avail >> i & 1u) {
-        const unsigned long long k = select_key(sel[i], lane + 32 * i);
-        if (k > best) { best = k; best_s = s[i]; }
-      }
+      if ((avail >> i & 1u) && (bi < 0 || sel[i] > best)) { best = sel[i]; bi = i; }
     }
-    const unsigned long long win = warp_max_u64(best);
-    const int e = key_index(win);
-    const float w = __shfl_sync(0xffffffffu, best_s, e & 31);
-    if ((e & 31) == lane) avail &= ~(1u << (e >> 5));
-    if (lane == j) { my_w = w; my_id = e; }
+    const int w = warp_argmax_lane(best, bi >= 0);
+    const int bi_w = __shfl_sync(0xffffffffu, bi, w);
+    float sw = 0.f;
+#pragma unroll
+    for (int i = 0; i < EPL; ++i) if (i == bi) sw = s[i];
+    const float wv = __shfl_sync(0xffffffffu, sw, w);
+    if (lane == w) avail &= ~(1u << bi);
+    if (lane == j) { my_w = wv; my_id = w * EPL + bi_w; }
   }
   const float wsum = warp_sum(lane < p.top_k ? my_w : 0.f);
   if (lane < p.top_k) {
@@ -185,7 +206,8 @@ __global__ void __launch_bounds__(kRouteThreads) route_logits_kernel(RouteArgs a
 }
 
 // Partial dot products of one router row with up to kRouteTokTile token rows over
-// columns [k0, k1). VEC elements per 16-byte load.
+// columns [k0, k1). VEC elements per 16-byte load; all of a lane's loads are issued
+// before the first use (a warp's slice is at most a few loads per lane).
 template <typename T>
 __device__ __forceinline__ void router_row_dots(const T* __restrict__ w, const T* __restrict__ x,
                                                 int64_t H, int ntok, int64_t k0, int64_t k1,
@@ -193,17 +215,13 @@ __device__ __forceinline__ void router_row_dots(const T* __restrict__ w, const T
   const int lane = threadIdx.x & 31;
   constexpr int VEC = Vec16<T>::N;
   if (H % VEC == 0) {
-    constexpr int U = 2;  // router rows are short: two 16-byte loads in flight per lane
+    constexpr int U = 4;
     for (int64_t k = k0 + lane * VEC; k < k1; k += 32 * VEC * U) {
-      float wf[U][VEC];
+      uint4 wv[U];  // raw vectors: unpacked at use, to keep registers for acc
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         const int64_t kk = k + u * 32 * VEC;
-        if (kk < k1) Vec16<T>::unpack(ldg_stream_v4(w + kk), wf[u]);
-        else {
-#pragma unroll
-          for (int v = 0; v < VEC; ++v) wf[u][v] = 0.f;
-        }
+        wv[u] = kk < k1 ? ldg_stream_v4(w + kk) : make_uint4(0u, 0u, 0u, 0u);
       }
 #pragma unroll
       for (int t = 0; t < kRouteTokTile; ++t) {
@@ -212,10 +230,11 @@ __device__ __forceinline__ void router_row_dots(const T* __restrict__ w, const T
           for (int u = 0; u < U; ++u) {
             const int64_t kk = k + u * 32 * VEC;
             if (kk < k1) {
-              float xf[VEC];
+              float wf[VEC], xf[VEC];
+              Vec16<T>::unpack(wv[u], wf);
               Vec16<T>::unpack(ldg_nc_v4(x + t * H + kk), xf);
 #pragma unroll
-              for (int v = 0; v < VEC; ++v) acc[t] = fmaf(wf[u][v], xf[v], acc[t]);
+              for (int v = 0; v < VEC; ++v) acc[t] = fmaf(wf[v], xf[v], acc[t]);
             }
           }
         }
@@ -231,54 +250,61 @@ __device__ __forceinline__ void router_row_dots(const T* __restrict__ w, const T
   }
 }
 
-// Fused path. grid = (k_split, ceil(E / 8), tiles in this launch).
+// Fused path. grid = (ceil(E / EB), tiles in this launch): block b computes experts
+// b*EB .. b*EB+EB-1, each by 8/EB warps splitting H. More experts per block share
+// the tokens' rows through L1 (each block otherwise reads the whole x tile from L2).
 template <typename T, int EPL>
-__global__ void __launch_bounds__(kRouteThreads) route_fused_kernel(RouteArgs a, int64_t tile0) {
+__global__ void __launch_bounds__(kRouteThreads) route_fused_kernel(RouteArgs a, int64_t tile0,
+                                                                    int eb) {
+  __shared__ float part[kRouteWarps][kRouteTokTile];
+  __shared__ bool is_last;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int ks = blockIdx.x;
-  const int e = blockIdx.y * kRouteWarps + warp;
-  const int local_tile = blockIdx.z;
+  const int wpe = kRouteWarps / eb;  // warps per expert
+  const int e = blockIdx.x * eb + warp / wpe;
+  const int slice = warp % wpe;
+  const int local_tile = blockIdx.y;
   const int64_t tok0 = (tile0 + local_tile) * kRouteTokTile;
   const int ntok = static_cast<int>(a.T - tok0 < kRouteTokTile ? a.T - tok0 : kRouteTokTile);
   constexpr int VEC = Vec16<T>::N;
-  const int64_t chunk = ((a.H + a.k_split - 1) / a.k_split + VEC - 1) / VEC * VEC;
-  const int64_t k0 = ks * chunk < a.H ? ks * chunk : a.H;
+  const int64_t chunk = ((a.H + wpe - 1) / wpe + VEC - 1) / VEC * VEC;
+  const int64_t k0 = slice * chunk < a.H ? slice * chunk : a.H;
   const int64_t k1 = k0 + chunk < a.H ? k0 + chunk : a.H;
 
-  if (e < a.E) {
-    float acc[kRouteTokTile];
+  float acc[kRouteTokTile];
 #pragma unroll
-    for (int t = 0; t < kRouteTokTile; ++t) acc[t] = 0.f;
+  for (int t = 0; t < kRouteTokTile; ++t) acc[t] = 0.f;
+  if (e < a.E)
     router_row_dots<T>(static_cast<const T*>(a.router) + e * a.H,
                        static_cast<const T*>(a.x) + tok0 * a.H, a.H, ntok, k0, k1, acc);
 #pragma unroll
-    for (int t = 0; t < kRouteTokTile; ++t) {
-      const float v = warp_sum(acc[t]);
-      if (lane == 0 && t < ntok) a.partial[(ks * a.T + tok0 + t) * a.E + e] = v;
-    }
+  for (int t = 0; t < kRouteTokTile; ++t) {
+    const float v = warp_sum(acc[t]);
+    if (lane == 0) part[warp][t] = v;
+  }
+  __syncthreads();
+  for (int o = threadIdx.x; o < eb * ntok; o += blockDim.x) {
+    const int j = o / ntok, t = o % ntok;
+    const int ej = blockIdx.x * eb + j;
+    if (ej >= a.E) continue;
+    float v = 0.f;
+    for (int w = 0; w < wpe; ++w) v += part[j * wpe + w][t];
+    a.logits[(tok0 + t) * a.E + ej] = v;
   }
 
   // Last-arriving block of this token tile runs the selection.
-  __shared__ bool is_last;
   __threadfence();
   __syncthreads();
   if (threadIdx.x == 0) {
-    const unsigned int total = gridDim.x * gridDim.y;
     const unsigned int prev = atomicAdd(&g_route_tile_arrivals[local_tile], 1u);
-    is_last = (prev == total - 1);
+    is_last = (prev == gridDim.x - 1);
   }
   __syncthreads();
   if (!is_last) return;
   __threadfence();
   for (int t = warp; t < ntok; t += kRouteWarps) {
     const int64_t tok = tok0 + t;
-    route_token_warp<EPL>(
-        [&](int ee) {
-          float v = 0.f;
-          for (int k = 0; k < a.k_split; ++k) v += __ldcg(&a.partial[(k * a.T + tok) * a.E + ee]);
-          return v;
-        },
-        tok, a);
+    const float* row = a.logits + tok * a.E;
+    route_token_warp<EPL>([&](int ee) { return __ldcg(row + ee); }, tok, a);
   }
   if (threadIdx.x == 0) g_route_tile_arrivals[local_tile] = 0u;
 }
@@ -291,11 +317,10 @@ cudaError_t LaunchRouteEpl(const RouteArgs& a, cudaStream_t stream) {
     return cudaGetLastError();
   }
   const int64_t tiles = (a.T + kRouteTokTile - 1) / kRouteTokTile;
-  const unsigned egroups = static_cast<unsigned>((a.E + kRouteWarps - 1) / kRouteWarps);
   for (int64_t tile0 = 0; tile0 < tiles; tile0 += kRouteMaxTiles) {
     const unsigned n = static_cast<unsigned>(std::min<int64_t>(kRouteMaxTiles, tiles - tile0));
-    dim3 grid(static_cast<unsigned>(a.k_split), egroups, n);
-    route_fused_kernel<T, EPL><<<grid, kRouteThreads, 0, stream>>>(a, tile0);
+    dim3 grid(static_cast<unsigned>((a.E + a.experts_per_block - 1) / a.experts_per_block), n);
+    route_fused_kernel<T, EPL><<<grid, kRouteThreads, 0, stream>>>(a, tile0, a.experts_per_block);
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
@@ -306,10 +331,12 @@ cudaError_t LaunchRouteEpl(const RouteArgs& a, cudaStream_t stream) {
 template <typename T>
 cudaError_t LaunchRoute(const RouteArgs& a, cudaStream_t stream) {
   if (a.T == 0) return cudaSuccess;
+  const int eb = a.experts_per_block;
   if (a.E > kRouteMaxExperts || a.p.top_k > kRouteMaxTopK || a.p.num_groups > kRouteMaxGroups ||
-      a.k_split < 1 || a.k_split > 65535)
+      !(eb == 1 || eb == 2 || eb == 4 || eb == 8))
     return cudaErrorInvalidValue;
   if (a.E <= 64) return LaunchRouteEpl<T, 2>(a, stream);
+  if (a.E <= 128) return LaunchRouteEpl<T, 4>(a, stream);
   if (a.E <= 256) return LaunchRouteEpl<T, 8>(a, stream);
   return LaunchRouteEpl<T, 32>(a, stream);
 }
