@@ -115,12 +115,7 @@ class MoEConfig:
   def from_shape(cls, shape, **overrides) -> "MoEConfig":
     """The config of a named model shape (a jax_moe.shapes.MoEShape or its name in
     shapes.SHAPES), with any field overridden, e.g. implementation="gemv"."""
-    if isinstance(shape, str):
-      from jax_moe.shapes import SHAPES
-      if shape not in SHAPES:
-        raise ValueError(f"MoEConfig.from_shape: unknown shape {shape!r}; known: "
-                         f"{sorted(SHAPES)}")
-      shape = SHAPES[shape]
+    shape = _shape(shape, "MoEConfig.from_shape")
     fields = dict(num_experts=shape.num_experts, top_k=shape.top_k,
                   activation=shape.activation, scoring=shape.scoring,
                   renormalize=shape.renormalize, num_groups=shape.num_groups,
@@ -243,10 +238,20 @@ def init_params(key, config: MoEConfig, hidden: int, intermediate: int, *,
       shared_down=init_down(k[4], (S, H, shared_intermediate), dtype) if S else None)
 
 
+def _shape(shape, fn):
+  if isinstance(shape, str):
+    from jax_moe.shapes import SHAPES
+    if shape not in SHAPES:
+      raise ValueError(f"{fn}: unknown shape {shape!r}; known: {sorted(SHAPES)}")
+    return SHAPES[shape]
+  return shape
+
+
 def example_params(key, shape, dtype=jnp.bfloat16) -> MoEParams:
-  """Random parameters for a jax_moe.shapes.MoEShape (demos, tests, benchmarks):
-  init_params, plus a non-trivial correction_bias / expert_scale where the model
-  has one, so those code paths change the result."""
+  """Random parameters for a jax_moe.shapes.MoEShape or its name (demos, tests,
+  benchmarks): init_params, plus a non-trivial correction_bias / expert_scale where
+  the model has one, so those code paths change the result."""
+  shape = _shape(shape, "example_params")
   config = MoEConfig.from_shape(shape)
   k1, k2, k3 = jax.random.split(key, 3)
   p = init_params(k1, config, shape.hidden, shape.intermediate,
