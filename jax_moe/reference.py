@@ -105,7 +105,7 @@ def combine(y, weights, index=None, *, out_dtype=None):
     rows = jnp.where(valid[..., None], y[jnp.clip(index, 0, max(N - 1, 0))].astype(jnp.float32)
                      if N > 0 else 0.0, 0.0)
   T, k = w.shape
-  acc = jnp.zeros((T, rows.shape[-1]), jnp.float32)
+  acc = jnp.zeros((T, y.shape[-1]), jnp.float32)  # rows is [T, k, 1] when N == 0
   for j in range(k):
     acc = acc + w[:, j, None] * rows[:, j]
   return acc.astype(out_dtype)

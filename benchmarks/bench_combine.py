@@ -1,0 +1,147 @@
+"""Benchmark jax_moe.combine against XLA-native formulations, in one run with the
+device's measured copy (and read) bandwidth.
+
+  python benchmarks/bench_combine.py --out DIR [--quick]
+
+Dense form, y [T, k, H] bf16, weights f32 [T, k]:
+  ours       jax_moe.combine(y, w)
+  xla_f32    einsum("tkh,tk->th", y.astype(f32), w).astype(bf16)   (same math as ours)
+  xla_bf16   (y * w[..., None].astype(bf16)).sum(1)                 (bf16 products)
+Index form, rows [T*k, H] in a random (expert-sorted-like) order, index [T, k]:
+  ours_idx   jax_moe.combine(rows, w, index)
+  xla_gather einsum("tkh,tk->th", rows[index].astype(f32), w).astype(bf16)
+
+Bytes per call = T*k*H*2 read + T*H*2 written (+ weights and index, counted too).
+Each timing is one jitted program calling the op once per distinct input set, so
+consecutive calls read different memory (enough sets to exceed twice the L2 at
+small T). Prints a table and writes DIR/combine.json.
+
+On CPU (or with --quick) it runs tiny sizes: a smoke test of the script, not a
+measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+
+import jax_moe  # noqa: E402
+from jax_moe import _device  # noqa: E402
+
+FULL = dict(shapes=[(7168, 8), (2816, 8)], tokens=[1, 64, 1024, 8192])
+QUICK = dict(shapes=[(256, 8), (72, 4)], tokens=[1, 16])
+
+MAX_SET_BYTES = 6 << 30   # device memory for the rotated input sets of one config
+MIN_SETS_SMALL = 8        # distinct sets when a set is small (launch-latency bound)
+MIN_SETS_LARGE = 2        # when one set is much larger than L2
+
+
+def xla_f32(y, w):
+  return jnp.einsum("tkh,tk->th", y.astype(jnp.float32), w).astype(y.dtype)
+
+
+def xla_bf16(y, w):
+  return (y * w[..., None].astype(y.dtype)).sum(1)
+
+
+def xla_gather(rows, w, index):
+  return jnp.einsum("tkh,tk->th", rows[index].astype(jnp.float32), w).astype(rows.dtype)
+
+
+def num_sets(op_bytes: int, set_bytes: int, l2: int) -> int:
+  """Sets so that one timed op's inputs over all sets exceed 2x L2 where memory
+  allows (at T = 1 they cannot: 32 sets of 115 KB stay L2-resident, as y just
+  written by the expert kernels would in a decode step)."""
+  n = harness.rotation_count(op_bytes, l2, max_sets=32)
+  n = max(n, MIN_SETS_SMALL if op_bytes < 4 * l2 else MIN_SETS_LARGE)
+  return max(1, min(n, MAX_SET_BYTES // max(set_bytes, 1)))
+
+
+def make_sets(key, n, T, k, H, dtype):
+  sets = []
+  for i in range(n):
+    ky, kw, kr, kp = jax.random.split(jax.random.fold_in(key, i), 4)
+    y = harness.random_array(ky, (T, k, H), dtype)
+    w = jax.random.uniform(kw, (T, k), jnp.float32, 0.05, 1.0)
+    rows = harness.random_array(kr, (T * k, H), dtype)
+    index = jax.random.permutation(kp, T * k).astype(jnp.int32).reshape(T, k)
+    sets.append((y, w, rows, index))
+  return sets
+
+
+def run(quick: bool, repeats: int):
+  platform = jax.devices()[0].platform
+  if platform == "cpu" and not quick:
+    print("note: CPU device, running the --quick sizes (the full sizes are for a GPU)")
+    quick = True
+  cfg = QUICK if quick else FULL
+  dtype = jnp.bfloat16
+  l2 = _device.l2_bytes() if platform == "gpu" else 1 << 20
+  copy_bw = harness.measure_copy_bandwidth(16 << 20 if quick else 2 << 30)
+  read_bw = harness.measure_read_bandwidth(16 << 20 if quick else 1 << 30)
+  print(f"device {harness.device_description()}  copy {copy_bw / 1e9:.0f} GB/s  "
+        f"read {read_bw / 1e9:.0f} GB/s  build {jax_moe.build_info()['cuda_targets'] or 'cpu'}")
+
+  rows_out = []
+  key = jax.random.PRNGKey(0)
+  for H, k in cfg["shapes"]:
+    for T in cfg["tokens"]:
+      itemsize = jnp.dtype(dtype).itemsize
+      nbytes = T * k * H * itemsize + T * H * itemsize + T * k * 4
+      set_bytes = 2 * T * k * H * itemsize  # y and rows both live per set
+      n = num_sets(T * k * H * itemsize, set_bytes, l2)
+      sets = make_sets(jax.random.fold_in(key, T * 100003 + H), n, T, k, H, dtype)
+      dense = [(y, w) for y, w, _, _ in sets]
+      indexed = [(r, w, i) for _, w, r, i in sets]
+      t_ours = harness.time_op(jax_moe.combine, dense, repeats=repeats)
+      t_f32 = harness.time_op(xla_f32, dense, repeats=repeats)
+      t_bf16 = harness.time_op(xla_bf16, dense, repeats=repeats)
+      t_idx = harness.time_op(jax_moe.combine, indexed, repeats=repeats)
+      t_gather = harness.time_op(xla_gather, indexed, repeats=repeats)
+      del sets, dense, indexed
+      t_xla = min(t_f32, t_bf16)
+      row = dict(
+          shape=f"H={H},k={k}", H=H, k=k, T=T, sets=n, bytes=nbytes,
+          us_ours=t_ours * 1e6, us_xla_f32=t_f32 * 1e6, us_xla_bf16=t_bf16 * 1e6,
+          speedup=t_xla / t_ours, GBps_ours=nbytes / t_ours / 1e9,
+          pct_copy=100 * nbytes / t_ours / copy_bw,
+          us_ours_idx=t_idx * 1e6, us_xla_gather=t_gather * 1e6,
+          speedup_idx=t_gather / t_idx, pct_copy_idx=100 * (nbytes + T * k * 4) / t_idx / copy_bw,
+      )
+      rows_out.append(row)
+      print(f"  H={H} k={k} T={T}: ours {row['us_ours']:.1f} us ({row['pct_copy']:.0f}% of copy), "
+            f"XLA {t_xla * 1e6:.1f} us, index form {row['us_ours_idx']:.1f} us", flush=True)
+  print()
+  harness.print_table(rows_out, COLS)
+  return dict(device=harness.device_description(), platform=platform, quick=quick,
+              copy_bandwidth=copy_bw, read_bandwidth=read_bw, dtype=jnp.dtype(dtype).name,
+              rows=rows_out)
+
+
+COLS = [("shape", "{}"), ("T", "{}"), ("sets", "{}"), ("us_ours", "{:.1f}"),
+        ("us_xla_f32", "{:.1f}"), ("us_xla_bf16", "{:.1f}"), ("speedup", "{:.2f}x"),
+        ("GBps_ours", "{:.1f}"), ("pct_copy", "{:.0f}%"), ("us_ours_idx", "{:.1f}"),
+        ("us_xla_gather", "{:.1f}"), ("speedup_idx", "{:.2f}x"), ("pct_copy_idx", "{:.0f}%")]
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--out", required=True, help="directory for combine.json")
+  p.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
+  p.add_argument("--repeats", type=int, default=7)
+  args = p.parse_args(argv)
+  payload = run(args.quick, args.repeats)
+  path = os.path.join(args.out, "combine.json")
+  harness.write_json(path, payload)
+  print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+  main()
