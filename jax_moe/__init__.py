@@ -12,7 +12,10 @@ from jax_moe import reference
 from jax_moe._ffi import build_info
 from jax_moe.combine import combine
 from jax_moe.expert_gemv import expert_gemv
+from jax_moe.moe import (MoEConfig, MoEParams, example_params, init_params, moe_block,
+                         params_from_hf)
 from jax_moe.route import route
 
-__all__ = ["route", "expert_gemv", "combine", "reference", "build_info"]
+__all__ = ["route", "expert_gemv", "combine", "reference", "build_info", "moe_block",
+           "MoEConfig", "MoEParams", "init_params", "example_params", "params_from_hf"]
 __version__ = "0.1.0"

@@ -69,3 +69,50 @@ def gemv_k_split(rows: int, reduce_len: int) -> int:
   """
   del rows
   return 8 if reduce_len // 8 >= 256 else 4
+
+
+# ---- moe_block ---------------------------------------------------------------
+
+# moe_block "auto": expert_gemv up to this many tokens, the grouped path above.
+# Why 64: expert_gemv reads each selected expert's weights once for up to 32 tokens
+# per expert per pass (gemv_token_tiles); at T <= 64 every listed shape but Mixtral
+# (E/k = 4) averages at most 16 tokens per expert, so one pass, memory-bound, and
+# the routing's distinct experts are all it reads. Past that, experts get enough
+# tokens for a tensor-core GEMM, and gemv's extra passes re-read the weights.
+# The route kernel makes the same cut (ROUTE_FUSED_MAX_TOKENS).
+# TO BE CONFIRMED on the GPU: benchmarks/bench_moe.py prints gemv and grouped per
+# T; set this to the largest T where gemv still wins for the common shapes.
+MOE_GEMV_MAX_TOKENS = 64
+
+
+def moe_implementation(num_tokens: int, num_experts: int, top_k: int, hidden: int,
+                       intermediate: int) -> str:
+  """"gemv" or "grouped" for moe_block's implementation="auto"."""
+  del num_experts, top_k, hidden, intermediate
+  return "gemv" if num_tokens <= MOE_GEMV_MAX_TOKENS else "grouped"
+
+
+# Grouped path formulations (all XLA today; see moe._grouped_experts):
+#   "gather":     copies each assignment's expert weights, then batched GEMVs. Moves
+#                 about 3x the bytes of T*k experts (read, write, read back).
+#   "ragged_dot": sort assignments by expert + two ragged_dot_general. On GPU XLA's
+#                 ragged_dot reads every expert's weights whatever the routing.
+#   "dense":      every expert on every token as two plain GEMMs, combine selects
+#                 the rows. E/k times the useful FLOPs, but no sort or gather and
+#                 full-size tensor-core tiles: good for small E/k (Mixtral).
+# TO BE CONFIRMED on the GPU by benchmarks/bench_moe.py (grouped:* columns).
+MOE_DENSE_MAX_FLOP_RATIO = 4          # E / k: dense computes this many times the FLOPs
+MOE_DENSE_MAX_BYTES = 1 << 30         # its f32 [T, E, 2I] / [E, T, H] intermediates
+
+
+def moe_grouped_method(num_tokens: int, num_experts: int, top_k: int, hidden: int,
+                       intermediate: int) -> str:
+  """"gather", "dense" or "ragged_dot" for the grouped path."""
+  assignments = num_tokens * top_k
+  # gather moves ~3 * T*k experts' bytes; ragged_dot reads all E experts once.
+  if 3 * assignments < num_experts:
+    return "gather"
+  dense_bytes = 4 * num_tokens * num_experts * max(2 * intermediate, hidden)
+  if num_experts <= MOE_DENSE_MAX_FLOP_RATIO * top_k and dense_bytes <= MOE_DENSE_MAX_BYTES:
+    return "dense"
+  return "ragged_dot"

@@ -138,3 +138,32 @@ def routing_hidden(r, T, H, router64, dtype, *, min_gap=2e-5, **kw):
     logits = out.astype(np.float64) @ router64.T
     bad = selection_margin(logits, **kw) < min_gap
   raise AssertionError("could not draw tie-free hidden states")
+
+
+# ---- moe_block inputs ------------------------------------------------------------
+
+def moe_inputs(r, shape, T, dtype, *, min_gap=2e-5):
+  """(x [T, H], MoEParams) for a jax_moe.shapes.MoEShape: weights scaled for O(1)
+  outputs and exactly representable in `dtype`, a non-trivial correction_bias /
+  expert_scale where the shape has one, and x whose routing is tie-free."""
+  from jax_moe import MoEParams
+  E, H, I = shape.num_experts, shape.hidden, shape.intermediate
+  S, Is = shape.num_shared_experts, shape.shared_intermediate
+
+  def w(size, fan_in):
+    return jnp.asarray(exactly_representable(r.normal(size=size) / np.sqrt(fan_in), dtype), dtype)
+
+  router = w((E, H), H)
+  bias = (0.1 * r.normal(size=E)).astype(np.float32) if shape.correction_bias else None
+  scale = r.uniform(0.5, 1.5, size=E).astype(np.float32) if shape.expert_scale else None
+  x = routing_hidden(r, T, H, np.asarray(router.astype(jnp.float32), np.float64), dtype,
+                     min_gap=min_gap, top_k=shape.top_k, scoring=shape.scoring,
+                     num_groups=shape.num_groups, top_groups=shape.top_groups,
+                     group_score=shape.group_score, bias=bias)
+  params = MoEParams(
+      router_weight=router, w_gate_up=w((E, 2 * I, H), H), w_down=w((E, H, I), I),
+      correction_bias=None if bias is None else jnp.asarray(bias),
+      expert_scale=None if scale is None else jnp.asarray(scale),
+      shared_gate_up=w((S, 2 * Is, H), H) if S else None,
+      shared_down=w((S, H, Is), Is) if S else None)
+  return jnp.asarray(x, dtype), params

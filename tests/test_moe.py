@@ -1,0 +1,378 @@
+"""jax_moe.moe_block against its "reference" implementation on fresh random inputs
+with tie-free routing: every implementation and grouped formulation, the routing
+variants of the named shapes (softmax, sigmoid + bias + groups, per-expert scale,
+shared experts), jit / vmap / a scan decode loop / jax.checkpoint, odd batch
+shapes, dropped ids in the grouped path, the HF conversion helper, bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_moe
+from jax_moe import heuristics
+from jax_moe import moe as moe_lib
+from jax_moe.moe import MoEConfig, MoEParams, moe_block, params_from_hf
+from jax_moe.shapes import SHAPES
+from helpers import assert_close, moe_inputs, rng, routing_hidden, selection_margin
+
+# (implementation, grouped_method)
+IMPLS = [("gemv", "auto"), ("grouped", "ragged_dot"), ("grouped", "dense"),
+         ("grouped", "gather"), ("auto", "auto")]
+impl_id = lambda p: p[0] if p[1] == "auto" else f"{p[0]}-{p[1]}"  # noqa: E731
+ROUTED = ["qwen3", "deepseek_v3", "gemma4", "mixtral"]
+
+
+def small(name, **changes):
+  return dataclasses.replace(SHAPES[name].small_stand_in(), **changes)
+
+
+def config_for(shape, impl=("auto", "auto")):
+  return MoEConfig.from_shape(shape, implementation=impl[0], grouped_method=impl[1])
+
+
+def reference_out(x, params, config):
+  return jax.jit(moe_block)(x, params, config.replace(implementation="reference"))
+
+
+def check(x, params, config, factor=1.0):
+  out = jax.jit(moe_block)(x, params, config)
+  ref = reference_out(x, params, config)
+  assert out.shape == x.shape and out.dtype == x.dtype
+  assert_close(out.astype(jnp.float32), ref.astype(jnp.float32), x.dtype, factor=factor)
+  return out
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=impl_id)
+@pytest.mark.parametrize("name", ROUTED)
+def test_matches_reference(platform, name, impl):
+  shape = small(name)
+  x, params = moe_inputs(rng(), shape, 12, jnp.float32)
+  check(x, params, config_for(shape, impl))
+
+
+@pytest.mark.parametrize("impl", IMPLS[:4], ids=impl_id)
+@pytest.mark.parametrize("name", ["qwen3", "deepseek_v3"])
+def test_matches_reference_bf16(platform, name, impl):
+  shape = small(name)
+  x, params = moe_inputs(rng(), shape, 12, jnp.bfloat16)
+  check(x, params, config_for(shape, impl))
+
+
+@pytest.mark.parametrize("impl", IMPLS[:2], ids=impl_id)
+@pytest.mark.parametrize("variant", [
+    dict(group_score="max", renormalize=False),              # DeepSeek-V2 style groups
+    dict(num_shared_experts=2, shared_intermediate=24),      # several shared experts
+    dict(activation="gelu", scaling_factor=1.7),
+    dict(top_k=1),
+], ids=["group_max", "shared2", "gelu", "k1"])
+def test_routing_variants(platform, impl, variant):
+  shape = small("deepseek_v3", **variant)
+  x, params = moe_inputs(rng(), shape, 10, jnp.float32)
+  check(x, params, config_for(shape, impl))
+
+
+@pytest.mark.parametrize("impl", [IMPLS[0], IMPLS[2]], ids=impl_id)
+def test_float16(platform, impl):
+  shape = small("gemma4")
+  x, params = moe_inputs(rng(), shape, 6, jnp.float16)
+  check(x, params, config_for(shape, impl))
+
+
+def test_auto_crossover(platform):
+  """auto is gemv up to MOE_GEMV_MAX_TOKENS and grouped above, and right on both sides."""
+  shape = small("qwen3")
+  cfg = config_for(shape)
+  n = heuristics.MOE_GEMV_MAX_TOKENS
+  assert moe_lib.resolve(cfg, n, shape.hidden, shape.intermediate)[0] == "gemv"
+  impl, method = moe_lib.resolve(cfg, n + 1, shape.hidden, shape.intermediate)
+  assert impl == "grouped" and method in ("ragged_dot", "dense", "gather")
+  x, params = moe_inputs(rng(), shape, n + 1, jnp.bfloat16)
+  check(x, params, cfg)
+  check(x[:n], params, cfg)
+
+
+def test_grouped_method_heuristic():
+  for T in (1, 2, 8, 64, 512, 4096):
+    for name in ("gemma4", "qwen3", "mixtral", "deepseek_v3"):
+      s = SHAPES[name]
+      assert heuristics.moe_grouped_method(T, s.num_experts, s.top_k, s.hidden,
+                                           s.intermediate) in ("ragged_dot", "dense", "gather")
+  assert heuristics.moe_grouped_method(1, 128, 8, 2048, 768) == "gather"
+  assert heuristics.moe_grouped_method(512, 128, 8, 2048, 768) == "ragged_dot"
+  assert heuristics.moe_grouped_method(512, 8, 2, 4096, 14336) == "dense"
+
+
+@pytest.mark.parametrize("impl", IMPLS[:2], ids=impl_id)
+def test_leading_dims_and_empty(platform, impl):
+  shape = small("deepseek_v3")
+  cfg = config_for(shape, impl)
+  x, params = moe_inputs(rng(), shape, 6, jnp.float32)
+  out = jax.jit(moe_block)(x.reshape(2, 3, -1), params, cfg)
+  assert out.shape == (2, 3, shape.hidden)
+  assert_close(out.reshape(6, -1), reference_out(x, params, cfg), jnp.float32)
+  one = moe_block(x[0], params, cfg)  # a single token [H]
+  assert one.shape == (shape.hidden,)
+  assert_close(one, reference_out(x[:1], params, cfg)[0], jnp.float32)
+  empty = jax.jit(moe_block)(jnp.zeros((0, 4, shape.hidden), jnp.float32), params, cfg)
+  assert empty.shape == (0, 4, shape.hidden)
+
+
+@pytest.mark.parametrize("impl", IMPLS[:4], ids=impl_id)
+def test_vmap(platform, impl):
+  shape = small("deepseek_v3")
+  cfg = config_for(shape, impl)
+  x, params = moe_inputs(rng(), shape, 12, jnp.float32)
+  ref = reference_out(x, params, cfg)
+  f = lambda x: moe_block(x, params, cfg)  # noqa: E731
+  out = jax.jit(jax.vmap(f))(x.reshape(3, 4, -1))
+  assert_close(out.reshape(12, -1), ref, jnp.float32)
+  out = jax.jit(jax.vmap(jax.vmap(f), in_axes=1, out_axes=1))(x.reshape(2, 3, 2, -1))
+  assert_close(out.reshape(12, -1), ref, jnp.float32)
+  # A batch of layers: params stacked (weights batched too).
+  stacked = jax.tree.map(lambda a: jnp.stack([a, a]), params)
+  out = jax.jit(jax.vmap(lambda x, p: moe_block(x, p, cfg)))(x.reshape(2, 6, -1), stacked)
+  assert_close(out.reshape(12, -1), ref, jnp.float32)
+
+
+@pytest.mark.parametrize("impl", IMPLS[:4], ids=impl_id)
+def test_checkpoint(platform, impl):
+  shape = small("qwen3")
+  cfg = config_for(shape, impl)
+  x, params = moe_inputs(rng(), shape, 8, jnp.float32)
+  f = jax.checkpoint(lambda x: moe_block(x, params, cfg))
+  ref = reference_out(x, params, cfg)
+  assert_close(jax.jit(f)(x), ref, jnp.float32)
+  assert_close(jax.jit(jax.vmap(f))(x.reshape(2, 4, -1)).reshape(8, -1), ref, jnp.float32)
+
+
+@pytest.mark.parametrize("impl", IMPLS[:4], ids=impl_id)
+def test_scan_decode_loop(platform, impl):
+  """32 decode steps in a lax.scan, each step's input built from the last output;
+  every step's output checked against the reference on that step's input."""
+  shape = small("deepseek_v3")
+  cfg = config_for(shape, impl)
+  x0, params = moe_inputs(rng(), shape, 4, jnp.float32)
+
+  def body(x, _):
+    out = moe_block(x, params, cfg)
+    h = x + out
+    return h * jax.lax.rsqrt(jnp.mean(h * h, -1, keepdims=True)), (x, out)
+
+  _, (xs, outs) = jax.jit(lambda x: jax.lax.scan(body, x, None, length=32))(x0)
+  assert_close(xs[0], x0, jnp.float32)
+  xs = xs.reshape(-1, shape.hidden)
+  ref = reference_out(xs, params, cfg)
+  # Only x0 was drawn tie-free; a later step's input can land on a near-tie, where
+  # two correct implementations may pick different experts. Skip those rows.
+  logits = np.asarray(xs, np.float64) @ np.asarray(params.router_weight, np.float64).T
+  margin = selection_margin(logits, top_k=shape.top_k, scoring=shape.scoring,
+                            num_groups=shape.num_groups, top_groups=shape.top_groups,
+                            group_score=shape.group_score, bias=params.correction_bias)
+  keep = margin > 1e-5
+  assert keep.mean() > 0.9
+  assert_close(np.asarray(outs).reshape(ref.shape)[keep], np.asarray(ref)[keep], jnp.float32)
+
+
+@pytest.mark.parametrize("impl", IMPLS[:4], ids=impl_id)
+def test_deterministic(platform, impl):
+  shape = small("qwen3")
+  cfg = config_for(shape, impl)
+  x, params = moe_inputs(rng(), shape, 16, jnp.bfloat16)
+  f = jax.jit(moe_block)
+  np.testing.assert_array_equal(np.asarray(f(x, params, cfg).astype(jnp.float32)),
+                                np.asarray(f(x, params, cfg).astype(jnp.float32)))
+
+
+@pytest.mark.parametrize("method", ["ragged_dot", "dense", "gather"])
+def test_grouped_dropped_ids(platform, method):
+  """ids outside [0, E) contribute nothing (expert_gemv's zero-row semantics);
+  experts with no token and an expert taking every token are fine."""
+  r = rng()
+  T, H, I, E, k = 7, 40, 24, 6, 3
+  x = jnp.asarray(r.normal(size=(T, H)), jnp.float32)
+  wgu = jnp.asarray(r.normal(size=(E, 2 * I, H)) / np.sqrt(H), jnp.float32)
+  wd = jnp.asarray(r.normal(size=(E, H, I)) / np.sqrt(I), jnp.float32)
+  ids = r.integers(0, 2, size=(T, k)).astype(np.int32)  # experts 2.. get nothing
+  ids[0, 1], ids[3, 0], ids[5, 2] = -1, E, 3
+  ids = jnp.asarray(ids)
+  w = jnp.asarray(r.uniform(0.5, 1.5, size=(T, k)), jnp.float32)
+  op = moe_lib._grouped_op("silu", method, jnp.dtype(jnp.float32))
+  out = jax.jit(op)(x, ids, w, wgu, wd)
+  y = jax_moe.reference.expert_gemv(x, ids, wgu, wd)
+  assert_close(out, jax_moe.reference.combine(y, w), jnp.float32)
+
+
+def test_config():
+  for name in SHAPES:
+    cfg = MoEConfig.from_shape(name)
+    assert cfg == MoEConfig.from_shape(SHAPES[name])
+    assert hash(cfg) == hash(MoEConfig.from_shape(name))
+  assert MoEConfig.from_shape("deepseek_v3").num_shared_experts == 1
+  assert MoEConfig(8, np.int64(2)).top_k == 2 and type(MoEConfig(8, np.int64(2)).top_k) is int
+  assert jax.tree.leaves(MoEConfig(8, 2)) == []
+
+
+def test_example_and_init_params():
+  shape = SHAPES["deepseek_v3"].small_stand_in()
+  p = jax_moe.example_params(jax.random.PRNGKey(0), shape, jnp.bfloat16)
+  assert p.w_gate_up.shape == (shape.num_experts, 2 * shape.intermediate, shape.hidden)
+  assert p.shared_down.shape == (1, shape.hidden, shape.shared_intermediate)
+  assert p.correction_bias.dtype == jnp.float32 and p.expert_scale is None
+  x = jax.random.normal(jax.random.PRNGKey(1), (32, shape.hidden), jnp.bfloat16)
+  out = moe_block(x, p, MoEConfig.from_shape(shape)).astype(jnp.float32)
+  assert 0.05 < float(jnp.std(out)) < 5.0  # O(1) out for O(1) in
+
+
+# ---- Hugging Face conversion ----------------------------------------------------------
+
+def _silu(v):
+  return v / (1.0 + np.exp(-v))
+
+
+@pytest.mark.parametrize("form", ["lists", "stacked", "jax"])
+@pytest.mark.parametrize("impl", [("gemv", "auto"), ("grouped", "ragged_dot")], ids=impl_id)
+def test_params_from_hf(platform, form, impl):
+  """Against a loop over experts on the HF tensors themselves (float64 numpy)."""
+  r = rng()
+  T, E, H, I, k, S, Is = 9, 8, 64, 48, 2, 2, 16
+  gate = [r.normal(size=(I, H)) / np.sqrt(H) for _ in range(E)]
+  up = [r.normal(size=(I, H)) / np.sqrt(H) for _ in range(E)]
+  down = [r.normal(size=(H, I)) / np.sqrt(I) for _ in range(E)]
+  router = r.normal(size=(E, H)) / np.sqrt(H)
+  sg, su = r.normal(size=(S * Is, H)) / np.sqrt(H), r.normal(size=(S * Is, H)) / np.sqrt(H)
+  sd = r.normal(size=(H, S * Is)) / np.sqrt(S * Is)
+  f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
+  gate, up, down = [f32(g) for g in gate], [f32(u) for u in up], [f32(d) for d in down]
+  router, sg, su, sd = f32(router), f32(sg), f32(su), f32(sd)
+  args = (gate, up, down)
+  if form == "stacked":
+    args = tuple(np.stack(a) for a in args)
+  elif form == "jax":
+    args = tuple([jnp.asarray(a) for a in lst] for lst in args)
+  params = params_from_hf(router, *args, shared_gate_proj=sg, shared_up_proj=su,
+                          shared_down_proj=sd, num_shared_experts=S)
+  assert params.w_gate_up.shape == (E, 2 * I, H) and params.shared_down.shape == (S, H, Is)
+  cfg = MoEConfig(E, k, num_shared_experts=S, implementation=impl[0], grouped_method=impl[1])
+  x = routing_hidden(r, T, H, router.astype(np.float64), jnp.float32, top_k=k)
+  out = np.asarray(jax.jit(moe_block)(jnp.asarray(x), params, cfg), np.float64)
+
+  x64 = x.astype(np.float64)
+  logits = x64 @ router.T.astype(np.float64)
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  want = np.zeros((T, H))
+  for t in range(T):
+    top = np.argsort(-p[t])[:k]
+    wt = p[t, top] / p[t, top].sum()
+    for e, we in zip(top, wt):
+      h = _silu(gate[e] @ x64[t]) * (up[e] @ x64[t])
+      want[t] += we * (down[e] @ h)
+    want[t] += sd @ (_silu(sg @ x64[t]) * (su @ x64[t]))  # HF's wide shared MLP
+  assert_close(out, want, jnp.float32)
+
+
+def test_params_from_hf_errors():
+  E, H, I = 4, 8, 6
+  g = [np.ones((I, H), np.float32)] * E
+  d = [np.ones((H, I), np.float32)] * E
+  router = np.ones((E, H), np.float32)
+  with pytest.raises(ValueError, match="down_proj"):
+    params_from_hf(router, g, g, [np.ones((H, I + 1), np.float32)] * E)
+  with pytest.raises(ValueError, match="gate_proj"):
+    params_from_hf(router, g[:3], g[:3], d)
+  with pytest.raises(ValueError, match="up_proj"):
+    params_from_hf(router, g, [np.ones((I + 1, H), np.float32)] * E, d)
+  with pytest.raises(ValueError, match="shared_up_proj"):
+    params_from_hf(router, g, g, d, shared_gate_proj=np.ones((I, H)))
+  with pytest.raises(ValueError, match="num_shared_experts"):
+    params_from_hf(router, g, g, d, shared_gate_proj=np.ones((5, H)),
+                   shared_up_proj=np.ones((5, H)), shared_down_proj=np.ones((H, 5)),
+                   num_shared_experts=2)
+
+
+# ---- bad input ------------------------------------------------------------------------
+
+def _bad_params_cases():
+  """(name, change(x, params, cfg) -> (x, params, cfg), exception, match)."""
+  def p(**kw):
+    return lambda x, prm, cfg: (x, prm.replace(**{k: v(prm) for k, v in kw.items()}), cfg)
+
+  def c(**kw):
+    return lambda x, prm, cfg: (x, prm, cfg.replace(**kw))
+
+  return [
+      ("router_E", p(router_weight=lambda q: q.router_weight[:-1]), ValueError, "router_weight"),
+      ("router_H", p(router_weight=lambda q: q.router_weight[:, :-1]), ValueError,
+       "router_weight"),
+      ("router_rank", p(router_weight=lambda q: q.router_weight[0]), ValueError, "router_weight"),
+      ("gate_up_E", p(w_gate_up=lambda q: q.w_gate_up[:-1]), ValueError, "w_gate_up"),
+      ("gate_up_odd", p(w_gate_up=lambda q: q.w_gate_up[:, :-1]), ValueError, "w_gate_up"),
+      ("down_I", p(w_down=lambda q: q.w_down[..., :-1]), ValueError, "w_down"),
+      ("down_dtype", p(w_down=lambda q: q.w_down.astype(jnp.bfloat16)), TypeError, "w_down"),
+      ("router_dtype", p(router_weight=lambda q: q.router_weight.astype(jnp.float16)), TypeError,
+       "router_weight"),
+      ("bias_shape", p(correction_bias=lambda q: q.correction_bias[:-1]), ValueError,
+       "correction_bias"),
+      ("scale_shape", p(expert_scale=lambda q: jnp.ones((3,), jnp.float32)), ValueError,
+       "expert_scale"),
+      ("scale_int", p(expert_scale=lambda q: jnp.ones((q.num_experts,), jnp.int32)), TypeError,
+       "expert_scale"),
+      ("shared_missing", p(shared_down=lambda q: None), ValueError, "shared_down"),
+      ("shared_unexpected", c(num_shared_experts=0), ValueError, "num_shared_experts"),
+      ("shared_count", c(num_shared_experts=2), ValueError, "shared_gate_up"),
+      ("shared_down_shape", p(shared_down=lambda q: q.shared_down[..., :-1]), ValueError,
+       "shared_down"),
+      ("config_E", c(num_experts=128, num_groups=1, top_groups=1), ValueError, "router_weight"),
+      ("x_dtype", lambda x, prm, cfg: (x.astype(jnp.int32), prm, cfg), TypeError, "x"),
+      ("x_H", lambda x, prm, cfg: (x[:, :-1], prm, cfg), ValueError, "router_weight"),
+      ("params_dict", lambda x, prm, cfg: (x, dataclasses.asdict(prm), cfg), TypeError, "params"),
+      ("config_dict", lambda x, prm, cfg: (x, prm, dataclasses.asdict(cfg)), TypeError, "config"),
+  ]
+
+
+@pytest.mark.parametrize("case", _bad_params_cases(), ids=lambda c: c[0])
+def test_bad_params(case):
+  _, change, exc, match = case
+  shape = small("deepseek_v3", expert_scale=True)
+  x, params = moe_inputs(rng(), shape, 2, jnp.float32)
+  x, params, cfg = change(x, params, MoEConfig.from_shape(shape))
+  with pytest.raises(exc, match=match):
+    moe_block(x, params, cfg)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(top_k=9), "top_k"),
+    (dict(top_k=0), "top_k"),
+    (dict(num_experts=0), "num_experts"),
+    (dict(implementation="fast"), "implementation"),
+    (dict(activation="relu"), "activation"),
+    (dict(scoring="sparsemax"), "scoring"),
+    (dict(group_score="mean"), "group_score"),
+    (dict(grouped_method="triton"), "grouped_method"),
+    (dict(num_groups=3), "num_groups"),
+    (dict(num_groups=4, top_groups=5), "top_groups"),
+    (dict(num_groups=4, top_groups=1, top_k=3), "top_k"),
+    (dict(num_shared_experts=-1), "num_shared_experts"),
+    (dict(renormalize=1), "renormalize"),
+    (dict(scaling_factor="big"), "scaling_factor"),
+    (dict(top_k=2.0), "top_k"),
+])
+def test_bad_config(kw, match):
+  base = dict(num_experts=8, top_k=2)
+  base.update(kw)
+  with pytest.raises((ValueError, TypeError), match=match):
+    MoEConfig(**base)
+
+
+def test_params_pytree():
+  shape = small("qwen3")
+  _, params = moe_inputs(rng(), shape, 1, jnp.float32)
+  leaves, tree = jax.tree.flatten(params)
+  assert len(leaves) == 3  # None fields are empty subtrees
+  again = jax.tree.unflatten(tree, leaves)
+  assert isinstance(again, MoEParams) and again.shared_gate_up is None
