@@ -12,9 +12,9 @@ Index form, rows [T*k, H] in a random (expert-sorted-like) order, index [T, k]:
   xla_gather einsum("tkh,tk->th", rows[index].astype(f32), w).astype(bf16)
 
 Bytes per call = T*k*H*2 read + T*H*2 written (+ weights and index, counted too).
-Each timing is one jitted program calling the op once per distinct input set, so
-consecutive calls read different memory (enough sets to exceed twice the L2 at
-small T). Prints a table and writes DIR/combine.json.
+Each timing is a jitted loop over distinct input sets (harness.time_loop, net of
+the tiny fusion that chains the calls), so consecutive calls read different memory
+(enough sets to exceed twice the L2 at small T). Prints a table and writes DIR/combine.json.
 
 On CPU (or with --quick) it runs tiny sizes: a smoke test of the script, not a
 measurement.
@@ -100,11 +100,11 @@ def run(quick: bool, repeats: int):
       sets = make_sets(jax.random.fold_in(key, T * 100003 + H), n, T, k, H, dtype)
       dense = [(y, w) for y, w, _, _ in sets]
       indexed = [(r, w, i) for _, w, r, i in sets]
-      t_ours = harness.time_op(jax_moe.combine, dense, repeats=repeats)
-      t_f32 = harness.time_op(xla_f32, dense, repeats=repeats)
-      t_bf16 = harness.time_op(xla_bf16, dense, repeats=repeats)
-      t_idx = harness.time_op(jax_moe.combine, indexed, repeats=repeats)
-      t_gather = harness.time_op(xla_gather, indexed, repeats=repeats)
+      t_ours = harness.time_loop(jax_moe.combine, dense, repeats=repeats)
+      t_f32 = harness.time_loop(xla_f32, dense, repeats=repeats)
+      t_bf16 = harness.time_loop(xla_bf16, dense, repeats=repeats)
+      t_idx = harness.time_loop(jax_moe.combine, indexed, repeats=repeats)
+      t_gather = harness.time_loop(xla_gather, indexed, repeats=repeats)
       del sets, dense, indexed
       t_xla = min(t_f32, t_bf16)
       row = dict(

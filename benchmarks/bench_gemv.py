@@ -41,7 +41,7 @@ def distinct_ids(rng, T, k, E):
   return np.stack([rng.choice(E, size=k, replace=False) for _ in range(T)]).astype(np.int32)
 
 
-def run(out_dir, shapes, tokens, quick=False):
+def run(out_dir, shapes, tokens, quick=False, variants=(1,), xla=True):
   rng = np.random.default_rng(0)
   l2 = _device.l2_bytes()
   read_bw = harness.measure_read_bandwidth(64 << 20 if quick else 1 << 30)
@@ -82,30 +82,33 @@ def run(out_dir, shapes, tokens, quick=False):
       def xla_ragged(x, ids, w, a, b):
         return baselines.combine(baselines.experts_ragged(x, ids, a, b, act), w)
 
-      t_direct = harness.time_chain(lambda *a: ours(*a, variant=1), x0, layer_args)
-      t_pipe = harness.time_chain(lambda *a: ours(*a, variant=2), x0, layer_args)
-      # the default (heuristics.GEMV_KERNEL_VARIANT) is one of the two
-      t_ours = t_direct if jax_moe.heuristics.GEMV_KERNEL_VARIANT == 1 else t_pipe
+      t_var = {v: harness.time_chain(lambda *a, v=v: ours(*a, variant=v), x0, layer_args)
+               for v in variants}
+      t_ours = min(t_var.values())
+      best_v = min(t_var, key=t_var.get)
       t_gather = (harness.time_chain(xla_gather, x0, layer_args[:8])
-                  if T * k * per_expert <= GATHER_BUDGET else None)
-      t_ragged = harness.time_chain(xla_ragged, x0, layer_args[:8])
-      best_xla = min(t for t in (t_gather, t_ragged) if t is not None)
-      row = dict(shape=name, T=T, us_ours=t_ours * 1e6, us_direct=t_direct * 1e6,
-                 us_pipe=t_pipe * 1e6, us_floor=floor * 1e6, x_floor=t_ours / floor,
+                  if xla and T * k * per_expert <= GATHER_BUDGET else None)
+      t_ragged = harness.time_chain(xla_ragged, x0, layer_args[:8]) if xla else None
+      xla_times = [t for t in (t_gather, t_ragged) if t is not None]
+      best_xla = min(xla_times) if xla_times else None
+      row = dict(shape=name, T=T, us_ours=t_ours * 1e6, variant=best_v,
+                 **{f"us_v{v}": t * 1e6 for v, t in t_var.items()},
+                 us_floor=floor * 1e6, x_floor=t_ours / floor,
                  us_xla_gather=None if t_gather is None else t_gather * 1e6,
-                 us_xla_ragged=t_ragged * 1e6, speedup=best_xla / t_ours,
+                 us_xla_ragged=None if t_ragged is None else t_ragged * 1e6,
+                 speedup=None if best_xla is None else best_xla / t_ours,
                  distinct_experts=float(np.mean(distinct)),
                  TBps=float(np.mean(distinct)) * per_expert / t_ours / 1e12)
       rows.append(row)
-      print(f"gemv {name} T={T}: ours {row['us_ours']:.1f} us (floor {row['us_floor']:.1f}, "
-            f"{row['x_floor']:.2f}x), xla best {best_xla*1e6:.1f} us", flush=True)
+      print(f"gemv {name} T={T}: ours {row['us_ours']:.1f} us (v{best_v}; floor "
+            f"{row['us_floor']:.1f}, {row['x_floor']:.2f}x)", flush=True)
   payload = dict(device=harness.device_description(), read_bw_GBps=read_bw / 1e9,
                  combine=COMBINE, rows=rows)
   harness.write_json(os.path.join(out_dir, "gemv.json"), payload)
   print(f"\nexpert_gemv + combine ({payload['device']}, read {read_bw/1e9:.0f} GB/s, "
         f"combine = {COMBINE})")
   harness.print_table(rows, [("shape", "{}"), ("T", "{}"), ("us_ours", "{:.1f}"),
-                             ("us_direct", "{:.1f}"), ("us_pipe", "{:.1f}"),
+                             ("variant", "{}")] + [(f"us_v{v}", "{:.1f}") for v in variants] + [
                              ("us_floor", "{:.1f}"), ("x_floor", "{:.3f}"),
                              ("us_xla_gather", "{:.1f}"), ("us_xla_ragged", "{:.1f}"),
                              ("speedup", "{:.1f}x"), ("TBps", "{:.2f}")])
@@ -118,5 +121,9 @@ if __name__ == "__main__":
   ap.add_argument("--quick", action="store_true")
   ap.add_argument("--shapes", default="gemma4,qwen3,mixtral,deepseek_v3")
   ap.add_argument("--tokens", default="1,2,4,8,16,32,64")
+  ap.add_argument("--variants", default=str(jax_moe.heuristics.GEMV_KERNEL_VARIANT or 1),
+                  help="kernel variants to time, e.g. 1,2,3,4 (see csrc/kernels/expert_gemv.cuh)")
+  ap.add_argument("--no-xla", action="store_true", help="skip the XLA baselines")
   a = ap.parse_args()
-  run(a.out, a.shapes.split(","), [int(t) for t in a.tokens.split(",")], a.quick)
+  run(a.out, a.shapes.split(","), [int(t) for t in a.tokens.split(",")], a.quick,
+      [int(v) for v in a.variants.split(",")], not a.no_xla)

@@ -89,6 +89,32 @@ def time_chain(step: Callable, x0, layer_args: Sequence[tuple], *, repeats: int 
   return statistics.median(times)
 
 
+def time_loop(fn: Callable, arg_sets: Sequence[tuple], *, repeats: int = 5) -> float:
+  """Seconds per call of an op whose output cannot feed its next call (combine,
+  route): a jitted loop where call j+1's smallest float argument gets
+  `+ 0 * out_j[0]` (one tiny fusion, so nothing is hoisted out of the loop). The
+  same loop with fn replaced by that fusion alone is timed and subtracted, so the
+  result is net of it."""
+  arg_sets = [tuple(a) for a in arg_sets]
+  small = min((i for i, a in enumerate(arg_sets[0])
+               if jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating)),
+              key=lambda i: arg_sets[0][i].size)
+
+  def make_step(f):
+    def step(s, *args):
+      args = list(args)
+      args[small] = args[small] + (s * 0).astype(args[small].dtype)
+      out = f(*args)
+      leaf = jax.tree.leaves(out)[0]
+      return leaf.reshape(-1)[0].astype(jnp.float32)
+    return step
+
+  s0 = jnp.zeros((), jnp.float32)
+  raw = time_chain(make_step(fn), s0, arg_sets, repeats=repeats)
+  base = time_chain(make_step(lambda *a: a[small]), s0, arg_sets, repeats=repeats)
+  return max(raw - base, 0.0)
+
+
 def rotation_count(bytes_per_set: int, l2_bytes: int, max_sets: int = 16) -> int:
   """How many argument copies to rotate so that consecutive calls miss L2: enough
   that the sets together exceed twice the L2 size."""

@@ -67,7 +67,7 @@ fi
 if has profile; then
   # Per-kernel times with caches flushed (ncu's default), clocks left alone.
   # No preallocation: ncu itself holds device memory.
-  XLA_PYTHON_CLIENT_PREALLOCATE=false ncu --clock-control none --kernel-name regex:jax_moe --csv \
+  XLA_PYTHON_CLIENT_PREALLOCATE=false ncu --clock-control none --kernel-name regex:'gemv_|route_|combine' --csv \
       --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed \
       $PY scripts/profile_kernels.py "$OUT/profile_manifest.json" >"$OUT/ncu.csv" 2>"$OUT/ncu.err" &&
     $PY scripts/ncu_table.py "$OUT/ncu.csv" "$OUT/profile_manifest.json" "$OUT/ncu.json" \

@@ -42,11 +42,11 @@ for name in shapes:
   key = jax.random.PRNGKey(1)
   wgu = jax.random.normal(key, (E, 2 * I, H), jnp.bfloat16) * jnp.bfloat16(1 / np.sqrt(H))
   wd = jax.random.normal(key, (E, H, I), jnp.bfloat16) * jnp.bfloat16(1 / np.sqrt(I))
-  for T in ([1, 8] if quick else [1, 8, 64]):
+  for T in ([1, 8] if quick else [1, 64]):
     x = jax.random.normal(jax.random.PRNGKey(T), (T, H), jnp.bfloat16)
     ids = distinct_ids(T, k, E)
     n_distinct = len(np.unique(np.asarray(ids)))
-    for variant in (1, 2):
+    for variant in (1, 2, 3, 4):
       call(f"gemv {name} T={T} v{variant}",
            lambda *a: jax_moe.expert_gemv(*a, activation=s.activation,
                                           _config=dict(kernel_variant=variant)),
