@@ -54,7 +54,7 @@ if has sanitize; then
     XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_ALLOCATOR=platform \
       # API checks off: XLA copies our partly-unwritten scratch outputs (by design);
       # what we check is every device access made by our kernels.
-      compute-sanitizer --tool "$tool" --kernel-name kns=jax_moe --error-exitcode 7 \
+      compute-sanitizer --tool "$tool" --error-exitcode 7 \
         --check-api-memory-access no \
       $PY scripts/sanitize_kernels.py >"$log" 2>&1
     rc=$?
