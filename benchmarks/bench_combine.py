@@ -101,10 +101,10 @@ def run(quick: bool, repeats: int):
       dense = [(y, w) for y, w, _, _ in sets]
       indexed = [(r, w, i) for _, w, r, i in sets]
       t_ours = harness.time_loop(jax_moe.combine, dense, repeats=repeats)
-      t_f32 = harness.time_loop(xla_f32, dense, repeats=repeats)
-      t_bf16 = harness.time_loop(xla_bf16, dense, repeats=repeats)
+      t_f32 = harness.time_loop(xla_f32, dense, repeats=repeats, net=False)
+      t_bf16 = harness.time_loop(xla_bf16, dense, repeats=repeats, net=False)
       t_idx = harness.time_loop(jax_moe.combine, indexed, repeats=repeats)
-      t_gather = harness.time_loop(xla_gather, indexed, repeats=repeats)
+      t_gather = harness.time_loop(xla_gather, indexed, repeats=repeats, net=False)
       del sets, dense, indexed
       t_xla = min(t_f32, t_bf16)
       row = dict(

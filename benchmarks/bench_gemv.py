@@ -41,7 +41,7 @@ def distinct_ids(rng, T, k, E):
   return np.stack([rng.choice(E, size=k, replace=False) for _ in range(T)]).astype(np.int32)
 
 
-def run(out_dir, shapes, tokens, quick=False, variants=(1,), xla=True):
+def run(out_dir, shapes, tokens, quick=False, variants=(4,), xla=True, xla_tokens=None):
   rng = np.random.default_rng(0)
   l2 = _device.l2_bytes()
   read_bw = harness.measure_read_bandwidth(64 << 20 if quick else 1 << 30)
@@ -86,9 +86,10 @@ def run(out_dir, shapes, tokens, quick=False, variants=(1,), xla=True):
                for v in variants}
       t_ours = min(t_var.values())
       best_v = min(t_var, key=t_var.get)
+      do_xla = xla and (xla_tokens is None or T in xla_tokens)
       t_gather = (harness.time_chain(xla_gather, x0, layer_args[:8])
-                  if xla and T * k * per_expert <= GATHER_BUDGET else None)
-      t_ragged = harness.time_chain(xla_ragged, x0, layer_args[:8]) if xla else None
+                  if do_xla and T * k * per_expert <= GATHER_BUDGET else None)
+      t_ragged = harness.time_chain(xla_ragged, x0, layer_args[:8]) if do_xla else None
       xla_times = [t for t in (t_gather, t_ragged) if t is not None]
       best_xla = min(xla_times) if xla_times else None
       row = dict(shape=name, T=T, us_ours=t_ours * 1e6, variant=best_v,
@@ -121,9 +122,11 @@ if __name__ == "__main__":
   ap.add_argument("--quick", action="store_true")
   ap.add_argument("--shapes", default="gemma4,qwen3,mixtral,deepseek_v3")
   ap.add_argument("--tokens", default="1,2,4,8,16,32,64")
-  ap.add_argument("--variants", default=str(jax_moe.heuristics.GEMV_KERNEL_VARIANT or 1),
+  ap.add_argument("--variants", default=str(jax_moe.heuristics.GEMV_KERNEL_VARIANT or 4),
                   help="kernel variants to time, e.g. 1,2,3,4 (see csrc/kernels/expert_gemv.cuh)")
   ap.add_argument("--no-xla", action="store_true", help="skip the XLA baselines")
+  ap.add_argument("--xla-tokens", default=None, help="time the XLA baselines only at these T")
   a = ap.parse_args()
   run(a.out, a.shapes.split(","), [int(t) for t in a.tokens.split(",")], a.quick,
-      [int(v) for v in a.variants.split(",")], not a.no_xla)
+      [int(v) for v in a.variants.split(",")], not a.no_xla,
+      None if a.xla_tokens is None else [int(t) for t in a.xla_tokens.split(",")])

@@ -37,8 +37,10 @@ def route_experts_per_block(num_tokens: int) -> int:
 
 # ---- expert_gemv -------------------------------------------------------------
 
-# Which CUDA kernel streams the weights: 0 auto (the pipelined one), 1 direct
-# register loads, 2 cp.async pipeline through shared memory.
+# Which weight-streaming variant of the CUDA kernel runs (csrc/kernels/expert_gemv.cuh):
+# 0 auto (= 4), 1 direct loads 4 chunks per batch, 3 + L2 256-byte prefetch hint,
+# 4 + 8 chunks per batch. Measured on H100 (bench_gemv --variants 1,3,4): 4 reaches
+# 2.6-3.0 TB/s on the large shapes where 1 reached 2.0-2.3 TB/s.
 GEMV_KERNEL_VARIANT = 0
 
 
@@ -73,23 +75,37 @@ def gemv_k_split(rows: int, reduce_len: int) -> int:
 
 # ---- moe_block ---------------------------------------------------------------
 
-# moe_block "auto": expert_gemv up to this many tokens, the grouped path above.
-# Why 64: expert_gemv reads each selected expert's weights once for up to 32 tokens
-# per expert per pass (gemv_token_tiles); at T <= 64 every listed shape but Mixtral
-# (E/k = 4) averages at most 16 tokens per expert, so one pass, memory-bound, and
-# the routing's distinct experts are all it reads. Past that, experts get enough
-# tokens for a tensor-core GEMM, and gemv's extra passes re-read the weights.
-# The route kernel makes the same cut (ROUTE_FUSED_MAX_TOKENS).
-# TO BE CONFIRMED on the GPU: benchmarks/bench_moe.py prints gemv and grouped per
-# T; set this to the largest T where gemv still wins for the common shapes.
-MOE_GEMV_MAX_TOKENS = 64
+# moe_block "auto": expert_gemv or the grouped path, by a cost model.
+# expert_gemv streams the selected experts' weights once per pass of up to 32 tokens
+# per expert, at the measured ~2.7-3.0 TB/s of an H100 (bench_gemv, variant 4), so
+# its time is ~ passes * distinct-expert bytes / bandwidth. The grouped path's best
+# XLA formulation for large T ("dense") is tensor-core bound: every expert on every
+# token. At decode (T <= 64) gemv wins by 1.5-4x (bench_gemv vs XLA gather/ragged);
+# the model keeps gemv for prefill too while its weight passes cost less than the
+# dense FLOPs (DeepSeek-V3 and Gemma-4 even at T=4096; Mixtral, E/k = 4, switches).
+# Rates are this workplace's H100 measurements (rounded down, see RESULTS.md).
+MOE_GEMV_BYTES_PER_S = 2.7e12
+MOE_DENSE_FLOPS_PER_S = 6.0e14
+MOE_GEMV_TOKENS_PER_PASS = 32
+# Up to this many tokens gemv always runs: the layer is launch- and latency-bound
+# there, and gemv is 3 launches against the grouped path's sort/gather/matmuls.
+MOE_GEMV_MIN_TOKENS = 16
 
 
 def moe_implementation(num_tokens: int, num_experts: int, top_k: int, hidden: int,
                        intermediate: int) -> str:
   """"gemv" or "grouped" for moe_block's implementation="auto"."""
-  del num_experts, top_k, hidden, intermediate
-  return "gemv" if num_tokens <= MOE_GEMV_MAX_TOKENS else "grouped"
+  if num_tokens <= MOE_GEMV_MIN_TOKENS:
+    return "gemv"
+  expert_bytes = 3 * hidden * intermediate * 2
+  assignments = num_tokens * top_k
+  distinct = min(num_experts, assignments)
+  passes = max(1, -(-assignments // (num_experts * MOE_GEMV_TOKENS_PER_PASS)))
+  gemv_s = passes * distinct * expert_bytes / MOE_GEMV_BYTES_PER_S
+  # dense reads every expert's weights as well as doing every expert's FLOPs
+  dense_s = max(2 * num_tokens * num_experts * 3 * hidden * intermediate / MOE_DENSE_FLOPS_PER_S,
+                num_experts * expert_bytes / MOE_GEMV_BYTES_PER_S)
+  return "gemv" if gemv_s <= dense_s else "grouped"
 
 
 # Grouped path formulations (all XLA today; see moe._grouped_experts):

@@ -13,7 +13,7 @@ config.implementation picks the experts' path:
                tensor-core grouped-matmul kernel can replace; today it is one of
                several XLA formulations (config.grouped_method).
   "reference"  pure jnp in f32 with the kernels' rounding points: the test oracle.
-  "auto"       gemv up to heuristics.MOE_GEMV_MAX_TOKENS tokens, grouped above.
+  "auto"       gemv or grouped by heuristics.moe_implementation (a cost model).
 
 Rounding points (all paths): the activated intermediate is rounded to x's dtype
 before the down projection; each expert output row (routed or shared) is rounded

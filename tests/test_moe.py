@@ -84,16 +84,26 @@ def test_float16(platform, impl):
 
 
 def test_auto_crossover(platform):
-  """auto is gemv up to MOE_GEMV_MAX_TOKENS and grouped above, and right on both sides."""
-  shape = small("qwen3")
+  """auto follows heuristics.moe_implementation, and is right on both sides of the
+  switch: gemv at decode sizes, grouped once the gemv weight passes cost more."""
+  shape = small("mixtral")
   cfg = config_for(shape)
-  n = heuristics.MOE_GEMV_MAX_TOKENS
-  assert moe_lib.resolve(cfg, n, shape.hidden, shape.intermediate)[0] == "gemv"
-  impl, method = moe_lib.resolve(cfg, n + 1, shape.hidden, shape.intermediate)
+  n = next(T for T in range(1, 4097)
+           if heuristics.moe_implementation(T, shape.num_experts, shape.top_k, shape.hidden,
+                                            shape.intermediate) == "grouped")
+  assert n > heuristics.MOE_GEMV_MIN_TOKENS
+  assert moe_lib.resolve(cfg, n - 1, shape.hidden, shape.intermediate)[0] == "gemv"
+  impl, method = moe_lib.resolve(cfg, n, shape.hidden, shape.intermediate)
   assert impl == "grouped" and method in ("ragged_dot", "dense", "gather")
-  x, params = moe_inputs(rng(), shape, n + 1, jnp.bfloat16)
+  x, params = moe_inputs(rng(), shape, n, jnp.bfloat16)
   check(x, params, cfg)
-  check(x[:n], params, cfg)
+  check(x[:n - 1], params, cfg)
+  # the real shapes: gemv for every decode size
+  for name in ("gemma4", "qwen3", "mixtral", "deepseek_v3"):
+    s = SHAPES[name]
+    for T in (1, 8, 64):
+      assert heuristics.moe_implementation(T, s.num_experts, s.top_k, s.hidden,
+                                           s.intermediate) == "gemv"
 
 
 def test_grouped_method_heuristic():

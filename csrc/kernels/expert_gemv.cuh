@@ -319,206 +319,6 @@ gemv_mma_kernel(GemvPhaseArgs a) {
   }
 }
 
-// ---- fast path, pipelined: cp.async ring of weight tiles in shared memory ------------
-//
-// Same math and fragment permutation as gemv_mma_kernel, but the weight rows stream
-// through a ring of shared-memory stages with cp.async (sm_80+): each warp-wide copy
-// moves 512 contiguous bytes of one row (fully coalesced), several stages are in
-// flight without holding registers, and the tokens' rows (B) ride in the same stages.
-// A stage holds kPipeKC columns of MATS * RT weight rows plus 8 * NT token rows, each
-// row padded to kPipeRowBytes so the 16-byte fragment reads are bank-conflict free.
-
-constexpr int kPipeKC = 256;                        // columns per stage
-constexpr int kPipeRowBytes = kPipeKC * 2 + 64;     // 576: +64 B keeps LDS.128 conflict-free
-constexpr int kPipeMaxSmem = 110 * 1024;            // two blocks per SM
-
-__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
-  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  const int n = valid ? 16 : 0;  // 0 -> zero-fill, nothing read
-  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;" ::"r"(s), "l"(gmem), "r"(n)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
-__device__ __forceinline__ void cp_async_wait_dyn(int n) {
-  // wait_group takes an immediate; the ring depth is small, so branch.
-  switch (n) {
-    case 0: cp_async_wait<0>(); break;
-    case 1: cp_async_wait<1>(); break;
-    case 2: cp_async_wait<2>(); break;
-    case 3: cp_async_wait<3>(); break;
-    case 4: cp_async_wait<4>(); break;
-    default: cp_async_wait<5>(); break;
-  }
-}
-__device__ __forceinline__ uint4 lds128(const unsigned char* p) {
-  return *reinterpret_cast<const uint4*>(p);
-}
-
-template <int NT, bool GATED>
-struct PipeLayout {
-  static constexpr int MATS = GATED ? 2 : 1;
-  __host__ __device__ static int stage_rows(int rt) { return MATS * rt + 8 * NT; }
-  __host__ __device__ static int stage_bytes(int rt) { return stage_rows(rt) * kPipeRowBytes; }
-  static constexpr int red_bytes = kGemvWarps * MATS * NT * 16 * 8 * 4;
-};
-
-// grid = (row tiles of RT = 16 * (8 / k_split) rows, slots); `stages` ring stages.
-template <typename T, int NT, bool GATED>
-__global__ void __launch_bounds__(kGemvThreads)
-gemv_pipe_kernel(GemvPhaseArgs a, int stages) {
-  using L = PipeLayout<NT, GATED>;
-  constexpr int MATS = L::MATS;
-  constexpr int CAP = NT * 8;
-  extern __shared__ __align__(16) unsigned char ring[];
-  __shared__ int list[CAP];
-
-  pdl_launch_dependents();
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int g = lane >> 2, c = lane & 3;
-  const int ksw = a.k_split;                 // warps along K within a stage
-  const int wr_count = kGemvWarps / ksw;     // 16-row groups per block
-  const int wr = warp % wr_count, wk = warp / wr_count;
-  const int cpw = (kPipeKC / kGemvChunk) / ksw;  // 32-column chunks per warp per stage
-  const int RT = 16 * wr_count;
-  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * RT;
-  const int slot = blockIdx.y;
-  T* out = static_cast<T*>(a.out);
-
-  if (a.zero_dropped && slot == 0) {  // ids outside [0, E): zero rows of y
-    for (int64_t i = 0; i < a.num_assign; ++i) {
-      const int e = a.ids[i];
-      if (e >= 0 && e < a.E) continue;
-      for (int64_t r = row0 + threadIdx.x; r < row0 + RT && r < a.rows; r += blockDim.x)
-        out[i * a.rows + r] = from_float<T>(0.f);
-    }
-  }
-  // The expert bitmap borrows the ring; it is dead before the first copy is issued.
-  const int e = slot_expert(a, slot, reinterpret_cast<uint32_t*>(ring));
-  if (e < 0) return;
-
-  const int srows = L::stage_rows(RT);
-  const int sbytes = srows * kPipeRowBytes;
-  const int64_t mat_rows = GATED ? 2 * a.rows : a.rows;
-  const T* wbase = static_cast<const T*>(a.w) + static_cast<int64_t>(e) * mat_rows * a.K;
-  const T* src = static_cast<const T*>(a.src);
-  const int n_iters = static_cast<int>((a.K + kPipeKC - 1) / kPipeKC);
-
-  // Weight rows of a stage: row q in [0, MATS*RT): matrix q / RT, tile row q % RT.
-  auto issue_a = [&](int it) {
-    unsigned char* st = ring + (it % stages) * sbytes;
-    const int64_t col = static_cast<int64_t>(it) * kPipeKC + lane * 8;
-    for (int q = warp; q < MATS * RT; q += kGemvWarps) {
-      const int m = q / RT;
-      const int64_t r = row0 + (q % RT);
-      const bool ok = it < n_iters && r < a.rows && col < a.K;
-      const T* p = ok ? wbase + (m * a.rows + r) * a.K + col : wbase;
-      cp_async_16(st + q * kPipeRowBytes + lane * 16, p, ok);
-    }
-  };
-  auto issue_b = [&](int it, int n) {
-    unsigned char* st = ring + (it % stages) * sbytes;
-    const int64_t col = static_cast<int64_t>(it) * kPipeKC + lane * 8;
-    for (int j = warp; j < CAP; j += kGemvWarps) {
-      const bool ok = it < n_iters && j < n && col < a.K;
-      const T* p = src;
-      if (ok) {
-        const int64_t asg = list[j];
-        p = src + (GATED ? asg / a.top_k : asg) * a.K + col;
-      }
-      cp_async_16(st + (MATS * RT + j) * kPipeRowBytes + lane * 16, p, ok);
-    }
-  };
-
-  bool waited = false;
-  for (int first = 0;; first += CAP) {
-    // Weights for the first stages depend only on the expert: start them before
-    // listing the assignments and before waiting for the previous kernel.
-    for (int it = 0; it < stages - 1; ++it) issue_a(it);
-    const int count = list_assignments(a, e, first, CAP, list);
-    const int n = count - first < CAP ? count - first : CAP;
-    if (!waited) {
-      pdl_wait_prerequisites();
-      waited = true;
-    }
-    for (int it = 0; it < stages - 1; ++it) {
-      issue_b(it, n);
-      cp_async_commit();
-    }
-    float acc[MATS][NT][4];
-#pragma unroll
-    for (int m = 0; m < MATS; ++m)
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) acc[m][nt][i] = 0.f;
-
-    for (int it = 0; it < n_iters; ++it) {
-      cp_async_wait_dyn(stages - 2);  // this thread's copies for stage `it` landed
-      __syncthreads();                // everyone's landed; stage it-1 is consumed
-      issue_a(it + stages - 1);
-      issue_b(it + stages - 1, n);
-      cp_async_commit();
-      const unsigned char* st = ring + (it % stages) * sbytes;
-      for (int cc = 0; cc < cpw; ++cc) {
-        const int colb = ((wk * cpw + cc) * kGemvChunk + 8 * c) * 2;  // byte offset in row
-        uint4 alo[MATS], ahi[MATS];
-#pragma unroll
-        for (int m = 0; m < MATS; ++m) {
-          alo[m] = lds128(st + (m * RT + wr * 16 + g) * kPipeRowBytes + colb);
-          ahi[m] = lds128(st + (m * RT + wr * 16 + g + 8) * kPipeRowBytes + colb);
-        }
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          if (nt * 8 < n) {
-            const uint4 b = lds128(st + (MATS * RT + nt * 8 + g) * kPipeRowBytes + colb);
-#pragma unroll
-            for (int m = 0; m < MATS; ++m) mma_chunk<T>(acc[m][nt], alo[m], ahi[m], b);
-          }
-        }
-      }
-    }
-    cp_async_wait<0>();
-    __syncthreads();  // ring free: reuse it for the split-K reduction
-
-    float* red = reinterpret_cast<float*>(ring);  // [warp][MATS][NT][16][8]
-    auto red_at = [&](int w, int m, int nt, int row, int tok) -> float& {
-      return red[(((w * MATS + m) * NT + nt) * 16 + row) * 8 + tok];
-    };
-#pragma unroll
-    for (int m = 0; m < MATS; ++m)
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        red_at(warp, m, nt, g, 2 * c) = acc[m][nt][0];
-        red_at(warp, m, nt, g, 2 * c + 1) = acc[m][nt][1];
-        red_at(warp, m, nt, g + 8, 2 * c) = acc[m][nt][2];
-        red_at(warp, m, nt, g + 8, 2 * c + 1) = acc[m][nt][3];
-      }
-    __syncthreads();
-    const int outputs = wr_count * NT * 8 * 16;
-    for (int o = threadIdx.x; o < outputs; o += blockDim.x) {
-      const int row = o & 15;
-      const int tok = (o >> 4) & 7;
-      const int nt = (o >> 7) % NT;
-      const int owr = (o >> 7) / NT;
-      const int idx = nt * 8 + tok;
-      const int64_t r = row0 + owr * 16 + row;
-      if (idx >= n || r >= a.rows) continue;
-      float v0 = 0.f, v1 = 0.f;
-      for (int k = 0; k < ksw; ++k) {
-        const int src_warp = k * wr_count + owr;
-        v0 += red_at(src_warp, 0, nt, row, tok);
-        if (GATED) v1 += red_at(src_warp, MATS - 1, nt, row, tok);
-      }
-      const float v = GATED ? activate(a.activation, v0) * v1 : v0;
-      out[static_cast<int64_t>(list[idx]) * a.rows + r] = from_float<T>(v);
-    }
-    __syncthreads();  // ring and list are reused by the next pass
-    if (count - first <= CAP) break;
-  }
-}
-
 // ---- generic path: any float type and size ------------------------------------------
 
 // grid = (ceil(rows / 8), slots); warp w computes row blockIdx.x * 8 + w.
@@ -600,13 +400,13 @@ gemv_generic_kernel(GemvPhaseArgs a) {
 
 // ---- launcher -----------------------------------------------------------------------
 
-// Weight-streaming kernels (benchmarks/bench_gemv.py compares them):
-//   direct: register loads in the mma fragment layout, 4 chunks per batch;
-//   pipe: cp.async ring through shared memory;
-//   direct_pf: direct + L2 256-byte prefetch hint; direct_pf8: 8 chunks per batch too.
-enum GemvVariant : int {
-  kGemvAuto = 0, kGemvDirect = 1, kGemvPipe = 2, kGemvDirectPf = 3, kGemvDirectPf8 = 4
-};
+// Weight-streaming variants of gemv_mma_kernel (benchmarks/bench_gemv.py --variants):
+//   1 direct: 4 chunks of 32 columns per batch;
+//   3 direct_pf: + L2 256-byte prefetch hint;
+//   4 direct_pf8 (auto): + 8 chunks per batch.
+// Measured on H100 (benchmarks/RESULTS.md): 4 streams at 2.6-3.0 TB/s where 1 got
+// 2.0-2.3; a cp.async ring through shared memory (once variant 2) was slower than 1.
+enum GemvVariant : int { kGemvAuto = 0, kGemvDirect = 1, kGemvDirectPf = 3, kGemvDirectPf8 = 4 };
 
 struct ExpertGemvArgs {
   const void* x = nullptr;       // [T, H]
@@ -656,26 +456,6 @@ cudaError_t LaunchEx(void (*kernel)(KArgs...), dim3 grid, size_t smem, cudaStrea
   return cudaLaunchKernelEx(&cfg, kernel, args...);
 }
 
-template <typename T, int NT, bool GATED>
-cudaError_t LaunchPipe(const GemvPhaseArgs& p, dim3 grid, cudaStream_t stream, bool pdl) {
-  using L = PipeLayout<NT, GATED>;
-  const int rt = 16 * (kGemvWarps / p.k_split);
-  const int sb = L::stage_bytes(rt);
-  int stages = kPipeMaxSmem / sb;
-  stages = stages < 2 ? 2 : (stages > 6 ? 6 : stages);
-  size_t smem = static_cast<size_t>(stages) * sb;
-  if (smem < static_cast<size_t>(L::red_bytes)) smem = L::red_bytes;
-  const size_t bitmap = static_cast<size_t>((p.E + 31) / 32) * 4;
-  if (smem < bitmap) smem = bitmap;
-  auto kernel = gemv_pipe_kernel<T, NT, GATED>;
-  if (smem > static_cast<size_t>(MaxSmemPerBlock()) - sizeof(int) * NT * 8)
-    return cudaErrorNotSupported;  // caller falls back to the direct kernel
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(smem));
-  if (err != cudaSuccess) return err;
-  return LaunchEx(kernel, grid, smem, stream, pdl, p, stages);
-}
-
 template <typename T, int NT, int U, bool PF>
 cudaError_t LaunchDirect(const GemvPhaseArgs& p1, const GemvPhaseArgs& p2, dim3 g1, dim3 g2,
                          size_t bitmap_smem, cudaStream_t stream, bool pdl2, bool do1, bool do2) {
@@ -689,21 +469,11 @@ template <typename T, int NT>
 cudaError_t LaunchGemvPhases(const GemvPhaseArgs& p1, const GemvPhaseArgs& p2, dim3 g1, dim3 g2,
                              size_t bitmap_smem, cudaStream_t stream, bool pdl, int variant) {
   const bool pdl2 = pdl && g1.x > 0;
+  if (variant == kGemvDirect)
+    return LaunchDirect<T, NT, 4, false>(p1, p2, g1, g2, bitmap_smem, stream, pdl2, true, true);
   if (variant == kGemvDirectPf)
     return LaunchDirect<T, NT, 4, true>(p1, p2, g1, g2, bitmap_smem, stream, pdl2, true, true);
-  if (variant == kGemvDirectPf8)
-    return LaunchDirect<T, NT, 8, true>(p1, p2, g1, g2, bitmap_smem, stream, pdl2, true, true);
-  const bool pipe = variant == kGemvPipe || variant == kGemvAuto;
-  // A ring of two stages must fit in shared memory; large row tiles (k_split 1) do
-  // not, and take the direct kernel instead.
-  cudaError_t err = pipe ? LaunchPipe<T, NT, true>(p1, g1, stream, false) : cudaErrorNotSupported;
-  if (err == cudaErrorNotSupported)
-    err = LaunchDirect<T, NT, 4, false>(p1, p2, g1, g2, bitmap_smem, stream, pdl2, true, false);
-  if (err != cudaSuccess) return err;
-  err = pipe ? LaunchPipe<T, NT, false>(p2, g2, stream, pdl2) : cudaErrorNotSupported;
-  if (err == cudaErrorNotSupported)
-    err = LaunchDirect<T, NT, 4, false>(p1, p2, g1, g2, bitmap_smem, stream, pdl2, false, true);
-  return err;
+  return LaunchDirect<T, NT, 8, true>(p1, p2, g1, g2, bitmap_smem, stream, pdl2, true, true);
 }
 
 template <typename T>

@@ -221,7 +221,8 @@ __device__ __forceinline__ void router_row_dots(const T* __restrict__ w, const T
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         const int64_t kk = k + u * 32 * VEC;
-        wv[u] = kk < k1 ? ldg_stream_v4(w + kk) : make_uint4(0u, 0u, 0u, 0u);
+        // __ldg (not asm volatile): the compiler may batch these loads
+        wv[u] = kk < k1 ? __ldg(reinterpret_cast<const uint4*>(w + kk)) : make_uint4(0u, 0u, 0u, 0u);
       }
 #pragma unroll
       for (int t = 0; t < kRouteTokTile; ++t) {
@@ -232,7 +233,7 @@ __device__ __forceinline__ void router_row_dots(const T* __restrict__ w, const T
             if (kk < k1) {
               float wf[VEC], xf[VEC];
               Vec16<T>::unpack(wv[u], wf);
-              Vec16<T>::unpack(ldg_nc_v4(x + t * H + kk), xf);
+              Vec16<T>::unpack(__ldg(reinterpret_cast<const uint4*>(x + t * H + kk)), xf);
 #pragma unroll
               for (int v = 0; v < VEC; ++v) acc[t] = fmaf(wf[v], xf[v], acc[t]);
             }
