@@ -92,30 +92,36 @@ def time_chain(step: Callable, x0, layer_args: Sequence[tuple], *, repeats: int 
 def time_loop(fn: Callable, arg_sets: Sequence[tuple], *, repeats: int = 5,
               net: bool = True) -> float:
   """Seconds per call of an op whose output cannot feed its next call (combine,
-  route): a jitted loop where call j+1's smallest float argument gets
-  `+ 0 * out_j[0]` (one tiny fusion, so nothing is hoisted out of the loop). The
-  same loop with fn replaced by that fusion alone is timed and subtracted, so the
-  result is net of it. For XLA-native fns pass net=False: XLA fuses the chaining add
-  into the op itself, so there is nothing separate to subtract."""
+  route): a jitted loop whose carry is the op's whole output (so XLA must compute
+  all of it every iteration), and call j+1's smallest float argument gets
+  `+ 0 * out_j[0]` (one tiny fusion, so nothing is hoisted out of the loop).
+
+  net=True subtracts the same loop with fn replaced by that fusion alone (right for
+  custom calls, where the fusion is a separate kernel). For XLA-native fns pass
+  net=False: XLA fuses the add into the op.
+  """
   arg_sets = [tuple(a) for a in arg_sets]
   small = min((i for i, a in enumerate(arg_sets[0])
                if jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating)),
               key=lambda i: arg_sets[0][i].size)
 
   def make_step(f):
-    def step(s, *args):
+    def step(carry, *args):
       args = list(args)
+      s = jax.tree.leaves(carry)[0].reshape(-1)[0].astype(jnp.float32)
       args[small] = args[small] + (s * 0).astype(args[small].dtype)
-      out = f(*args)
-      leaf = jax.tree.leaves(out)[0]
-      return leaf.reshape(-1)[0].astype(jnp.float32)
+      return f(*args)
     return step
 
-  s0 = jnp.zeros((), jnp.float32)
-  raw = time_chain(make_step(fn), s0, arg_sets, repeats=repeats)
+  def run(f):
+    out0 = jax.eval_shape(f, *arg_sets[0])
+    init = jax.tree.map(lambda o: jnp.zeros(o.shape, o.dtype), out0)
+    return time_chain(make_step(f), init, arg_sets, repeats=repeats)
+
+  raw = run(fn)
   if not net:
     return raw
-  base = time_chain(make_step(lambda *a: a[small]), s0, arg_sets, repeats=repeats)
+  base = run(lambda *a: a[small])
   return max(raw - base, 0.0)
 
 

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 # ---- route -------------------------------------------------------------------
 
-# Above this many tokens the router matmul runs as XLA's dot (tensor cores) and the
-# routing kernel reads logits. The fused CUDA path reads the router weight once per
-# 16-token tile with CUDA-core FMAs, which stops paying once T is a few tiles.
-ROUTE_FUSED_MAX_TOKENS = 64
+# Up to this many tokens the router matmul runs inside the routing launch; above it,
+# as XLA's dot (tensor cores) followed by the logits-only routing kernel. Measured on
+# H100 (bench_route, RESULTS.md), fused vs the whole routing as XLA ops: T=1
+# DeepSeek-V3 13.1 vs 20.7 us, Gemma-4 8.9 vs 9.4, Qwen3 8.2 vs 9.0; T=4 Gemma-4
+# 11.2 vs 9.4 (slower) and T=16 DeepSeek-V3 73 vs 24 (much slower: each block reads
+# its 16 tokens' rows through L1, which does not hold them at H=7168).
+ROUTE_FUSED_MAX_TOKENS = 2
 
 
 def route_fuse_router(num_tokens: int, num_experts: int, hidden: int) -> bool:
