@@ -24,7 +24,6 @@ import baselines  # noqa: E402
 import harness  # noqa: E402
 
 import jax_moe  # noqa: E402
-from jax_moe import _device  # noqa: E402
 from jax_moe.shapes import SHAPES  # noqa: E402
 
 try:
@@ -43,7 +42,6 @@ def distinct_ids(rng, T, k, E):
 
 def run(out_dir, shapes, tokens, quick=False, variants=(4,), xla=True, xla_tokens=None):
   rng = np.random.default_rng(0)
-  l2 = _device.l2_bytes()
   read_bw = harness.measure_read_bandwidth(64 << 20 if quick else 1 << 30)
   rows = []
   for name in shapes:

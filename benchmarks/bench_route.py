@@ -55,8 +55,6 @@ def run(out_dir, quick=False):
       n_calls = max(copies, 32 if T <= 64 else 8)
       xs = [harness.random_array(jax.random.fold_in(key, 1000 * T + i), (T, H), jnp.bfloat16)
             for i in range(n_calls)]
-      layer_args = [(routers[i % copies],) for i in range(n_calls)]
-
       # route's outputs cannot feed the next call: harness.time_loop chains the calls
       # through a tiny fusion (subtracted for ours; XLA fuses it into its own ops).
       sets = [(xs[i], routers[i % copies]) for i in range(n_calls)]

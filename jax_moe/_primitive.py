@@ -82,7 +82,6 @@ def map_over_batch(prim: Primitive, args, dims, params):
   Used when an operand that cannot be folded into the token dimension (weights,
   per-expert vectors) is batched. Correct for any batching, not fast.
   """
-  size = batch_size(args, dims)
   batched = [i for i, d in enumerate(dims) if d is not None]
   stacked = [jnp.moveaxis(args[i], dims[i], 0) for i in batched]
 
@@ -93,5 +92,4 @@ def map_over_batch(prim: Primitive, args, dims, params):
     return prim.bind(*full, **params)
 
   outs = jax.lax.map(one, stacked)
-  del size
   return outs, [0] * len(outs)

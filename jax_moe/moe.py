@@ -34,7 +34,7 @@ import numpy as np
 from jax.custom_batching import custom_vmap
 
 from jax_moe import _codes, heuristics, reference
-from jax_moe._validate import FLOAT_DTYPES, as_int, check_choice
+from jax_moe._validate import FLOAT_DTYPES, as_int, check_choice, check_routing_counts
 from jax_moe.combine import combine
 from jax_moe.expert_gemv import expert_gemv
 from jax_moe.route import route
@@ -74,21 +74,11 @@ class MoEConfig:
   def __post_init__(self):
     fn = "MoEConfig"
     E = as_int(self.num_experts, "num_experts", fn)
-    k = as_int(self.top_k, "top_k", fn)
-    G = as_int(self.num_groups, "num_groups", fn)
-    TG = as_int(self.top_groups, "top_groups", fn)
     S = as_int(self.num_shared_experts, "num_shared_experts", fn)
     if E < 1:
       raise ValueError(f"{fn}: num_experts must be >= 1, got {E}")
-    if not 1 <= k <= E:
-      raise ValueError(f"{fn}: top_k must be in [1, num_experts={E}], got {k}")
-    if G < 1 or E % G:
-      raise ValueError(f"{fn}: num_groups must be >= 1 and divide num_experts={E}, got {G}")
-    if not 1 <= TG <= G:
-      raise ValueError(f"{fn}: top_groups must be in [1, num_groups={G}], got {TG}")
-    if k > TG * (E // G):
-      raise ValueError(f"{fn}: top_k={k} exceeds the {TG * (E // G)} experts in top_groups="
-                       f"{TG} groups of {E // G}")
+    k, G, TG = check_routing_counts(E, self.top_k, self.num_groups, self.top_groups, fn,
+                                    "num_experts")
     if S < 0:
       raise ValueError(f"{fn}: num_shared_experts must be >= 0, got {S}")
     check_choice(self.activation, _codes.ACTIVATION, "activation", fn)

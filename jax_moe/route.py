@@ -20,7 +20,8 @@ from jax.core import ShapedArray
 from jax_moe import _codes, heuristics, reference
 from jax_moe._primitive import (define_primitive, map_over_batch, register_batching,
                                 register_lowerings)
-from jax_moe._validate import as_int, check_choice, check_float_dtype, check_rank
+from jax_moe._validate import (check_choice, check_float_dtype, check_rank,
+                               check_routing_counts)
 
 TARGET = "jax_moe_route"
 route_p = define_primitive(TARGET)
@@ -157,20 +158,9 @@ def route(x, top_k, *, router_weight=None, scoring="softmax", renormalize=True, 
     E = x.shape[-1]
   if E < 1:
     raise ValueError(f"{fn}: need at least one expert, got E = {E}")
-  top_k = as_int(top_k, "top_k", fn)
-  if not 1 <= top_k <= E:
-    raise ValueError(f"{fn}: top_k must be in [1, E={E}], got {top_k}")
+  top_k, num_groups, top_groups = check_routing_counts(E, top_k, num_groups, top_groups, fn)
   check_choice(scoring, _codes.SCORING, "scoring", fn)
   check_choice(group_score, _codes.GROUP_SCORE, "group_score", fn)
-  num_groups = as_int(num_groups, "num_groups", fn)
-  top_groups = as_int(top_groups, "top_groups", fn)
-  if num_groups < 1 or E % num_groups:
-    raise ValueError(f"{fn}: num_groups must be >= 1 and divide E={E}, got {num_groups}")
-  if not 1 <= top_groups <= num_groups:
-    raise ValueError(f"{fn}: top_groups must be in [1, num_groups={num_groups}], got {top_groups}")
-  if top_k > top_groups * (E // num_groups):
-    raise ValueError(f"{fn}: top_k={top_k} exceeds the {top_groups * (E // num_groups)} experts "
-                     f"available in top_groups={top_groups} groups of {E // num_groups}")
   if not isinstance(renormalize, (bool, np.bool_)):
     raise TypeError(f"{fn}: renormalize must be a bool, got {type(renormalize).__name__}")
   try:
