@@ -343,6 +343,7 @@ def main(argv=None) -> int:
       f"intermediates {mem_budget / 2**30:.1f} GiB")
 
   rows: list[dict] = []
+  os.makedirs(args.out, exist_ok=True)
   for shape in shapes:
     if mem and not args.quick:
       need = shape.num_experts * shape.expert_bytes(dtype.itemsize)
@@ -353,6 +354,10 @@ def main(argv=None) -> int:
         continue
     bench_shape(shape, tokens, dtype, bw, l2, mem_budget, args, rows, log)
     jax.clear_caches()
+    # Partial results survive a run cut short (a time limit on the GPU machine).
+    harness.write_json(os.path.join(args.out, "moe.json"),
+                       dict(device=harness.device_description(), jax=jax.__version__,
+                            dtype=dtype.name, read_bandwidth_Bps=bw, partial=True, rows=rows))
 
   measured_rows = [r for r in rows if r.get("T") is not None]
   summary = summarize(measured_rows)
