@@ -363,7 +363,9 @@ def main(argv=None) -> int:
   summary = summarize(measured_rows)
   payload = dict(device=harness.device_description(), jax=jax.__version__, dtype=dtype.name,
                  read_bandwidth_Bps=bw, l2_bytes=l2, quick=args.quick,
-                 heuristics=dict(MOE_GEMV_MIN_TOKENS=jax_moe.heuristics.MOE_GEMV_MIN_TOKENS),
+                 heuristics=dict(
+                     MOE_GEMV_MAX_EXPERT_FRACTION=jax_moe.heuristics.MOE_GEMV_MAX_EXPERT_FRACTION,
+                     MOE_GEMV_MAX_TOKENS=jax_moe.heuristics.MOE_GEMV_MAX_TOKENS),
                  rows=rows, summary=summary)
   os.makedirs(args.out, exist_ok=True)
   harness.write_json(os.path.join(args.out, "moe.json"), payload)

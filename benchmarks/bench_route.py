@@ -2,7 +2,11 @@
 XLA ops, inside one jitted program per case, with the router-weight bytes over the
 measured read bandwidth as the floor.
 
-python benchmarks/bench_route.py --out DIR [--quick]
+python benchmarks/bench_route.py --out DIR [--quick] [--tokens 1 4 ...] [--cases ...]
+
+Times both of our paths at every T: "fused" (router matmul inside the routing
+launch) and "dot" (XLA's dot, then the logits-only routing kernel); "ours" is the
+one heuristics.route_fuse_router picks. The crossover is set from these columns.
 """
 
 from __future__ import annotations
@@ -32,9 +36,21 @@ CASES = {
 }
 
 
-def run(out_dir, quick=False):
-  tokens = [1, 4, 16] if quick else [1, 4, 16, 64, 1024]
-  cases = {"qwen3": CASES["qwen3"]} if quick else CASES
+def _forced(fused: bool, fn):
+  """fn traced with the fused path forced on or off."""
+  def wrapped(*args):
+    saved = jax_moe.heuristics.ROUTE_FUSED_MAX_TOKENS
+    jax_moe.heuristics.ROUTE_FUSED_MAX_TOKENS = 1 << 30 if fused else -1
+    try:
+      return fn(*args)
+    finally:
+      jax_moe.heuristics.ROUTE_FUSED_MAX_TOKENS = saved
+  return wrapped
+
+
+def run(out_dir, quick=False, tokens=None, case_names=None):
+  tokens = tokens or ([1, 4, 16] if quick else [1, 2, 4, 8, 16, 32, 64, 128, 1024])
+  cases = {"qwen3": CASES["qwen3"]} if quick else {n: CASES[n] for n in (case_names or CASES)}
   l2 = _device.l2_bytes()
   read_bw = harness.measure_read_bandwidth(64 << 20 if quick else 1 << 30)
   rows = []
@@ -58,21 +74,28 @@ def run(out_dir, quick=False):
       # route's outputs cannot feed the next call: harness.time_loop chains the calls
       # through a tiny fusion (subtracted for ours; XLA fuses it into its own ops).
       sets = [(xs[i], routers[i % copies]) for i in range(n_calls)]
-      ours = harness.time_loop(lambda x, w: jax_moe.route(x, k, router_weight=w, **kw), sets)
+      ours_fn = lambda x, w: jax_moe.route(x, k, router_weight=w, **kw)  # noqa: E731
+      fused = harness.time_loop(_forced(True, ours_fn), sets)
+      dot = harness.time_loop(_forced(False, ours_fn), sets)
       xla = harness.time_loop(lambda x, w: baselines.route(x, k, router_weight=w, **kw), sets,
                               net=False)
+      picks_fused = jax_moe.heuristics.route_fuse_router(T, E, H)
+      ours = fused if picks_fused else dot
       floor = (wbytes + T * H * 2) / read_bw
-      rows.append(dict(case=name, T=T, E=E, H=H, us_ours=ours * 1e6, us_xla=xla * 1e6,
-
-                       us_floor=floor * 1e6, speedup=xla / ours, x_floor=ours / floor,
-                       fused=T <= jax_moe.heuristics.ROUTE_FUSED_MAX_TOKENS))
-      print(f"route {name} T={T}: ours {ours*1e6:.2f} us, xla {xla*1e6:.2f} us", flush=True)
+      rows.append(dict(case=name, T=T, E=E, H=H, us_ours=ours * 1e6, us_fused=fused * 1e6,
+                       us_dot=dot * 1e6, us_xla=xla * 1e6, us_floor=floor * 1e6,
+                       speedup=xla / ours, x_floor=ours / floor,
+                       path="fused" if picks_fused else "dot",
+                       k_splits=jax_moe.heuristics.route_k_splits(T, E, H)))
+      print(f"route {name} T={T}: fused {fused*1e6:.2f} us, dot {dot*1e6:.2f} us, "
+            f"xla {xla*1e6:.2f} us", flush=True)
   payload = dict(device=harness.device_description(), read_bw_GBps=read_bw / 1e9, rows=rows)
   harness.write_json(os.path.join(out_dir, "route.json"), payload)
   print(f"\nroute ({payload['device']}, read {read_bw/1e9:.0f} GB/s; floor = router bytes / read bw)")
-  harness.print_table(rows, [("case", "{}"), ("T", "{}"), ("us_ours", "{:.2f}"),
-                             ("us_xla", "{:.2f}"), ("speedup", "{:.1f}x"), ("us_floor", "{:.2f}"),
-                             ("x_floor", "{:.2f}"), ("fused", "{}")])
+  harness.print_table(rows, [("case", "{}"), ("T", "{}"), ("path", "{}"), ("us_ours", "{:.2f}"),
+                             ("us_fused", "{:.2f}"), ("us_dot", "{:.2f}"), ("us_xla", "{:.2f}"),
+                             ("speedup", "{:.2f}x"), ("us_floor", "{:.2f}"),
+                             ("x_floor", "{:.2f}"), ("k_splits", "{}")])
   return payload
 
 
@@ -80,5 +103,7 @@ if __name__ == "__main__":
   ap = argparse.ArgumentParser()
   ap.add_argument("--out", default="out")
   ap.add_argument("--quick", action="store_true")
+  ap.add_argument("--tokens", nargs="+", type=int, default=None)
+  ap.add_argument("--cases", nargs="+", default=None, choices=sorted(CASES))
   a = ap.parse_args()
-  run(a.out, a.quick)
+  run(a.out, a.quick, a.tokens, a.cases)

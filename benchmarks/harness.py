@@ -94,7 +94,9 @@ def time_loop(fn: Callable, arg_sets: Sequence[tuple], *, repeats: int = 5,
   """Seconds per call of an op whose output cannot feed its next call (combine,
   route): a jitted loop whose carry is the op's whole output (so XLA must compute
   all of it every iteration), and call j+1's smallest float argument gets
-  `+ 0 * out_j[0]` (one tiny fusion, so nothing is hoisted out of the loop).
+  `+ 1e-30 * out_j[0]` (one tiny fusion, so nothing is hoisted out of the loop; a
+  factor of 0 would let XLA's simplifier drop the dependence, and with it the work:
+  run s2-A timed XLA's combine at 17 TB/s that way).
 
   net=True subtracts the same loop with fn replaced by that fusion alone (right for
   custom calls, where the fusion is a separate kernel). For XLA-native fns pass
@@ -109,7 +111,7 @@ def time_loop(fn: Callable, arg_sets: Sequence[tuple], *, repeats: int = 5,
     def step(carry, *args):
       args = list(args)
       s = jax.tree.leaves(carry)[0].reshape(-1)[0].astype(jnp.float32)
-      args[small] = args[small] + (s * 0).astype(args[small].dtype)
+      args[small] = args[small] + (s * 1e-30).astype(args[small].dtype)
       return f(*args)
     return step
 

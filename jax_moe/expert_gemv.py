@@ -62,7 +62,7 @@ def _batch_rule(args, dims, **params):
   ids = move_to_front(ids, idd, B)
   T, H = x.shape[1], x.shape[2]
   k = ids.shape[2]
-  params = dict(params, token_tiles=heuristics.gemv_token_tiles(B * T))
+  params = dict(params, token_tiles=heuristics.gemv_token_tiles(B * T, wgu.shape[0], k))
   y, h = expert_gemv_p.bind(x.reshape(B * T, H), ids.reshape(B * T, k), wgu, wd, **params)
   return (y.reshape(B, T, k, H), h.reshape(B, T * k, h.shape[-1])), (0, 0)
 
@@ -123,7 +123,7 @@ def expert_gemv(x, ids, w_gate_up, w_down, *, activation="silu", _config=None):
   x2 = x.reshape(-1, H)
   ids2 = ids.reshape(-1, k)
   T = x2.shape[0]
-  config = dict(token_tiles=heuristics.gemv_token_tiles(T),
+  config = dict(token_tiles=heuristics.gemv_token_tiles(T, E, k),
                 k_split_gate_up=heuristics.gemv_k_split(I, H),
                 k_split_down=heuristics.gemv_k_split(H, I),
                 kernel_variant=heuristics.GEMV_KERNEL_VARIANT)

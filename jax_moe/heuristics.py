@@ -10,12 +10,16 @@ from __future__ import annotations
 # ---- route -------------------------------------------------------------------
 
 # Up to this many tokens the router matmul runs inside the routing launch; above it,
-# as XLA's dot (tensor cores) followed by the logits-only routing kernel. Measured on
-# H100 (bench_route, RESULTS.md), fused vs the whole routing as XLA ops: T=1
-# DeepSeek-V3 13.1 vs 20.7 us, Gemma-4 8.9 vs 9.4, Qwen3 8.2 vs 9.0; T=4 Gemma-4
-# 11.2 vs 9.4 (slower) and T=16 DeepSeek-V3 73 vs 24 (much slower: each block reads
-# its 16 tokens' rows through L1, which does not hold them at H=7168).
-ROUTE_FUSED_MAX_TOKENS = 2
+# as XLA's dot (tensor cores) followed by the logits-only routing kernel.
+# TO BE SET from bench_route (fused split-K kernel vs dot + logits kernel).
+ROUTE_FUSED_MAX_TOKENS = 64
+
+# Fused-path geometry (csrc/kernels/route.cuh): a block is 16 router rows x 8 tokens
+# x one of k_splits slices of H (32-column chunks dealt to its 8 warps).
+ROUTE_EXPERT_TILE = 16
+ROUTE_TOKEN_TILE = 8
+ROUTE_CHUNK = 32
+ROUTE_BLOCKS_PER_SM = 2
 
 
 def route_fuse_router(num_tokens: int, num_experts: int, hidden: int) -> bool:
@@ -23,19 +27,26 @@ def route_fuse_router(num_tokens: int, num_experts: int, hidden: int) -> bool:
   return num_tokens <= ROUTE_FUSED_MAX_TOKENS
 
 
-def route_experts_per_block(num_tokens: int) -> int:
-  """Experts per block in the fused path (1, 2, 4 or 8; 8 warps split among them).
+def route_k_splits(num_tokens: int, num_experts: int, hidden: int,
+                   sm_count: int | None = None) -> int:
+  """Slices of H in the fused route kernel (its grid's y dimension).
 
-  At T=1 one expert per block spreads the router weight over the most SMs. Each
-  block reads its tokens' rows whole (they are shared by its warps through L1), so
-  with more tokens per tile, more experts per block cut that L2 traffic: a 16-token
-  tile at H=7168 is 229 KB per block.
+  The router matmul at decode is a ~1-4 MB weight read: it needs every SM pulling
+  at once, so the grid is sized to about ROUTE_BLOCKS_PER_SM blocks per SM. Each
+  warp should still get at least one 32-column chunk (k_splits <= chunks / 8).
+  More splits cost the finishing block more partials to add (k_splits * 8 * E
+  floats per token tile), so no more than needed.
   """
-  if num_tokens <= 2:
-    return 1
-  if num_tokens <= 8:
-    return 2
-  return 4
+  if sm_count is None:
+    from jax_moe import _device
+    sm_count = _device.sm_count()
+  expert_tiles = -(-num_experts // ROUTE_EXPERT_TILE)
+  token_tiles = max(1, -(-num_tokens // ROUTE_TOKEN_TILE))
+  chunks = -(-hidden // ROUTE_CHUNK)
+  want = -(-ROUTE_BLOCKS_PER_SM * sm_count // (expert_tiles * token_tiles))
+  splits = max(1, min(want, -(-chunks // 8)))
+  per = -(-chunks // splits)         # chunks per split; no split left empty
+  return max(1, -(-chunks // per))
 
 
 # ---- expert_gemv -------------------------------------------------------------
@@ -47,18 +58,26 @@ def route_experts_per_block(num_tokens: int) -> int:
 GEMV_KERNEL_VARIANT = 0
 
 
-def gemv_token_tiles(num_tokens: int) -> int:
+def gemv_token_tiles(num_tokens: int, num_experts: int | None = None,
+                     top_k: int | None = None) -> int:
   """n-tiles of 8 tokens per weight pass (the kernel's NT: 1, 2 or 4).
 
-  With distinct experts per token, one expert gets at most num_tokens assignments,
-  so NT*8 >= num_tokens means every expert's weights are read once. Larger NT costs
-  registers (accumulators) and shared memory; beyond 32 tokens per expert the kernel
-  takes extra passes, which only prefill-sized batches hit (moe_block sends those
-  to the grouped path).
+  An expert with more assignments than 8 * NT takes extra passes over its weights
+  (correct, slower for that expert), so NT should cover the busiest expert, but
+  larger NT costs registers and memory-level parallelism: measured on H100
+  (bench_moe, RESULTS.md), T=32-64 on Gemma-4/Qwen3 ran at 1.15-1.33x the floor with
+  NT=4. One expert never gets more than num_tokens assignments; with top_k of
+  num_experts chosen per token, one expert's count is about Binomial(T, k/E), so
+  NT covers its mean plus three standard deviations (a hot expert in a skewed real
+  routing just takes a second pass).
   """
-  if num_tokens <= 8:
+  busiest = num_tokens
+  if num_experts and top_k:
+    mean = num_tokens * min(1.0, top_k / num_experts)
+    busiest = min(num_tokens, int(mean + 3.0 * mean ** 0.5 + 1.0))
+  if busiest <= 8:
     return 1
-  if num_tokens <= 16:
+  if busiest <= 16:
     return 2
   return 4
 
@@ -78,60 +97,72 @@ def gemv_k_split(rows: int, reduce_len: int) -> int:
 
 # ---- moe_block ---------------------------------------------------------------
 
-# moe_block "auto": expert_gemv or the grouped path, by a cost model.
-# expert_gemv streams the selected experts' weights once per pass of up to 32 tokens
-# per expert, at the measured ~2.7-3.0 TB/s of an H100 (bench_gemv, variant 4), so
-# its time is ~ passes * distinct-expert bytes / bandwidth. The grouped path's best
-# XLA formulation for large T ("dense") is tensor-core bound: every expert on every
-# token. At decode (T <= 64) gemv wins by 1.5-4x (bench_gemv vs XLA gather/ragged);
-# the model keeps gemv for prefill too while its weight passes cost less than the
-# dense FLOPs (DeepSeek-V3 and Gemma-4 even at T=4096; Mixtral, E/k = 4, switches).
-# Rates are this workplace's H100 measurements (rounded down, see RESULTS.md).
-MOE_GEMV_BYTES_PER_S = 2.7e12
-MOE_DENSE_FLOPS_PER_S = 6.0e14
-MOE_GEMV_TOKENS_PER_PASS = 32
-# Up to this many tokens gemv always runs: the layer is launch- and latency-bound
-# there, and gemv is 3 launches against the grouped path's sort/gather/matmuls.
-MOE_GEMV_MIN_TOKENS = 16
+# moe_block "auto": expert_gemv or the grouped path.
+# Measured on H100 (bench_moe, RESULTS.md, run s2-A): the grouped path's best
+# formulation at every T from 8-32 up is "dense" (every expert on every token, two
+# tensor-core GEMMs), whose time is all experts' weight bytes until it turns
+# FLOP-bound; expert_gemv reads only the selected experts (once per pass of up to
+# 8*NT tokens each) but streams them at a lower rate than the dense GEMMs. So gemv
+# wins while the selected experts are clearly fewer than all of them, and loses
+# once routing touches nearly every expert. Measured crossovers: Gemma-4 (E=128,
+# k=8) between T=16 and 32, Qwen3 (128, 8) between 32 and 64, Mixtral (8, 2)
+# between 4 and 8; DeepSeek-V3 (256, 8) about even at 64. The expected fraction
+# of experts selected (uniform routing) at those points is 0.64-0.87, 0.87-0.998,
+# 0.68-0.90 and 0.87: gemv below MOE_GEMV_MAX_EXPERT_FRACTION.
+MOE_GEMV_MAX_EXPERT_FRACTION = 0.85
+# expert_gemv's per-block prologue scans every assignment (T*k ids) once per pass;
+# beyond this many tokens that alone outweighs the weight stream (T=512: 2.8x the
+# floor on Gemma-4).
+MOE_GEMV_MAX_TOKENS = 256
+
+
+def expected_expert_fraction(num_tokens: int, num_experts: int, top_k: int) -> float:
+  """Expected fraction of experts that at least one of T tokens selects, for
+  uniform routing (each token picks top_k distinct experts)."""
+  p_miss = max(0.0, 1.0 - min(top_k, num_experts) / num_experts)
+  return 1.0 - p_miss ** num_tokens
 
 
 def moe_implementation(num_tokens: int, num_experts: int, top_k: int, hidden: int,
                        intermediate: int) -> str:
   """"gemv" or "grouped" for moe_block's implementation="auto"."""
-  if num_tokens <= MOE_GEMV_MIN_TOKENS:
-    return "gemv"
-  expert_bytes = 3 * hidden * intermediate * 2
-  assignments = num_tokens * top_k
-  distinct = min(num_experts, assignments)
-  passes = max(1, -(-assignments // (num_experts * MOE_GEMV_TOKENS_PER_PASS)))
-  gemv_s = passes * distinct * expert_bytes / MOE_GEMV_BYTES_PER_S
-  # dense reads every expert's weights as well as doing every expert's FLOPs
-  dense_s = max(2 * num_tokens * num_experts * 3 * hidden * intermediate / MOE_DENSE_FLOPS_PER_S,
-                num_experts * expert_bytes / MOE_GEMV_BYTES_PER_S)
-  return "gemv" if gemv_s <= dense_s else "grouped"
+  del hidden, intermediate
+  if num_tokens > MOE_GEMV_MAX_TOKENS:
+    return "grouped"
+  frac = expected_expert_fraction(num_tokens, num_experts, top_k)
+  return "gemv" if frac <= MOE_GEMV_MAX_EXPERT_FRACTION or num_tokens <= 1 else "grouped"
 
 
 # Grouped path formulations (all XLA today; see moe._grouped_experts):
 #   "gather":     copies each assignment's expert weights, then batched GEMVs. Moves
 #                 about 3x the bytes of T*k experts (read, write, read back).
 #   "ragged_dot": sort assignments by expert + two ragged_dot_general. On GPU XLA's
-#                 ragged_dot reads every expert's weights whatever the routing.
+#                 ragged_dot reads every expert's weights whatever the routing, and
+#                 was 4-8x slower than "dense" at every T measured (bench_moe: e.g.
+#                 Gemma-4 T=4096 84 ms vs 11.2 ms; DeepSeek-V3 T=1-16 23 ms vs 7.4).
 #   "dense":      every expert on every token as two plain GEMMs, combine selects
 #                 the rows. E/k times the useful FLOPs, but no sort or gather and
-#                 full-size tensor-core tiles: good for small E/k (Mixtral).
-# TO BE CONFIRMED on the GPU by benchmarks/bench_moe.py (grouped:* columns).
-MOE_DENSE_MAX_FLOP_RATIO = 4          # E / k: dense computes this many times the FLOPs
-MOE_DENSE_MAX_BYTES = 1 << 30         # its f32 [T, E, 2I] / [E, T, H] intermediates
+#                 full-size tensor-core tiles; in token blocks (below) for large T.
+# "dense" is the grouped default; "gather" only where T*k is far below E.
+# ragged_dot stays selectable (grouped_method="ragged_dot"), e.g. for CPU or for
+# devices where XLA lowers it to a real grouped GEMM.
+MOE_DENSE_MAX_BYTES = 4 << 30         # f32 intermediates per dense token block
 
 
 def moe_grouped_method(num_tokens: int, num_experts: int, top_k: int, hidden: int,
                        intermediate: int) -> str:
-  """"gather", "dense" or "ragged_dot" for the grouped path."""
-  assignments = num_tokens * top_k
-  # gather moves ~3 * T*k experts' bytes; ragged_dot reads all E experts once.
-  if 3 * assignments < num_experts:
+  """"gather" or "dense" for the grouped path."""
+  del hidden, intermediate
+  if 3 * num_tokens * top_k < num_experts:
     return "gather"
-  dense_bytes = 4 * num_tokens * num_experts * max(2 * intermediate, hidden)
-  if num_experts <= MOE_DENSE_MAX_FLOP_RATIO * top_k and dense_bytes <= MOE_DENSE_MAX_BYTES:
-    return "dense"
-  return "ragged_dot"
+  return "dense"
+
+
+def moe_dense_token_block(num_tokens: int, num_experts: int, hidden: int,
+                          intermediate: int) -> int:
+  """Tokens per dense block: its f32 intermediates ([t, E, 2I] gate/up, [E, t, H]
+  output) stay under MOE_DENSE_MAX_BYTES. Each block re-reads every expert's
+  weights, which at these sizes is small next to the block's FLOPs."""
+  per_token = 4 * num_experts * max(2 * intermediate, hidden)
+  tb = max(8, MOE_DENSE_MAX_BYTES // per_token // 8 * 8)
+  return num_tokens if tb >= num_tokens else tb

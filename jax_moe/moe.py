@@ -479,22 +479,37 @@ def _grouped_ragged_dot(x, ids, w_gate_up, w_down, activation):
   return y, index
 
 
-def _grouped_dense(x, ids, w_gate_up, w_down, activation):
-  """Every expert on every token (two dense matmuls on the tensor cores), then
-  combine reads only the selected rows through its index: E/k times the useful
-  FLOPs, no sort, no gather of weights."""
-  T, k = ids.shape
+def _dense_block(x, w_gate_up, w_down, activation):
+  """Every expert on the tokens x [t, H]: rows [E, t, H] in x's dtype."""
   E, two_i, H = w_gate_up.shape
   prec = _precision(x.dtype)
   # [E, 2I, H] -> [E*2I, H] is free: one plain GEMM for all experts' gate/up.
   gu = jnp.dot(x, w_gate_up.reshape(E * two_i, H).T, precision=prec,
-               preferred_element_type=jnp.float32).reshape(T, E, two_i)
+               preferred_element_type=jnp.float32).reshape(x.shape[0], E, two_i)
   h = _glu(gu, activation, x.dtype)
-  y = jnp.einsum("tei,ehi->eth", h, w_down, precision=prec,
-                 preferred_element_type=jnp.float32).astype(x.dtype)
+  return jnp.einsum("tei,ehi->eth", h, w_down, precision=prec,
+                    preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def _grouped_dense(x, ids, w_gate_up, w_down, activation):
+  """Every expert on every token (two dense matmuls on the tensor cores), then
+  combine reads only the selected rows through its index: E/k times the useful
+  FLOPs, no sort, no gather of weights. Token blocks of
+  heuristics.moe_dense_token_block tokens bound the f32 intermediates."""
+  T, k = ids.shape
+  E, two_i, H = w_gate_up.shape
   valid = (ids >= 0) & (ids < E)
-  index = jnp.where(valid, ids * T + jnp.arange(T, dtype=jnp.int32)[:, None], -1)
-  return y.reshape(E * T, H), index
+  tb = heuristics.moe_dense_token_block(T, E, H, two_i // 2)
+  if tb >= T:
+    y = _dense_block(x, w_gate_up, w_down, activation)
+    index = jnp.where(valid, ids * T + jnp.arange(T, dtype=jnp.int32)[:, None], -1)
+    return y.reshape(E * T, H), index
+  nb = -(-T // tb)
+  xp = jnp.pad(x, ((0, nb * tb - T), (0, 0))).reshape(nb, tb, H)
+  y = jax.lax.map(lambda xb: _dense_block(xb, w_gate_up, w_down, activation), xp)
+  t = jnp.arange(T, dtype=jnp.int32)[:, None]  # row of (t, e): block, expert, offset
+  index = jnp.where(valid, (t // tb) * (E * tb) + ids * tb + t % tb, -1)
+  return y.reshape(nb * E * tb, H), index
 
 
 def _grouped_gather(x, ids, w_gate_up, w_down, activation):

@@ -4,7 +4,7 @@ weights, ids = route(x, top_k, *, router_weight=None, ...)
 
 x is logits [..., E], or hidden states [..., H] when router_weight [E, H] is given;
 then, for small token counts, the router matmul runs inside the routing launch on
-GPU. Returns weights f32 [..., k] and ids int32 [..., k], ordered by selection score
+GPU (a split-K tensor-core GEMM whose last block also does the selection). Returns weights f32 [..., k] and ids int32 [..., k], ordered by selection score
 (highest first, ties to the lower expert index). See DESIGN.md for the semantics.
 """
 
@@ -36,10 +36,10 @@ def _num_experts(x_aval, router_aval) -> int:
 
 
 def _abstract_eval(x, router, bias, scale, *, top_k, scoring, renormalize, num_groups,
-                   top_groups, group_score, scaling_factor, experts_per_block):
+                   top_groups, group_score, scaling_factor, k_splits):
   T = x.shape[0]
   E = _num_experts(x, router)
-  scratch = (T, E) if router.size else (0,)
+  scratch = (k_splits * T, E) if router.size else (0,)
   return (ShapedArray((T, top_k), jnp.float32), ShapedArray((T, top_k), jnp.int32),
           ShapedArray(scratch, jnp.float32))
 
@@ -56,19 +56,19 @@ def _ffi_attrs(params):
       top_groups=np.int64(params["top_groups"]),
       group_score=np.int64(_codes.GROUP_SCORE[params["group_score"]]),
       scaling_factor=np.float32(params["scaling_factor"]),
-      experts_per_block=np.int64(params["experts_per_block"]),
+      k_splits=np.int64(params["k_splits"]),
   )
 
 
 def _fallback(x, router, bias, scale, *, top_k, scoring, renormalize, num_groups, top_groups,
-              group_score, scaling_factor, experts_per_block):
+              group_score, scaling_factor, k_splits):
   w, ids = reference.route(
       x, top_k, router_weight=router if router.size else None, scoring=scoring,
       renormalize=renormalize, num_groups=num_groups, top_groups=top_groups,
       group_score=group_score, correction_bias=bias if bias.size else None,
       scaling_factor=scaling_factor, expert_scale=scale if scale.size else None)
   E = router.shape[0] if router.size else x.shape[1]
-  scratch = (x.shape[0], E) if router.size else (0,)
+  scratch = (k_splits * x.shape[0], E) if router.size else (0,)
   return w, ids, jnp.zeros(scratch, jnp.float32)
 
 
@@ -92,13 +92,13 @@ def _batch_rule(args, dims, **params):
   B, T = x.shape[0], x.shape[1]
   w, ids, scratch = route_p.bind(x.reshape(B * T, x.shape[2]), router, bias, scale, **params)
   k = params["top_k"]
+  # scratch (partial logits, [k_splits * T, E]) has no meaning outside the kernel:
+  # any [B, ...] shape of the right size will do.
   if router.size:
-    scratch = scratch.reshape(B, T, scratch.shape[1])
-    scratch_dim = 0
+    scratch = scratch.reshape(B, params["k_splits"] * T, scratch.shape[1])
   else:
     scratch = jnp.zeros((B, 0), jnp.float32)
-    scratch_dim = 0
-  return (w.reshape(B, T, k), ids.reshape(B, T, k), scratch), (0, 0, scratch_dim)
+  return (w.reshape(B, T, k), ids.reshape(B, T, k), scratch), (0, 0, 0)
 
 
 register_batching(route_p, _batch_rule)
@@ -176,11 +176,11 @@ def route(x, top_k, *, router_weight=None, scoring="softmax", renormalize=True, 
   lead = x.shape[:-1]
   x2 = x.reshape(-1, x.shape[-1])
   T = x2.shape[0]
-  experts_per_block = 1
+  k_splits = 1
   if router_weight is not None:
     H = x.shape[-1]
     if heuristics.route_fuse_router(T, E, H):
-      experts_per_block = heuristics.route_experts_per_block(T)
+      k_splits = heuristics.route_k_splits(T, E, H)
       router = router_weight
     else:  # large T: the router matmul belongs on the tensor cores (XLA's dot)
       # HIGHEST: f32 inputs must not drop to TF32 on GPU (the fused kernel and the
@@ -194,5 +194,5 @@ def route(x, top_k, *, router_weight=None, scoring="softmax", renormalize=True, 
                            renormalize=bool(renormalize), num_groups=num_groups,
                            top_groups=top_groups, group_score=group_score,
                            scaling_factor=scaling_factor,
-                           experts_per_block=experts_per_block)
+                           k_splits=k_splits)
   return w.reshape(lead + (top_k,)), ids.reshape(lead + (top_k,))

@@ -6,6 +6,11 @@
 #   scripts/gpu_check.sh OUT_DIR [build] [test] [sanitize] [profile] [bench] [bench-quick]
 # With no stage names, runs all four full stages. Each stage appends a line to
 # OUT_DIR/summary.txt; the script exits non-zero if any stage failed.
+# Narrowing a call (device time is short), all optional:
+#   GPU_TEST_K="expr"       pytest -k expression for the test stage
+#   SANITIZERS="memcheck"   compute-sanitizer tools (default: all four)
+#   BENCHES="bench_route bench_gemv"   which benchmarks the bench stage runs
+#   BENCH_ROUTE_ARGS, BENCH_COMBINE_ARGS, BENCH_GEMV_ARGS, BENCH_MOE_ARGS: extra args
 set -u
 OUT=${1:?usage: gpu_check.sh OUT_DIR [stages...]}
 shift
@@ -40,7 +45,8 @@ if has build; then
 fi
 
 if has test; then
-  if $PY -m pytest -m gpu -q -p no:cacheprovider tests/ >"$OUT/gpu_tests.log" 2>&1; then
+  if $PY -m pytest -m gpu -q -p no:cacheprovider ${GPU_TEST_K:+-k "$GPU_TEST_K"} tests/ \
+       >"$OUT/gpu_tests.log" 2>&1; then
     note "gpu tests: $(tail -1 "$OUT/gpu_tests.log")"
   else
     grep -E "^(FAILED|ERROR)" "$OUT/gpu_tests.log" | head -20
@@ -49,7 +55,7 @@ if has test; then
 fi
 
 if has sanitize; then
-  for tool in memcheck racecheck initcheck synccheck; do
+  for tool in ${SANITIZERS:-memcheck racecheck initcheck synccheck}; do
     log="$OUT/sanitizer_$tool.log"
     # Platform allocator: every buffer its own allocation, so overruns are caught.
     # API checks off: XLA copies our partly-unwritten scratch outputs (by design);
@@ -83,9 +89,16 @@ run_bench() {  # name, args...
     tail -20 "$OUT/$name.log"; note "$name: FAILED"; status=1
   fi
 }
+bench_args() {  # extra arguments of one benchmark, from BENCH_<NAME>_ARGS
+  case $1 in
+    bench_route) echo "${BENCH_ROUTE_ARGS:-}";; bench_combine) echo "${BENCH_COMBINE_ARGS:-}";;
+    bench_gemv) echo "${BENCH_GEMV_ARGS:-}";; bench_moe) echo "${BENCH_MOE_ARGS:-}";;
+  esac
+}
 if has bench; then
-  for b in bench_route bench_combine bench_gemv bench_moe; do
-    [ -f "benchmarks/$b.py" ] && run_bench "$b"
+  for b in ${BENCHES:-bench_route bench_combine bench_gemv bench_moe}; do
+    # shellcheck disable=SC2046
+    [ -f "benchmarks/$b.py" ] && run_bench "$b" $(bench_args "$b")
   done
 fi
 if has bench-quick; then

@@ -44,9 +44,10 @@ for E, k, T, groups in [(8, 2, 5, 1), (64, 6, 17, 4), (256, 8, 33, 8), (1000, 8,
   print(f"{'ok  ' if ok else 'FAIL'} route logits E={E} T={T}: ids in range", flush=True)
   if not ok:
     failures.append(f"route E={E}")
-for E, H, T in [(256, 7168, 1), (128, 2816, 16), (64, 200, 40), (60, 33, 3)]:
-  x = jnp.asarray(r.normal(size=(T, H)), jnp.bfloat16)
-  wr = jnp.asarray(r.normal(size=(E, H)) / np.sqrt(H), jnp.bfloat16)
+for E, H, T, dt in [(256, 7168, 1, jnp.bfloat16), (128, 2816, 16, jnp.bfloat16),
+                   (64, 200, 40, jnp.float16), (60, 33, 3, jnp.bfloat16), (40, 64, 9, jnp.float32)]:
+  x = jnp.asarray(r.normal(size=(T, H)), dt)
+  wr = jnp.asarray(r.normal(size=(E, H)) / np.sqrt(H), dt)
   w, ids = jax_moe.route(x, 6, router_weight=wr, scoring="sigmoid")
   w_ref, _ = reference.route(x, 6, router_weight=wr, scoring="sigmoid")
   check(f"route fused E={E} H={H} T={T}", w, w_ref, 1e-3)
@@ -59,9 +60,11 @@ for dtype, T, H, I, E, k in [(jnp.bfloat16, 1, 256, 128, 16, 4), (jnp.float16, 1
   ids = jnp.asarray(r.integers(-3, E + 3, size=(T, k)), jnp.int32)
   wgu = jnp.asarray(r.normal(size=(E, 2 * I, H)) / np.sqrt(H), dtype)
   wd = jnp.asarray(r.normal(size=(E, H, I)) / np.sqrt(I), dtype)
-  y = jax_moe.expert_gemv(x, ids, wgu, wd, activation="gelu_tanh")
-  check(f"expert_gemv {jnp.dtype(dtype).name} T={T} H={H} I={I}", y,
-        reference.expert_gemv(x, ids, wgu, wd, activation="gelu_tanh"), 2e-2)
+  ref = reference.expert_gemv(x, ids, wgu, wd, activation="gelu_tanh")
+  for variant in (0, 5, 6):  # default, and the early-prefetch variants
+    y = jax_moe.expert_gemv(x, ids, wgu, wd, activation="gelu_tanh",
+                            _config=dict(kernel_variant=variant))
+    check(f"expert_gemv v{variant} {jnp.dtype(dtype).name} T={T} H={H} I={I}", y, ref, 2e-2)
 
 # combine (when built): dense form and fuzzed index form.
 if hasattr(jax_moe, "combine"):

@@ -289,28 +289,32 @@ def test_handler_revalidates():
     jax.jit(lambda x: route_p.bind(x, empty, e0, e0, top_k=2, scoring="softmax",
                                    renormalize=True, num_groups=3, top_groups=1,
                                    group_score="top2_sum", scaling_factor=1.0,
-                                   experts_per_block=1))(x)[0].block_until_ready()
+                                   k_splits=1))(x)[0].block_until_ready()
 
 
-@pytest.mark.parametrize("experts_per_block", [1, 2, 4, 8])
-@pytest.mark.parametrize("E", [60, 256])
-def test_fused_kernel_configs(platform, experts_per_block, E):
-  """Every experts-per-block choice of the fused CUDA kernel (ignored on CPU), with
-  E not a multiple of it and two token tiles."""
+@pytest.mark.parametrize("k_splits", [1, 3, 5, 40])
+@pytest.mark.parametrize("E,H,dtype", [(60, 136, jnp.bfloat16), (256, 136, jnp.float16),
+                                       (256, 100, jnp.bfloat16), (33, 72, jnp.float32)])
+def test_fused_kernel_configs(platform, k_splits, E, H, dtype):
+  """The fused CUDA kernel (ignored on CPU) with every kind of k-split: one, uneven,
+  more splits than chunks (empty splits); E not a multiple of the 16-row tile; three
+  token tiles, the last partial; the tensor-core path (H a multiple of 8, with a
+  partial last chunk) and the scalar path (H = 100, f32)."""
   from jax_moe.route import route_p
   r = rng()
-  T, H, k = 20, 136, 6
-  router = np.asarray(jnp.asarray(r.normal(size=(E, H)) / np.sqrt(H), jnp.bfloat16)
+  T, k = 20, 6
+  router = np.asarray(jnp.asarray(r.normal(size=(E, H)) / np.sqrt(H), dtype)
                       .astype(jnp.float32))
   groups = 4 if E % 4 == 0 else 1
   kw = dict(scoring="sigmoid", num_groups=groups, top_groups=min(2, groups))
-  x = routing_hidden(r, T, H, router.astype(np.float64), jnp.bfloat16, top_k=k, **kw)
-  xb, rb = jnp.asarray(x, jnp.bfloat16), jnp.asarray(router, jnp.bfloat16)
+  x = routing_hidden(r, T, H, router.astype(np.float64), dtype, top_k=k, **kw)
+  xb, rb = jnp.asarray(x, dtype), jnp.asarray(router, dtype)
   e0 = jnp.zeros((0,), jnp.float32)
   poison_device_memory()
-  w, ids, _ = jax.jit(lambda x, r: route_p.bind(
+  w, ids, scratch = jax.jit(lambda x, r: route_p.bind(
       x, r, e0, e0, top_k=k, renormalize=True, group_score="top2_sum", scaling_factor=1.0,
-      experts_per_block=experts_per_block, **kw))(xb, rb)
+      k_splits=k_splits, **kw))(xb, rb)
+  assert scratch.shape == (k_splits * T, E)
   wr, ir = reference.route(xb, k, router_weight=rb, **kw)
   np.testing.assert_array_equal(np.asarray(ids), np.asarray(ir))
   np.testing.assert_allclose(np.asarray(w), np.asarray(wr), rtol=1e-5, atol=1e-7)

@@ -12,9 +12,9 @@ static ffi::Error RouteCpuHandler(ffi::AnyBuffer x, ffi::AnyBuffer router, ffi::
                                ffi::Result<ffi::AnyBuffer> scratch, int64_t top_k,
                                int64_t scoring, int64_t renormalize, int64_t num_groups,
                                int64_t top_groups, int64_t group_score, float scaling_factor,
-                               int64_t experts_per_block) {
+                               int64_t k_splits) {
   (void)scratch;  // only the CUDA fused path uses the partial-logits workspace
-  (void)experts_per_block;
+  (void)k_splits;
   const RouteParams p = MakeRouteParams(top_k, scoring, renormalize, num_groups, top_groups,
                                         group_score, scaling_factor);
   RouteShapes s;
@@ -40,7 +40,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Arg<ffi::AnyBuffer>()   // expert_scale f32 [E], or [0]
         .Ret<ffi::AnyBuffer>()   // weights f32 [T, k]
         .Ret<ffi::AnyBuffer>()   // ids s32 [T, k]
-        .Ret<ffi::AnyBuffer>()   // scratch f32 [T, E] logits (CUDA fused path), or [0]
+        .Ret<ffi::AnyBuffer>()   // scratch f32 [k_splits * T, E] (CUDA fused path), or [0]
         .Attr<int64_t>("top_k")
         .Attr<int64_t>("scoring")
         .Attr<int64_t>("renormalize")
@@ -48,6 +48,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Attr<int64_t>("top_groups")
         .Attr<int64_t>("group_score")
         .Attr<float>("scaling_factor")
-        .Attr<int64_t>("experts_per_block"));
+        .Attr<int64_t>("k_splits"));
 
 }  // namespace jax_moe

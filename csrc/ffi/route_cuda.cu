@@ -13,7 +13,7 @@ static ffi::Error RouteCudaHandler(cudaStream_t stream, ffi::AnyBuffer x, ffi::A
                                    ffi::Result<ffi::AnyBuffer> scratch, int64_t top_k,
                                    int64_t scoring, int64_t renormalize, int64_t num_groups,
                                    int64_t top_groups, int64_t group_score, float scaling_factor,
-                                   int64_t experts_per_block) {
+                                   int64_t k_splits) {
   const RouteParams p = MakeRouteParams(top_k, scoring, renormalize, num_groups, top_groups,
                                         group_score, scaling_factor);
   RouteShapes s;
@@ -22,12 +22,11 @@ static ffi::Error RouteCudaHandler(cudaStream_t stream, ffi::AnyBuffer x, ffi::A
   JM_REQUIRE(p.top_k <= cuda::kRouteMaxTopK, "route (CUDA): top_k must be <= 32");
   JM_REQUIRE(p.num_groups <= cuda::kRouteMaxGroups, "route (CUDA): num_groups must be <= 64");
   if (s.fused) {
-    JM_REQUIRE(experts_per_block == 1 || experts_per_block == 2 || experts_per_block == 4 ||
-                   experts_per_block == 8,
-               "route (CUDA): experts_per_block must be 1, 2, 4 or 8");
+    JM_REQUIRE(k_splits >= 1 && k_splits <= cuda::kRouteMaxKSplits,
+               "route (CUDA): k_splits must be in [1, 4096]");
     JM_REQUIRE(scratch->element_type() == ffi::DataType::F32 &&
-                   NumElements(*scratch) == s.T * s.E,
-               "route (CUDA): scratch must be float32 [T, E]");
+                   NumElements(*scratch) == k_splits * s.T * s.E,
+               "route (CUDA): scratch must be float32 [k_splits * T, E]");
   }
   cuda::RouteArgs a;
   a.x = x.untyped_data();
@@ -38,10 +37,10 @@ static ffi::Error RouteCudaHandler(cudaStream_t stream, ffi::AnyBuffer x, ffi::A
   a.H = s.H;
   a.E = s.E;
   a.p = p;
-  a.experts_per_block = static_cast<int>(experts_per_block);
+  a.k_splits = static_cast<int>(k_splits);
   a.weights = reinterpret_cast<float*>(weights->untyped_data());
   a.ids = reinterpret_cast<int32_t*>(ids->untyped_data());
-  a.logits = s.fused ? reinterpret_cast<float*>(scratch->untyped_data()) : nullptr;
+  a.partial = s.fused ? reinterpret_cast<float*>(scratch->untyped_data()) : nullptr;
   return JM_DISPATCH_FLOAT(x.element_type(), float, bf16, f16, [&] {
     return CudaStatus(cuda::LaunchRoute<scalar_t>(a, stream), "route kernel launch");
   });
@@ -57,7 +56,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Arg<ffi::AnyBuffer>()   // expert_scale f32 [E], or [0]
         .Ret<ffi::AnyBuffer>()   // weights f32 [T, k]
         .Ret<ffi::AnyBuffer>()   // ids s32 [T, k]
-        .Ret<ffi::AnyBuffer>()   // scratch f32 [T, E] logits (fused path), or [0]
+        .Ret<ffi::AnyBuffer>()   // scratch f32 [k_splits * T, E] partial logits (fused), or [0]
         .Attr<int64_t>("top_k")
         .Attr<int64_t>("scoring")
         .Attr<int64_t>("renormalize")
@@ -65,7 +64,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Attr<int64_t>("top_groups")
         .Attr<int64_t>("group_score")
         .Attr<float>("scaling_factor")
-        .Attr<int64_t>("experts_per_block"),
+        .Attr<int64_t>("k_splits"),
     {ffi::Traits::kCmdBufferCompatible});
 
 }  // namespace jax_moe

@@ -29,6 +29,7 @@
 #include <cuda_runtime.h>
 
 #include "common/cuda_utils.cuh"
+#include "common/mma.cuh"
 #include "common/params.h"
 
 namespace jax_moe {
@@ -134,38 +135,6 @@ __device__ int list_assignments(const GemvPhaseArgs& a, int e, int first, int ca
 
 // ---- fast path: tensor cores --------------------------------------------------------
 
-template <typename T> struct MmaOp;
-template <> struct MmaOp<bf16> {
-  __device__ __forceinline__ static void run(float (&c)[4], uint32_t a0, uint32_t a1,
-                                             uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-  }
-};
-template <> struct MmaOp<f16> {
-  __device__ __forceinline__ static void run(float (&c)[4], uint32_t a0, uint32_t a1,
-                                             uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-  }
-};
-
-// One 32-column chunk: rows g and g+8 of the A tile (lo/hi) and a B vector give
-// two m16n8k16 steps. Lane (g, c) holds columns 8c..8c+7 of its rows; step 0 uses
-// words 0,1 and step 1 words 2,3, with B's words in the same positions.
-template <typename T>
-__device__ __forceinline__ void mma_chunk(float (&c)[4], const uint4& lo, const uint4& hi,
-                                          const uint4& b) {
-  MmaOp<T>::run(c, lo.x, hi.x, lo.y, hi.y, b.x, b.y);
-  MmaOp<T>::run(c, lo.z, hi.z, lo.w, hi.w, b.z, b.w);
-}
-
 template <bool PF>
 __device__ __forceinline__ uint4 load_or_zero(const void* p, bool ok) {
   if (!ok) return make_uint4(0u, 0u, 0u, 0u);
@@ -176,8 +145,11 @@ __device__ __forceinline__ uint4 load_b_or_zero(const void* p, bool ok) {
 }
 
 // grid = (row tiles of 16 * (8 / k_split) rows, slots). NT n-tiles of 8 tokens;
-// U chunks of 32 columns loaded per batch; PF: L2 256-byte prefetch hint.
-template <typename T, int NT, bool GATED, int U = kGemvUnroll, bool PF = false>
+// U chunks of 32 columns loaded per batch; PF: L2 256-byte prefetch hint; EARLY:
+// as soon as the expert is known, prefetch the first batch of weights into L2, so
+// that fetch overlaps the assignment listing and, in phase 2, the wait for phase 1
+// (the weights do not depend on it; only h does).
+template <typename T, int NT, bool GATED, int U = kGemvUnroll, bool PF = false, bool EARLY = false>
 __global__ void __launch_bounds__(kGemvThreads)
 gemv_mma_kernel(GemvPhaseArgs a) {
   constexpr int MATS = GATED ? 2 : 1;
@@ -221,6 +193,22 @@ gemv_mma_kernel(GemvPhaseArgs a) {
   const int64_t per_warp = (nchunks + a.k_split - 1) / a.k_split;
   const int64_t ch0 = ks * per_warp;
   const int64_t ch1 = (ch0 + per_warp < nchunks) ? ch0 + per_warp : nchunks;
+
+  if constexpr (EARLY) {
+    if (c == 0) {  // one lane per 64-byte row segment
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int64_t col = (ch0 + u) * kGemvChunk;
+        if (ch0 + u >= ch1 || col >= a.K) break;
+        if (ok_lo) prefetch_l2(wg_lo + col);
+        if (ok_hi) prefetch_l2(wg_hi + col);
+        if (GATED) {
+          if (ok_lo) prefetch_l2(wu_lo + col);
+          if (ok_hi) prefetch_l2(wu_hi + col);
+        }
+      }
+    }
+  }
 
   const T* src = static_cast<const T*>(a.src);
   bool waited = false;
@@ -403,10 +391,16 @@ gemv_generic_kernel(GemvPhaseArgs a) {
 // Weight-streaming variants of gemv_mma_kernel (benchmarks/bench_gemv.py --variants):
 //   1 direct: 4 chunks of 32 columns per batch;
 //   3 direct_pf: + L2 256-byte prefetch hint;
-//   4 direct_pf8 (auto): + 8 chunks per batch.
+//   4 direct_pf8 (auto): + 8 chunks per batch;
+//   5 direct_pf8_early: 4 + the first batch prefetched into L2 as soon as the
+//     expert is known (before the assignment listing and the PDL wait);
+//   6 direct_pf_early: 3 + that prefetch (fewer registers than 5: more blocks/SM).
 // Measured on H100 (benchmarks/RESULTS.md): 4 streams at 2.6-3.0 TB/s where 1 got
 // 2.0-2.3; a cp.async ring through shared memory (once variant 2) was slower than 1.
-enum GemvVariant : int { kGemvAuto = 0, kGemvDirect = 1, kGemvDirectPf = 3, kGemvDirectPf8 = 4 };
+enum GemvVariant : int {
+  kGemvAuto = 0, kGemvDirect = 1, kGemvDirectPf = 3, kGemvDirectPf8 = 4, kGemvDirectPf8Early = 5,
+  kGemvDirectPfEarly = 6
+};
 
 struct ExpertGemvArgs {
   const void* x = nullptr;       // [T, H]
@@ -456,13 +450,14 @@ cudaError_t LaunchEx(void (*kernel)(KArgs...), dim3 grid, size_t smem, cudaStrea
   return cudaLaunchKernelEx(&cfg, kernel, args...);
 }
 
-template <typename T, int NT, int U, bool PF>
+template <typename T, int NT, int U, bool PF, bool EARLY = false>
 cudaError_t LaunchDirect(const GemvPhaseArgs& p1, const GemvPhaseArgs& p2, dim3 g1, dim3 g2,
                          size_t bitmap_smem, cudaStream_t stream, bool pdl2, bool do1, bool do2) {
   cudaError_t err = cudaSuccess;
-  if (do1) err = LaunchEx(gemv_mma_kernel<T, NT, true, U, PF>, g1, bitmap_smem, stream, false, p1);
+  if (do1)
+    err = LaunchEx(gemv_mma_kernel<T, NT, true, U, PF, EARLY>, g1, bitmap_smem, stream, false, p1);
   if (err != cudaSuccess || !do2) return err;
-  return LaunchEx(gemv_mma_kernel<T, NT, false, U, PF>, g2, bitmap_smem, stream, pdl2, p2);
+  return LaunchEx(gemv_mma_kernel<T, NT, false, U, PF, EARLY>, g2, bitmap_smem, stream, pdl2, p2);
 }
 
 template <typename T, int NT>
@@ -473,6 +468,10 @@ cudaError_t LaunchGemvPhases(const GemvPhaseArgs& p1, const GemvPhaseArgs& p2, d
     return LaunchDirect<T, NT, 4, false>(p1, p2, g1, g2, bitmap_smem, stream, pdl2, true, true);
   if (variant == kGemvDirectPf)
     return LaunchDirect<T, NT, 4, true>(p1, p2, g1, g2, bitmap_smem, stream, pdl2, true, true);
+  if (variant == kGemvDirectPfEarly)
+    return LaunchDirect<T, NT, 4, true, true>(p1, p2, g1, g2, bitmap_smem, stream, pdl2, true, true);
+  if (variant == kGemvDirectPf8Early)
+    return LaunchDirect<T, NT, 8, true, true>(p1, p2, g1, g2, bitmap_smem, stream, pdl2, true, true);
   return LaunchDirect<T, NT, 8, true>(p1, p2, g1, g2, bitmap_smem, stream, pdl2, true, true);
 }
 

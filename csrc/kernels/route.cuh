@@ -2,12 +2,17 @@
 // cudaError_t out; no XLA headers.
 //
 // Logits path (x = logits [T, E]): one launch, one warp per token.
-// Fused path (x = hidden [T, H], router [E, H]): still one launch. Block (e, tile)
-// computes expert e's router dot products for a tile of 16 tokens, its 8 warps
-// splitting H and meeting in shared memory (fixed order), and writes the logits to
-// the scratch buffer [T, E]. The last block to finish a token tile (a
-// self-resetting counter per tile) runs the selection for that tile. Nothing is
-// accumulated atomically, so the result is deterministic.
+// Fused path (x = hidden [T, H], router [E, H]): still one launch, a split-K
+// tensor-core GEMM plus the selection. Block (expert tile, k-split, token tile)
+// multiplies 16 router rows by the hidden rows of 8 tokens over its share of H
+// (32-column chunks, dealt to its 8 warps in turn; mma.sync m16n8k16 with the router
+// rows as A and the tokens as B, both loaded straight from global memory, see
+// common/mma.cuh), adds its warps' partials in a fixed order and writes them to the
+// scratch buffer partial [k_splits, T, E]. The last block to arrive at a token tile
+// (a self-resetting arrival counter per tile) adds the k_splits partials in order
+// into shared memory and runs the selection, one warp per token. Nothing is
+// accumulated atomically, so the result is deterministic. f32 inputs, or H not a
+// multiple of 8, take the same structure with scalar FMAs.
 //
 // Selection (one warp per token, E <= 1024): lane l holds experts
 // [l * EPL, (l + 1) * EPL). Scores (softmax or sigmoid) in f32, selection score =
@@ -22,6 +27,7 @@
 #include <cuda_runtime.h>
 
 #include "common/cuda_utils.cuh"
+#include "common/mma.cuh"
 #include "common/params.h"
 
 namespace jax_moe {
@@ -29,11 +35,14 @@ namespace cuda {
 
 constexpr int kRouteWarps = 8;
 constexpr int kRouteThreads = kRouteWarps * 32;
-constexpr int kRouteTokTile = 16;    // tokens per block in the fused path
+constexpr int kRouteTokTile = 8;     // tokens per block in the fused path (one mma n-tile)
+constexpr int kRouteExpTile = 16;    // router rows per block (the mma M)
+constexpr int kRouteChunk = 32;      // columns per chunk (two k16 steps)
 constexpr int kRouteMaxExperts = 1024;
 constexpr int kRouteMaxTopK = 32;
 constexpr int kRouteMaxGroups = 64;
-constexpr int kRouteMaxTiles = 4096;  // token tiles per launch (one counter each)
+constexpr int kRouteMaxTiles = 1024;  // token tiles per fused launch (one counter each)
+constexpr int kRouteMaxKSplits = 4096;
 
 // Arrival counters of the fused path. The last block of a tile resets its counter
 // to zero, so every launch finds them zeroed (launches on one stream are ordered).
@@ -48,17 +57,20 @@ struct RouteArgs {
   RouteParams p;
   float* weights = nullptr;  // [T, k]
   int32_t* ids = nullptr;    // [T, k]
-  float* logits = nullptr;   // [T, E] scratch (fused path)
-  int experts_per_block = 1; // fused path: 1, 2, 4 or 8
+  float* partial = nullptr;  // [k_splits, T, E] scratch (fused path)
+  int k_splits = 1;          // fused path: blocks along H per (expert tile, token tile)
 };
 
 __device__ __forceinline__ float sel_value(float v) { return v != v ? -INFINITY : v; }
 
 // Warp arg-max over (value, has) pairs: returns the winning lane (the lowest lane
-// among equal values) or -1 when no lane has a candidate.
+// among equal values) or -1 when no lane has a candidate. v is never NaN here
+// (sel_value); -0 counts as +0. One redux.sync on the order-preserving key instead
+// of five dependent shuffles: this sits on the selection's critical path k times.
 __device__ __forceinline__ int warp_argmax_lane(float v, bool has) {
-  const float m = warp_max(has ? v : -INFINITY);
-  const uint32_t b = __ballot_sync(0xffffffffu, has && v == m);
+  const uint32_t key = has ? float_order_key(v + 0.0f) : 0u;
+  const uint32_t m = __reduce_max_sync(0xffffffffu, key);
+  const uint32_t b = __ballot_sync(0xffffffffu, has && key == m);
   return b ? __ffs(b) - 1 : -1;
 }
 
@@ -132,12 +144,10 @@ __device__ void route_token_warp(GetLogit get, int64_t t, const RouteArgs& a) {
       unsigned long long gk[2] = {0ull, 0ull};
       for (int g = 0; g < p.num_groups; ++g) {
         float b1 = -INFINITY, b2 = -INFINITY;
-        int n = 0;
 #pragma unroll
         for (int i = 0; i < EPL; ++i) {
           const int e = e0 + i;
           if ((avail >> i & 1u) && e / G == g) {
-            ++n;
             if (sel[i] > b1) { b2 = b1; b1 = sel[i]; } else if (sel[i] > b2) { b2 = sel[i]; }
           }
         }
@@ -149,7 +159,6 @@ __device__ void route_token_warp(GetLogit get, int64_t t, const RouteArgs& a) {
         }
         const float gs = sel_value((p.group_score == kGroupMax || G < 2) ? b1 : b1 + b2);
         if ((g & 31) == lane) gk[g >> 5] = select_key(gs, g);
-        (void)n;
       }
       for (int r = 0; r < p.top_groups; ++r) {
         unsigned long long best = gk[0] > gk[1] ? gk[0] : gk[1];
@@ -205,108 +214,139 @@ __global__ void __launch_bounds__(kRouteThreads) route_logits_kernel(RouteArgs a
   route_token_warp<EPL>([&](int e) { return to_float(row[e]); }, t, a);
 }
 
-// Partial dot products of one router row with up to kRouteTokTile token rows over
-// columns [k0, k1). VEC elements per 16-byte load; all of a lane's loads are issued
-// before the first use (a warp's slice is at most a few loads per lane).
+// ---- fused path ----------------------------------------------------------------------
+
+// red[warp][i][t]: warp's partial dot of router row e0 + i with token tok0 + t over
+// the chunks cb0 + warp, cb0 + warp + 8, ... below cb1. Tensor cores (16-bit types,
+// H a multiple of 8; see common/mma.cuh for the fragment layout).
 template <typename T>
-__device__ __forceinline__ void router_row_dots(const T* __restrict__ w, const T* __restrict__ x,
-                                                int64_t H, int ntok, int64_t k0, int64_t k1,
-                                                float (&acc)[kRouteTokTile]) {
-  const int lane = threadIdx.x & 31;
-  constexpr int VEC = Vec16<T>::N;
-  if (H % VEC == 0) {
-    constexpr int U = 4;
-    for (int64_t k = k0 + lane * VEC; k < k1; k += 32 * VEC * U) {
-      uint4 wv[U];  // raw vectors: unpacked at use, to keep registers for acc
+__device__ __forceinline__ void route_tile_mma(const RouteArgs& a, int64_t e0, int64_t tok0,
+                                               int ntok, int64_t cb0, int64_t cb1,
+                                               float (*red)[kRouteExpTile][kRouteTokTile]) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, c = lane & 3;
+  const bool ok_lo = e0 + g < a.E, ok_hi = e0 + g + 8 < a.E, ok_b = g < ntok;
+  const T* w = static_cast<const T*>(a.router);
+  const T* wlo = w + (ok_lo ? e0 + g : 0) * a.H;
+  const T* whi = w + (ok_hi ? e0 + g + 8 : 0) * a.H;
+  const T* xb = static_cast<const T*>(a.x) + (ok_b ? tok0 + g : 0) * a.H;
+  const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  constexpr int U = 4;  // chunks per warp loaded before the first mma
+  for (int64_t ch = cb0 + warp; ch < cb1; ch += kRouteWarps * U) {
+    uint4 lo[U], hi[U], b[U];
 #pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int64_t kk = k + u * 32 * VEC;
-        // __ldg (not asm volatile): the compiler may batch these loads
-        wv[u] = kk < k1 ? __ldg(reinterpret_cast<const uint4*>(w + kk)) : make_uint4(0u, 0u, 0u, 0u);
-      }
+    for (int u = 0; u < U; ++u) {
+      const int64_t cc = ch + u * kRouteWarps;
+      const int64_t col = cc * kRouteChunk + 8 * c;
+      const bool in = cc < cb1 && col < a.H;
+      lo[u] = (in && ok_lo) ? ldg_stream_v4(wlo + col) : zero;
+      hi[u] = (in && ok_hi) ? ldg_stream_v4(whi + col) : zero;
+      b[u] = (in && ok_b) ? ldg_nc_v4(xb + col) : zero;
+    }
 #pragma unroll
-      for (int t = 0; t < kRouteTokTile; ++t) {
-        if (t < ntok) {
+    for (int u = 0; u < U; ++u) mma_chunk<T>(acc, lo[u], hi[u], b[u]);
+  }
+  red[warp][g][2 * c] = acc[0];
+  red[warp][g][2 * c + 1] = acc[1];
+  red[warp][g + 8][2 * c] = acc[2];
+  red[warp][g + 8][2 * c + 1] = acc[3];
+}
+
+// Same partials with scalar FMAs (f32, or rows not 16-byte aligned): lane l of a
+// chunk takes column chunk * 32 + l.
+template <typename T>
+__device__ void route_tile_scalar(const RouteArgs& a, int64_t e0, int64_t tok0, int ntok,
+                                  int64_t cb0, int64_t cb1,
+                                  float (*red)[kRouteExpTile][kRouteTokTile]) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const T* w = static_cast<const T*>(a.router);
+  const T* x = static_cast<const T*>(a.x) + tok0 * a.H;
+  for (int i = 0; i < kRouteExpTile; ++i) {
+    const int64_t e = e0 + i;
+    float acc[kRouteTokTile];
 #pragma unroll
-          for (int u = 0; u < U; ++u) {
-            const int64_t kk = k + u * 32 * VEC;
-            if (kk < k1) {
-              float wf[VEC], xf[VEC];
-              Vec16<T>::unpack(wv[u], wf);
-              Vec16<T>::unpack(__ldg(reinterpret_cast<const uint4*>(x + t * H + kk)), xf);
+    for (int t = 0; t < kRouteTokTile; ++t) acc[t] = 0.f;
+    if (e < a.E) {
+      for (int64_t ch = cb0 + warp; ch < cb1; ch += kRouteWarps) {
+        const int64_t col = ch * kRouteChunk + lane;
+        if (col >= a.H) continue;
+        const float wv = to_float(w[e * a.H + col]);
 #pragma unroll
-              for (int v = 0; v < VEC; ++v) acc[t] = fmaf(wf[v], xf[v], acc[t]);
-            }
-          }
-        }
+        for (int t = 0; t < kRouteTokTile; ++t)
+          if (t < ntok) acc[t] = fmaf(wv, to_float(x[t * a.H + col]), acc[t]);
       }
     }
-  } else {  // rows not 16-byte aligned: scalar loads
-    for (int64_t k = k0 + lane; k < k1; k += 32) {
-      const float wv = to_float(w[k]);
 #pragma unroll
-      for (int t = 0; t < kRouteTokTile; ++t)
-        if (t < ntok) acc[t] = fmaf(wv, to_float(x[t * H + k]), acc[t]);
+    for (int t = 0; t < kRouteTokTile; ++t) {
+      const float v = warp_sum(acc[t]);
+      if (lane == 0) red[warp][i][t] = v;
     }
   }
 }
 
-// Fused path. grid = (ceil(E / EB), tiles in this launch): block b computes experts
-// b*EB .. b*EB+EB-1, each by 8/EB warps splitting H. More experts per block share
-// the tokens' rows through L1 (each block otherwise reads the whole x tile from L2).
-template <typename T, int EPL>
-__global__ void __launch_bounds__(kRouteThreads) route_fused_kernel(RouteArgs a, int64_t tile0,
-                                                                    int eb) {
-  __shared__ float part[kRouteWarps][kRouteTokTile];
+// grid = (ceil(E / 16) expert tiles, k_splits, token tiles in this launch).
+// Dynamic shared memory: kRouteTokTile * E floats (the finishing block's logits).
+template <typename T, int EPL, bool MMA>
+__global__ void __launch_bounds__(kRouteThreads) route_fused_kernel(RouteArgs a, int64_t tile0) {
+  __shared__ float red[kRouteWarps][kRouteExpTile][kRouteTokTile];
   __shared__ bool is_last;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int wpe = kRouteWarps / eb;  // warps per expert
-  const int e = blockIdx.x * eb + warp / wpe;
-  const int slice = warp % wpe;
-  const int local_tile = blockIdx.y;
+  extern __shared__ float s_logits[];
+  const int warp = threadIdx.x >> 5;
+  const int64_t e0 = static_cast<int64_t>(blockIdx.x) * kRouteExpTile;
+  const int ks = blockIdx.y;
+  const int local_tile = blockIdx.z;
   const int64_t tok0 = (tile0 + local_tile) * kRouteTokTile;
   const int ntok = static_cast<int>(a.T - tok0 < kRouteTokTile ? a.T - tok0 : kRouteTokTile);
-  constexpr int VEC = Vec16<T>::N;
-  const int64_t chunk = ((a.H + wpe - 1) / wpe + VEC - 1) / VEC * VEC;
-  const int64_t k0 = slice * chunk < a.H ? slice * chunk : a.H;
-  const int64_t k1 = k0 + chunk < a.H ? k0 + chunk : a.H;
+  const int64_t nchunks = (a.H + kRouteChunk - 1) / kRouteChunk;
+  const int64_t per = (nchunks + a.k_splits - 1) / a.k_splits;
+  const int64_t cb0 = ks * per < nchunks ? ks * per : nchunks;
+  const int64_t cb1 = cb0 + per < nchunks ? cb0 + per : nchunks;
 
-  float acc[kRouteTokTile];
-#pragma unroll
-  for (int t = 0; t < kRouteTokTile; ++t) acc[t] = 0.f;
-  if (e < a.E)
-    router_row_dots<T>(static_cast<const T*>(a.router) + e * a.H,
-                       static_cast<const T*>(a.x) + tok0 * a.H, a.H, ntok, k0, k1, acc);
-#pragma unroll
-  for (int t = 0; t < kRouteTokTile; ++t) {
-    const float v = warp_sum(acc[t]);
-    if (lane == 0) part[warp][t] = v;
+  if constexpr (MMA) {
+    route_tile_mma<T>(a, e0, tok0, ntok, cb0, cb1, red);
+  } else {
+    route_tile_scalar<T>(a, e0, tok0, ntok, cb0, cb1, red);
   }
   __syncthreads();
-  for (int o = threadIdx.x; o < eb * ntok; o += blockDim.x) {
-    const int j = o / ntok, t = o % ntok;
-    const int ej = blockIdx.x * eb + j;
-    if (ej >= a.E) continue;
+  if (threadIdx.x < kRouteExpTile * kRouteTokTile) {  // rows fastest: stores coalesce
+    const int i = threadIdx.x % kRouteExpTile, t = threadIdx.x / kRouteExpTile;
     float v = 0.f;
-    for (int w = 0; w < wpe; ++w) v += part[j * wpe + w][t];
-    a.logits[(tok0 + t) * a.E + ej] = v;
+#pragma unroll
+    for (int w = 0; w < kRouteWarps; ++w) v += red[w][i][t];
+    if (e0 + i < a.E && t < ntok) a.partial[(ks * a.T + tok0 + t) * a.E + e0 + i] = v;
   }
 
-  // Last-arriving block of this token tile runs the selection.
+  // The last block to arrive at this token tile adds the partials and selects.
   __threadfence();
   __syncthreads();
   if (threadIdx.x == 0) {
     const unsigned int prev = atomicAdd(&g_route_tile_arrivals[local_tile], 1u);
-    is_last = (prev == gridDim.x - 1);
+    is_last = (prev == gridDim.x * gridDim.y - 1);
   }
   __syncthreads();
   if (!is_last) return;
   __threadfence();
-  for (int t = warp; t < ntok; t += kRouteWarps) {
-    const int64_t tok = tok0 + t;
-    const float* row = a.logits + tok * a.E;
-    route_token_warp<EPL>([&](int ee) { return __ldcg(row + ee); }, tok, a);
+  const int E = static_cast<int>(a.E);
+  const int64_t stride = a.T * a.E;  // between k-splits
+  for (int o = threadIdx.x; o < ntok * E; o += blockDim.x) {
+    const int t = o / E, e = o - t * E;
+    const float* p = a.partial + (tok0 + t) * a.E + e;
+    float v = 0.f;
+    int s = 0;
+    for (; s + 8 <= a.k_splits; s += 8) {  // 8 loads in flight, added in split order
+      float q[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) q[j] = __ldcg(p + (s + j) * stride);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) v += q[j];
+    }
+    for (; s < a.k_splits; ++s) v += __ldcg(p + s * stride);
+    s_logits[t * E + e] = v;
   }
+  __syncthreads();
+  if (warp < ntok)
+    route_token_warp<EPL>([&](int ee) { return s_logits[warp * E + ee]; }, tok0 + warp, a);
   if (threadIdx.x == 0) g_route_tile_arrivals[local_tile] = 0u;
 }
 
@@ -317,11 +357,22 @@ cudaError_t LaunchRouteEpl(const RouteArgs& a, cudaStream_t stream) {
     route_logits_kernel<T, EPL><<<blocks, kRouteThreads, 0, stream>>>(a);
     return cudaGetLastError();
   }
+  const bool mma = sizeof(T) == 2 && a.H % 8 == 0;
   const int64_t tiles = (a.T + kRouteTokTile - 1) / kRouteTokTile;
+  const size_t smem = static_cast<size_t>(kRouteTokTile) * a.E * sizeof(float);
   for (int64_t tile0 = 0; tile0 < tiles; tile0 += kRouteMaxTiles) {
     const unsigned n = static_cast<unsigned>(std::min<int64_t>(kRouteMaxTiles, tiles - tile0));
-    dim3 grid(static_cast<unsigned>((a.E + a.experts_per_block - 1) / a.experts_per_block), n);
-    route_fused_kernel<T, EPL><<<grid, kRouteThreads, 0, stream>>>(a, tile0, a.experts_per_block);
+    dim3 grid(static_cast<unsigned>((a.E + kRouteExpTile - 1) / kRouteExpTile),
+              static_cast<unsigned>(a.k_splits), n);
+    if constexpr (sizeof(T) == 2) {
+      if (mma) {
+        route_fused_kernel<T, EPL, true><<<grid, kRouteThreads, smem, stream>>>(a, tile0);
+      } else {
+        route_fused_kernel<T, EPL, false><<<grid, kRouteThreads, smem, stream>>>(a, tile0);
+      }
+    } else {
+      route_fused_kernel<T, EPL, false><<<grid, kRouteThreads, smem, stream>>>(a, tile0);
+    }
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
@@ -332,9 +383,8 @@ cudaError_t LaunchRouteEpl(const RouteArgs& a, cudaStream_t stream) {
 template <typename T>
 cudaError_t LaunchRoute(const RouteArgs& a, cudaStream_t stream) {
   if (a.T == 0) return cudaSuccess;
-  const int eb = a.experts_per_block;
   if (a.E > kRouteMaxExperts || a.p.top_k > kRouteMaxTopK || a.p.num_groups > kRouteMaxGroups ||
-      !(eb == 1 || eb == 2 || eb == 4 || eb == 8))
+      a.k_splits < 1 || a.k_splits > kRouteMaxKSplits)
     return cudaErrorInvalidValue;
   if (a.E <= 64) return LaunchRouteEpl<T, 2>(a, stream);
   if (a.E <= 128) return LaunchRouteEpl<T, 4>(a, stream);
