@@ -10,9 +10,15 @@ from __future__ import annotations
 # ---- route -------------------------------------------------------------------
 
 # Up to this many tokens the router matmul runs inside the routing launch; above it,
-# as XLA's dot (tensor cores) followed by the logits-only routing kernel.
-# TO BE SET from bench_route (fused split-K kernel vs dot + logits kernel).
-ROUTE_FUSED_MAX_TOKENS = 64
+# as XLA's dot followed by the logits-only routing kernel. Measured on H100
+# (bench_route, run s2-B2, us per call, fused / dot): DeepSeek-V3 T=1 10.8 / 7.6,
+# T=16 19.2 / 12.9, T=64 24.2 / 14.4; Gemma-4 T=1 7.5 / 4.6, T=16 11.8 / 7.8,
+# T=64 13.3 / 14.2; Qwen3 T=1 6.7 / 4.0, T=64 12.8 / 7.8. The two-launch path wins
+# everywhere but one point: the fused kernel's serial chain (weight loads, partials
+# to L2, fence + arrival counter, the last block re-reading k_splits partials, then
+# the selection) is longer than XLA's tuned GEMV plus one more launch. So 0: the
+# fused kernel stays available (route_p with k_splits, tested) but is not picked.
+ROUTE_FUSED_MAX_TOKENS = 0
 
 # Fused-path geometry (csrc/kernels/route.cuh): a block is 16 router rows x 8 tokens
 # x one of k_splits slices of H (32-column chunks dealt to its 8 warps).
@@ -109,7 +115,7 @@ def gemv_k_split(rows: int, reduce_len: int) -> int:
 # between 4 and 8; DeepSeek-V3 (256, 8) about even at 64. The expected fraction
 # of experts selected (uniform routing) at those points is 0.64-0.87, 0.87-0.998,
 # 0.68-0.90 and 0.87: gemv below MOE_GEMV_MAX_EXPERT_FRACTION.
-MOE_GEMV_MAX_EXPERT_FRACTION = 0.85
+MOE_GEMV_MAX_EXPERT_FRACTION = 0.89
 # expert_gemv's per-block prologue scans every assignment (T*k ids) once per pass;
 # beyond this many tokens that alone outweighs the weight stream (T=512: 2.8x the
 # floor on Gemma-4).
