@@ -17,7 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import jax_moe
-from jax_moe import reference
+from jax_moe import heuristics, reference
+from jax_moe.route import route_p
+
+e0 = jnp.zeros((0,), jnp.float32)
 
 r = np.random.default_rng(0)
 failures = []
@@ -48,9 +51,14 @@ for E, H, T, dt in [(256, 7168, 1, jnp.bfloat16), (128, 2816, 16, jnp.bfloat16),
                    (64, 200, 40, jnp.float16), (60, 33, 3, jnp.bfloat16), (40, 64, 9, jnp.float32)]:
   x = jnp.asarray(r.normal(size=(T, H)), dt)
   wr = jnp.asarray(r.normal(size=(E, H)) / np.sqrt(H), dt)
-  w, ids = jax_moe.route(x, 6, router_weight=wr, scoring="sigmoid")
   w_ref, _ = reference.route(x, 6, router_weight=wr, scoring="sigmoid")
-  check(f"route fused E={E} H={H} T={T}", w, w_ref, 1e-3)
+  for k_splits in (1, 5, heuristics.route_k_splits(T, E, H)):  # the fused kernel, forced
+    w, _, _ = route_p.bind(x, wr, e0, e0, top_k=6, scoring="sigmoid", renormalize=True,
+                           num_groups=1, top_groups=1, group_score="top2_sum",
+                           scaling_factor=1.0, k_splits=k_splits)
+    check(f"route fused E={E} H={H} T={T} k_splits={k_splits}", w, w_ref, 1e-3)
+  w, _ = jax_moe.route(x, 6, router_weight=wr, scoring="sigmoid")  # default path
+  check(f"route E={E} H={H} T={T}", w, w_ref, 1e-3)
 
 # expert_gemv: tensor-core path (NT = 1, 2, 4; K and row tails), generic path.
 for dtype, T, H, I, E, k in [(jnp.bfloat16, 1, 256, 128, 16, 4), (jnp.float16, 12, 72, 40, 8, 4),
@@ -61,7 +69,7 @@ for dtype, T, H, I, E, k in [(jnp.bfloat16, 1, 256, 128, 16, 4), (jnp.float16, 1
   wgu = jnp.asarray(r.normal(size=(E, 2 * I, H)) / np.sqrt(H), dtype)
   wd = jnp.asarray(r.normal(size=(E, H, I)) / np.sqrt(I), dtype)
   ref = reference.expert_gemv(x, ids, wgu, wd, activation="gelu_tanh")
-  for variant in (0, 5, 6):  # default, and the early-prefetch variants
+  for variant in (0, 1):  # the default (4) and the plain variant
     y = jax_moe.expert_gemv(x, ids, wgu, wd, activation="gelu_tanh",
                             _config=dict(kernel_variant=variant))
     check(f"expert_gemv v{variant} {jnp.dtype(dtype).name} T={T} H={H} I={I}", y, ref, 2e-2)

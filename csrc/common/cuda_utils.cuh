@@ -47,11 +47,6 @@ __device__ __forceinline__ uint4 ldg_stream_pf_v4(const void* p) {
   return r;
 }
 
-// Ask L2 to fetch the line holding p (no register, no wait).
-__device__ __forceinline__ void prefetch_l2(const void* p) {
-  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
-}
-
 // Unpack 8 16-bit floats (or 4 f32) from a 16-byte vector into floats.
 template <typename T> struct Vec16;
 template <> struct Vec16<bf16> {

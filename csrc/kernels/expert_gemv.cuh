@@ -145,11 +145,8 @@ __device__ __forceinline__ uint4 load_b_or_zero(const void* p, bool ok) {
 }
 
 // grid = (row tiles of 16 * (8 / k_split) rows, slots). NT n-tiles of 8 tokens;
-// U chunks of 32 columns loaded per batch; PF: L2 256-byte prefetch hint; EARLY:
-// as soon as the expert is known, prefetch the first batch of weights into L2, so
-// that fetch overlaps the assignment listing and, in phase 2, the wait for phase 1
-// (the weights do not depend on it; only h does).
-template <typename T, int NT, bool GATED, int U = kGemvUnroll, bool PF = false, bool EARLY = false>
+// U chunks of 32 columns loaded per batch; PF: L2 256-byte prefetch hint.
+template <typename T, int NT, bool GATED, int U = kGemvUnroll, bool PF = false>
 __global__ void __launch_bounds__(kGemvThreads)
 gemv_mma_kernel(GemvPhaseArgs a) {
   constexpr int MATS = GATED ? 2 : 1;
@@ -193,22 +190,6 @@ gemv_mma_kernel(GemvPhaseArgs a) {
   const int64_t per_warp = (nchunks + a.k_split - 1) / a.k_split;
   const int64_t ch0 = ks * per_warp;
   const int64_t ch1 = (ch0 + per_warp < nchunks) ? ch0 + per_warp : nchunks;
-
-  if constexpr (EARLY) {
-    if (c == 0) {  // one lane per 64-byte row segment
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int64_t col = (ch0 + u) * kGemvChunk;
-        if (ch0 + u >= ch1 || col >= a.K) break;
-        if (ok_lo) prefetch_l2(wg_lo + col);
-        if (ok_hi) prefetch_l2(wg_hi + col);
-        if (GATED) {
-          if (ok_lo) prefetch_l2(wu_lo + col);
-          if (ok_hi) prefetch_l2(wu_hi + col);
-        }
-      }
-    }
-  }
 
   const T* src = static_cast<const T*>(a.src);
   bool waited = false;
@@ -391,16 +372,14 @@ gemv_generic_kernel(GemvPhaseArgs a) {
 // Weight-streaming variants of gemv_mma_kernel (benchmarks/bench_gemv.py --variants):
 //   1 direct: 4 chunks of 32 columns per batch;
 //   3 direct_pf: + L2 256-byte prefetch hint;
-//   4 direct_pf8 (auto): + 8 chunks per batch;
-//   5 direct_pf8_early: 4 + the first batch prefetched into L2 as soon as the
-//     expert is known (before the assignment listing and the PDL wait);
-//   6 direct_pf_early: 3 + that prefetch (fewer registers than 5: more blocks/SM).
+//   4 direct_pf8 (auto): + 8 chunks per batch.
+// Also measured and removed (RESULTS.md): a cp.async ring through shared memory, and
+// an L2 prefetch of the first batch issued as soon as the expert is known (before
+// the assignment listing and the PDL wait), with 8 or 4 chunks per batch: 10-25%
+// slower than 4 at every shape and T measured.
 // Measured on H100 (benchmarks/RESULTS.md): 4 streams at 2.6-3.0 TB/s where 1 got
 // 2.0-2.3; a cp.async ring through shared memory (once variant 2) was slower than 1.
-enum GemvVariant : int {
-  kGemvAuto = 0, kGemvDirect = 1, kGemvDirectPf = 3, kGemvDirectPf8 = 4, kGemvDirectPf8Early = 5,
-  kGemvDirectPfEarly = 6
-};
+enum GemvVariant : int { kGemvAuto = 0, kGemvDirect = 1, kGemvDirectPf = 3, kGemvDirectPf8 = 4 };
 
 struct ExpertGemvArgs {
   const void* x = nullptr;       // [T, H]
@@ -450,14 +429,13 @@ cudaError_t LaunchEx(void (*kernel)(KArgs...), dim3 grid, size_t smem, cudaStrea
   return cudaLaunchKernelEx(&cfg, kernel, args...);
 }
 
-template <typename T, int NT, int U, bool PF, bool EARLY = false>
+template <typename T, int NT, int U, bool PF>
 cudaError_t LaunchDirect(const GemvPhaseArgs& p1, const GemvPhaseArgs& p2, dim3 g1, dim3 g2,
                          size_t bitmap_smem, cudaStream_t stream, bool pdl2, bool do1, bool do2) {
   cudaError_t err = cudaSuccess;
-  if (do1)
-    err = LaunchEx(gemv_mma_kernel<T, NT, true, U, PF, EARLY>, g1, bitmap_smem, stream, false, p1);
+  if (do1) err = LaunchEx(gemv_mma_kernel<T, NT, true, U, PF>, g1, bitmap_smem, stream, false, p1);
   if (err != cudaSuccess || !do2) return err;
-  return LaunchEx(gemv_mma_kernel<T, NT, false, U, PF, EARLY>, g2, bitmap_smem, stream, pdl2, p2);
+  return LaunchEx(gemv_mma_kernel<T, NT, false, U, PF>, g2, bitmap_smem, stream, pdl2, p2);
 }
 
 template <typename T, int NT>
@@ -468,10 +446,6 @@ cudaError_t LaunchGemvPhases(const GemvPhaseArgs& p1, const GemvPhaseArgs& p2, d
     return LaunchDirect<T, NT, 4, false>(p1, p2, g1, g2, bitmap_smem, stream, pdl2, true, true);
   if (variant == kGemvDirectPf)
     return LaunchDirect<T, NT, 4, true>(p1, p2, g1, g2, bitmap_smem, stream, pdl2, true, true);
-  if (variant == kGemvDirectPfEarly)
-    return LaunchDirect<T, NT, 4, true, true>(p1, p2, g1, g2, bitmap_smem, stream, pdl2, true, true);
-  if (variant == kGemvDirectPf8Early)
-    return LaunchDirect<T, NT, 8, true, true>(p1, p2, g1, g2, bitmap_smem, stream, pdl2, true, true);
   return LaunchDirect<T, NT, 8, true>(p1, p2, g1, g2, bitmap_smem, stream, pdl2, true, true);
 }
 
