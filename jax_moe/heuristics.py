@@ -104,22 +104,26 @@ def gemv_k_split(rows: int, reduce_len: int) -> int:
 # ---- moe_block ---------------------------------------------------------------
 
 # moe_block "auto": expert_gemv or the grouped path.
-# Measured on H100 (bench_moe, RESULTS.md, run s2-A): the grouped path's best
-# formulation at every T from 8-32 up is "dense" (every expert on every token, two
-# tensor-core GEMMs), whose time is all experts' weight bytes until it turns
-# FLOP-bound; expert_gemv reads only the selected experts (once per pass of up to
-# 8*NT tokens each) but streams them at a lower rate than the dense GEMMs. So gemv
-# wins while the selected experts are clearly fewer than all of them, and loses
-# once routing touches nearly every expert. Measured crossovers: Gemma-4 (E=128,
-# k=8) between T=16 and 32, Qwen3 (128, 8) between 32 and 64, Mixtral (8, 2)
-# between 4 and 8; DeepSeek-V3 (256, 8) about even at 64. The expected fraction
-# of experts selected (uniform routing) at those points is 0.64-0.87, 0.87-0.998,
-# 0.68-0.90 and 0.87: gemv below MOE_GEMV_MAX_EXPERT_FRACTION.
+# Measured on H100 (bench_moe, RESULTS.md, run s2-B3/B4, whole layer): the grouped
+# path's best formulation from T=8-16 up is "dense" (every expert on every token,
+# two tensor-core GEMMs): all experts' weight bytes until it turns FLOP-bound.
+# expert_gemv reads only the selected experts but pays a per-block prologue that
+# scans all T*k assignments. Measured winners: gemv at Gemma-4 T<=32 (T=32: 568 vs
+# 572 us), dense from 64 (611 vs 697); Qwen3 gemv to 32, even at 64 (486 vs 486);
+# Mixtral gemv to 4, even at 8 (965 vs 980), dense from 16 (990 vs 1148); DeepSeek-V3
+# gemv to 512 (T=512: 13.9 vs 19.2 ms, dense FLOP-bound). Rule: gemv while uniform
+# routing would select at most MOE_GEMV_MAX_EXPERT_FRACTION of the experts (those
+# points sit at 0.87, 0.87, 0.68-0.90 and 0.87); above it, a cost model: gemv
+# streams its passes at MOE_GEMV_BYTES_PER_S, times MOE_GEMV_BASE_OVERHEAD, times
+# the prologue's share (1 + MOE_GEMV_PROLOGUE_COST * T*k / H: each block scans T*k
+# ids for 16 rows of H columns; fitted to Gemma-4 and DeepSeek-V3 at T=64 and 512);
+# dense is the larger of all experts' bytes and its FLOPs.
 MOE_GEMV_MAX_EXPERT_FRACTION = 0.89
-# expert_gemv's per-block prologue scans every assignment (T*k ids) once per pass;
-# beyond this many tokens that alone outweighs the weight stream (T=512: 2.8x the
-# floor on Gemma-4).
-MOE_GEMV_MAX_TOKENS = 256
+MOE_GEMV_MAX_TOKENS = 512
+MOE_GEMV_BYTES_PER_S = 2.6e12
+MOE_GEMV_BASE_OVERHEAD = 1.1
+MOE_GEMV_PROLOGUE_COST = 1.2
+MOE_DENSE_FLOPS_PER_S = 5.7e14
 
 
 def expected_expert_fraction(num_tokens: int, num_experts: int, top_k: int) -> float:
@@ -132,11 +136,20 @@ def expected_expert_fraction(num_tokens: int, num_experts: int, top_k: int) -> f
 def moe_implementation(num_tokens: int, num_experts: int, top_k: int, hidden: int,
                        intermediate: int) -> str:
   """"gemv" or "grouped" for moe_block's implementation="auto"."""
-  del hidden, intermediate
-  if num_tokens > MOE_GEMV_MAX_TOKENS:
+  T, E, k = num_tokens, num_experts, top_k
+  if T > MOE_GEMV_MAX_TOKENS:
     return "grouped"
-  frac = expected_expert_fraction(num_tokens, num_experts, top_k)
-  return "gemv" if frac <= MOE_GEMV_MAX_EXPERT_FRACTION or num_tokens <= 1 else "grouped"
+  frac = expected_expert_fraction(T, E, k)
+  if frac <= MOE_GEMV_MAX_EXPERT_FRACTION or T <= 1:
+    return "gemv"
+  expert_bytes = 3 * hidden * intermediate * 2
+  per_expert = T * min(k, E) / E
+  passes = max(1, -(-int(per_expert + 3 * per_expert ** 0.5 + 1) // 32))
+  gemv_s = (passes * frac * E * expert_bytes / MOE_GEMV_BYTES_PER_S * MOE_GEMV_BASE_OVERHEAD
+            * (1 + MOE_GEMV_PROLOGUE_COST * T * k / hidden))
+  dense_s = max(E * expert_bytes / MOE_GEMV_BYTES_PER_S,
+                2 * T * E * 3 * hidden * intermediate / MOE_DENSE_FLOPS_PER_S)
+  return "gemv" if gemv_s < dense_s else "grouped"
 
 
 # Grouped path formulations (all XLA today; see moe._grouped_experts):
@@ -152,7 +165,7 @@ def moe_implementation(num_tokens: int, num_experts: int, top_k: int, hidden: in
 # "dense" is the grouped default; "gather" only where T*k is far below E.
 # ragged_dot stays selectable (grouped_method="ragged_dot"), e.g. for CPU or for
 # devices where XLA lowers it to a real grouped GEMM.
-MOE_DENSE_MAX_BYTES = 4 << 30         # f32 intermediates per dense token block
+MOE_DENSE_MAX_BYTES = 8 << 30         # f32 intermediates per dense token block
 
 
 def moe_grouped_method(num_tokens: int, num_experts: int, top_k: int, hidden: int,
@@ -171,4 +184,10 @@ def moe_dense_token_block(num_tokens: int, num_experts: int, hidden: int,
   weights, which at these sizes is small next to the block's FLOPs."""
   per_token = 4 * num_experts * max(2 * intermediate, hidden)
   tb = max(8, MOE_DENSE_MAX_BYTES // per_token // 8 * 8)
-  return num_tokens if tb >= num_tokens else tb
+  if tb >= num_tokens:
+    return num_tokens
+  # Equal blocks (padding under 8 tokens): a 2976 + 2976 split of T=4096 ran
+  # Gemma-4 at 21.2 ms against 11.2 ms unblocked (run s2-B3).
+  blocks = -(-num_tokens // tb)
+  per = -(-num_tokens // blocks)
+  return -(-per // 8) * 8

@@ -101,10 +101,10 @@ def test_auto_crossover(platform):
 
 
 # (shape, largest T where gemv won, smallest T where dense won or None), bench_moe on
-# H100 (RESULTS.md); the heuristic must agree with each measured side. (Qwen3 T=32,
-# gemv 3% ahead, falls on the grouped side: the one measured point it gets wrong.)
-MEASURED_CROSSOVERS = [("gemma4", 16, 32), ("qwen3", 16, 64), ("mixtral", 4, 8),
-                       ("deepseek_v3", 16, None)]
+# H100, run s2-B3/B4 (RESULTS.md); the heuristic must agree with each measured side.
+# Points within 2% either way (Qwen3 T=64 and 512, Mixtral T=8) are left out.
+MEASURED_CROSSOVERS = [("gemma4", 32, 64), ("qwen3", 32, None), ("mixtral", 4, 16),
+                       ("deepseek_v3", 512, None)]
 
 
 @pytest.mark.parametrize("name,gemv_at,grouped_at", MEASURED_CROSSOVERS)
@@ -112,7 +112,8 @@ def test_auto_matches_measurements(name, gemv_at, grouped_at):
   s = SHAPES[name]
   pick = lambda T: heuristics.moe_implementation(T, s.num_experts, s.top_k,  # noqa: E731
                                                    s.hidden, s.intermediate)
-  assert all(pick(T) == "gemv" for T in range(1, gemv_at + 1))
+  measured = (1, 2, 4, 8, 16, 32, 64, 512)  # the T values bench_moe ran below 4096
+  assert all(pick(T) == "gemv" for T in measured if T <= gemv_at)
   if grouped_at is not None:
     assert pick(grouped_at) == "grouped"
   assert pick(4096) == "grouped"
@@ -145,8 +146,10 @@ def test_dense_token_blocks(platform, monkeypatch):
   ref_rows, ref_index = moe_lib._grouped_dense(x, ids, params.w_gate_up, params.w_down, "silu")
   np.testing.assert_array_equal(np.asarray(index) < 0, np.asarray(ref_index) < 0)
   ok = np.asarray(index) >= 0
+  # Same math; the f32 GEMMs differ only in M (8 vs 21 rows), which may change their
+  # summation order: differences of a few f32 ulps of the O(1) terms summed.
   np.testing.assert_allclose(np.asarray(rows)[np.asarray(index)[ok]],
-                             np.asarray(ref_rows)[np.asarray(ref_index)[ok]], rtol=1e-6, atol=1e-6)
+                             np.asarray(ref_rows)[np.asarray(ref_index)[ok]], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("impl", IMPLS[:2], ids=impl_id)
