@@ -3,7 +3,8 @@ limit forces) into one JSON, one summary table and one plot.
 
   python benchmarks/merge_moe.py OUT_DIR run1/moe.json run2/moe.json ...
 
-Rows are taken as measured; "auto" rows are re-derived from the measured rows of the
+Rows are taken as measured (a later file's row replaces an earlier one for the same
+shape, T and implementation); "auto" rows are re-derived from the measured rows of the
 implementation that heuristics.moe_implementation picks today (the same program),
 so a heuristic changed after a run is reported as it now behaves.
 """
@@ -31,7 +32,9 @@ def main(argv):
       d = json.load(f)
     devices.add(d.get("device"))
     bws.append(d.get("read_bandwidth_Bps") or 0)
-    rows += [r for r in d["rows"] if r.get("T") is not None and r["impl"] != "auto"]
+    new = [r for r in d["rows"] if r.get("T") is not None and r["impl"] != "auto"]
+    keys = {(r["shape"], r["T"], r["impl"]) for r in new}
+    rows = [r for r in rows if (r["shape"], r["T"], r["impl"]) not in keys] + new
   for key in sorted({(r["shape"], r["T"]) for r in rows}, key=lambda k: (k[0], k[1])):
     shape = SHAPES[key[0]]
     impl, method = moe_lib.resolve(MoEConfig.from_shape(shape), key[1], shape.hidden,
