@@ -40,7 +40,19 @@ def distinct_ids(rng, T, k, E):
   return np.stack([rng.choice(E, size=k, replace=False) for _ in range(T)]).astype(np.int32)
 
 
-def run(out_dir, shapes, tokens, quick=False, variants=(4,), xla=True, xla_tokens=None):
+def parse_config(spec: str) -> dict:
+  """'4' -> kernel variant 4; '4:gu8:d4:nt2' also sets k_split_gate_up, k_split_down
+  and token_tiles (expert_gemv's private _config)."""
+  parts = spec.split(":")
+  cfg = dict(kernel_variant=int(parts[0]))
+  names = dict(gu="k_split_gate_up", d="k_split_down", nt="token_tiles")
+  for p in parts[1:]:
+    key = p.rstrip("0123456789")
+    cfg[names[key]] = int(p[len(key):])
+  return cfg
+
+
+def run(out_dir, shapes, tokens, quick=False, variants=("4",), xla=True, xla_tokens=None):
   rng = np.random.default_rng(0)
   read_bw = harness.measure_read_bandwidth(64 << 20 if quick else 1 << 30)
   rows = []
@@ -69,9 +81,8 @@ def run(out_dir, shapes, tokens, quick=False, variants=(4,), xla=True, xla_token
       layer_args = [st[1:] for st in sets]     # (ids, w, wgu, wd) per layer
       x0 = sets[0][0]
 
-      def ours(x, ids, w, a, b, variant=0):
-        y = jax_moe.expert_gemv(x, ids, a, b, activation=act,
-                                _config=dict(kernel_variant=variant))
+      def ours(x, ids, w, a, b, variant="0"):
+        y = jax_moe.expert_gemv(x, ids, a, b, activation=act, _config=parse_config(variant))
         return _combine(y, w)
 
       def xla_gather(x, ids, w, a, b):
@@ -121,10 +132,11 @@ if __name__ == "__main__":
   ap.add_argument("--shapes", default="gemma4,qwen3,mixtral,deepseek_v3")
   ap.add_argument("--tokens", default="1,2,4,8,16,32,64")
   ap.add_argument("--variants", default=str(jax_moe.heuristics.GEMV_KERNEL_VARIANT or 4),
-                  help="kernel variants to time, e.g. 1,2,3,4 (see csrc/kernels/expert_gemv.cuh)")
+                  help="kernel configs to time, e.g. 1,3,4 or 4:gu8:d8:nt1 (kernel variant "
+                       "of csrc/kernels/expert_gemv.cuh, k-splits of gate_up/down, token tiles)")
   ap.add_argument("--no-xla", action="store_true", help="skip the XLA baselines")
   ap.add_argument("--xla-tokens", default=None, help="time the XLA baselines only at these T")
   a = ap.parse_args()
   run(a.out, a.shapes.split(","), [int(t) for t in a.tokens.split(",")], a.quick,
-      [int(v) for v in a.variants.split(",")], not a.no_xla,
+      a.variants.split(","), not a.no_xla,
       None if a.xla_tokens is None else [int(t) for t in a.xla_tokens.split(",")])

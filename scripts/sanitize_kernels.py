@@ -3,7 +3,8 @@ initcheck, synccheck). Inputs are fuzzed: ids and indices include negative and
 too-large values, sizes include tails, so out-of-bounds bugs show up. Each op is
 also checked against the reference, so the run fails on wrong results too.
 
-Run as: compute-sanitizer --tool memcheck python scripts/sanitize_kernels.py
+Run as: compute-sanitizer --tool memcheck python scripts/sanitize_kernels.py [--small]
+--small drops the full-size cases (racecheck runs each kernel many times slower).
 (gpu_check.sh sets XLA_PYTHON_CLIENT_ALLOCATOR=platform so each buffer is its own
 allocation and the sanitizer sees overruns past it).
 """
@@ -24,6 +25,7 @@ e0 = jnp.zeros((0,), jnp.float32)
 
 r = np.random.default_rng(0)
 failures = []
+SMALL = "--small" in sys.argv
 
 
 def check(name, out, ref, tol):
@@ -38,7 +40,7 @@ def check(name, out, ref, tol):
 
 
 # route: logits path (several experts-per-lane variants) and fused router path.
-for E, k, T, groups in [(8, 2, 5, 1), (64, 6, 17, 4), (256, 8, 33, 8), (1000, 8, 3, 1)]:
+for E, k, T, groups in [(8, 2, 5, 1), (64, 6, 17, 4), (256, 8, 33, 8), (1000, 8, 3, 1)][:3 if SMALL else 4]:
   x = jnp.asarray(r.normal(size=(T, E)) * 2, jnp.float32)
   w, ids = jax_moe.route(x, k, num_groups=groups, top_groups=max(1, groups // 2),
                          scoring="sigmoid" if groups > 1 else "softmax")
@@ -48,7 +50,8 @@ for E, k, T, groups in [(8, 2, 5, 1), (64, 6, 17, 4), (256, 8, 33, 8), (1000, 8,
   if not ok:
     failures.append(f"route E={E}")
 for E, H, T, dt in [(256, 7168, 1, jnp.bfloat16), (128, 2816, 16, jnp.bfloat16),
-                   (64, 200, 40, jnp.float16), (60, 33, 3, jnp.bfloat16), (40, 64, 9, jnp.float32)]:
+                   (64, 200, 40, jnp.float16), (60, 33, 3, jnp.bfloat16),
+                   (40, 64, 9, jnp.float32)][2 if SMALL else 0:]:
   x = jnp.asarray(r.normal(size=(T, H)), dt)
   wr = jnp.asarray(r.normal(size=(E, H)) / np.sqrt(H), dt)
   w_ref, _ = reference.route(x, 6, router_weight=wr, scoring="sigmoid")
@@ -76,7 +79,8 @@ for dtype, T, H, I, E, k in [(jnp.bfloat16, 1, 256, 128, 16, 4), (jnp.float16, 1
 
 # combine (when built): dense form and fuzzed index form.
 if hasattr(jax_moe, "combine"):
-  for dtype, T, k, H in [(jnp.bfloat16, 1, 8, 7168), (jnp.float32, 33, 3, 7), (jnp.float16, 5, 9, 64)]:
+  for dtype, T, k, H in [(jnp.bfloat16, 1, 8, 7168), (jnp.float32, 33, 3, 7),
+                         (jnp.float16, 5, 9, 64)][1 if SMALL else 0:]:
     y = jnp.asarray(r.normal(size=(T, k, H)), dtype)
     w = jnp.asarray(r.normal(size=(T, k)), jnp.float32)
     check(f"combine {jnp.dtype(dtype).name} T={T} k={k} H={H}", jax_moe.combine(y, w),
