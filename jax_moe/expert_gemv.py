@@ -124,7 +124,7 @@ def expert_gemv(x, ids, w_gate_up, w_down, *, activation="silu", _config=None):
   ids2 = ids.reshape(-1, k)
   T = x2.shape[0]
   config = dict(token_tiles=heuristics.gemv_token_tiles(T, E, k),
-                k_split_gate_up=heuristics.gemv_k_split(I, H),
+                k_split_gate_up=heuristics.gemv_k_split(I, H, gated=True),
                 k_split_down=heuristics.gemv_k_split(H, I),
                 kernel_variant=heuristics.GEMV_KERNEL_VARIANT)
   config.update(_config or {})

@@ -88,16 +88,23 @@ def gemv_token_tiles(num_tokens: int, num_experts: int | None = None,
   return 4
 
 
-def gemv_k_split(rows: int, reduce_len: int) -> int:
+def gemv_k_split(rows: int, reduce_len: int, gated: bool = False) -> int:
   """Warps (of 8 per block) that split the reduction dimension K: 8 or 4.
 
   A block covers 16 * (8 / k_split) rows. Splitting K gives smaller row tiles, so
   more blocks at decode (T=1 selects only k experts) and better balance across
-  SMs; each warp should still stream at least ~8 chunks of 32 columns. 1 and 2 give
-  row tiles whose shared-memory ring does not fit (the kernel then falls back to
-  direct loads), so they are not chosen.
+  SMs; each warp should still stream enough 32-column chunks. Measured on H100
+  (bench_gemv configs, run s2-B7, gemv + combine): the gate_up phase at K=2816
+  (Gemma-4) and 2048 (Qwen3) ran faster with 4 than 8 (T=1 51.6 vs 55.3 and 41.6
+  vs 43.5 us; T=8 243.5 vs 265.6 and 194.3 vs 204.1): a warp's stream of 11 or 8
+  chunks is too short against its block's prologue. Down at K=704/768 was slower
+  with 8 than 4 (56.1 vs 55.3 us). The down phase keeps its session-1 rule (8 when
+  K // 8 >= 256) until measured otherwise.
+  1 and 2 leave too few blocks at T=1 and are not chosen.
   """
   del rows
+  if gated:
+    return 8 if reduce_len // 8 >= 512 else 4
   return 8 if reduce_len // 8 >= 256 else 4
 
 
