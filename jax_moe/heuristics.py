@@ -115,8 +115,8 @@ def gemv_k_split(rows: int, reduce_len: int, gated: bool = False) -> int:
 # path's best formulation from T=8-16 up is "dense" (every expert on every token,
 # two tensor-core GEMMs): all experts' weight bytes until it turns FLOP-bound.
 # expert_gemv reads only the selected experts but pays a per-block prologue that
-# scans all T*k assignments. Measured winners: gemv at Gemma-4 T<=32 (T=32: 568 vs
-# 572 us), dense from 64 (611 vs 697); Qwen3 gemv to 32, even at 64 (486 vs 486);
+# scans all T*k assignments. Measured winners: gemv at Gemma-4 T<=32 (T=32: 509 vs
+# 572 us, run s2-B8), dense at 64 (611 vs 697, before the gate_up k_split change); Qwen3 gemv to 32, even at 64 (486 vs 486);
 # Mixtral gemv to 4, even at 8 (965 vs 980), dense from 16 (990 vs 1148); DeepSeek-V3
 # gemv to 512 (T=512: 13.9 vs 19.2 ms, dense FLOP-bound). Rule: gemv while uniform
 # routing would select at most MOE_GEMV_MAX_EXPERT_FRACTION of the experts (those
