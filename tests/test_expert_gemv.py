@@ -243,8 +243,7 @@ def test_handler_revalidates():
         x, ids, wgu, wd_bad)[0].block_until_ready()
 
 
-@pytest.mark.parametrize("variant", [1, 3, 4, 5],
-                         ids=["direct", "direct_pf", "direct_pf8", "direct_pf_db"])
+@pytest.mark.parametrize("variant", [1, 3, 4], ids=["direct", "direct_pf", "direct_pf8"])
 @pytest.mark.parametrize("k_split", [1, 2, 4, 8])
 @pytest.mark.parametrize("token_tiles", [1, 2, 4])
 def test_kernel_configs(platform, variant, k_split, token_tiles):

@@ -145,9 +145,8 @@ __device__ __forceinline__ uint4 load_b_or_zero(const void* p, bool ok) {
 }
 
 // grid = (row tiles of 16 * (8 / k_split) rows, slots). NT n-tiles of 8 tokens;
-// U chunks of 32 columns loaded per batch; PF: L2 256-byte prefetch hint; DB: two
-// batches in registers, the next one's loads issued before this one's mma.
-template <typename T, int NT, bool GATED, int U = kGemvUnroll, bool PF = false, bool DB = false>
+// U chunks of 32 columns loaded per batch; PF: L2 256-byte prefetch hint.
+template <typename T, int NT, bool GATED, int U = kGemvUnroll, bool PF = false>
 __global__ void __launch_bounds__(kGemvThreads)
 gemv_mma_kernel(GemvPhaseArgs a) {
   constexpr int MATS = GATED ? 2 : 1;
@@ -222,20 +221,17 @@ gemv_mma_kernel(GemvPhaseArgs a) {
 #pragma unroll
         for (int i = 0; i < 4; ++i) acc[m][nt][i] = 0.f;
 
-    // One batch: U chunks of the weight rows (A) and of the token rows (B).
-    struct Batch {
+    for (int64_t ch = ch0; ch < ch1; ch += U) {
       uint4 alo[MATS][U], ahi[MATS][U], b[NT][U];
-    };
-    auto load = [&](Batch& q, int64_t ch) {
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         const int64_t col = (ch + u) * kGemvChunk + 8 * c;
-        const bool in = (ch + u < ch1) && col < a.K;  // else zeros, no memory access
-        q.alo[0][u] = load_or_zero<PF>(wg_lo + col, in && ok_lo);
-        q.ahi[0][u] = load_or_zero<PF>(wg_hi + col, in && ok_hi);
+        const bool in = (ch + u < ch1) && col < a.K;
+        alo[0][u] = load_or_zero<PF>(wg_lo + col, in && ok_lo);
+        ahi[0][u] = load_or_zero<PF>(wg_hi + col, in && ok_hi);
         if (GATED) {
-          q.alo[MATS - 1][u] = load_or_zero<PF>(wu_lo + col, in && ok_lo);
-          q.ahi[MATS - 1][u] = load_or_zero<PF>(wu_hi + col, in && ok_hi);
+          alo[MATS - 1][u] = load_or_zero<PF>(wu_lo + col, in && ok_lo);
+          ahi[MATS - 1][u] = load_or_zero<PF>(wu_hi + col, in && ok_hi);
         }
       }
 #pragma unroll
@@ -244,39 +240,17 @@ gemv_mma_kernel(GemvPhaseArgs a) {
         const bool in = (ch + u < ch1) && col < a.K;
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt)
-          q.b[nt][u] = load_b_or_zero(brow[nt] + col, in && brow[nt] != nullptr);
+          b[nt][u] = load_b_or_zero(brow[nt] + col, in && brow[nt] != nullptr);
       }
-    };
-    auto compute = [&](const Batch& q) {
 #pragma unroll
       for (int u = 0; u < U; ++u)
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
           if (nt * 8 < n) {
 #pragma unroll
-            for (int m = 0; m < MATS; ++m)
-              mma_chunk<T>(acc[m][nt], q.alo[m][u], q.ahi[m][u], q.b[nt][u]);
+            for (int m = 0; m < MATS; ++m) mma_chunk<T>(acc[m][nt], alo[m][u], ahi[m][u], b[nt][u]);
           }
         }
-    };
-    if constexpr (!DB) {
-      for (int64_t ch = ch0; ch < ch1; ch += U) {
-        Batch q;
-        load(q, ch);
-        compute(q);
-      }
-    } else {
-      // Double-buffered: the next batch's loads are in flight while this one's mma
-      // run, so a warp never drains its memory pipeline between batches. (Loads
-      // past ch1 are predicated off and give zeros: the extra mma add nothing.)
-      Batch q0, q1;
-      load(q0, ch0);
-      for (int64_t ch = ch0; ch < ch1; ch += 2 * U) {
-        load(q1, ch + U);
-        compute(q0);
-        load(q0, ch + 2 * U);
-        compute(q1);
-      }
     }
 
     // Partial sums to shared memory: C fragment (g, 2c..2c+1) and (g+8, 2c..2c+1).
@@ -398,18 +372,14 @@ gemv_generic_kernel(GemvPhaseArgs a) {
 // Weight-streaming variants of gemv_mma_kernel (benchmarks/bench_gemv.py --variants):
 //   1 direct: 4 chunks of 32 columns per batch;
 //   3 direct_pf: + L2 256-byte prefetch hint;
-//   4 direct_pf8 (auto): + 8 chunks per batch;
-//   5 direct_pf_db: 3 double-buffered (two batches of 4 chunks, the next one's
-//     loads in flight during this one's mma).
+//   4 direct_pf8 (auto): + 8 chunks per batch.
 // Also measured and removed (RESULTS.md): a cp.async ring through shared memory, and
 // an L2 prefetch of the first batch issued as soon as the expert is known (before
 // the assignment listing and the PDL wait), with 8 or 4 chunks per batch: 10-25%
 // slower than 4 at every shape and T measured.
 // Measured on H100 (benchmarks/RESULTS.md): 4 streams at 2.6-3.0 TB/s where 1 got
 // 2.0-2.3; a cp.async ring through shared memory (once variant 2) was slower than 1.
-enum GemvVariant : int {
-  kGemvAuto = 0, kGemvDirect = 1, kGemvDirectPf = 3, kGemvDirectPf8 = 4, kGemvDirectPfDb = 5
-};
+enum GemvVariant : int { kGemvAuto = 0, kGemvDirect = 1, kGemvDirectPf = 3, kGemvDirectPf8 = 4 };
 
 struct ExpertGemvArgs {
   const void* x = nullptr;       // [T, H]
@@ -459,14 +429,13 @@ cudaError_t LaunchEx(void (*kernel)(KArgs...), dim3 grid, size_t smem, cudaStrea
   return cudaLaunchKernelEx(&cfg, kernel, args...);
 }
 
-template <typename T, int NT, int U, bool PF, bool DB = false>
+template <typename T, int NT, int U, bool PF>
 cudaError_t LaunchDirect(const GemvPhaseArgs& p1, const GemvPhaseArgs& p2, dim3 g1, dim3 g2,
                          size_t bitmap_smem, cudaStream_t stream, bool pdl2, bool do1, bool do2) {
   cudaError_t err = cudaSuccess;
-  if (do1)
-    err = LaunchEx(gemv_mma_kernel<T, NT, true, U, PF, DB>, g1, bitmap_smem, stream, false, p1);
+  if (do1) err = LaunchEx(gemv_mma_kernel<T, NT, true, U, PF>, g1, bitmap_smem, stream, false, p1);
   if (err != cudaSuccess || !do2) return err;
-  return LaunchEx(gemv_mma_kernel<T, NT, false, U, PF, DB>, g2, bitmap_smem, stream, pdl2, p2);
+  return LaunchEx(gemv_mma_kernel<T, NT, false, U, PF>, g2, bitmap_smem, stream, pdl2, p2);
 }
 
 template <typename T, int NT>
@@ -477,8 +446,6 @@ cudaError_t LaunchGemvPhases(const GemvPhaseArgs& p1, const GemvPhaseArgs& p2, d
     return LaunchDirect<T, NT, 4, false>(p1, p2, g1, g2, bitmap_smem, stream, pdl2, true, true);
   if (variant == kGemvDirectPf)
     return LaunchDirect<T, NT, 4, true>(p1, p2, g1, g2, bitmap_smem, stream, pdl2, true, true);
-  if (variant == kGemvDirectPfDb)
-    return LaunchDirect<T, NT, 4, true, true>(p1, p2, g1, g2, bitmap_smem, stream, pdl2, true, true);
   return LaunchDirect<T, NT, 8, true>(p1, p2, g1, g2, bitmap_smem, stream, pdl2, true, true);
 }
 
