@@ -373,10 +373,11 @@ gemv_generic_kernel(GemvPhaseArgs a) {
 //   1 direct: 4 chunks of 32 columns per batch;
 //   3 direct_pf: + L2 256-byte prefetch hint;
 //   4 direct_pf8 (auto): + 8 chunks per batch.
-// Also measured and removed (RESULTS.md): a cp.async ring through shared memory, and
-// an L2 prefetch of the first batch issued as soon as the expert is known (before
-// the assignment listing and the PDL wait), with 8 or 4 chunks per batch: 10-25%
-// slower than 4 at every shape and T measured.
+// Also measured and removed (RESULTS.md): a cp.async ring through shared memory; an
+// L2 prefetch of the first batch issued as soon as the expert is known (before the
+// assignment listing and the PDL wait), with 8 or 4 chunks per batch (10-25% slower
+// than 4); and double-buffered batches of 4 chunks (20-40% slower than 4). Every
+// variant with fewer than 8 chunks' loads issued at once lost to 4.
 // Measured on H100 (benchmarks/RESULTS.md): 4 streams at 2.6-3.0 TB/s where 1 got
 // 2.0-2.3; a cp.async ring through shared memory (once variant 2) was slower than 1.
 enum GemvVariant : int { kGemvAuto = 0, kGemvDirect = 1, kGemvDirectPf = 3, kGemvDirectPf8 = 4 };
