@@ -1,11 +1,14 @@
-"""jax_moe.route: expert selection as one primitive (router matmul fused at decode).
+"""jax_moe.route: expert selection as one primitive.
 
 weights, ids = route(x, top_k, *, router_weight=None, ...)
 
-x is logits [..., E], or hidden states [..., H] when router_weight [E, H] is given;
-then, for small token counts, the router matmul runs inside the routing launch on
-GPU (a split-K tensor-core GEMM whose last block also does the selection). Returns weights f32 [..., k] and ids int32 [..., k], ordered by selection score
-(highest first, ties to the lower expert index). See DESIGN.md for the semantics.
+x is logits [..., E], or hidden states [..., H] when router_weight [E, H] is given.
+With router_weight, the router matmul runs either inside the routing launch (the
+fused kernel: a split-K tensor-core GEMM whose last block also does the selection)
+or as XLA's dot followed by the logits-only routing kernel; heuristics.py picks
+(today the dot path at every T: it measured faster). Returns weights f32 [..., k]
+and ids int32 [..., k], ordered by selection score (highest first, ties to the
+lower expert index). See DESIGN.md for the semantics.
 """
 
 from __future__ import annotations
