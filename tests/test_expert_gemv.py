@@ -261,3 +261,16 @@ def test_kernel_configs(platform, variant, k_split, token_tiles):
   y = jax.jit(lambda *a: jax_moe.expert_gemv(*a, _config=cfg))(x, jnp.asarray(ids), wgu, wd)
   yr = reference.expert_gemv(x, jnp.asarray(ids), wgu, wd)
   assert_close(y.astype(jnp.float32), yr.astype(jnp.float32), jnp.bfloat16)
+
+
+def test_token_tiles_heuristic():
+  """Token tiles follow the expected busiest expert: never more than needed for T
+  tokens, more for few experts (Mixtral) than for many (DeepSeek-V3)."""
+  from jax_moe import heuristics
+  tiles = heuristics.gemv_token_tiles
+  assert tiles(1, 128, 8) == 1 and tiles(8, 128, 8) == 1
+  assert tiles(64, 8, 2) == 4 and tiles(16, 8, 2) == 2
+  assert tiles(64, 256, 8) == 1 and tiles(64, 128, 8) == 2
+  assert tiles(16) == 2 and tiles(100) == 4          # no routing info: T bounds it
+  for T in (1, 3, 9, 17, 33, 100, 4096):
+    assert tiles(T, 128, 8) <= tiles(T)

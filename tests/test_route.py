@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import jax_moe
-from jax_moe import reference
+from jax_moe import heuristics, reference
 from helpers import poison_device_memory, rng, routing_hidden, routing_logits
 
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
@@ -318,3 +318,17 @@ def test_fused_kernel_configs(platform, k_splits, E, H, dtype):
   wr, ir = reference.route(xb, k, router_weight=rb, **kw)
   np.testing.assert_array_equal(np.asarray(ids), np.asarray(ir))
   np.testing.assert_allclose(np.asarray(w), np.asarray(wr), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("T,E,H", [(1, 256, 7168), (16, 256, 7168), (64, 128, 2816),
+                                   (1, 8, 64), (1000, 60, 136), (3, 1, 8)])
+def test_k_splits_heuristic(T, E, H):
+  """k_splits for the fused kernel: at least one split, no split left without a
+  chunk, and no more splits than chunks / 8 (rounded up: a block's 8 warps share
+  its chunks)."""
+  ks = heuristics.route_k_splits(T, E, H, sm_count=132)
+  chunks = -(-H // 32)
+  per = -(-chunks // ks)
+  assert ks >= 1
+  assert (ks - 1) * per < chunks  # the last split has work
+  assert ks <= max(1, -(-chunks // 8))
