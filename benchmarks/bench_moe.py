@@ -367,7 +367,6 @@ def main(argv=None) -> int:
                      MOE_GEMV_MAX_EXPERT_FRACTION=jax_moe.heuristics.MOE_GEMV_MAX_EXPERT_FRACTION,
                      MOE_GEMV_MAX_TOKENS=jax_moe.heuristics.MOE_GEMV_MAX_TOKENS),
                  rows=rows, summary=summary)
-  os.makedirs(args.out, exist_ok=True)
   harness.write_json(os.path.join(args.out, "moe.json"), payload)
   log(f"\nwrote {os.path.join(args.out, 'moe.json')}")
   log(plot(measured_rows, [s.name for s in shapes if any(r["shape"] == s.name

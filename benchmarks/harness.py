@@ -94,9 +94,11 @@ def time_loop(fn: Callable, arg_sets: Sequence[tuple], *, repeats: int = 5,
   """Seconds per call of an op whose output cannot feed its next call (combine,
   route): a jitted loop whose carry is the op's whole output (so XLA must compute
   all of it every iteration), and call j+1's smallest float argument gets
-  `+ 1e-30 * out_j[0]` (one tiny fusion, so nothing is hoisted out of the loop; a
-  factor of 0 would let XLA's simplifier drop the dependence, and with it the work:
-  run s2-A timed XLA's combine at 17 TB/s that way).
+  `+ 1e-30 * out_j[0]` (one tiny fusion, so nothing is hoisted out of the loop; the
+  factor is non-zero so that no simplifier may drop the dependence). Caveat: XLA's
+  own combine (einsum) still timed impossibly fast in this loop at T >= 64 with
+  either factor (0 in run s2-A, 1e-30 in s2-B2; RESULTS.md), so XLA escapes the
+  work some other way; its numbers from this harness are not used above T=1.
 
   net=True subtracts the same loop with fn replaced by that fusion alone (right for
   custom calls, where the fusion is a separate kernel). For XLA-native fns pass

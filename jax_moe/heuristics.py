@@ -64,6 +64,18 @@ def route_k_splits(num_tokens: int, num_experts: int, hidden: int,
 GEMV_KERNEL_VARIANT = 0
 
 
+# Most tokens one expert_gemv weight pass serves: 8 per n-tile, at most 4 n-tiles.
+GEMV_MAX_TOKENS_PER_PASS = 32
+
+
+def expected_busiest_expert(num_tokens: int, num_experts: int, top_k: int) -> int:
+  """Assignments of the busiest expert when T tokens each pick top_k of num_experts
+  uniformly: a count is about Binomial(T, k/E); its mean plus three standard
+  deviations (not capped at T)."""
+  mean = num_tokens * min(1.0, top_k / num_experts)
+  return int(mean + 3.0 * mean ** 0.5 + 1.0)
+
+
 def gemv_token_tiles(num_tokens: int, num_experts: int | None = None,
                      top_k: int | None = None) -> int:
   """n-tiles of 8 tokens per weight pass (the kernel's NT: 1, 2 or 4).
@@ -79,8 +91,7 @@ def gemv_token_tiles(num_tokens: int, num_experts: int | None = None,
   """
   busiest = num_tokens
   if num_experts and top_k:
-    mean = num_tokens * min(1.0, top_k / num_experts)
-    busiest = min(num_tokens, int(mean + 3.0 * mean ** 0.5 + 1.0))
+    busiest = min(num_tokens, expected_busiest_expert(num_tokens, num_experts, top_k))
   if busiest <= 8:
     return 1
   if busiest <= 16:
@@ -150,8 +161,7 @@ def moe_implementation(num_tokens: int, num_experts: int, top_k: int, hidden: in
   if frac <= MOE_GEMV_MAX_EXPERT_FRACTION or T <= 1:
     return "gemv"
   expert_bytes = 3 * hidden * intermediate * 2
-  per_expert = T * min(k, E) / E
-  passes = max(1, -(-int(per_expert + 3 * per_expert ** 0.5 + 1) // 32))
+  passes = max(1, -(-expected_busiest_expert(T, E, k) // GEMV_MAX_TOKENS_PER_PASS))
   gemv_s = (passes * frac * E * expert_bytes / MOE_GEMV_BYTES_PER_S * MOE_GEMV_BASE_OVERHEAD
             * (1 + MOE_GEMV_PROLOGUE_COST * T * k / hidden))
   dense_s = max(E * expert_bytes / MOE_GEMV_BYTES_PER_S,
