@@ -43,12 +43,16 @@ def distinct_ids(rng, T, k, E):
 def parse_config(spec: str) -> dict:
   """'4' -> kernel variant 4; '4:gu8:d4:nt2' also sets k_split_gate_up, k_split_down
   and token_tiles (expert_gemv's private _config)."""
-  parts = spec.split(":")
-  cfg = dict(kernel_variant=int(parts[0]))
   names = dict(gu="k_split_gate_up", d="k_split_down", nt="token_tiles")
-  for p in parts[1:]:
-    key = p.rstrip("0123456789")
-    cfg[names[key]] = int(p[len(key):])
+  parts = spec.split(":")
+  try:
+    cfg = dict(kernel_variant=int(parts[0]))
+    for p in parts[1:]:
+      key = p.rstrip("0123456789")
+      cfg[names[key]] = int(p[len(key):])
+  except (KeyError, ValueError):
+    raise ValueError(f"--variants: bad config spec {spec!r}; expected VARIANT[:guN][:dN][:ntN], "
+                     "e.g. 4:gu4:d8") from None
   return cfg
 
 

@@ -32,6 +32,7 @@ route_p = define_primitive(TARGET)
 _CUDA_MAX_EXPERTS = 1024
 _CUDA_MAX_TOP_K = 32
 _CUDA_MAX_GROUPS = 64
+_CUDA_MAX_K_SPLITS = 4096  # kRouteMaxKSplits in csrc/kernels/route.cuh
 
 
 def _num_experts(x_aval, router_aval) -> int:
@@ -40,6 +41,9 @@ def _num_experts(x_aval, router_aval) -> int:
 
 def _abstract_eval(x, router, bias, scale, *, top_k, scoring, renormalize, num_groups,
                    top_groups, group_score, scaling_factor, k_splits):
+  if not isinstance(k_splits, (int, np.integer)) or not 1 <= k_splits <= _CUDA_MAX_K_SPLITS:
+    raise ValueError(f"route: k_splits must be an int in [1, {_CUDA_MAX_K_SPLITS}], "
+                     f"got {k_splits!r}")
   T = x.shape[0]
   E = _num_experts(x, router)
   scratch = (k_splits * T, E) if router.size else (0,)

@@ -292,6 +292,17 @@ def test_handler_revalidates():
                                    k_splits=1))(x)[0].block_until_ready()
 
 
+@pytest.mark.parametrize("k_splits", [0, 4097, 2.0])
+def test_bad_k_splits(k_splits):
+  from jax_moe.route import route_p
+  x = jnp.ones((4, 16), jnp.bfloat16)
+  e0 = jnp.zeros((0,), jnp.float32)
+  with pytest.raises(ValueError, match="k_splits"):
+    route_p.bind(x, jnp.ones((8, 16), jnp.bfloat16), e0, e0, top_k=2, scoring="softmax",
+                 renormalize=True, num_groups=1, top_groups=1, group_score="top2_sum",
+                 scaling_factor=1.0, k_splits=k_splits)
+
+
 @pytest.mark.parametrize("k_splits", [1, 3, 5, 40])
 @pytest.mark.parametrize("E,H,dtype", [(60, 136, jnp.bfloat16), (256, 136, jnp.float16),
                                        (256, 100, jnp.bfloat16), (33, 72, jnp.float32)])
