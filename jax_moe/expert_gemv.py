@@ -62,7 +62,11 @@ def _batch_rule(args, dims, **params):
   ids = move_to_front(ids, idd, B)
   T, H = x.shape[1], x.shape[2]
   k = ids.shape[2]
-  params = dict(params, token_tiles=heuristics.gemv_token_tiles(B * T, wgu.shape[0], k))
+  E = wgu.shape[0]
+  params = dict(params, token_tiles=heuristics.gemv_token_tiles(B * T, E, k))
+  if params["kernel_variant"] == heuristics.gemv_kernel_variant(T, E, k):
+    # the heuristic's choice for T tokens: choose again for the B * T folded ones
+    params["kernel_variant"] = heuristics.gemv_kernel_variant(B * T, E, k)
   y, h = expert_gemv_p.bind(x.reshape(B * T, H), ids.reshape(B * T, k), wgu, wd, **params)
   return (y.reshape(B, T, k, H), h.reshape(B, T * k, h.shape[-1])), (0, 0)
 
@@ -126,7 +130,8 @@ def expert_gemv(x, ids, w_gate_up, w_down, *, activation="silu", _config=None):
   config = dict(token_tiles=heuristics.gemv_token_tiles(T, E, k),
                 k_split_gate_up=heuristics.gemv_k_split(I, H, gated=True),
                 k_split_down=heuristics.gemv_k_split(H, I),
-                kernel_variant=heuristics.GEMV_KERNEL_VARIANT)
+                kernel_variant=(heuristics.GEMV_KERNEL_VARIANT or
+                                heuristics.gemv_kernel_variant(T, E, k)))
   config.update(_config or {})
   y, _ = expert_gemv_p.bind(x2, ids2, w_gate_up, w_down, activation=activation, **config)
   return y.reshape(lead + (k, H))

@@ -57,11 +57,37 @@ def route_k_splits(num_tokens: int, num_experts: int, hidden: int,
 
 # ---- expert_gemv -------------------------------------------------------------
 
-# Which weight-streaming variant of the CUDA kernel runs (csrc/kernels/expert_gemv.cuh):
+# Weight-streaming variants of the CUDA kernels (csrc/kernels/expert_gemv*.cuh):
 # 0 auto (= 4), 1 direct loads 4 chunks per batch, 3 + L2 256-byte prefetch hint,
-# 4 + 8 chunks per batch. Measured on H100 (bench_gemv --variants 1,3,4): 4 reaches
-# 2.6-3.0 TB/s on the large shapes where 1 reached 2.0-2.3 TB/s.
+# 4 + 8 chunks per batch (two launches, registers hold the weights in flight),
+# 5 the persistent bulk-copy kernel (one launch, a shared-memory ring; sm_90,
+# T*k <= GEMV_STREAM_MAX_ASSIGN, E <= 1024; elsewhere it falls back to 4).
+# Measured on H100 (bench_gemv --variants 1,3,4): 4 reaches 2.6-3.0 TB/s on the
+# large shapes where 1 reached 2.0-2.3 TB/s.
 GEMV_KERNEL_VARIANT = 0
+GEMV_STREAM_MAX_ASSIGN = 512
+
+
+def gemv_kernel_variant(num_tokens: int, num_experts: int, top_k: int) -> int:
+  """5 (the stream kernel) at the smallest decode sizes, else 4.
+
+  Measured on H100 (bench_gemv, gemv + combine, us, v4 / v5, RESULTS.md session 3):
+  Gemma-4 T=1 53.3 / 44.4, T=2 85.7 / 75.6, T=8 250.9 / 232.2; Qwen3 T=1 41.6 /
+  37.2, T=8 193.7 / 186.5; Mixtral T=1 272.7 / 254.5, T=8 ~960 / 846.8; DeepSeek-V3
+  T=1 265.7 / 257.2 but T=8 1685.9 (v4) against 1818-1853 (v5). v5 serves at most 8
+  assignments of an expert per weight pass, so it needs the busiest expert to fit
+  one segment (gemv_token_tiles == 1); beyond T=8 v4's wider token tiles won
+  (Gemma-4 T=16 386 / 422 with v5's first version). DeepSeek-V3 at T=8 (64
+  assignments over ~57 of 256 experts) is the measured exception, so above T=4 only
+  E <= 128 takes v5.
+  """
+  if num_tokens * top_k > GEMV_STREAM_MAX_ASSIGN:
+    return 4
+  if gemv_token_tiles(num_tokens, num_experts, top_k) != 1:
+    return 4
+  if num_tokens <= 4 or (num_tokens <= 8 and num_experts <= 128):
+    return 5
+  return 4
 
 
 # Most tokens one expert_gemv weight pass serves: 8 per n-tile, at most 4 n-tiles.

@@ -10,6 +10,7 @@
 #   GPU_TEST_K="expr"       pytest -k expression for the test stage
 #   SANITIZERS="memcheck"   compute-sanitizer tools (default: all four)
 #   SANITIZE_ARGS="--small" arguments of scripts/sanitize_kernels.py
+#   SANITIZE_TIMEOUT=300    seconds per sanitizer tool (default 600)
 #   BENCHES="bench_route bench_gemv"   which benchmarks the bench stage runs
 #   BENCH_ROUTE_ARGS, BENCH_COMBINE_ARGS, BENCH_GEMV_ARGS, BENCH_MOE_ARGS: extra args
 set -u
@@ -62,7 +63,7 @@ if has sanitize; then
     # API checks off: XLA copies our partly-unwritten scratch outputs (by design);
     # what we check is every device access made by the kernels.
     XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_ALLOCATOR=platform \
-      compute-sanitizer --tool "$tool" --error-exitcode 7 --check-api-memory-access no \
+      timeout "${SANITIZE_TIMEOUT:-600}" compute-sanitizer --tool "$tool" --error-exitcode 7 --check-api-memory-access no \
       $PY scripts/sanitize_kernels.py ${SANITIZE_ARGS:-} >"$log" 2>&1
     rc=$?
     summary=$(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$log" | tail -1)

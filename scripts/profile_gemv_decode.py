@@ -3,7 +3,7 @@ per (shape, T), run twice. Under ncu each kernel runs alone with caches flushed,
 its duration is the kernel's own (no launch gaps, no PDL overlap).
 
   ncu --kernel-name regex:gemv --csv --metrics gpu__time_duration.sum,... \\
-      python scripts/profile_gemv_decode.py gemma4,qwen3 1,8
+      python scripts/profile_gemv_decode.py gemma4,qwen3 1,8 [kernel_variant]
 """
 
 from __future__ import annotations
@@ -19,13 +19,15 @@ from jax_moe.shapes import SHAPES
 
 names = sys.argv[1].split(",") if len(sys.argv) > 1 else ["gemma4", "qwen3"]
 tokens = [int(t) for t in sys.argv[2].split(",")] if len(sys.argv) > 2 else [1]
+config = dict(kernel_variant=int(sys.argv[3])) if len(sys.argv) > 3 else None  # e.g. 4 or 5
 rng = np.random.default_rng(0)
 for name in names:
   s = SHAPES[name]
   E, H, I, k = s.num_experts, s.hidden, s.intermediate, s.top_k
   wgu = jax.random.normal(jax.random.PRNGKey(0), (E, 2 * I, H), jnp.bfloat16)
   wd = jax.random.normal(jax.random.PRNGKey(1), (E, H, I), jnp.bfloat16)
-  f = jax.jit(lambda *a, act=s.activation: jax_moe.expert_gemv(*a, activation=act))
+  f = jax.jit(lambda *a, act=s.activation: jax_moe.expert_gemv(*a, activation=act,
+                                                                _config=config))
   for T in tokens:
     x = jax.random.normal(jax.random.PRNGKey(T), (T, H), jnp.bfloat16)
     ids = jnp.asarray(np.stack([rng.choice(E, size=k, replace=False) for _ in range(T)]),

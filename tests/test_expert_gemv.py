@@ -30,9 +30,10 @@ def distinct_ids(r, T, k, E):
       if T else np.zeros((0, k), np.int32)
 
 
-def run_and_check(x, ids, wgu, wd, activation="silu", factor=1.0):
+def run_and_check(x, ids, wgu, wd, activation="silu", factor=1.0, config=None):
   poison_device_memory()
-  y = jax.jit(lambda *a: jax_moe.expert_gemv(*a, activation=activation))(x, ids, wgu, wd)
+  y = jax.jit(lambda *a: jax_moe.expert_gemv(*a, activation=activation, _config=config))(
+      x, ids, wgu, wd)
   yr = reference.expert_gemv(x.reshape(-1, x.shape[-1]), ids.reshape(-1, ids.shape[-1]),
                              wgu, wd, activation=activation)
   assert y.shape == ids.shape + (x.shape[-1],) and y.dtype == x.dtype
@@ -195,7 +196,8 @@ def test_model_shapes_gpu(name, T):
     x = jax.random.normal(k3, (T, H), jnp.float32).astype(jnp.bfloat16)
     r = rng()
     ids = jnp.asarray(distinct_ids(r, T, k, E))
-    run_and_check(x, ids, wgu, wd, s.activation)
+    for variant in (0, 1, 5):  # the heuristics' choice, the plain kernel, the stream kernel
+      run_and_check(x, ids, wgu, wd, s.activation, config=dict(kernel_variant=variant))
 
 
 # ---- bad input ---------------------------------------------------------------------
@@ -261,6 +263,46 @@ def test_kernel_configs(platform, variant, k_split, token_tiles):
   y = jax.jit(lambda *a: jax_moe.expert_gemv(*a, _config=cfg))(x, jnp.asarray(ids), wgu, wd)
   yr = reference.expert_gemv(x, jnp.asarray(ids), wgu, wd)
   assert_close(y.astype(jnp.float32), yr.astype(jnp.float32), jnp.bfloat16)
+
+
+@pytest.mark.parametrize("T,H,I,E,k,dtype,hot", [
+    (20, 72, 40, 4, 2, jnp.bfloat16, False),  # K and row tails; experts of > 8 assignments
+    (70, 64, 48, 8, 1, jnp.bfloat16, True),   # 70 assignments on one expert: 9 segments
+    (3, 2816, 704, 128, 8, jnp.float16, False),  # Gemma-4 sizes: 3 stages per gate_up row
+    (9, 1040, 1032, 16, 4, jnp.bfloat16, False),  # 2 stages each phase, last one short
+    (64, 128, 64, 1024, 8, jnp.bfloat16, False),  # the largest T*k and E it takes
+    (100, 64, 32, 16, 8, jnp.bfloat16, False),    # T*k = 800 > 512: falls back to variant 4
+    (40, 64, 24, 4, 2, jnp.bfloat16, "fuzz"),     # ids in [-3, E + 3): most dropped
+])
+def test_stream_kernel(platform, T, H, I, E, k, dtype, hot):
+  """Variant 5 (csrc/kernels/expert_gemv_stream.cuh; other platforms ignore it): ids
+  with -1 and E (zero rows), segments of <= 8 assignments, stage tails; bitwise
+  equal over repeated runs."""
+  r = rng()
+  x = jnp.asarray(r.normal(size=(T, H)), dtype)
+  wgu, wd = make_weights(r, E, H, I, dtype)
+  if hot == "fuzz":
+    ids = r.integers(-3, E + 3, size=(T, k)).astype(np.int32)
+  else:
+    ids = np.full((T, k), 5, np.int32) if hot else distinct_ids(r, T, k, E)
+  ids[0, 0] = -1
+  ids[T - 1, k - 1] = E
+  cfg = dict(kernel_variant=5)
+  y0 = run_and_check(x, jnp.asarray(ids), wgu, wd, config=cfg)
+  assert np.all(y0[0, 0] == 0) and np.all(y0[T - 1, k - 1] == 0)
+  y1 = run_and_check(x, jnp.asarray(ids), wgu, wd, config=cfg)
+  np.testing.assert_array_equal(y0, y1)
+
+
+def test_kernel_variant_heuristic():
+  """The stream kernel (5) only where one weight pass of 8 assignments covers the
+  busiest expert and it was measured faster (heuristics.gemv_kernel_variant)."""
+  from jax_moe import heuristics
+  v = heuristics.gemv_kernel_variant
+  assert v(1, 128, 8) == 5 and v(8, 128, 8) == 5 and v(1, 256, 8) == 5 and v(1, 8, 2) == 5
+  assert v(8, 256, 8) == 4            # DeepSeek-V3 T=8: measured slower
+  assert v(16, 128, 8) == 4 and v(64, 128, 8) == 4 and v(64, 8, 2) == 4
+  assert v(100, 16, 8) == 4           # T*k > 512: the kernel would fall back anyway
 
 
 def test_token_tiles_heuristic():

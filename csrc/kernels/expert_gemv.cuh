@@ -28,9 +28,11 @@
 #include <cstdint>
 #include <cuda_runtime.h>
 
+#include "common/activation.cuh"
 #include "common/cuda_utils.cuh"
 #include "common/mma.cuh"
 #include "common/params.h"
+#include "kernels/expert_gemv_stream.cuh"
 
 namespace jax_moe {
 namespace cuda {
@@ -55,15 +57,6 @@ struct GemvPhaseArgs {
   int activation = kSilu;
   bool zero_dropped = false;    // phase 2: write zero rows for ids outside [0, E)
 };
-
-__device__ __forceinline__ float activate(int act, float g) {
-  if (act == kGeluTanh) {
-    const float c = 0.7978845608028654f;
-    return 0.5f * g * (1.0f + tanhf(c * (g + 0.044715f * g * g * g)));
-  }
-  if (act == kGelu) return 0.5f * g * (1.0f + erff(g * 0.7071067811865476f));
-  return g / (1.0f + expf(-g));
-}
 
 // ---- block prologue: which expert does this slot serve, and its assignments -----
 
@@ -380,7 +373,11 @@ gemv_generic_kernel(GemvPhaseArgs a) {
 // variant with fewer than 8 chunks' loads issued at once lost to 4.
 // Measured on H100 (benchmarks/RESULTS.md): 4 streams at 2.6-3.0 TB/s where 1 got
 // 2.0-2.3; a cp.async ring through shared memory (once variant 2) was slower than 1.
-enum GemvVariant : int { kGemvAuto = 0, kGemvDirect = 1, kGemvDirectPf = 3, kGemvDirectPf8 = 4 };
+//   5 stream: the persistent bulk-copy kernels of expert_gemv_stream.cuh (sm_90, T*k <=
+//     512, E <= 1024); where they cannot run, 5 falls back to 4.
+enum GemvVariant : int {
+  kGemvAuto = 0, kGemvDirect = 1, kGemvDirectPf = 3, kGemvDirectPf8 = 4, kGemvStream = 5
+};
 
 struct ExpertGemvArgs {
   const void* x = nullptr;       // [T, H]
@@ -466,6 +463,11 @@ cudaError_t LaunchExpertGemv(const ExpertGemvArgs& a, cudaStream_t stream) {
   const size_t bitmap_smem = static_cast<size_t>((a.E + 31) / 32) * sizeof(uint32_t);
   const bool pdl = DeviceSupportsPdl();
   const bool mma_ok = sizeof(T) == 2 && a.H % 8 == 0 && a.I % 8 == 0;
+  if constexpr (sizeof(T) == 2) {
+    if (a.variant == kGemvStream && StreamSupported(num_assign, a.E, a.H, a.I, mma_ok, pdl))
+      return LaunchGemvStream<T>(a.x, a.ids, a.w_gate_up, a.w_down, a.h, a.y, a.T, a.k, a.H,
+                                 a.I, a.E, a.activation, stream);
+  }
   if (mma_ok) {
     auto ks_ok = [](int ks) { return ks == 1 || ks == 2 || ks == 4 || ks == 8; };
     if (!ks_ok(p1.k_split) || !ks_ok(p2.k_split)) return cudaErrorInvalidValue;
