@@ -71,21 +71,22 @@ GEMV_STREAM_MAX_ASSIGN = 512
 def gemv_kernel_variant(num_tokens: int, num_experts: int, top_k: int) -> int:
   """5 (the stream kernel) at the smallest decode sizes, else 4.
 
-  Measured on H100 (bench_gemv, gemv + combine, us, v4 / v5, RESULTS.md session 3):
-  Gemma-4 T=1 53.3 / 44.4, T=2 85.7 / 75.6, T=8 250.9 / 232.2; Qwen3 T=1 41.6 /
-  37.2, T=8 193.7 / 186.5; Mixtral T=1 272.7 / 254.5, T=8 ~960 / 846.8; DeepSeek-V3
-  T=1 265.7 / 257.2 but T=8 1685.9 (v4) against 1818-1853 (v5). v5 serves at most 8
-  assignments of an expert per weight pass, so it needs the busiest expert to fit
-  one segment (gemv_token_tiles == 1); beyond T=8 v4's wider token tiles won
-  (Gemma-4 T=16 386 / 422 with v5's first version). DeepSeek-V3 at T=8 (64
-  assignments over ~57 of 256 experts) is the measured exception, so above T=4 only
-  E <= 128 takes v5.
+  Measured on H100 (bench_gemv, gemv + combine, us, v4 / v5; run s3-F2/F3,
+  RESULTS.md session 3): Gemma-4 T=1 52.0 / 45.2, T=2 84.0 / 74.1, T=4 145.4 /
+  132.4, T=8 249.4 / 236.4, T=16 383.0 / 398.2; Qwen3 T=1 41.6 / 37.6, T=8 188.5 /
+  185.3, T=16 300.9 / 305.3; Mixtral T=1 271.0 / 250.0, T=8 1042.4 / 984.7;
+  DeepSeek-V3 T=1 261.2 / 253.4, T=2 496.4 / 494.2, T=4 899.1 / 955.9, T=8 1709.1 /
+  1842.8. v5 serves at most 8 assignments of an expert per weight pass, so it needs
+  the busiest expert to fit one segment (gemv_token_tiles == 1). v4 won from T=16
+  on the 128-expert shapes and from T=4 on DeepSeek-V3; why DeepSeek-V3 turns
+  earlier was not measured (v5's per-unit consumer latency is the suspect: with
+  its weight copies switched off v5 still took 31 us at Gemma-4 T=1).
   """
   if num_tokens * top_k > GEMV_STREAM_MAX_ASSIGN:
     return 4
   if gemv_token_tiles(num_tokens, num_experts, top_k) != 1:
     return 4
-  if num_tokens <= 4 or (num_tokens <= 8 and num_experts <= 128):
+  if num_tokens <= 2 or (num_tokens <= 8 and num_experts <= 128):
     return 5
   return 4
 

@@ -3,7 +3,7 @@ initcheck, synccheck). Inputs are fuzzed: ids and indices include negative and
 too-large values, sizes include tails, so out-of-bounds bugs show up. Each op is
 also checked against the reference, so the run fails on wrong results too.
 
-Run as: compute-sanitizer --tool memcheck python scripts/sanitize_kernels.py [--small]
+Run as: compute-sanitizer --tool memcheck python scripts/sanitize_kernels.py [--small] [--ops=expert_gemv,...]
 --small drops the full-size cases (racecheck runs each kernel many times slower).
 (gpu_check.sh sets XLA_PYTHON_CLIENT_ALLOCATOR=platform so each buffer is its own
 allocation and the sanitizer sees overruns past it).
@@ -25,6 +25,9 @@ e0 = jnp.zeros((0,), jnp.float32)
 r = np.random.default_rng(0)
 failures = []
 SMALL = "--small" in sys.argv
+# --ops route,expert_gemv,combine: only these (default all)
+OPS = next((a.split("=", 1)[1].split(",") for a in sys.argv if a.startswith("--ops=")),
+           ["route", "expert_gemv", "combine"])
 
 
 def check(name, out, ref, tol):
@@ -39,7 +42,8 @@ def check(name, out, ref, tol):
 
 
 # route: logits path (several experts-per-lane variants) and fused router path.
-for E, k, T, groups in [(8, 2, 5, 1), (64, 6, 17, 4), (256, 8, 33, 8), (1000, 8, 3, 1)][:3 if SMALL else 4]:
+for E, k, T, groups in [(8, 2, 5, 1), (64, 6, 17, 4), (256, 8, 33, 8),
+                        (1000, 8, 3, 1)][:0 if "route" not in OPS else 3 if SMALL else 4]:
   x = jnp.asarray(r.normal(size=(T, E)) * 2, jnp.float32)
   w, ids = jax_moe.route(x, k, num_groups=groups, top_groups=max(1, groups // 2),
                          scoring="sigmoid" if groups > 1 else "softmax")
@@ -50,7 +54,7 @@ for E, k, T, groups in [(8, 2, 5, 1), (64, 6, 17, 4), (256, 8, 33, 8), (1000, 8,
     failures.append(f"route E={E}")
 for E, H, T, dt in [(256, 7168, 1, jnp.bfloat16), (128, 2816, 16, jnp.bfloat16),
                    (64, 200, 40, jnp.float16), (60, 33, 3, jnp.bfloat16),
-                   (40, 64, 9, jnp.float32)][2 if SMALL else 0:]:
+                   (40, 64, 9, jnp.float32)][2 if SMALL else 0:] if "route" in OPS else []:
   x = jnp.asarray(r.normal(size=(T, H)), dt)
   wr = jnp.asarray(r.normal(size=(E, H)) / np.sqrt(H), dt)
   w_ref, _ = reference.route(x, 6, router_weight=wr, scoring="sigmoid")
@@ -65,7 +69,7 @@ for E, H, T, dt in [(256, 7168, 1, jnp.bfloat16), (128, 2816, 16, jnp.bfloat16),
 # expert_gemv: tensor-core path (NT = 1, 2, 4; K and row tails), generic path.
 for dtype, T, H, I, E, k in [(jnp.bfloat16, 1, 256, 128, 16, 4), (jnp.float16, 12, 72, 40, 8, 4),
                              (jnp.bfloat16, 40, 64, 24, 4, 2), (jnp.float32, 5, 36, 20, 8, 2),
-                             (jnp.bfloat16, 3, 36, 20, 8, 3)]:
+                             (jnp.bfloat16, 3, 36, 20, 8, 3)] if "expert_gemv" in OPS else []:
   x = jnp.asarray(r.normal(size=(T, H)), dtype)
   ids = jnp.asarray(r.integers(-3, E + 3, size=(T, k)), jnp.int32)
   wgu = jnp.asarray(r.normal(size=(E, 2 * I, H)) / np.sqrt(H), dtype)
@@ -77,7 +81,7 @@ for dtype, T, H, I, E, k in [(jnp.bfloat16, 1, 256, 128, 16, 4), (jnp.float16, 1
     check(f"expert_gemv v{variant} {jnp.dtype(dtype).name} T={T} H={H} I={I}", y, ref, 2e-2)
 
 # combine (when built): dense form and fuzzed index form.
-if hasattr(jax_moe, "combine"):
+if hasattr(jax_moe, "combine") and "combine" in OPS:
   for dtype, T, k, H in [(jnp.bfloat16, 1, 8, 7168), (jnp.float32, 33, 3, 7),
                          (jnp.float16, 5, 9, 64)][1 if SMALL else 0:]:
     y = jnp.asarray(r.normal(size=(T, k, H)), dtype)
