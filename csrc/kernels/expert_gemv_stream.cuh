@@ -486,12 +486,19 @@ inline void StreamStageGeometry(int K, int* stage_cols, int* stages) {
   *stages = (K + cols - 1) / cols;
 }
 
-// True when the stream kernel can run this problem (bf16/f16, H and I multiples of
-// 8, I > 0, T*k and E within the shared-memory lists, an sm_90 device).
+// Static shared memory of the kernel (barriers, the groups' partial sums) is under this.
+constexpr int kStreamStaticSmemBound = 12 * 1024;
+
+// True when the stream kernel can run this problem: bf16/f16, H and I multiples of 8,
+// I > 0, T*k and E within the shared-memory lists, an sm_90+ device whose blocks may
+// take the ring (max_smem_per_block: the opt-in limit; parts with ~100 KB per SM
+// fall back to the register kernel).
 inline bool StreamSupported(int64_t num_assign, int64_t E, int64_t H, int64_t I, bool mma_ok,
-                            bool sm90) {
+                            bool sm90, int max_smem_per_block) {
   return sm90 && mma_ok && I > 0 && H > 0 && num_assign <= kStreamMaxAssign &&
-         E <= kStreamMaxExperts;
+         E <= kStreamMaxExperts &&
+         static_cast<size_t>(max_smem_per_block) >=
+             StreamSmemBytes(kStreamStages, kStreamMaxCols) + kStreamStaticSmemBound;
 }
 
 template <typename T, int NS, int MAXC>
