@@ -24,8 +24,19 @@ TARGET = "jax_moe_expert_gemv"
 expert_gemv_p = define_primitive(TARGET)
 
 
+# Kernel configuration values the CUDA handler takes (csrc/kernels/expert_gemv.cuh);
+# the shape rule checks them on every platform, so a bad one fails at trace time.
+_CONFIG_CHOICES = dict(token_tiles=(1, 2, 4), k_split_gate_up=(1, 2, 4, 8),
+                       k_split_down=(1, 2, 4, 8), kernel_variant=(0, 1, 3, 4, 5))
+
+
 def _abstract_eval(x, ids, w_gate_up, w_down, *, activation, token_tiles, k_split_gate_up,
                    k_split_down, kernel_variant):
+  for name, value in dict(token_tiles=token_tiles, k_split_gate_up=k_split_gate_up,
+                          k_split_down=k_split_down, kernel_variant=kernel_variant).items():
+    if value not in _CONFIG_CHOICES[name]:
+      raise ValueError(f"expert_gemv: {name} must be one of {_CONFIG_CHOICES[name]}, "
+                       f"got {value!r}")
   T, H = x.shape
   k = ids.shape[1]
   I = w_down.shape[2]
@@ -132,6 +143,10 @@ def expert_gemv(x, ids, w_gate_up, w_down, *, activation="silu", _config=None):
                 k_split_down=heuristics.gemv_k_split(H, I),
                 kernel_variant=(heuristics.GEMV_KERNEL_VARIANT or
                                 heuristics.gemv_kernel_variant(T, E, k)))
+  unknown = set(_config or {}) - set(config)
+  if unknown:
+    raise ValueError(f"{fn}: unknown _config key(s) {sorted(unknown)}; "
+                     f"expected some of {sorted(config)}")
   config.update(_config or {})
   y, _ = expert_gemv_p.bind(x2, ids2, w_gate_up, w_down, activation=activation, **config)
   return y.reshape(lead + (k, H))

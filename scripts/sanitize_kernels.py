@@ -25,9 +25,13 @@ e0 = jnp.zeros((0,), jnp.float32)
 r = np.random.default_rng(0)
 failures = []
 SMALL = "--small" in sys.argv
-# --ops route,expert_gemv,combine: only these (default all)
+# --ops=route,expert_gemv,combine: only these (default all)
+ALL_OPS = ("route", "expert_gemv", "combine")
 OPS = next((a.split("=", 1)[1].split(",") for a in sys.argv if a.startswith("--ops=")),
-           ["route", "expert_gemv", "combine"])
+           list(ALL_OPS))
+if not OPS or set(OPS) - set(ALL_OPS):
+  sys.exit(f"sanitize_kernels.py: --ops takes a comma list of {', '.join(ALL_OPS)}; "
+           f"got {','.join(OPS)!r}")
 
 
 def check(name, out, ref, tol):

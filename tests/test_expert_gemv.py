@@ -294,6 +294,20 @@ def test_stream_kernel(platform, T, H, I, E, k, dtype, hot):
   np.testing.assert_array_equal(y0, y1)
 
 
+@pytest.mark.parametrize("cfg,match", [
+    (dict(kernel_variant=2), "kernel_variant"),
+    (dict(kernel_variant=6), "kernel_variant"),
+    (dict(token_tiles=3), "token_tiles"),
+    (dict(k_split_gate_up=16), "k_split_gate_up"),
+    (dict(k_split_down=0), "k_split_down"),
+    (dict(variant=5), "unknown _config key"),
+])
+def test_bad_kernel_config(cfg, match):
+  """The private kernel configuration is checked at trace time on every platform."""
+  with pytest.raises(ValueError, match=match):
+    jax_moe.expert_gemv(*_ok(), _config=cfg)
+
+
 def test_kernel_variant_heuristic():
   """The stream kernel (5) only where one weight pass of 8 assignments covers the
   busiest expert and it was measured faster (heuristics.gemv_kernel_variant)."""
