@@ -117,10 +117,13 @@ def run(out_dir, shapes, tokens, quick=False, variants=("4",), xla=True, xla_tok
       print(f"gemv {name} T={T}: ours {row['us_ours']:.1f} us (v{best_v}; floor "
             f"{row['us_floor']:.1f}, {row['x_floor']:.2f}x)", flush=True)
   payload = dict(device=harness.device_description(), read_bw_GBps=read_bw / 1e9,
+                 read_bw_candidates_GBps={k: v / 1e9 for k, v in
+                                          harness.READ_BANDWIDTH_CANDIDATES.items()},
                  combine=COMBINE, rows=rows)
   harness.write_json(os.path.join(out_dir, "gemv.json"), payload)
-  print(f"\nexpert_gemv + combine ({payload['device']}, read {read_bw/1e9:.0f} GB/s, "
-        f"combine = {COMBINE})")
+  cands = ", ".join(f"{k} {v:.0f}" for k, v in payload["read_bw_candidates_GBps"].items())
+  print(f"\nexpert_gemv + combine ({payload['device']}, read {read_bw/1e9:.0f} GB/s "
+        f"[{cands}], combine = {COMBINE})")
   harness.print_table(rows, [("shape", "{}"), ("T", "{}"), ("us_ours", "{:.1f}"),
                              ("variant", "{}")] + [(f"us_v{v}", "{:.1f}") for v in variants] + [
                              ("us_floor", "{:.1f}"), ("x_floor", "{:.3f}"),

@@ -363,6 +363,7 @@ def main(argv=None) -> int:
   summary = summarize(measured_rows)
   payload = dict(device=harness.device_description(), jax=jax.__version__, dtype=dtype.name,
                  read_bandwidth_Bps=bw, l2_bytes=l2, quick=args.quick,
+                 read_bandwidth_candidates_Bps=dict(harness.READ_BANDWIDTH_CANDIDATES),
                  heuristics=dict(
                      MOE_GEMV_MAX_EXPERT_FRACTION=jax_moe.heuristics.MOE_GEMV_MAX_EXPERT_FRACTION,
                      MOE_GEMV_MAX_TOKENS=jax_moe.heuristics.MOE_GEMV_MAX_TOKENS),

@@ -69,26 +69,23 @@ GEMV_STREAM_MAX_ASSIGN = 512
 
 
 def gemv_kernel_variant(num_tokens: int, num_experts: int, top_k: int) -> int:
-  """5 (the stream kernel) at the smallest decode sizes, else 4.
+  """5 (the stream kernel) up to GEMV_STREAM_MAX_ASSIGN assignments while the mean
+  assignments per expert, T * k / E, is at most 4; else 4.
 
-  Measured on H100 (bench_gemv, gemv + combine, us, v4 / v5; run s3-F2/F3,
-  RESULTS.md session 3): Gemma-4 T=1 52.0 / 45.2, T=2 84.0 / 74.1, T=4 145.4 /
-  132.4, T=8 249.4 / 236.4, T=16 383.0 / 398.2; Qwen3 T=1 41.6 / 37.6, T=8 188.5 /
-  185.3, T=16 300.9 / 305.3; Mixtral T=1 271.0 / 250.0, T=8 1042.4 / 984.7;
-  DeepSeek-V3 T=1 261.2 / 253.4, T=2 496.4 / 494.2, T=4 899.1 / 955.9, T=8 1709.1 /
-  1842.8. v5 serves at most 8 assignments of an expert per weight pass, so it needs
-  the busiest expert to fit one segment (gemv_token_tiles == 1). v4 won from T=16
-  on the 128-expert shapes and from T=4 on DeepSeek-V3; why DeepSeek-V3 turns
-  earlier was not measured (v5's per-unit consumer latency is the suspect: with
-  its weight copies switched off v5 still took 31 us at Gemma-4 T=1).
+  v5 serves at most 8 assignments of an expert per weight pass (a busier expert
+  takes another pass over its weights); v4 serves up to 32. Measured on H100
+  (bench_gemv, gemv + combine, us, v4 / v5 with the work-queue v5; run s4-2,
+  RESULTS.md session 4): Gemma-4 T=1 54.1 / 46.5, T=16 376.9 / 354.8, T=64 643.4 /
+  559.4 (mean 4); Qwen3 T=64 464.7 / 446.7 (mean 4); DeepSeek-V3 T=16 2994.8 /
+  2911.8, T=64 6646.3 / 6349.4 (mean 2); Mixtral T=16 1160.1 / 921.1 (mean 4),
+  T=32 1039.3 / 1327.2 (mean 8), T=64 1059.2 / 2271.3 (mean 16). So v5 from
+  T=1 up to a mean of 4 on every shape, v4 at a mean of 8 and above.
   """
   if num_tokens * top_k > GEMV_STREAM_MAX_ASSIGN:
     return 4
-  if gemv_token_tiles(num_tokens, num_experts, top_k) != 1:
+  if num_tokens * top_k > 4 * num_experts:
     return 4
-  if num_tokens <= 2 or (num_tokens <= 8 and num_experts <= 128):
-    return 5
-  return 4
+  return 5
 
 
 # Most tokens one expert_gemv weight pass serves: 8 per n-tile, at most 4 n-tiles.

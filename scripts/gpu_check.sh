@@ -41,6 +41,15 @@ if has build; then
   else
     tail -30 "$OUT/build.log"; note "build: FAILED"; exit 1
   fi
+  # The HBM floor's read bandwidth: a plain CUDA streaming read over 4 GiB, passed
+  # to the benchmarks (harness.measure_read_bandwidth takes the fastest candidate).
+  if nvcc -std=c++17 -O3 -arch=sm_90a -Icsrc -DJAX_MOE_STREAM_TRACE scripts/stream_probe.cu \
+       -o build/gpu/stream_probe >>"$OUT/build.log" 2>&1; then
+    JAX_MOE_READ_BW_GBPS=$(build/gpu/stream_probe --read-bw) && export JAX_MOE_READ_BW_GBPS
+    note "read bandwidth (CUDA read kernel): ${JAX_MOE_READ_BW_GBPS:-?} GB/s"
+  else
+    note "stream_probe: build FAILED (benchmarks use XLA's read rate alone)"
+  fi
   $PY -c "import jax, jax_moe; print(jax.__version__, jax.devices()); print(jax_moe.build_info())" \
     2>&1 | tee "$OUT/env.txt"
   nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv >>"$OUT/env.txt" 2>&1

@@ -309,14 +309,14 @@ def test_bad_kernel_config(cfg, match):
 
 
 def test_kernel_variant_heuristic():
-  """The stream kernel (5) only where one weight pass of 8 assignments covers the
-  busiest expert and it was measured faster (heuristics.gemv_kernel_variant)."""
+  """The stream kernel (5) up to 512 assignments while the mean assignments per
+  expert is at most 4, where it was measured faster (heuristics.gemv_kernel_variant)."""
   from jax_moe import heuristics
   v = heuristics.gemv_kernel_variant
   assert v(1, 128, 8) == 5 and v(8, 128, 8) == 5 and v(1, 256, 8) == 5 and v(1, 8, 2) == 5
-  assert v(2, 256, 8) == 5 and v(8, 8, 2) == 5
-  assert v(4, 256, 8) == 4 and v(8, 256, 8) == 4  # DeepSeek-V3 T=4, 8: measured slower
-  assert v(16, 128, 8) == 4 and v(64, 128, 8) == 4 and v(64, 8, 2) == 4
+  assert v(64, 128, 8) == 5 and v(64, 256, 8) == 5 and v(16, 8, 2) == 5  # mean 4, 2, 4
+  assert v(17, 8, 2) == 4 and v(32, 8, 2) == 4 and v(65, 128, 8) == 4   # mean above 4
+  assert v(100, 256, 2) == 5 and v(300, 256, 2) == 4  # 600 assignments > 512
   assert v(100, 16, 8) == 4           # T*k > 512: the kernel would fall back anyway
 
 

@@ -133,4 +133,17 @@ __device__ __forceinline__ void pdl_wait_prerequisites() {
 #endif
 }
 
+// Host: whether the current device takes programmatic dependent launch (sm_90+).
+// Cached per device: launchers ask on every call.
+inline bool DeviceSupportsPdl() {
+  static int cache[64] = {};  // 0 unknown, 1 no, 2 yes
+  int dev = 0, major = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return false;
+  if (dev >= 0 && dev < 64 && cache[dev] != 0) return cache[dev] == 2;
+  const bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) ==
+                      cudaSuccess && major >= 9;
+  if (dev >= 0 && dev < 64) cache[dev] = ok ? 2 : 1;
+  return ok;
+}
+
 }  // namespace jax_moe

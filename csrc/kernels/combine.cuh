@@ -105,6 +105,9 @@ combine_kernel(CombineArgs a, int64_t units, int64_t chunks) {
   const W* __restrict__ w = static_cast<const W*>(a.weights);
   O* __restrict__ out = static_cast<O*>(a.out);
   const int64_t items = a.T * chunks;
+  // Launched with programmatic stream serialization (sm_90): wait for the kernel
+  // that wrote y before reading it.
+  pdl_wait_prerequisites();
 
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
     const int64_t t = item / chunks;
@@ -184,8 +187,18 @@ cudaError_t LaunchCombineCfg(const CombineArgs& a, int64_t units, cudaStream_t s
   const int64_t items = a.T * chunks;
   if (items == 0) return cudaSuccess;
   const unsigned grid = static_cast<unsigned>(items < kCombineMaxGrid ? items : kCombineMaxGrid);
-  combine_kernel<Y, W, O, kVec, VPT, KC><<<grid, kCombineThreads, 0, stream>>>(a, units, chunks);
-  return cudaGetLastError();
+  // Programmatic dependent launch where the device has it: the blocks may start
+  // while the previous kernel (expert_gemv's stream kernel triggers early) finishes.
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(grid);
+  cfg.blockDim = dim3(kCombineThreads);
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = DeviceSupportsPdl() ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, combine_kernel<Y, W, O, kVec, VPT, KC>, a, units, chunks);
 }
 
 inline bool IsAligned16(const void* p) {

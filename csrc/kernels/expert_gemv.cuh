@@ -394,14 +394,6 @@ struct ExpertGemvArgs {
   int variant = kGemvAuto;
 };
 
-inline bool DeviceSupportsPdl() {
-  int dev = 0, major = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return false;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess)
-    return false;
-  return major >= 9;
-}
-
 inline int MaxSmemPerBlock() {
   int dev = 0, v = 48 * 1024;
   if (cudaGetDevice(&dev) != cudaSuccess) return v;

@@ -7,31 +7,31 @@
 // bandwidth (ncu, RESULTS.md s2-B7): its bytes in flight are bounded by registers
 // and its row-tile grid does not divide evenly over the SMs. Design:
 //   * one block per SM, one launch; every block computes the same work list (the
-//     selected experts, split into segments of at most 8 assignments) and takes an
-//     equal contiguous share of the phase-1 units (segment, 8 gate + the matching 8
-//     up rows), then an equal share of the phase-2 units (segment, 16 w_down rows);
-//   * one producer warp streams each unit's 16 weight rows (one 1-D bulk copy per
-//     lane, cp.async.bulk completing on an mbarrier, L2 evict-first) into a ring of
-//     shared-memory slots: the bytes in flight per SM are the ring, not registers.
-//     It runs straight from its phase-1 units into its phase-2 units: w_down does
-//     not depend on phase 1, so the ring fills while phase 1 finishes;
+//     selected experts, split into segments of at most 8 assignments). Units are
+//     (segment, 8 gate + the matching 8 up rows) in phase 1 and (segment, 16 w_down
+//     rows) in phase 2, numbered phase 1 first, segments ascending;
+//   * blocks claim units one at a time from a global counter (a work queue), so
+//     blocks that ran ahead take more units and all finish together (the first
+//     version gave each block an equal share and waited grid-wide between the
+//     phases: the shares of 5 and 6 units, and the wait, cost 5-12%; RESULTS.md s4);
+//   * one producer warp claims, then streams each unit's 16 weight rows (one 1-D
+//     bulk copy per lane, cp.async.bulk completing on an mbarrier, L2 evict-first)
+//     into a ring of shared-memory slots: the bytes in flight per SM are the ring,
+//     not registers. It writes the unit number beside the slot (id barrier);
 //   * two groups of 4 consumer warps take alternate units (each group has its own
 //     NS slots), so one group's end-of-unit work overlaps the other's stages. The 4
 //     warps of a group split each stage's 32-column chunks (the chunk layout of
 //     mma.cuh), run mma.sync with the segment's <= 8 tokens as B, keep f32 partial
 //     sums in registers across a unit's stages and add the 4 warps' partials in a
 //     fixed order: deterministic, no atomics on results;
-//   * between the phases only the consumers wait, on a grid-wide arrival counter
-//     (every block's h rows written). Waiting on other blocks needs all blocks
-//     resident at once: the grid is the SM count and one block fits per SM, so
-//     every block has an SM once earlier kernels drain. The counters are static
-//     device words reset by the last block out, so one stream-kernel call may run
-//     at a time per device (XLA issues our custom calls on one compute stream).
-// Measured steps (bench_gemv, Gemma-4 T=1, gemv + combine, RESULTS.md session 3):
-// two launches 49.9 us (v4: 53.3); one launch 50.2; 8 consumer warps with four
-// accumulator chains 47.6; two consumer groups 44.4. With the weight copies switched
-// off the same kernel still took 31 us: the rest is per-unit consumer latency (B
-// loads, group barrier, ordered sum), launch and prologue, not DRAM.
+//   * a phase-2 unit reads h of its segment: its consumers wait until the segment's
+//     phase-1 units are counted done (per-segment counters, release/acquire). Every
+//     phase-1 unit is claimed before any phase-2 unit and consumers take units in
+//     claim order, so the units waited for are held by running blocks that finish
+//     them without waiting: no deadlock, and no need for all blocks to be resident.
+//   * the counters are static device words reset by the last block out, so one
+//     stream-kernel call may run at a time per device (XLA issues our custom calls
+//     on one compute stream).
 // Every block must cut the same segments, so the prologue lists each expert's
 // assignments in ascending order without atomics (a first version placed them with
 // shared-memory atomics: blocks disagreed on the segments under compute-sanitizer,
@@ -91,9 +91,40 @@ struct GemvStreamArgs {
   StreamPhase p1, p2;
 };
 
-// Grid-wide arrival counters between the phases (see the header).
-__device__ unsigned int g_stream_phase1_done = 0;
+// The work queue: the next unit to claim, phase-1 units finished per segment (2 per
+// unit), blocks finished. The last block out resets them for the next call.
+__device__ unsigned int g_stream_next = 0;
 __device__ unsigned int g_stream_blocks_out = 0;
+__device__ unsigned int g_stream_seg_done[kStreamMaxSegments];
+
+// Optional timeline (scripts/stream_probe.cu builds with JAX_MOE_STREAM_TRACE):
+// per block, %globaltimer in ns at fixed events (0 entry, 1 prologue done, 2 / 3
+// consumer group 0 / 1 done, 4 block end, 5 producer done) and wait totals (6 the
+// producer's waits for free slots, 7 group 0's waits for full slots, 8 its waits
+// for phase-1 segments, 9 its units, 10 its blocking waits for a unit number).
+#ifdef JAX_MOE_STREAM_TRACE
+constexpr int kStreamTraceEvents = 12;
+__device__ unsigned long long g_stream_trace[1024][kStreamTraceEvents];
+__device__ __forceinline__ unsigned long long stream_clock() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+#define JM_STREAM_TRACE(cond, ev) \
+  do { if (cond) g_stream_trace[blockIdx.x][ev] = stream_clock(); } while (0)
+#define JM_STREAM_TIMED(cond, ev, stmt)                                              \
+  do {                                                                               \
+    const unsigned long long t0_ = (cond) ? stream_clock() : 0ull;                   \
+    stmt;                                                                            \
+    if (cond) g_stream_trace[blockIdx.x][ev] += stream_clock() - t0_;                \
+  } while (0)
+#define JM_STREAM_COUNT(cond, ev) \
+  do { if (cond) g_stream_trace[blockIdx.x][ev] += 1; } while (0)
+#else
+#define JM_STREAM_TRACE(cond, ev) do { } while (0)
+#define JM_STREAM_TIMED(cond, ev, stmt) do { stmt; } while (0)
+#define JM_STREAM_COUNT(cond, ev) do { } while (0)
+#endif
 
 // ---- sm_90 primitives: mbarrier and 1-D bulk copy ---------------------------------
 
@@ -115,6 +146,16 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
         : "r"(bar), "r"(parity)
         : "memory");
   } while (!done);
+}
+__device__ __forceinline__ bool mbar_test(uint32_t bar, uint32_t parity) {  // no wait
+  uint32_t done = 0;
+  asm volatile(
+      "{ .reg .pred p; mbarrier.test_wait.parity.shared::cta.b64 p, [%1], %2; "
+      "selp.u32 %0, 1, 0, p; }"
+      : "=r"(done)
+      : "r"(bar), "r"(parity)
+      : "memory");
+  return done != 0;
 }
 __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
@@ -142,9 +183,6 @@ __device__ __forceinline__ uint4 lds_v4(uint32_t addr) {
                : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
                : "r"(addr));
   return r;
-}
-__device__ __forceinline__ void consumer_sync() {  // all consumer warps
-  asm volatile("bar.sync 1, %0;" ::"n"(kStreamConsumerWarps * 32) : "memory");
 }
 __device__ __forceinline__ void group_sync(int group) {  // one group's 4 warps
   asm volatile("bar.sync %0, %1;" ::"r"(2 + group), "n"(kStreamGroupWarps * 32) : "memory");
@@ -175,43 +213,6 @@ struct StreamRing {
   uint64_t* empty;
 };
 
-// Producer warp: the 16 weight rows of units [u0, u1) of one phase, stage by stage,
-// one bulk copy per lane.
-template <typename T, bool GATED, int NS, int MAXC>
-__device__ void produce(const StreamPhase& ph, const int* segs, int tiles, int64_t u0,
-                        int64_t u1, const StreamRing& r, uint32_t (&itg)[kStreamGroups],
-                        uint64_t policy) {
-  const int64_t mat_rows = GATED ? 2 * static_cast<int64_t>(ph.rows) : ph.rows;
-  const T* w = static_cast<const T*>(ph.w);
-  const int lane = threadIdx.x & 31;
-  for (int64_t u = u0; u < u1; ++u) {
-    const int seg = segs[u / tiles];
-    const int tile = static_cast<int>(u % tiles);
-    const T* we = w + static_cast<int64_t>(seg & 1023) * mat_rows * ph.K;
-    const int valid_rows = GATED ? kStreamRows : min(kStreamRows, ph.rows - tile * kStreamRows);
-    const int grp = static_cast<int>((u - u0) & 1);
-    for (int st = 0; st < ph.stages; ++st) {
-      const uint32_t j = itg[grp]++;
-      const int col0 = st * ph.stage_cols;
-      const int cols = min(ph.stage_cols, ph.K - col0);
-      const uint32_t s = grp * NS + j % NS;
-      mbar_wait(smem_addr(&r.empty[s]), ((j / NS) & 1u) ^ 1u);
-      const uint32_t fb = smem_addr(&r.full[s]);
-      const uint32_t row_bytes = static_cast<uint32_t>(cols) * sizeof(T);
-      if (lane == 0) mbar_arrive_expect_tx(fb, row_bytes * valid_rows);
-      __syncwarp();
-      if (lane < valid_rows) {  // one row per lane
-        const int rr = lane;
-        int64_t wrow;
-        if (GATED) wrow = rr < 8 ? tile * 8 + rr : ph.rows + tile * 8 + (rr - 8);
-        else wrow = static_cast<int64_t>(tile) * kStreamRows + rr;
-        bulk_copy_g2s(r.ring + s * StreamGeom<MAXC>::kStageBytes + rr * StreamGeom<MAXC>::kRowStride,
-                      we + wrow * ph.K + col0, row_bytes, fb, policy);
-      }
-    }
-  }
-}
-
 // B fragments of one stage (the segment's tokens, this warp's chunks): x rows in
 // phase 1 (read-only: nc), h rows in phase 2 (written in this kernel: L2 only).
 template <typename T, bool GATED, int MAXC>
@@ -229,68 +230,201 @@ __device__ __forceinline__ void load_b(const StreamPhase& ph, const T* brow, int
   }
 }
 
-// This lane's B row (token g of the unit's segment), or null.
-template <typename T, bool GATED>
-__device__ __forceinline__ const T* b_row(const StreamPhase& ph, const int* segs,
-                                          const int* sorted, int tiles, int64_t u, int top_k) {
-  const int g = (threadIdx.x & 31) >> 2;
-  const int seg = segs[u / tiles];
-  if (g >= (seg >> 20) + 1) return nullptr;
-  const int asg = sorted[((seg >> 10) & 1023) + g];
-  return static_cast<const T*>(ph.src) + static_cast<int64_t>(GATED ? asg / top_k : asg) * ph.K;
+// ---- the work queue: units claimed from a global counter -----------------
+// Unit numbering: [0, n1) phase 1 (segment u / tiles1, tile u % tiles1), then
+// [n1, n1 + n2) phase 2 (segment v / tiles2, tile v % tiles2, v = u - n1). Every
+// phase-1 unit is claimed before any phase-2 unit and a block's consumers take its
+// units in claim order, so a phase-2 unit only waits on phase-1 units that running
+// blocks hold and will finish without waiting: no co-residency requirement.
+struct StreamUnit {
+  int u = -1;          // unit number, -1: no more units
+  bool p1 = true;
+  int seg = 0, tile = 0;
+};
+
+__device__ __forceinline__ StreamUnit decode_unit(int u, int n1, int tiles1, int tiles2) {
+  StreamUnit d;
+  d.u = u;
+  if (u < 0) return d;
+  d.p1 = u < n1;
+  const int v = d.p1 ? u : u - n1;
+  const int tiles = d.p1 ? tiles1 : tiles2;
+  d.seg = v / tiles;
+  d.tile = v % tiles;
+  return d;
 }
 
-// Consumers: units [u0, u1) of one phase. Two groups of 4 warps take alternate
-// units, so one group's end-of-unit work (partials to shared memory, group barrier,
-// the ordered sum, the stores, the next unit's B loads) overlaps the other group's
-// stages. Within a group the 4 warps split each stage's chunks. The B loads of a
-// group's next stage are issued before its current stage is waited for.
-// `itg` counts the stages this group has consumed (its slots: group * NS + itg % NS).
+__device__ __forceinline__ unsigned int ld_acquire_u32(const unsigned int* p) {
+  unsigned int v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+// Producer warp: claims units until the counter passes the last one, streams each
+// unit's 16 weight rows stage by stage into its group's slots (group = claim parity
+// within the block), writing the unit number beside stage slots (id barrier). Ends
+// with one sentinel (-1) per group.
 template <typename T, bool GATED, int NS, int MAXC>
-__device__ void consume(const StreamPhase& ph, const int* segs, const int* sorted, int tiles,
-                        int64_t u0, int64_t u1, const StreamRing& r, uint32_t& itg,
-                        float (*red)[kStreamGroupWarps][kStreamRows][8], int top_k,
-                        int activation) {
+__device__ __forceinline__ void produce_unit(const StreamPhase ph, const StreamUnit& d,
+                                             const int* segs, const StreamRing& r,
+                                             uint32_t& itg, int grp, int* slot_unit,
+                                             uint64_t* id_bar, uint64_t policy) {
+  const int64_t mat_rows = GATED ? 2 * static_cast<int64_t>(ph.rows) : ph.rows;
+  const T* we = static_cast<const T*>(ph.w) + static_cast<int64_t>(segs[d.seg] & 1023) * mat_rows * ph.K;
+  const int lane = threadIdx.x & 31;
+  const int valid_rows = GATED ? kStreamRows : min(kStreamRows, ph.rows - d.tile * kStreamRows);
+  for (int st = 0; st < ph.stages; ++st) {
+    const uint32_t j = itg++;
+    const int col0 = st * ph.stage_cols;
+    const int cols = min(ph.stage_cols, ph.K - col0);
+    const uint32_t s = grp * NS + j % NS;
+    JM_STREAM_TIMED(lane == 0, 6, mbar_wait(smem_addr(&r.empty[s]), ((j / NS) & 1u) ^ 1u));
+    const uint32_t fb = smem_addr(&r.full[s]);
+    const uint32_t row_bytes = static_cast<uint32_t>(cols) * sizeof(T);
+    if (lane == 0) {
+      slot_unit[s] = d.u;
+      mbar_arrive(smem_addr(&id_bar[s]));
+      mbar_arrive_expect_tx(fb, row_bytes * valid_rows);
+    }
+    __syncwarp();
+    if (lane < valid_rows) {
+      const int rr = lane;
+      int64_t wrow;
+      if (GATED) wrow = rr < 8 ? d.tile * 8 + rr : ph.rows + d.tile * 8 + (rr - 8);
+      else wrow = static_cast<int64_t>(d.tile) * kStreamRows + rr;
+      bulk_copy_g2s(r.ring + s * StreamGeom<MAXC>::kStageBytes + rr * StreamGeom<MAXC>::kRowStride,
+                    we + wrow * ph.K + col0, row_bytes, fb, policy);
+    }
+  }
+}
+
+template <typename T, int NS, int MAXC>
+__device__ void produce(const GemvStreamArgs& a, const int* segs, int tiles1, int tiles2,
+                            int n1, int ntot, const StreamRing& r, int* slot_unit,
+                            uint64_t* id_bar, uint64_t policy) {
+  const int lane = threadIdx.x & 31;
+  uint32_t it0 = 0u, it1 = 0u;  // stages produced per group (scalars: no local array)
+  unsigned int claim = 0;
+  if (lane == 0) claim = atomicAdd(&g_stream_next, 1u);
+  for (int k = 0;; ++k) {
+    const int u = static_cast<int>(__shfl_sync(0xffffffffu, claim, 0));
+    if (u >= ntot) break;
+    if (lane == 0) claim = atomicAdd(&g_stream_next, 1u);  // the next claim, in flight
+    const int grp = k & 1;
+    uint32_t itc = grp ? it1 : it0;
+    const StreamUnit d = decode_unit(u, n1, tiles1, tiles2);
+    if (d.p1)
+      produce_unit<T, true, NS, MAXC>(a.p1, d, segs, r, itc, grp, slot_unit, id_bar, policy);
+    else
+      produce_unit<T, false, NS, MAXC>(a.p2, d, segs, r, itc, grp, slot_unit, id_bar, policy);
+    if (grp) it1 = itc; else it0 = itc;
+  }
+  for (int grp = 0; grp < kStreamGroups; ++grp) {  // end of work: a sentinel per group
+    const uint32_t j = grp ? it1 : it0;
+    const uint32_t s = grp * NS + j % NS;
+    mbar_wait(smem_addr(&r.empty[s]), ((j / NS) & 1u) ^ 1u);
+    if (lane == 0) {
+      slot_unit[s] = -1;
+      mbar_arrive(smem_addr(&id_bar[s]));
+      mbar_arrive(smem_addr(&r.full[s]));
+    }
+    __syncwarp();
+  }
+}
+
+// B row of this lane for unit d (token g of its segment), or null.
+template <typename T>
+__device__ __forceinline__ const T* b_row(const GemvStreamArgs& a, const StreamUnit& d,
+                                              const int* segs, const int* sorted) {
+  const int g = (threadIdx.x & 31) >> 2;
+  const int seg = segs[d.seg];
+  if (g >= (seg >> 20) + 1) return nullptr;
+  const int asg = sorted[((seg >> 10) & 1023) + g];
+  return d.p1 ? static_cast<const T*>(a.p1.src) + static_cast<int64_t>(asg / a.top_k) * a.p1.K
+              : static_cast<const T*>(a.p2.src) + static_cast<int64_t>(asg) * a.p2.K;
+}
+
+template <typename T, int MAXC>
+__device__ __forceinline__ void load_b_unit(const GemvStreamArgs& a, const StreamUnit& d,
+                                           const T* brow, int st,
+                                           uint4 (&bv)[StreamGeom<MAXC>::kChunksPerWarp]) {
+  if (d.p1) load_b<T, true, MAXC>(a.p1, brow, st, bv);
+  else load_b<T, false, MAXC>(a.p2, brow, st, bv);
+}
+
+// Phase-2 units read h rows of their segment: wait until all of the segment's
+// phase-1 units have been written (each thread acquires for its own loads).
+__device__ __forceinline__ bool seg_ready(int seg, unsigned int target) {
+  return ld_acquire_u32(&g_stream_seg_done[seg]) >= target;
+}
+
+// One consumer group's loop: take units from the group's slots in order until the
+// sentinel. The B loads of the next unit are issued during the current unit's last
+// stage when its number is known (id barrier) and, for a phase-2 unit, its segment's
+// h is ready; otherwise after the current unit's epilogue.
+template <typename T, int NS, int MAXC>
+__device__ void consume(const GemvStreamArgs& a, const int* segs, const int* sorted,
+                            int tiles1, int tiles2, int n1, const StreamRing& r,
+                            const int* slot_unit, uint64_t* id_bar,
+                            float (*red)[kStreamGroupWarps][kStreamRows][8]) {
   constexpr int CPW = StreamGeom<MAXC>::kChunksPerWarp;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int group = warp / kStreamGroupWarps, gw = warp % kStreamGroupWarps;
   const int gtid = tid % (kStreamGroupWarps * 32);
   const int g = lane >> 2, c = lane & 3;
-  T* out = static_cast<T*>(ph.out);
-  int parity = 0;
-  const int64_t first = u0 + group;
-  if (first >= u1) return;
+  const unsigned int seg_target = 2u * static_cast<unsigned int>(tiles1);
+  int parity = 0, ready = -1;  // ready: a segment whose h this thread saw complete
+  uint32_t jj = 0;             // stages this group has taken
+  auto peek = [&](uint32_t j) {  // blocking: only while this group holds no unit
+    const uint32_t s = group * NS + j % NS;
+    mbar_wait(smem_addr(&id_bar[s]), (j / NS) & 1u);
+    return slot_unit[s];
+  };
+  StreamUnit d = decode_unit(peek(jj), n1, tiles1, tiles2);
+  if (d.u < 0) return;
   uint4 bnext[CPW];
-  const T* brow = b_row<T, GATED>(ph, segs, sorted, tiles, first, top_k);
-  load_b<T, GATED, MAXC>(ph, brow, 0, bnext);
-  for (int64_t u = first; u < u1; u += kStreamGroups) {
-    const int seg = segs[u / tiles];
-    const int tile = static_cast<int>(u % tiles);
+  const T* brow = b_row<T>(a, d, segs, sorted);
+  if (!d.p1) { while (!seg_ready(d.seg, seg_target)) {} ready = d.seg; }
+  load_b_unit<T, MAXC>(a, d, brow, 0, bnext);
+  for (;;) {
+    const int stages = d.p1 ? a.p1.stages : a.p2.stages;
+    const int stage_cols = d.p1 ? a.p1.stage_cols : a.p2.stage_cols;
+    const int K = d.p1 ? a.p1.K : a.p2.K;
+    const int seg = segs[d.seg];
     const int start = (seg >> 10) & 1023;
     const int ntok = (seg >> 20) + 1;
-    const bool hi_ok = GATED || tile * kStreamRows + 8 + g < ph.rows;
-    // Four independent accumulator sets (chunk parity x k16 step) keep the mma chain
-    // short; they are added in a fixed order at the unit's end.
+    const bool hi_ok = d.p1 || d.tile * kStreamRows + 8 + g < a.p2.rows;
     float acc[4][4] = {};
-    for (int st = 0; st < ph.stages; ++st) {
-      const uint32_t jj = itg++;
+    StreamUnit dn;
+    bool have_next = false, next_loaded = false;
+    for (int st = 0; st < stages; ++st) {
+      const uint32_t j = jj++;
       uint4 bv[CPW];
 #pragma unroll
-      for (int j = 0; j < CPW; ++j) bv[j] = bnext[j];
-      if (st + 1 < ph.stages) {
-        load_b<T, GATED, MAXC>(ph, brow, st + 1, bnext);
-      } else if (u + kStreamGroups < u1) {
-        brow = b_row<T, GATED>(ph, segs, sorted, tiles, u + kStreamGroups, top_k);
-        load_b<T, GATED, MAXC>(ph, brow, 0, bnext);
+      for (int q = 0; q < CPW; ++q) bv[q] = bnext[q];
+      if (st + 1 < stages) {
+        load_b_unit<T, MAXC>(a, d, brow, st + 1, bnext);
+      } else if (mbar_test(smem_addr(&id_bar[group * NS + jj % NS]), (jj / NS) & 1u)) {
+        // Non-blocking here: waiting for the producer while holding a phase-1 unit
+        // could deadlock (the producer may wait on the other group, which may wait
+        // on this unit's segment).
+        dn = decode_unit(slot_unit[group * NS + jj % NS], n1, tiles1, tiles2);
+        have_next = true;
+        if (dn.u >= 0 && (dn.p1 || dn.seg == ready || seg_ready(dn.seg, seg_target))) {
+          if (!dn.p1) ready = dn.seg;
+          brow = b_row<T>(a, dn, segs, sorted);
+          load_b_unit<T, MAXC>(a, dn, brow, 0, bnext);
+          next_loaded = true;
+        }
       }
-      const int cols = min(ph.stage_cols, ph.K - st * ph.stage_cols);
+      const int cols = min(stage_cols, K - st * stage_cols);
       const int nch = (cols + 31) >> 5;
-      const uint32_t s = group * NS + jj % NS;
-      mbar_wait(smem_addr(&r.full[s]), (jj / NS) & 1u);
+      const uint32_t s = group * NS + j % NS;
+      JM_STREAM_TIMED(tid == 0, 7, mbar_wait(smem_addr(&r.full[s]), (j / NS) & 1u));
       const uint32_t stage = r.ring + s * StreamGeom<MAXC>::kStageBytes;
 #pragma unroll
-      for (int j = 0; j < CPW; ++j) {
-        const int ch = gw + j * kStreamGroupWarps;
+      for (int q = 0; q < CPW; ++q) {
+        const int ch = gw + q * kStreamGroupWarps;
         if (ch < nch) {
           const int col = ch * 32 + 8 * c;
           const bool in = col < cols;
@@ -298,8 +432,8 @@ __device__ void consume(const StreamPhase& ph, const int* segs, const int* sorte
           const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
           const uint4 lo = in ? lds_v4(p) : zero;
           const uint4 hi = (in && hi_ok) ? lds_v4(p + 8 * StreamGeom<MAXC>::kRowStride) : zero;
-          mma_m16n8k16<T>(acc[2 * (j & 1)], lo.x, hi.x, lo.y, hi.y, bv[j].x, bv[j].y);
-          mma_m16n8k16<T>(acc[2 * (j & 1) + 1], lo.z, hi.z, lo.w, hi.w, bv[j].z, bv[j].w);
+          mma_m16n8k16<T>(acc[2 * (q & 1)], lo.x, hi.x, lo.y, hi.y, bv[q].x, bv[q].y);
+          mma_m16n8k16<T>(acc[2 * (q & 1) + 1], lo.z, hi.z, lo.w, hi.w, bv[q].z, bv[q].w);
         }
       }
       __syncwarp();
@@ -307,15 +441,15 @@ __device__ void consume(const StreamPhase& ph, const int* segs, const int* sorte
     }
 #pragma unroll
     for (int i = 0; i < 4; ++i) acc[0][i] = (acc[0][i] + acc[1][i]) + (acc[2][i] + acc[3][i]);
-    // The group's partials: C fragment (row g, tokens 2c, 2c+1), (row g + 8, ...).
     float (*rd)[kStreamRows][8] = red[2 * group + parity];
     rd[gw][g][2 * c] = acc[0][0];
     rd[gw][g][2 * c + 1] = acc[0][1];
     rd[gw][g + 8][2 * c] = acc[0][2];
     rd[gw][g + 8][2 * c + 1] = acc[0][3];
     group_sync(group);
-    if (GATED) {
-      if (gtid < 64) {
+    if (d.p1) {
+      T* out = static_cast<T*>(a.p1.out);
+      if (gtid < 64) {  // warps 0 and 1 of the group: 8 rows x 8 tokens
         const int row = gtid & 7, tok = gtid >> 3;
         if (tok < ntok) {
           float gate = 0.f, up = 0.f;
@@ -325,21 +459,37 @@ __device__ void consume(const StreamPhase& ph, const int* segs, const int* sorte
             up += rd[wv][row + 8][tok];
           }
           const int64_t asg = sorted[start + tok];
-          out[asg * ph.rows + tile * 8 + row] = from_float<T>(activate(activation, gate) * up);
+          out[asg * a.p1.rows + d.tile * 8 + row] = from_float<T>(activate(a.activation, gate) * up);
+          __threadfence();
         }
+        __syncwarp();
+        if (lane == 0) atomicAdd(&g_stream_seg_done[d.seg], 1u);  // 2 per unit
       }
     } else {
+      T* out = static_cast<T*>(a.p2.out);
       const int row = gtid & 15, tok = gtid >> 4;
-      const int rr = tile * kStreamRows + row;
-      if (tok < ntok && rr < ph.rows) {
+      const int rr = d.tile * kStreamRows + row;
+      if (tok < ntok && rr < a.p2.rows) {
         float v = 0.f;
 #pragma unroll
         for (int wv = 0; wv < kStreamGroupWarps; ++wv) v += rd[wv][row][tok];
         const int64_t asg = sorted[start + tok];
-        out[asg * ph.rows + rr] = from_float<T>(v);
+        out[asg * a.p2.rows + rr] = from_float<T>(v);
       }
     }
-    parity ^= 1;  // the group's next unit writes its other buffer: one barrier per unit
+    parity ^= 1;
+    JM_STREAM_COUNT(tid == 0, 9);
+    if (!have_next) JM_STREAM_TIMED(tid == 0, 10, dn = decode_unit(peek(jj), n1, tiles1, tiles2));
+    if (dn.u < 0) return;  // the sentinel
+    d = dn;
+    if (!next_loaded) {
+      brow = b_row<T>(a, d, segs, sorted);
+      if (!d.p1 && d.seg != ready) {
+        JM_STREAM_TIMED(tid == 0, 8, while (!seg_ready(d.seg, seg_target)) {});
+        ready = d.seg;
+      }
+      load_b_unit<T, MAXC>(a, d, brow, 0, bnext);
+    }
   }
 }
 #endif
@@ -351,8 +501,10 @@ gemv_stream_kernel(GemvStreamArgs a) {
   constexpr int kRingBytes = kStreamGroups * NS * StreamGeom<MAXC>::kStageBytes;
   extern __shared__ __align__(128) unsigned char smem[];
   __shared__ __align__(8) uint64_t full_bar[kStreamGroups * NS], empty_bar[kStreamGroups * NS];
+  __shared__ __align__(8) uint64_t id_bar[kStreamGroups * NS];
+  __shared__ int slot_unit[kStreamGroups * NS];
   __shared__ float red[2 * kStreamGroups][kStreamGroupWarps][kStreamRows][8];
-  __shared__ int s_segments;
+  __shared__ int s_segments, s_valid, s_last;
   unsigned char* ring = smem;
   int* sorted = reinterpret_cast<int*>(smem + kRingBytes);  // assignments by expert
   int* segs = sorted + kStreamMaxAssign;
@@ -363,115 +515,155 @@ gemv_stream_kernel(GemvStreamArgs a) {
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int n = a.num_assign;
+  JM_STREAM_TRACE(tid == 0, 0);
+#ifdef JAX_MOE_STREAM_TRACE
+  if (tid < kStreamTraceEvents - 6) g_stream_trace[blockIdx.x][6 + tid] = 0ull;
+#endif
   // ---- prologue: segments of <= 8 assignments per selected expert, ascending e ----
-  for (int e = tid; e < a.E; e += blockDim.x) cnt[e] = 0;
+  // sorted[0, s_valid): valid assignments by expert, ascending within an expert;
+  // sorted[s_valid, n): the assignments whose id is outside [0, E).
   if (tid < kStreamGroups * NS) {
     mbar_init(smem_addr(&full_bar[tid]), 1);
     mbar_init(smem_addr(&empty_bar[tid]), kStreamGroupWarps);
+    mbar_init(smem_addr(&id_bar[tid]), 1);
   }
-  __syncthreads();
-  for (int i = tid; i < n; i += blockDim.x) {
-    const int e = a.ids[i];
-    if (e >= 0 && e < a.E) atomicAdd(&cnt[e], 1);
-  }
-  __syncthreads();
-  if (warp == 0) {  // exclusive scans of counts and of segments per expert
-    int pos = 0, seg = 0;
-    for (int base = 0; base < a.E; base += 32) {
-      const int e = base + lane;
-      const int c = e < a.E ? cnt[e] : 0;
-      const int s = (c + 7) >> 3;
-      int ic = c, is = s;
-#pragma unroll
-      for (int o = 1; o < 32; o <<= 1) {
-        const int vc = __shfl_up_sync(0xffffffffu, ic, o);
-        const int vs = __shfl_up_sync(0xffffffffu, is, o);
-        if (lane >= o) { ic += vc; is += vs; }
-      }
-      if (e < a.E) { cursor[e] = pos + ic - c; seg_first[e] = seg + is - s; }
-      pos += __shfl_sync(0xffffffffu, ic, 31);
-      seg += __shfl_sync(0xffffffffu, is, 31);
-    }
-    if (lane == 0) s_segments = seg;
-  }
-  __syncthreads();
-  for (int e = tid; e < a.E; e += blockDim.x) {
-    const int c = cnt[e];
-    for (int j = 0; 8 * j < c; ++j)
-      segs[seg_first[e] + j] = seg_pack(e, cursor[e] + 8 * j, min(8, c - 8 * j));
-  }
-  __syncthreads();  // cursor is read above before it moves below
-  if (warp == 0) {
-    // Stable order (ascending assignment within an expert): every block must cut the
-    // same segments, so no atomics here. One warp, 32 assignments per step.
-    for (int base = 0; base < n; base += 32) {
-      const int i = base + lane;
-      const int e = i < n ? a.ids[i] : -1;
-      const bool ok = e >= 0 && e < a.E;
+  const bool small = n <= 32;
+  if (!small)
+    for (int e = tid; e < a.E; e += blockDim.x) cnt[e] = 0;
+  // Launched with programmatic stream serialization: ids and x come from the
+  // previous kernel; nothing above reads global memory.
+  pdl_wait_prerequisites();
+  if (small) {
+    // One warp, one assignment per lane, no shared-memory passes: each distinct
+    // expert's first lane ("leader") counts the leaders with a smaller id.
+    if (warp == 0) {
+      const int e = lane < n ? a.ids[lane] : -1;
+      const bool ok = lane < n && e >= 0 && e < a.E;
       const uint32_t peers = __match_any_sync(0xffffffffu, ok ? e : -1);
-      const int before = __popc(peers & ((1u << lane) - 1u));
-      if (ok) sorted[cursor[e] + before] = i;
-      __syncwarp();
-      if (ok && before == 0) cursor[e] += __popc(peers);
-      __syncwarp();
+      const uint32_t lt = (1u << lane) - 1u;
+      const int c = __popc(peers);
+      const bool leader = ok && (peers & lt) == 0;
+      const int key = leader ? e : 0x7fffffff;
+      const int lc = leader ? c : 0;
+      int pos = 0, spos = 0;
+#pragma unroll
+      for (int j = 0; j < 32; ++j) {
+        const int kj = __shfl_sync(0xffffffffu, key, j);
+        const int cj = __shfl_sync(0xffffffffu, lc, j);
+        if (kj < e) { pos += cj; spos += (cj + 7) >> 3; }
+      }
+      const uint32_t valid = __ballot_sync(0xffffffffu, ok);
+      const uint32_t bad = __ballot_sync(0xffffffffu, !ok && lane < n);
+      if (ok) sorted[pos + __popc(peers & lt)] = lane;
+      if (!ok && lane < n) sorted[__popc(valid) + __popc(bad & lt)] = lane;
+      if (leader)
+        for (int j = 0; 8 * j < c; ++j) segs[spos + j] = seg_pack(e, pos + 8 * j, min(8, c - 8 * j));
+      int ns = leader ? (c + 7) >> 3 : 0;
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) ns += __shfl_xor_sync(0xffffffffu, ns, o);
+      if (lane == 0) { s_segments = ns; s_valid = __popc(valid); }
+    }
+  } else {
+    __syncthreads();
+    for (int i = tid; i < n; i += blockDim.x) {
+      const int e = a.ids[i];
+      if (e >= 0 && e < a.E) atomicAdd(&cnt[e], 1);
+    }
+    __syncthreads();
+    if (warp == 0) {  // exclusive scans of counts and of segments per expert
+      int pos = 0, seg = 0;
+      for (int base = 0; base < a.E; base += 32) {
+        const int e = base + lane;
+        const int c = e < a.E ? cnt[e] : 0;
+        const int s = (c + 7) >> 3;
+        int ic = c, is = s;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+          const int vc = __shfl_up_sync(0xffffffffu, ic, o);
+          const int vs = __shfl_up_sync(0xffffffffu, is, o);
+          if (lane >= o) { ic += vc; is += vs; }
+        }
+        if (e < a.E) { cursor[e] = pos + ic - c; seg_first[e] = seg + is - s; }
+        pos += __shfl_sync(0xffffffffu, ic, 31);
+        seg += __shfl_sync(0xffffffffu, is, 31);
+      }
+      if (lane == 0) { s_segments = seg; s_valid = pos; }
+    }
+    __syncthreads();
+    for (int e = tid; e < a.E; e += blockDim.x) {
+      const int c = cnt[e];
+      for (int j = 0; 8 * j < c; ++j)
+        segs[seg_first[e] + j] = seg_pack(e, cursor[e] + 8 * j, min(8, c - 8 * j));
+    }
+    __syncthreads();  // cursor is read above before it moves below
+    if (warp == 0) {
+      // Stable order (ascending assignment within an expert): every block must cut
+      // the same segments, so no atomics here. One warp, 32 assignments per step.
+      int nbad = s_valid;
+      for (int base = 0; base < n; base += 32) {
+        const int i = base + lane;
+        const int e = i < n ? a.ids[i] : -1;
+        const bool ok = e >= 0 && e < a.E;
+        const uint32_t peers = __match_any_sync(0xffffffffu, ok ? e : -1);
+        const uint32_t lt = (1u << lane) - 1u;
+        const int before = __popc(peers & lt);
+        const uint32_t bad = __ballot_sync(0xffffffffu, !ok && i < n);
+        if (ok) sorted[cursor[e] + before] = i;
+        if (!ok && i < n) sorted[nbad + __popc(bad & lt)] = i;
+        nbad += __popc(bad);
+        __syncwarp();
+        if (ok && before == 0) cursor[e] += __popc(peers);
+        __syncwarp();
+      }
     }
   }
   asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
   __syncthreads();  // prologue scratch dead from here: the ring may be written
+  JM_STREAM_TRACE(tid == 0, 1);
+  // Let the next kernel launch (a PDL-launched combine waits for our completion
+  // before reading y; its blocks fit beside ours).
+  pdl_launch_dependents();
 
   const int G = gridDim.x, b = blockIdx.x;
-  if (warp < kStreamConsumerWarps) {
+  const int tiles1 = a.p1.rows / 8;
+  const int tiles2 = (a.p2.rows + kStreamRows - 1) / kStreamRows;
+  const int n1 = s_segments * tiles1;
+  const int n2 = s_segments * tiles2;
+  const StreamRing r{smem_addr(ring), full_bar, empty_bar};
+
+  if (warp == kStreamConsumerWarps) {  // producer warp
+    produce<T, NS, MAXC>(a, segs, tiles1, tiles2, n1, n1 + n2, r, slot_unit, id_bar,
+                         l2_evict_first_policy());
+    JM_STREAM_TRACE(lane == 0, 5);
+  } else {
     // ids outside [0, E): zero y rows; each block zeroes its share of the columns.
     T* y = static_cast<T*>(a.p2.out);
     const int H = a.p2.rows;
     const int r0 = static_cast<int>(static_cast<int64_t>(b) * H / G);
     const int r1 = static_cast<int>(static_cast<int64_t>(b + 1) * H / G);
-    for (int i = 0; i < n; ++i) {
-      const int e = a.ids[i];
-      if (e >= 0 && e < a.E) continue;
-      for (int r = r0 + tid; r < r1; r += kStreamConsumerWarps * 32)
-        y[static_cast<int64_t>(i) * H + r] = from_float<T>(0.f);
+    for (int j = s_valid; j < n; ++j) {
+      const int i = sorted[j];
+      for (int rr = r0 + tid; rr < r1; rr += kStreamConsumerWarps * 32)
+        y[static_cast<int64_t>(i) * H + rr] = from_float<T>(0.f);
     }
+    consume<T, NS, MAXC>(a, segs, sorted, tiles1, tiles2, n1, r, slot_unit, id_bar, red);
+    JM_STREAM_TRACE(tid == 0 || tid == 128, tid == 0 ? 2 : 3);
   }
-
-  const int tiles1 = a.p1.rows / 8;
-  const int tiles2 = (a.p2.rows + kStreamRows - 1) / kStreamRows;
-  const int64_t n1 = static_cast<int64_t>(s_segments) * tiles1;
-  const int64_t n2 = static_cast<int64_t>(s_segments) * tiles2;
-  const StreamRing r{smem_addr(ring), full_bar, empty_bar};
-
-  if (warp == kStreamConsumerWarps) {  // producer warp: phase 1 then phase 2
-    const uint64_t policy = l2_evict_first_policy();
-    uint32_t itg[kStreamGroups] = {0u, 0u};
-    produce<T, true, NS, MAXC>(a.p1, segs, tiles1, n1 * b / G, n1 * (b + 1) / G, r, itg, policy);
-    produce<T, false, NS, MAXC>(a.p2, segs, tiles2, n2 * b / G, n2 * (b + 1) / G, r, itg, policy);
-    return;
-  }
-  uint32_t it = 0;  // stages this thread's group has consumed
-
-  consume<T, true, NS, MAXC>(a.p1, segs, sorted, tiles1, n1 * b / G, n1 * (b + 1) / G, r, it,
-                             red, a.top_k, a.activation);
-  // Grid-wide: every block's h rows are written before any block reads h.
-  consumer_sync();
+  __syncthreads();
+  JM_STREAM_TRACE(tid == 0, 4);
   if (tid == 0) {
     __threadfence();
-    atomicAdd(&g_stream_phase1_done, 1u);
-    unsigned int done = 0;
-    do {
-      asm volatile("ld.acquire.gpu.global.u32 %0, [%1];"
-                   : "=r"(done) : "l"(&g_stream_phase1_done) : "memory");
-    } while (done < static_cast<unsigned int>(G));
+    s_last = atomicAdd(&g_stream_blocks_out, 1u) == static_cast<unsigned int>(G) - 1u;
   }
-  consumer_sync();
-  consume<T, false, NS, MAXC>(a.p2, segs, sorted, tiles2, n2 * b / G, n2 * (b + 1) / G, r, it,
-                              red, a.top_k, a.activation);
-  if (tid == 0) {  // the last block out resets the counters for the next call
-    if (atomicAdd(&g_stream_blocks_out, 1u) == static_cast<unsigned int>(G) - 1u) {
-      g_stream_phase1_done = 0u;
+  __syncthreads();
+  if (s_last) {  // the last block out resets the counters for the next call
+    for (int i = tid; i < s_segments; i += blockDim.x) g_stream_seg_done[i] = 0u;
+    if (tid == 0) {
+      g_stream_next = 0u;
       g_stream_blocks_out = 0u;
-      __threadfence();
     }
+    __threadfence();
   }
 #endif
 }
@@ -513,6 +705,11 @@ cudaError_t LaunchGemvStreamNS(const GemvStreamArgs& a, int sms, cudaStream_t st
   cfg.blockDim = dim3(kStreamThreads);
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
   return cudaLaunchKernelEx(&cfg, kern, a);
 }
 

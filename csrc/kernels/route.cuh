@@ -208,6 +208,7 @@ __device__ void route_token_warp(GetLogit get, int64_t t, const RouteArgs& a) {
 // Logits path: warp w of block b routes token b * kRouteWarps + w.
 template <typename T, int EPL>
 __global__ void __launch_bounds__(kRouteThreads) route_logits_kernel(RouteArgs a) {
+  pdl_launch_dependents();  // a PDL-launched consumer still waits for our completion
   const int64_t t = static_cast<int64_t>(blockIdx.x) * kRouteWarps + (threadIdx.x >> 5);
   if (t >= a.T) return;
   const T* row = static_cast<const T*>(a.x) + t * a.E;
@@ -292,6 +293,7 @@ __global__ void __launch_bounds__(kRouteThreads) route_fused_kernel(RouteArgs a,
   __shared__ float red[kRouteWarps][kRouteExpTile][kRouteTokTile];
   __shared__ bool is_last;
   extern __shared__ float s_logits[];
+  pdl_launch_dependents();  // a PDL-launched consumer still waits for our completion
   const int warp = threadIdx.x >> 5;
   const int64_t e0 = static_cast<int64_t>(blockIdx.x) * kRouteExpTile;
   const int ks = blockIdx.y;

@@ -1,0 +1,227 @@
+// Standalone probe of the stream kernel (kernels/expert_gemv_stream.cuh), no JAX:
+// times back-to-back launches, checks that a repeated call on fuzzed ids (some out
+// of range) writes every output and agrees bitwise, and prints a per-block timeline
+// of one call (%globaltimer events). For quick device runs; the numbers we report
+// come from benchmarks/ (jitted loops through the primitives).
+//
+//   nvcc -std=c++17 -O3 -arch=sm_90a -Icsrc -DJAX_MOE_STREAM_TRACE \
+//        scripts/stream_probe.cu -o build/stream_probe
+//   build/stream_probe [shape,...] [T,...]      e.g. gemma4,deepseek_v3 1,8
+//   build/stream_probe --read-bw                  only the read bandwidth (GB/s)
+//
+// Weights: every expert random (bf16, O(1) outputs); each timed call uses the next
+// of 32 random routings, so consecutive calls read mostly different experts.
+// Floor: distinct experts' weight bytes / read bandwidth of a 4 GiB reduction.
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <set>
+#include <string>
+#include <vector>
+#include <algorithm>
+
+#include "kernels/expert_gemv_stream.cuh"
+
+using namespace jax_moe;
+using namespace jax_moe::cuda;
+
+#define CK(x)                                                                    \
+  do {                                                                           \
+    cudaError_t e_ = (x);                                                        \
+    if (e_ != cudaSuccess) {                                                     \
+      fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
+      exit(1);                                                                   \
+    }                                                                            \
+  } while (0)
+
+__global__ void fill_bf16(bf16* p, size_t n, uint32_t seed, float scale) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n;
+       i += size_t(gridDim.x) * blockDim.x) {
+    uint32_t h = static_cast<uint32_t>(i) * 2654435761u ^ seed;
+    h ^= h >> 15; h *= 2246822519u; h ^= h >> 13; h *= 3266489917u; h ^= h >> 16;
+    p[i] = __float2bfloat16_rn(scale * ((h & 0xffffff) / 8388608.0f - 1.0f));
+  }
+}
+
+__global__ void read_kernel(const uint4* p, size_t n, unsigned int* sink) {
+  uint32_t acc = 0;
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n;
+       i += size_t(gridDim.x) * blockDim.x) {
+    uint4 v = ldg_stream_v4(p + i);
+    acc ^= v.x ^ v.y ^ v.z ^ v.w;
+  }
+  if (acc == 0x12345678u) atomicAdd(sink, 1u);
+}
+
+struct Shape { const char* name; int H, I, E, k; };
+static const Shape kShapes[] = {{"gemma4", 2816, 704, 128, 8}, {"qwen3", 2048, 768, 128, 8},
+                                {"mixtral", 4096, 14336, 8, 2}, {"deepseek_v3", 7168, 2048, 256, 8}};
+
+static std::vector<std::string> split(const char* s) {
+  std::vector<std::string> out;
+  std::string cur;
+  for (const char* p = s;; ++p) {
+    if (*p == ',' || *p == 0) { if (!cur.empty()) out.push_back(cur); cur.clear(); if (!*p) break; }
+    else cur += *p;
+  }
+  return out;
+}
+
+static void launch(const GemvStreamArgs& a, int sms) {
+  CK((LaunchGemvStreamNS<bf16, kStreamStages, kStreamMaxCols>(a, sms, 0)));
+}
+
+static void trace_summary(const char* label, int G, float kernel_us) {
+  static unsigned long long tr[1024][kStreamTraceEvents];
+  CK(cudaMemcpyFromSymbol(tr, g_stream_trace, sizeof(tr)));
+  unsigned long long t0 = ~0ull;
+  for (int b = 0; b < G; ++b) t0 = std::min(t0, tr[b][0]);
+  static const char* names[kStreamTraceEvents] = {
+      "entry", "prologue", "group-0", "group-1", "block-end", "producer",
+      "w:p-empty", "w:g0-full", "w:g0-seg", "g0-units", "w:g0-peek", "-"};
+  printf("    timeline %s(us from first entry, totals in us; min / median / max over %d "
+         "blocks; kernel %.1f)\n", label, G, kernel_us);
+  for (int ev : {0, 1, 5, 2, 3, 4, 6, 7, 8, 10, 9}) {
+    std::vector<double> v;
+    for (int b = 0; b < G; ++b)
+      v.push_back(ev == 9 ? double(tr[b][ev]) : ev >= 6 ? tr[b][ev] * 1e-3 : (tr[b][ev] - t0) * 1e-3);
+    std::sort(v.begin(), v.end());
+    printf("      %-10s %8.2f %8.2f %8.2f\n", names[ev], v[0], v[G / 2], v[G - 1]);
+  }
+}
+
+int main(int argc, char** argv) {
+  std::vector<std::string> shapes = split(argc > 1 ? argv[1] : "gemma4,qwen3,mixtral,deepseek_v3");
+  std::vector<std::string> ts = split(argc > 2 ? argv[2] : "1,2,8");
+  const int iters = argc > 3 ? atoi(argv[3]) : 200;
+  int dev = 0, sms = 0;
+  CK(cudaGetDevice(&dev));
+  CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  unsigned int* sink;
+  CK(cudaMalloc(&sink, 4));
+  cudaEvent_t e0, e1;
+  CK(cudaEventCreate(&e0));
+  CK(cudaEventCreate(&e1));
+
+  // Read bandwidth: 4 GiB streamed once per pass, best of 5.
+  double bw = 0;
+  {
+    const size_t bytes = size_t(4) << 30;
+    uint4* buf;
+    CK(cudaMalloc(&buf, bytes));
+    fill_bf16<<<4096, 256>>>(reinterpret_cast<bf16*>(buf), bytes / 2, 7u, 1.0f);
+    for (int rep = 0; rep < 6; ++rep) {
+      CK(cudaEventRecord(e0));
+      read_kernel<<<sms * 8, 512>>>(buf, bytes / 16, sink);
+      CK(cudaEventRecord(e1));
+      CK(cudaEventSynchronize(e1));
+      float ms;
+      CK(cudaEventElapsedTime(&ms, e0, e1));
+      if (rep) bw = std::max(bw, bytes / (ms * 1e-3));
+    }
+    CK(cudaFree(buf));
+  }
+  if (argc > 1 && strcmp(argv[1], "--read-bw") == 0) {
+    printf("%.1f\n", bw * 1e-9);
+    return 0;
+  }
+  printf("read bandwidth %.3f TB/s, %d SMs\n", bw * 1e-12, sms);
+  printf("%-12s %4s %9s %9s %7s %s\n", "shape", "T", "floor_us", "us", "x", "repeat");
+
+  std::mt19937 rng(1234);
+  for (const std::string& sn : shapes) {
+    const Shape* sp = nullptr;
+    for (const Shape& s : kShapes) if (sn == s.name) sp = &s;
+    if (!sp) { fprintf(stderr, "unknown shape %s\n", sn.c_str()); return 2; }
+    const Shape S = *sp;
+    const size_t ngu = size_t(S.E) * 2 * S.I * S.H, nd = size_t(S.E) * S.H * S.I;
+    bf16 *wgu, *wd, *x, *h, *y, *y2;
+    CK(cudaMalloc(&wgu, ngu * 2));
+    CK(cudaMalloc(&wd, nd * 2));
+    const int Tmax = 64;
+    CK(cudaMalloc(&x, size_t(Tmax) * S.H * 2));
+    CK(cudaMalloc(&h, size_t(Tmax) * S.k * S.I * 2));
+    CK(cudaMalloc(&y, size_t(Tmax) * S.k * S.H * 2));
+    CK(cudaMalloc(&y2, size_t(Tmax) * S.k * S.H * 2));
+    fill_bf16<<<4096, 256>>>(wgu, ngu, 11u, 2.0f / sqrtf(float(S.H)));
+    fill_bf16<<<4096, 256>>>(wd, nd, 13u, 2.0f / sqrtf(float(S.I)));
+    fill_bf16<<<256, 256>>>(x, size_t(Tmax) * S.H, 17u, 1.0f);
+    CK(cudaGetLastError());
+    const double expert_bytes = (3.0 * S.I * S.H) * 2;
+    for (const std::string& tstr : ts) {
+      const int T = atoi(tstr.c_str());
+      if (T < 1 || T > Tmax || T * S.k > kStreamMaxAssign) continue;
+      const int R = 32, n = T * S.k;
+      std::vector<int32_t> ids(size_t(R) * n);
+      double distinct = 0;
+      for (int r = 0; r < R; ++r) {
+        std::set<int> seen;
+        for (int t = 0; t < T; ++t) {
+          std::vector<int> perm(S.E);
+          for (int e = 0; e < S.E; ++e) perm[e] = e;
+          std::shuffle(perm.begin(), perm.end(), rng);
+          for (int j = 0; j < S.k; ++j) { ids[size_t(r) * n + t * S.k + j] = perm[j]; seen.insert(perm[j]); }
+        }
+        distinct += seen.size();
+      }
+      distinct /= R;
+      int32_t* dids;
+      CK(cudaMalloc(&dids, ids.size() * 4));
+      CK(cudaMemcpy(dids, ids.data(), ids.size() * 4, cudaMemcpyHostToDevice));
+      GemvStreamArgs a;
+      a.num_assign = n; a.top_k = S.k; a.E = S.E; a.activation = kSilu;
+      a.p1.src = x; a.p1.w = wgu; a.p1.out = h; a.p1.rows = S.I; a.p1.K = S.H;
+      StreamStageGeometry(a.p1.K, &a.p1.stage_cols, &a.p1.stages);
+      a.p2.src = h; a.p2.w = wd; a.p2.out = y; a.p2.rows = S.H; a.p2.K = S.I;
+      StreamStageGeometry(a.p2.K, &a.p2.stage_cols, &a.p2.stages);
+      for (int it = 0; it < 5; ++it) { a.ids = dids + size_t(it % R) * n; launch(a, sms); }
+      CK(cudaEventRecord(e0));
+      for (int it = 0; it < iters; ++it) {
+        a.ids = dids + size_t(it % R) * n;
+        launch(a, sms);
+      }
+      CK(cudaEventRecord(e1));
+      CK(cudaEventSynchronize(e1));
+      CK(cudaGetLastError());
+      float ms;
+      CK(cudaEventElapsedTime(&ms, e0, e1));
+      const float us = ms * 1e3f / iters;
+      // Repeat on a fresh routing with some ids out of range: every output written
+      // (poisoned before), both calls bitwise equal.
+      std::vector<int32_t> fz(n);
+      for (int i = 0; i < n; ++i) fz[i] = (rng() % 9 == 0) ? -1 : int(rng() % S.E);
+      CK(cudaMemcpy(dids, fz.data(), n * 4, cudaMemcpyHostToDevice));
+      a.ids = dids;
+      const size_t ybytes = size_t(n) * S.H * 2;
+      CK(cudaMemset(y, 0xff, ybytes));
+      a.p2.out = y; launch(a, sms);
+      CK(cudaMemset(y2, 0xff, ybytes));
+      a.p2.out = y2; launch(a, sms);
+      CK(cudaDeviceSynchronize());
+      std::vector<uint16_t> hy(ybytes / 2), hy2(ybytes / 2);
+      CK(cudaMemcpy(hy.data(), y, ybytes, cudaMemcpyDeviceToHost));
+      CK(cudaMemcpy(hy2.data(), y2, ybytes, cudaMemcpyDeviceToHost));
+      size_t poisoned = 0;
+      for (size_t i = 0; i < hy.size(); ++i) poisoned += (hy2[i] == 0xffff);
+      const bool same = hy == hy2 && poisoned == 0;
+      const double floor_us = distinct * expert_bytes / bw * 1e6;
+      printf("%-12s %4d %9.1f %9.1f %7.3f %s\n", S.name, T, floor_us, us, us / floor_us,
+             same ? "equal" : "DIFFER");
+      // Timeline of one call, inputs as in the timed loop.
+      CK(cudaMemcpy(dids, ids.data(), size_t(n) * 4, cudaMemcpyHostToDevice));
+      a.p2.out = y;
+      CK(cudaDeviceSynchronize());
+      CK(cudaEventRecord(e0));
+      launch(a, sms);
+      CK(cudaEventRecord(e1));
+      CK(cudaEventSynchronize(e1));
+      CK(cudaEventElapsedTime(&ms, e0, e1));
+      trace_summary("", sms, ms * 1e3f);
+      CK(cudaFree(dids));
+    }
+    CK(cudaFree(wgu)); CK(cudaFree(wd)); CK(cudaFree(x)); CK(cudaFree(h)); CK(cudaFree(y));
+    CK(cudaFree(y2));
+  }
+  return 0;
+}
