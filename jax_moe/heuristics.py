@@ -181,6 +181,11 @@ def moe_implementation(num_tokens: int, num_experts: int, top_k: int, hidden: in
   T, E, k = num_tokens, num_experts, top_k
   if T > MOE_GEMV_MAX_TOKENS:
     return "grouped"
+  if gemv_kernel_variant(T, E, k) == 5:
+    # The stream kernel beat the dense path wherever it applies (run s4-2/s4-4,
+    # gemv + combine vs the whole dense layer, us): Gemma-4 T=64 559 vs 618, Qwen3
+    # T=64 447 vs 500, Mixtral T=16 921 vs 987; DeepSeek-V3 stays gemv to T=512.
+    return "gemv"
   frac = expected_expert_fraction(T, E, k)
   if frac <= MOE_GEMV_MAX_EXPERT_FRACTION or T <= 1:
     return "gemv"

@@ -68,10 +68,16 @@ static std::vector<std::string> split(const char* s) {
   return out;
 }
 
+// Ring geometry (4th argument): 0 the library's default, 1: 3 slots of 1024 columns
+// per group, 2: 4 slots of 768.
+static int g_ring = 0;
 static void launch(const GemvStreamArgs& a, int sms) {
-  CK((LaunchGemvStreamNS<bf16, kStreamStages, kStreamMaxCols>(a, sms, 0)));
+  if (g_ring == 1) CK((LaunchGemvStreamNS<bf16, 3, 1024>(a, sms, 0)));
+  else if (g_ring == 2) CK((LaunchGemvStreamNS<bf16, 4, 768>(a, sms, 0)));
+  else CK((LaunchGemvStreamNS<bf16, kStreamStages, kStreamMaxCols>(a, sms, 0)));
 }
 
+#ifdef JAX_MOE_STREAM_TRACE
 static void trace_summary(const char* label, int G, float kernel_us) {
   static unsigned long long tr[1024][kStreamTraceEvents];
   CK(cudaMemcpyFromSymbol(tr, g_stream_trace, sizeof(tr)));
@@ -91,10 +97,16 @@ static void trace_summary(const char* label, int G, float kernel_us) {
   }
 }
 
+#else
+static void trace_summary(const char*, int, float) {}
+#endif
+
 int main(int argc, char** argv) {
   std::vector<std::string> shapes = split(argc > 1 ? argv[1] : "gemma4,qwen3,mixtral,deepseek_v3");
   std::vector<std::string> ts = split(argc > 2 ? argv[2] : "1,2,8");
   const int iters = argc > 3 ? atoi(argv[3]) : 200;
+  g_ring = argc > 4 ? atoi(argv[4]) : 0;
+  const int max_cols = g_ring == 1 ? 1024 : g_ring == 2 ? 768 : kStreamMaxCols;
   int dev = 0, sms = 0;
   CK(cudaGetDevice(&dev));
   CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
@@ -172,9 +184,9 @@ int main(int argc, char** argv) {
       GemvStreamArgs a;
       a.num_assign = n; a.top_k = S.k; a.E = S.E; a.activation = kSilu;
       a.p1.src = x; a.p1.w = wgu; a.p1.out = h; a.p1.rows = S.I; a.p1.K = S.H;
-      StreamStageGeometry(a.p1.K, &a.p1.stage_cols, &a.p1.stages);
+      StreamStageGeometry(a.p1.K, &a.p1.stage_cols, &a.p1.stages, max_cols);
       a.p2.src = h; a.p2.w = wd; a.p2.out = y; a.p2.rows = S.H; a.p2.K = S.I;
-      StreamStageGeometry(a.p2.K, &a.p2.stage_cols, &a.p2.stages);
+      StreamStageGeometry(a.p2.K, &a.p2.stage_cols, &a.p2.stages, max_cols);
       for (int it = 0; it < 5; ++it) { a.ids = dids + size_t(it % R) * n; launch(a, sms); }
       CK(cudaEventRecord(e0));
       for (int it = 0; it < iters; ++it) {

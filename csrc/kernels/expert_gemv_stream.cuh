@@ -53,9 +53,13 @@ constexpr int kStreamConsumerWarps = 8;
 constexpr int kStreamGroupWarps = 4;       // consumer warps per group (2 groups)
 constexpr int kStreamGroups = kStreamConsumerWarps / kStreamGroupWarps;
 constexpr int kStreamThreads = 32 * (kStreamConsumerWarps + 1);  // + 1 producer warp
-constexpr int kStreamStages = 3;       // ring slots per consumer group (6 in all)
+// Ring: kStreamStages slots of at most kStreamMaxCols columns per consumer group.
+// 4 x 768 against 3 x 1024 (scripts/stream_probe.cu, same run s4-5, us): Gemma-4
+// T=1/2/8 43.2/69.4/213.3 vs 45.2/72.1/219.1, Qwen3 34.0/55.3/164.4 vs
+// 35.0/56.8/166.9 (more, smaller stages in flight per group).
+constexpr int kStreamStages = 4;
 constexpr int kStreamRows = 16;            // weight rows per unit (A rows of the mma)
-constexpr int kStreamMaxCols = 1024;       // columns per stage at most
+constexpr int kStreamMaxCols = 768;
 // Stage geometry for at most MAXC columns: row stride in bytes (= 64 mod 128: no bank
 // conflicts between the two rows a quarter-warp reads), stage bytes, chunks per warp.
 template <int MAXC> struct StreamGeom {
@@ -63,6 +67,7 @@ template <int MAXC> struct StreamGeom {
   static constexpr int kStageBytes = kStreamRows * kRowStride;
   static constexpr int kChunksPerWarp = MAXC / 32 / kStreamGroupWarps;
 };
+constexpr int kStreamClaim = 2;            // units per claim from the work queue
 constexpr int kStreamMaxAssign = 512;      // T * k
 constexpr int kStreamMaxExperts = 1024;
 constexpr int kStreamMaxSegments = kStreamMaxAssign + kStreamMaxAssign / 8;
@@ -304,20 +309,26 @@ __device__ void produce(const GemvStreamArgs& a, const int* segs, int tiles1, in
                             uint64_t* id_bar, uint64_t policy) {
   const int lane = threadIdx.x & 31;
   uint32_t it0 = 0u, it1 = 0u;  // stages produced per group (scalars: no local array)
+  // Units are claimed kStreamClaim at a time, the next claim issued before the
+  // current units' copies: under the full DRAM stream an atomic's round trip took
+  // ~1.6 us (s4-3 timeline: the producer waited little for slots, yet issued one
+  // unit per ~2 us at Gemma-4 T=1).
   unsigned int claim = 0;
-  if (lane == 0) claim = atomicAdd(&g_stream_next, 1u);
-  for (int k = 0;; ++k) {
-    const int u = static_cast<int>(__shfl_sync(0xffffffffu, claim, 0));
-    if (u >= ntot) break;
-    if (lane == 0) claim = atomicAdd(&g_stream_next, 1u);  // the next claim, in flight
-    const int grp = k & 1;
-    uint32_t itc = grp ? it1 : it0;
-    const StreamUnit d = decode_unit(u, n1, tiles1, tiles2);
-    if (d.p1)
-      produce_unit<T, true, NS, MAXC>(a.p1, d, segs, r, itc, grp, slot_unit, id_bar, policy);
-    else
-      produce_unit<T, false, NS, MAXC>(a.p2, d, segs, r, itc, grp, slot_unit, id_bar, policy);
-    if (grp) it1 = itc; else it0 = itc;
+  if (lane == 0) claim = atomicAdd(&g_stream_next, static_cast<unsigned int>(kStreamClaim));
+  for (int k = 0;;) {
+    const int u0 = static_cast<int>(__shfl_sync(0xffffffffu, claim, 0));
+    if (u0 >= ntot) break;
+    if (lane == 0) claim = atomicAdd(&g_stream_next, static_cast<unsigned int>(kStreamClaim));
+    for (int u = u0; u < min(u0 + kStreamClaim, ntot); ++u, ++k) {
+      const int grp = k & 1;
+      uint32_t itc = grp ? it1 : it0;
+      const StreamUnit d = decode_unit(u, n1, tiles1, tiles2);
+      if (d.p1)
+        produce_unit<T, true, NS, MAXC>(a.p1, d, segs, r, itc, grp, slot_unit, id_bar, policy);
+      else
+        produce_unit<T, false, NS, MAXC>(a.p2, d, segs, r, itc, grp, slot_unit, id_bar, policy);
+      if (grp) it1 = itc; else it0 = itc;
+    }
   }
   for (int grp = 0; grp < kStreamGroups; ++grp) {  // end of work: a sentinel per group
     const uint32_t j = grp ? it1 : it0;
@@ -397,6 +408,12 @@ __device__ void consume(const GemvStreamArgs& a, const int* segs, const int* sor
     float acc[4][4] = {};
     StreamUnit dn;
     bool have_next = false, next_loaded = false;
+    // A single-stage unit of the same phase and segment as this one reads the same
+    // B fragments: keep them in registers (at T = 1 most of a group's phase-2 units
+    // are of one segment; their h loads from L2 were the consumers' longest waits).
+    auto same_b = [&](const StreamUnit& o) {
+      return stages == 1 && o.u >= 0 && o.p1 == d.p1 && o.seg == d.seg;
+    };
     for (int st = 0; st < stages; ++st) {
       const uint32_t j = jj++;
       uint4 bv[CPW];
@@ -410,7 +427,9 @@ __device__ void consume(const GemvStreamArgs& a, const int* segs, const int* sor
         // on this unit's segment).
         dn = decode_unit(slot_unit[group * NS + jj % NS], n1, tiles1, tiles2);
         have_next = true;
-        if (dn.u >= 0 && (dn.p1 || dn.seg == ready || seg_ready(dn.seg, seg_target))) {
+        if (same_b(dn)) {
+          next_loaded = true;  // bnext still holds this stage's B: the same rows
+        } else if (dn.u >= 0 && (dn.p1 || dn.seg == ready || seg_ready(dn.seg, seg_target))) {
           if (!dn.p1) ready = dn.seg;
           brow = b_row<T>(a, dn, segs, sorted);
           load_b_unit<T, MAXC>(a, dn, brow, 0, bnext);
@@ -481,8 +500,9 @@ __device__ void consume(const GemvStreamArgs& a, const int* segs, const int* sor
     JM_STREAM_COUNT(tid == 0, 9);
     if (!have_next) JM_STREAM_TIMED(tid == 0, 10, dn = decode_unit(peek(jj), n1, tiles1, tiles2));
     if (dn.u < 0) return;  // the sentinel
+    const bool reuse = same_b(dn);
     d = dn;
-    if (!next_loaded) {
+    if (!next_loaded && !reuse) {
       brow = b_row<T>(a, d, segs, sorted);
       if (!d.p1 && d.seg != ready) {
         JM_STREAM_TIMED(tid == 0, 8, while (!seg_ready(d.seg, seg_target)) {});
@@ -670,8 +690,9 @@ gemv_stream_kernel(GemvStreamArgs a) {
 
 // Columns per stage: the fewest stages of at most kStreamMaxCols, split evenly,
 // rounded up to whole 32-column chunks.
-inline void StreamStageGeometry(int K, int* stage_cols, int* stages) {
-  const int nst = (K + kStreamMaxCols - 1) / kStreamMaxCols;
+inline void StreamStageGeometry(int K, int* stage_cols, int* stages,
+                                int max_cols = kStreamMaxCols) {
+  const int nst = (K + max_cols - 1) / max_cols;
   int cols = (K + nst - 1) / nst;
   cols = (cols + 31) / 32 * 32;
   *stage_cols = cols;
