@@ -160,8 +160,15 @@ def measure_read_bandwidth(nbytes: int = 1 << 30, sets: int = 4) -> float:
   del u, b
   # scripts/gpu_check.sh measures a plain CUDA streaming read (stream_probe
   # --read-bw, 4 GiB) on the same GPU in the same call and passes it here.
-  if os.environ.get("JAX_MOE_READ_BW_GBPS"):
-    rates["cuda_read_kernel"] = float(os.environ["JAX_MOE_READ_BW_GBPS"]) * 1e9
+  env = os.environ.get("JAX_MOE_READ_BW_GBPS")
+  if env:
+    try:
+      gbps = float(env)
+    except ValueError:
+      gbps = float("nan")
+    if not (gbps > 0 and gbps != float("inf")):
+      raise ValueError(f"JAX_MOE_READ_BW_GBPS must be a positive number of GB/s, got {env!r}")
+    rates["cuda_read_kernel"] = gbps * 1e9
   READ_BANDWIDTH_CANDIDATES.clear()
   READ_BANDWIDTH_CANDIDATES.update(rates)
   return max(rates.values())

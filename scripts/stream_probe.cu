@@ -6,7 +6,8 @@
 //
 //   nvcc -std=c++17 -O3 -arch=sm_90a -Icsrc -DJAX_MOE_STREAM_TRACE \
 //        scripts/stream_probe.cu -o build/stream_probe
-//   build/stream_probe [shape,...] [T,...]      e.g. gemma4,deepseek_v3 1,8
+//   build/stream_probe [shape,...] [T,...] [iterations] [ring]   e.g. gemma4 1,8 200 0
+//     T in [1, 64]; ring 0 the library's geometry, 1: 3 x 1024, 2: 4 x 768 columns
 //   build/stream_probe --read-bw                  only the read bandwidth (GB/s)
 //
 // Weights: every expert random (bf16, O(1) outputs); each timed call uses the next
@@ -101,11 +102,45 @@ static void trace_summary(const char* label, int G, float kernel_us) {
 static void trace_summary(const char*, int, float) {}
 #endif
 
+// A whole decimal integer in [lo, hi], or exit 2 naming the argument (before any
+// CUDA call, so bad arguments are reported on machines without a GPU too).
+static int parse_int(const std::string& v, const char* what, int lo, int hi) {
+  char* end = nullptr;
+  const long x = strtol(v.c_str(), &end, 10);
+  if (v.empty() || *end != 0 || x < lo || x > hi) {
+    fprintf(stderr, "stream_probe: %s must be an integer in [%d, %d], got '%s'\n", what, lo, hi,
+            v.c_str());
+    exit(2);
+  }
+  return static_cast<int>(x);
+}
+
 int main(int argc, char** argv) {
-  std::vector<std::string> shapes = split(argc > 1 ? argv[1] : "gemma4,qwen3,mixtral,deepseek_v3");
-  std::vector<std::string> ts = split(argc > 2 ? argv[2] : "1,2,8");
-  const int iters = argc > 3 ? atoi(argv[3]) : 200;
-  g_ring = argc > 4 ? atoi(argv[4]) : 0;
+  const bool read_only = argc > 1 && strcmp(argv[1], "--read-bw") == 0;
+  if (read_only && argc > 2) {
+    fprintf(stderr, "stream_probe: --read-bw takes no other arguments\n");
+    return 2;
+  }
+  std::vector<std::string> shapes =
+      split(argc > 1 && !read_only ? argv[1] : "gemma4,qwen3,mixtral,deepseek_v3");
+  for (const std::string& sn : shapes) {
+    bool known = false;
+    for (const Shape& s : kShapes) known |= sn == s.name;
+    if (!known) {
+      fprintf(stderr, "stream_probe: unknown shape '%s' (gemma4, qwen3, mixtral, deepseek_v3)\n",
+              sn.c_str());
+      return 2;
+    }
+  }
+  std::vector<int> ts;
+  for (const std::string& t : split(argc > 2 ? argv[2] : "1,2,8"))
+    ts.push_back(parse_int(t, "T (2nd argument)", 1, 64));
+  const int iters = argc > 3 ? parse_int(argv[3], "iterations (3rd argument)", 1, 1000000) : 200;
+  g_ring = argc > 4 ? parse_int(argv[4], "ring (4th argument)", 0, 2) : 0;
+  if (argc > 5) {
+    fprintf(stderr, "stream_probe: at most 4 arguments\n");
+    return 2;
+  }
   const int max_cols = g_ring == 1 ? 1024 : g_ring == 2 ? 768 : kStreamMaxCols;
   int dev = 0, sms = 0;
   CK(cudaGetDevice(&dev));
@@ -134,7 +169,7 @@ int main(int argc, char** argv) {
     }
     CK(cudaFree(buf));
   }
-  if (argc > 1 && strcmp(argv[1], "--read-bw") == 0) {
+  if (read_only) {
     printf("%.1f\n", bw * 1e-9);
     return 0;
   }
@@ -145,8 +180,7 @@ int main(int argc, char** argv) {
   for (const std::string& sn : shapes) {
     const Shape* sp = nullptr;
     for (const Shape& s : kShapes) if (sn == s.name) sp = &s;
-    if (!sp) { fprintf(stderr, "unknown shape %s\n", sn.c_str()); return 2; }
-    const Shape S = *sp;
+    const Shape S = *sp;  // names checked above
     const size_t ngu = size_t(S.E) * 2 * S.I * S.H, nd = size_t(S.E) * S.H * S.I;
     bf16 *wgu, *wd, *x, *h, *y, *y2;
     CK(cudaMalloc(&wgu, ngu * 2));
@@ -161,9 +195,12 @@ int main(int argc, char** argv) {
     fill_bf16<<<256, 256>>>(x, size_t(Tmax) * S.H, 17u, 1.0f);
     CK(cudaGetLastError());
     const double expert_bytes = (3.0 * S.I * S.H) * 2;
-    for (const std::string& tstr : ts) {
-      const int T = atoi(tstr.c_str());
-      if (T < 1 || T > Tmax || T * S.k > kStreamMaxAssign) continue;
+    for (const int T : ts) {
+      if (T * S.k > kStreamMaxAssign) {
+        printf("%-12s %4d skipped: T*k > %d (the kernel falls back there)\n", S.name, T,
+               kStreamMaxAssign);
+        continue;
+      }
       const int R = 32, n = T * S.k;
       std::vector<int32_t> ids(size_t(R) * n);
       double distinct = 0;

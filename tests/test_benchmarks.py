@@ -10,6 +10,7 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "benchmarks"))
 import bench_gemv  # noqa: E402
+import harness  # noqa: E402
 
 
 def test_gemv_config_specs():
@@ -50,3 +51,55 @@ def test_sanitize_bad_ops(ops):
 def test_profile_bad_variant():
   p = _script("profile_gemv_decode.py", "gemma4", "1", "2")
   assert p.returncode != 0 and "kernel_variant (3rd argument)" in p.stderr
+
+
+def test_read_bandwidth_takes_the_cuda_rate(monkeypatch):
+  """The floor's read rate is the fastest candidate, the GPU script's CUDA read rate
+  (JAX_MOE_READ_BW_GBPS) included: a rate far above any XLA reduction must win."""
+  monkeypatch.setenv("JAX_MOE_READ_BW_GBPS", "1e9")
+  bw = harness.measure_read_bandwidth(1 << 20, sets=2)
+  assert bw == 1e18
+  assert harness.READ_BANDWIDTH_CANDIDATES["cuda_read_kernel"] == 1e18
+  assert len(harness.READ_BANDWIDTH_CANDIDATES) == 4
+  monkeypatch.delenv("JAX_MOE_READ_BW_GBPS")
+  assert harness.measure_read_bandwidth(1 << 20, sets=2) < 1e18
+  assert "cuda_read_kernel" not in harness.READ_BANDWIDTH_CANDIDATES
+
+
+@pytest.mark.parametrize("value", ["fast", "-3", "0", "inf", "nan"])
+def test_read_bandwidth_bad_env(monkeypatch, value):
+  monkeypatch.setenv("JAX_MOE_READ_BW_GBPS", value)
+  with pytest.raises(ValueError, match="JAX_MOE_READ_BW_GBPS"):
+    harness.measure_read_bandwidth(1 << 20, sets=2)
+
+
+@pytest.fixture(scope="module")
+def stream_probe(tmp_path_factory):
+  """scripts/stream_probe.cu built with nvcc (skipped without it). Its argument
+  checks run before any CUDA call, so they are tested on machines without a GPU."""
+  import shutil
+  nvcc = shutil.which("nvcc")
+  if nvcc is None:
+    pytest.skip("nvcc not found")
+  exe = str(tmp_path_factory.mktemp("probe") / "stream_probe")
+  p = subprocess.run([nvcc, "-std=c++17", "-O1", "-arch=sm_90a", "-I" + os.path.join(ROOT, "csrc"),
+                      os.path.join(ROOT, "scripts", "stream_probe.cu"), "-o", exe],
+                     capture_output=True, text=True, timeout=600)
+  assert p.returncode == 0, p.stderr[-3000:]
+  return exe
+
+
+@pytest.mark.parametrize("args,match", [
+    (["bogus"], "unknown shape 'bogus'"),
+    (["gemma4", "0"], "T \\(2nd argument\\)"),
+    (["gemma4", "1,x"], "T \\(2nd argument\\)"),
+    (["gemma4", "1", "0"], "iterations \\(3rd argument\\)"),
+    (["gemma4", "1", "10", "3"], "ring \\(4th argument\\)"),
+    (["gemma4", "1", "10", "1", "extra"], "at most 4 arguments"),
+    (["--read-bw", "x"], "--read-bw takes no other arguments"),
+])
+def test_stream_probe_bad_args(stream_probe, args, match):
+  import re
+  p = subprocess.run([stream_probe, *args], capture_output=True, text=True, timeout=60)
+  assert p.returncode == 2, p.stdout + p.stderr
+  assert re.search(match, p.stderr), p.stderr

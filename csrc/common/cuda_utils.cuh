@@ -133,6 +133,25 @@ __device__ __forceinline__ void pdl_wait_prerequisites() {
 #endif
 }
 
+// Host: launch `kernel`, with programmatic stream serialization when `pdl` is true
+// (the kernel must call pdl_wait_prerequisites before it reads what earlier kernels
+// in the stream wrote).
+template <typename... KArgs, typename... Args>
+cudaError_t LaunchMaybePdl(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
+                           cudaStream_t stream, bool pdl, Args... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, args...);
+}
+
 // Host: whether the current device takes programmatic dependent launch (sm_90+).
 // Cached per device: launchers ask on every call.
 inline bool DeviceSupportsPdl() {

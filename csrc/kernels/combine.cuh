@@ -189,16 +189,8 @@ cudaError_t LaunchCombineCfg(const CombineArgs& a, int64_t units, cudaStream_t s
   const unsigned grid = static_cast<unsigned>(items < kCombineMaxGrid ? items : kCombineMaxGrid);
   // Programmatic dependent launch where the device has it: the blocks may start
   // while the previous kernel (expert_gemv's stream kernel triggers early) finishes.
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(grid);
-  cfg.blockDim = dim3(kCombineThreads);
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = DeviceSupportsPdl() ? 1 : 0;
-  return cudaLaunchKernelEx(&cfg, combine_kernel<Y, W, O, kVec, VPT, KC>, a, units, chunks);
+  return LaunchMaybePdl(combine_kernel<Y, W, O, kVec, VPT, KC>, dim3(grid), dim3(kCombineThreads),
+                        0, stream, DeviceSupportsPdl(), a, units, chunks);
 }
 
 inline bool IsAligned16(const void* p) {

@@ -406,17 +406,7 @@ template <typename... KArgs, typename... Args>
 cudaError_t LaunchEx(void (*kernel)(KArgs...), dim3 grid, size_t smem, cudaStream_t stream,
                      bool pdl, Args... args) {
   if (grid.x == 0 || grid.y == 0) return cudaSuccess;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = grid;
-  cfg.blockDim = dim3(kGemvThreads);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = pdl ? 1 : 0;
-  return cudaLaunchKernelEx(&cfg, kernel, args...);
+  return LaunchMaybePdl(kernel, grid, dim3(kGemvThreads), smem, stream, pdl, args...);
 }
 
 template <typename T, int NT, int U, bool PF>

@@ -721,17 +721,10 @@ cudaError_t LaunchGemvStreamNS(const GemvStreamArgs& a, int sms, cudaStream_t st
   cudaError_t err = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem));
   if (err != cudaSuccess) return err;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(static_cast<unsigned>(sms));
-  cfg.blockDim = dim3(kStreamThreads);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  return cudaLaunchKernelEx(&cfg, kern, a);
+  // sm_90 only (StreamSupported), so always with PDL: the kernel waits before it
+  // reads ids and x.
+  return LaunchMaybePdl(kern, dim3(static_cast<unsigned>(sms)), dim3(kStreamThreads), smem,
+                        stream, true, a);
 }
 
 template <typename T>
