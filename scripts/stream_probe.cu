@@ -10,6 +10,13 @@
 //     T in [1, 64]; ring 0 the library's geometry, 1: 3 x 1024, 2: 4 x 768 columns
 //   build/stream_probe --read-bw                  only the read bandwidth (GB/s)
 //
+// Environment: STREAM_PROBE_CLAIM="C,D" overrides the claim policy (units per claim,
+// claims in flight); STREAM_PROBE_BW_GBPS skips the 4 GiB read (a fixed floor rate);
+// STREAM_PROBE_QUICK=1 skips warm-up and timeline (under compute-sanitizer).
+// Timing-only builds (wrong results, for diagnosis): -DJAX_MOE_STREAM_EXP_FAKEB (no
+// B loads), -DJAX_MOE_STREAM_EXP_NOMMA (no shared-memory reads or mma); both
+// together give the "hollow consumer" of RESULTS.md session 5.
+//
 // Weights: every expert random (bf16, O(1) outputs); each timed call uses the next
 // of 32 random routings, so consecutive calls read mostly different experts.
 // Floor: distinct experts' weight bytes / read bandwidth of a 4 GiB reduction.
@@ -151,9 +158,12 @@ int main(int argc, char** argv) {
   CK(cudaEventCreate(&e0));
   CK(cudaEventCreate(&e1));
 
-  // Read bandwidth: 4 GiB streamed once per pass, best of 5.
+  // Read bandwidth: 4 GiB streamed once per pass, best of 5 (STREAM_PROBE_BW_GBPS
+  // instead, e.g. under compute-sanitizer).
   double bw = 0;
-  {
+  if (const char* env = getenv("STREAM_PROBE_BW_GBPS")) {
+    bw = parse_int(env, "STREAM_PROBE_BW_GBPS", 1, 100000) * 1e9;
+  } else {
     const size_t bytes = size_t(4) << 30;
     uint4* buf;
     CK(cudaMalloc(&buf, bytes));
@@ -220,11 +230,20 @@ int main(int argc, char** argv) {
       CK(cudaMemcpy(dids, ids.data(), ids.size() * 4, cudaMemcpyHostToDevice));
       GemvStreamArgs a;
       a.num_assign = n; a.top_k = S.k; a.E = S.E; a.activation = kSilu;
+      StreamClaimPolicy(T, S.I, 2, &a.claim, &a.claims_ahead);
+      const char* c = getenv("STREAM_PROBE_CLAIM");  // "C,D": an A/B override
+      if (c != nullptr && *c != 0) {
+        a.claim = parse_int(std::string(c).substr(0, std::string(c).find(',')), "claim", 1, 8);
+        a.claims_ahead = parse_int(std::string(c).substr(std::string(c).find(',') + 1),
+                                   "claims ahead", 1, kStreamMaxClaimsAhead);
+      }
       a.p1.src = x; a.p1.w = wgu; a.p1.out = h; a.p1.rows = S.I; a.p1.K = S.H;
       StreamStageGeometry(a.p1.K, &a.p1.stage_cols, &a.p1.stages, max_cols);
       a.p2.src = h; a.p2.w = wd; a.p2.out = y; a.p2.rows = S.H; a.p2.K = S.I;
       StreamStageGeometry(a.p2.K, &a.p2.stage_cols, &a.p2.stages, max_cols);
-      for (int it = 0; it < 5; ++it) { a.ids = dids + size_t(it % R) * n; launch(a, sms); }
+      // STREAM_PROBE_QUICK (e.g. under compute-sanitizer): no warm-up, no timeline.
+      const bool quick = getenv("STREAM_PROBE_QUICK") != nullptr;
+      for (int it = 0; it < (quick ? 0 : 5); ++it) { a.ids = dids + size_t(it % R) * n; launch(a, sms); }
       CK(cudaEventRecord(e0));
       for (int it = 0; it < iters; ++it) {
         a.ids = dids + size_t(it % R) * n;
@@ -257,6 +276,7 @@ int main(int argc, char** argv) {
       const double floor_us = distinct * expert_bytes / bw * 1e6;
       printf("%-12s %4d %9.1f %9.1f %7.3f %s\n", S.name, T, floor_us, us, us / floor_us,
              same ? "equal" : "DIFFER");
+      if (quick) { CK(cudaFree(dids)); continue; }
       // Timeline of one call, inputs as in the timed loop.
       CK(cudaMemcpy(dids, ids.data(), size_t(n) * 4, cudaMemcpyHostToDevice));
       a.p2.out = y;
