@@ -10,8 +10,7 @@
 //     T in [1, 64]; ring 0 the library's geometry, 1: 3 x 1024, 2: 4 x 768 columns
 //   build/stream_probe --read-bw                  only the read bandwidth (GB/s)
 //
-// Environment: STREAM_PROBE_CLAIM="C,D" overrides the claim policy (units per claim,
-// claims in flight); STREAM_PROBE_BW_GBPS skips the 4 GiB read (a fixed floor rate);
+// Environment: STREAM_PROBE_BW_GBPS skips the 4 GiB read (a fixed floor rate);
 // STREAM_PROBE_QUICK=1 skips warm-up and timeline (under compute-sanitizer).
 // Timing-only builds (wrong results, for diagnosis): -DJAX_MOE_STREAM_EXP_FAKEB (no
 // B loads), -DJAX_MOE_STREAM_EXP_NOMMA (no shared-memory reads or mma); both
@@ -230,13 +229,6 @@ int main(int argc, char** argv) {
       CK(cudaMemcpy(dids, ids.data(), ids.size() * 4, cudaMemcpyHostToDevice));
       GemvStreamArgs a;
       a.num_assign = n; a.top_k = S.k; a.E = S.E; a.activation = kSilu;
-      StreamClaimPolicy(T, S.I, 2, &a.claim, &a.claims_ahead);
-      const char* c = getenv("STREAM_PROBE_CLAIM");  // "C,D": an A/B override
-      if (c != nullptr && *c != 0) {
-        a.claim = parse_int(std::string(c).substr(0, std::string(c).find(',')), "claim", 1, 8);
-        a.claims_ahead = parse_int(std::string(c).substr(std::string(c).find(',') + 1),
-                                   "claims ahead", 1, kStreamMaxClaimsAhead);
-      }
       a.p1.src = x; a.p1.w = wgu; a.p1.out = h; a.p1.rows = S.I; a.p1.K = S.H;
       StreamStageGeometry(a.p1.K, &a.p1.stage_cols, &a.p1.stages, max_cols);
       a.p2.src = h; a.p2.w = wd; a.p2.out = y; a.p2.rows = S.H; a.p2.K = S.I;

@@ -10,11 +10,10 @@
 //     selected experts, split into segments of at most 8 assignments). Units are
 //     (segment, 8 gate + the matching 8 up rows) in phase 1 and (segment, 16 w_down
 //     rows) in phase 2, numbered phase 1 first, segments ascending;
-//   * blocks claim units from a global counter (a work queue: one or two units per
-//     claim, up to three claims in flight, StreamClaimPolicy), so blocks that ran
-//     ahead take more units and all finish together (the first version gave each
-//     block an equal share and waited grid-wide between the phases: the shares of 5
-//     and 6 units, and the wait, cost 5-12%; RESULTS.md s4);
+//   * blocks claim units one at a time from a global counter (a work queue), so
+//     blocks that ran ahead take more units and all finish together (the first
+//     version gave each block an equal share and waited grid-wide between the
+//     phases: the shares of 5 and 6 units, and the wait, cost 5-12%; RESULTS.md s4);
 //   * one producer warp claims, then streams each unit's 16 weight rows (one 1-D
 //     bulk copy per lane, cp.async.bulk completing on an mbarrier, L2 evict-first)
 //     into a ring of shared-memory slots: the bytes in flight per SM are the ring,
@@ -30,8 +29,6 @@
 //     phase-1 unit is claimed before any phase-2 unit and consumers take units in
 //     claim order, so the units waited for are held by running blocks that finish
 //     them without waiting: no deadlock, and no need for all blocks to be resident.
-//     (A finished phase-1 unit's release is deferred by one stage to make its fence
-//     cheap, but it is made before any wait that could block: consume().)
 //   * the counters are static device words reset by the last block out, so one
 //     stream-kernel call may run at a time per device (XLA issues our custom calls
 //     on one compute stream).
@@ -70,9 +67,7 @@ template <int MAXC> struct StreamGeom {
   static constexpr int kStageBytes = kStreamRows * kRowStride;
   static constexpr int kChunksPerWarp = MAXC / 32 / kStreamGroupWarps;
 };
-// Work-queue claims: at most this many claims in flight per producer (the claim size
-// and depth of each launch: StreamClaimPolicy below).
-constexpr int kStreamMaxClaimsAhead = 3;
+constexpr int kStreamClaim = 2;            // units per claim from the work queue
 constexpr int kStreamMaxAssign = 512;      // T * k
 constexpr int kStreamMaxExperts = 1024;
 constexpr int kStreamMaxSegments = kStreamMaxAssign + kStreamMaxAssign / 8;
@@ -94,8 +89,6 @@ struct StreamPhase {
 
 struct GemvStreamArgs {
   const int32_t* ids = nullptr;  // [T*k]
-  int claim = 1;                 // units per claim from the work queue
-  int claims_ahead = 3;          // claims in flight per producer, <= kStreamMaxClaimsAhead
   int num_assign = 0;            // T * k (<= kStreamMaxAssign)
   int top_k = 1;
   int E = 0;                     // <= kStreamMaxExperts
@@ -239,7 +232,8 @@ __device__ __forceinline__ void load_b(const StreamPhase& ph, const T* brow, int
     const bool ok = brow != nullptr && col < cols;
     const T* p = brow + col0 + col;
 #ifdef JAX_MOE_STREAM_EXP_FAKEB  // timing experiment only (wrong results): no B loads
-    bv[j] = !ok ? make_uint4(0u, 0u, 0u, 0u) : make_uint4(0x3f803f80u, static_cast<uint32_t>(col), static_cast<uint32_t>(col0), 0u);
+    bv[j] = !ok ? make_uint4(0u, 0u, 0u, 0u)
+                : make_uint4(0x3f803f80u, static_cast<uint32_t>(col), static_cast<uint32_t>(col0), 0u);
     (void)p;
 #else
     bv[j] = !ok ? make_uint4(0u, 0u, 0u, 0u) : (GATED ? ldg_nc_v4(p) : ldg_cg_v4(p));
@@ -321,38 +315,25 @@ __device__ void produce(const GemvStreamArgs& a, const int* segs, int tiles1, in
                             uint64_t* id_bar, uint64_t policy) {
   const int lane = threadIdx.x & 31;
   uint32_t it0 = 0u, it1 = 0u;  // stages produced per group (scalars: no local array)
-  // Tickets: a block's first claim is static (block b: units [b*C, b*C + C)), the
-  // rest come from the counter, a.claims_ahead of them in flight. Under the full DRAM
-  // stream an atomic's round trip took ~1.6 us, longer than producing two
-  // single-stage units. One lane issues all of them, so they return in issue order
-  // (same thread, same address), which is the order they are produced in: ascending,
-  // as the deadlock argument requires.
-  const unsigned int C = static_cast<unsigned int>(a.claim);
-  const int D = a.claims_ahead;
-  const unsigned int dyn0 = gridDim.x * C;  // first ticket handed out by the counter
-  unsigned int tk[kStreamMaxClaimsAhead];
-  tk[0] = blockIdx.x * C;
-#pragma unroll
-  for (int q = 1; q < kStreamMaxClaimsAhead; ++q)
-    tk[q] = (lane == 0 && q < D) ? dyn0 + atomicAdd(&g_stream_next, C) : 0u;
-  int k = 0;  // units produced: group = k & 1
-  for (bool more = true; more;) {
-#pragma unroll
-    for (int q = 0; q < kStreamMaxClaimsAhead; ++q) {
-      if (q >= D) break;
-      const int u0 = static_cast<int>(__shfl_sync(0xffffffffu, tk[q], 0));
-      if (u0 >= ntot) { more = false; break; }
-      if (lane == 0) tk[q] = dyn0 + atomicAdd(&g_stream_next, C);
-      for (int u = u0; u < min(u0 + static_cast<int>(C), ntot); ++u, ++k) {
-        const int grp = k & 1;
-        uint32_t itc = grp ? it1 : it0;
-        const StreamUnit d = decode_unit(u, n1, tiles1, tiles2);
-        if (d.p1)
-          produce_unit<T, true, NS, MAXC>(a.p1, d, segs, r, itc, grp, slot_unit, id_bar, policy);
-        else
-          produce_unit<T, false, NS, MAXC>(a.p2, d, segs, r, itc, grp, slot_unit, id_bar, policy);
-        if (grp) it1 = itc; else it0 = itc;
-      }
+  // Units are claimed kStreamClaim at a time, the next claim issued before the
+  // current units' copies: under the full DRAM stream an atomic's round trip took
+  // ~1.6 us (s4-3 timeline: the producer waited little for slots, yet issued one
+  // unit per ~2 us at Gemma-4 T=1).
+  unsigned int claim = 0;
+  if (lane == 0) claim = atomicAdd(&g_stream_next, static_cast<unsigned int>(kStreamClaim));
+  for (int k = 0;;) {
+    const int u0 = static_cast<int>(__shfl_sync(0xffffffffu, claim, 0));
+    if (u0 >= ntot) break;
+    if (lane == 0) claim = atomicAdd(&g_stream_next, static_cast<unsigned int>(kStreamClaim));
+    for (int u = u0; u < min(u0 + kStreamClaim, ntot); ++u, ++k) {
+      const int grp = k & 1;
+      uint32_t itc = grp ? it1 : it0;
+      const StreamUnit d = decode_unit(u, n1, tiles1, tiles2);
+      if (d.p1)
+        produce_unit<T, true, NS, MAXC>(a.p1, d, segs, r, itc, grp, slot_unit, id_bar, policy);
+      else
+        produce_unit<T, false, NS, MAXC>(a.p2, d, segs, r, itc, grp, slot_unit, id_bar, policy);
+      if (grp) it1 = itc; else it0 = itc;
     }
   }
   for (int grp = 0; grp < kStreamGroups; ++grp) {  // end of work: a sentinel per group
@@ -394,11 +375,11 @@ __device__ __forceinline__ bool seg_ready(int seg, unsigned int target) {
   return ld_acquire_u32(&g_stream_seg_done[seg]) >= target;
 }
 
-// A slot's unit number, read by lane 0 only: lane 0 is the thread that later arrives
-// on the slot's empty barrier, so the read is ordered before the producer's next write
-// of the slot by that thread's own arrive (with every lane reading, the order went
-// through __syncwarp and lane 0's arrive, which compute-sanitizer racecheck reported
-// as a WAR hazard on slot_unit).
+// A slot's unit number, read by lane 0 only and broadcast: lane 0 is the thread that
+// later arrives on the slot's empty barrier, so its read is ordered before the
+// producer's next write of the slot by its own arrive. (With every lane reading, the
+// order ran through __syncwarp and lane 0's arrive, which is correct but which
+// racecheck reported as a WAR hazard on slot_unit, s5.)
 __device__ __forceinline__ int read_slot_unit(const int* slot_unit, uint32_t s) {
   int u = 0;
   if ((threadIdx.x & 31) == 0) u = slot_unit[s];
@@ -426,21 +407,6 @@ __device__ void consume(const GemvStreamArgs& a, const int* segs, const int* sor
     const uint32_t s = group * NS + j % NS;
     mbar_wait(smem_addr(&id_bar[s]), (j / NS) & 1u);
     return read_slot_unit(slot_unit, s);
-  };
-  // Phase-1 h stores are released (fence, then the segment's counter) one stage
-  // later, after the next unit's first stage, when they have long completed and the
-  // fence costs little (a fence right after the stores cost 1.3-1.9 us at Gemma-4 /
-  // Qwen3 T=1, s5). Released before any wait that could block instead (a unit
-  // number, a segment, a stage's data that has not landed): such a wait may depend,
-  // through the producer and the other group, on this very signal.
-  int pending = -1;  // segment whose h rows this warp stored and has not released
-  auto release = [&]() {
-    if (pending >= 0) {
-      __threadfence();  // each lane: its own stores
-      __syncwarp();
-      if (lane == 0) atomicAdd(&g_stream_seg_done[pending], 1u);  // 2 per unit
-      pending = -1;
-    }
   };
   StreamUnit d = decode_unit(peek(jj), n1, tiles1, tiles2);
   if (d.u < 0) return;
@@ -472,7 +438,7 @@ __device__ void consume(const GemvStreamArgs& a, const int* segs, const int* sor
       for (int q = 0; q < CPW; ++q) bv[q] = bnext[q];
       if (st + 1 < stages) {
         load_b_unit<T, MAXC>(a, d, brow, st + 1, bnext);
-      } else if (__shfl_sync(0xffffffffu,  // lane 0's view: warp-uniform branch
+      } else if (__shfl_sync(0xffffffffu,  // lane 0's view: a warp-uniform branch
                              mbar_test(smem_addr(&id_bar[group * NS + jj % NS]), (jj / NS) & 1u),
                              0)) {
         // Non-blocking here: waiting for the producer while holding a phase-1 unit
@@ -492,10 +458,6 @@ __device__ void consume(const GemvStreamArgs& a, const int* segs, const int* sor
       const int cols = min(stage_cols, K - st * stage_cols);
       const int nch = (cols + 31) >> 5;
       const uint32_t s = group * NS + j % NS;
-      // About to block on data while holding a pending release: release first (the
-      // producer may be held up by the other group, which may wait on our segment).
-      if (pending >= 0 && !__shfl_sync(0xffffffffu, mbar_test(smem_addr(&r.full[s]), (j / NS) & 1u), 0))
-        release();
       JM_STREAM_TIMED(tid == 0, 7, mbar_wait(smem_addr(&r.full[s]), (j / NS) & 1u));
       const uint32_t stage = r.ring + s * StreamGeom<MAXC>::kStageBytes;
 #pragma unroll
@@ -516,11 +478,13 @@ __device__ void consume(const GemvStreamArgs& a, const int* segs, const int* sor
           mma_m16n8k16<T>(acc[2 * (q & 1) + 1], lo.z, hi.z, lo.w, hi.w, bv[q].z, bv[q].w);
         }
       }
-      // Every thread arrives after its own reads of the slot (a lane-0 arrive after
-      // __syncwarp is ordered too, but racecheck cannot see that order and reported
-      // the producer's next bulk copy into the slot as a WAR hazard).
-      mbar_arrive(smem_addr(&r.empty[s]));
-      if (st == 0) release();
+      // One arrive per warp, after __syncwarp (which orders the warp's reads of the
+      // slot before lane 0's arrive). racecheck cannot see that order and reports the
+      // producer's next bulk copy into the slot as a WAR hazard on larger problems
+      // (scripts/stream_probe.cu, Gemma-4 T=1); an arrive from every thread silences
+      // it but cost 4-5% at Qwen3 T=8 (bench_gemv A/B in one run, s5).
+      __syncwarp();
+      if (lane == 0) mbar_arrive(smem_addr(&r.empty[s]));
     }
 #pragma unroll
     for (int i = 0; i < 4; ++i) acc[0][i] = (acc[0][i] + acc[1][i]) + (acc[2][i] + acc[3][i]);
@@ -543,8 +507,10 @@ __device__ void consume(const GemvStreamArgs& a, const int* segs, const int* sor
           }
           const int64_t asg = sorted[start + tok];
           out[asg * a.p1.rows + d.tile * 8 + row] = from_float<T>(activate(a.activation, gate) * up);
+          __threadfence();
         }
-        pending = d.seg;
+        __syncwarp();
+        if (lane == 0) atomicAdd(&g_stream_seg_done[d.seg], 1u);  // 2 per unit
       }
     } else {
       T* out = static_cast<T*>(a.p2.out);
@@ -560,17 +526,13 @@ __device__ void consume(const GemvStreamArgs& a, const int* segs, const int* sor
     }
     parity ^= 1;
     JM_STREAM_COUNT(tid == 0, 9);
-    if (!have_next) {
-      release();
-      JM_STREAM_TIMED(tid == 0, 10, dn = decode_unit(peek(jj), n1, tiles1, tiles2));
-    }
-    if (dn.u < 0) { release(); return; }  // the sentinel
+    if (!have_next) JM_STREAM_TIMED(tid == 0, 10, dn = decode_unit(peek(jj), n1, tiles1, tiles2));
+    if (dn.u < 0) return;  // the sentinel
     const bool reuse = same_b(dn);
     d = dn;
     if (!next_loaded && !reuse) {
       brow = b_row<T>(a, d, segs, sorted);
       if (!d.p1 && d.seg != ready) {
-        release();
         JM_STREAM_TIMED(tid == 0, 8, while (!seg_ready(d.seg, seg_target)) {});
         ready = d.seg;
       }
@@ -610,7 +572,7 @@ gemv_stream_kernel(GemvStreamArgs a) {
   // sorted[s_valid, n): the assignments whose id is outside [0, E).
   if (tid < kStreamGroups * NS) {
     mbar_init(smem_addr(&full_bar[tid]), 1);
-    mbar_init(smem_addr(&empty_bar[tid]), kStreamGroupWarps * 32);  // every consumer thread
+    mbar_init(smem_addr(&empty_bar[tid]), kStreamGroupWarps);
     mbar_init(smem_addr(&id_bar[tid]), 1);
   }
   const bool small = n <= 32;
@@ -743,8 +705,9 @@ gemv_stream_kernel(GemvStreamArgs a) {
     __threadfence();
     last = atomicAdd(&g_stream_blocks_out, 1u) == static_cast<unsigned int>(G) - 1u;
   }
-  // The flag travels in the barrier itself: no shared variable (racecheck reported the
-  // shared flag's write and read across a __syncthreads as a RAW hazard, s5).
+  // The flag travels in the barrier itself, no shared variable: compute-sanitizer
+  // racecheck reported the shared flag written by thread 0 before a __syncthreads
+  // and read after it as a RAW hazard (s4, s5); this form gives it nothing to report.
   if (__syncthreads_or(last)) {  // the last block out resets the counters for the next call
     for (int i = tid; i < s_segments; i += blockDim.x) g_stream_seg_done[i] = 0u;
     if (tid == 0) {
@@ -782,20 +745,6 @@ inline bool StreamSupported(int64_t num_assign, int64_t E, int64_t H, int64_t I,
              StreamSmemBytes(kStreamStages, kStreamMaxCols) + kStreamStaticSmemBound;
 }
 
-// Claim size and depth (A/B in one run, s5, stream_probe, us; C units per claim, D
-// claims in flight):
-//   C=2 D=1 vs C=1 D=3: Gemma-4 T=1/2/8 45.7/70.1/215.0 vs 44.3/71.9/222.1, Qwen3
-//   35.3/57.2/167.5 vs 34.3/56.8/169.1, DeepSeek-V3 235.2/454.2/1632.9 vs
-//   232.8/450.1/1619.3, Mixtral T=1/8 (C=2 D=2) 283.5/843.4 vs 263.3/836.5.
-// Pairs help where units are small (phase-2 units of 16 rows under 32 KB: the two
-// groups take neighbouring units) once T >= 2; otherwise single claims, three in
-// flight (a block binds fewer units ahead: a shorter tail at T=1).
-inline void StreamClaimPolicy(int64_t T_, int64_t I, int elem_bytes, int* claim, int* ahead) {
-  const bool small_units = static_cast<int64_t>(kStreamRows) * I * elem_bytes < 32 * 1024;
-  if (small_units && T_ >= 2) { *claim = 2; *ahead = 1; }
-  else { *claim = 1; *ahead = 3; }
-}
-
 template <typename T, int NS, int MAXC>
 cudaError_t LaunchGemvStreamNS(const GemvStreamArgs& a, int sms, cudaStream_t stream) {
   const size_t smem = StreamSmemBytes(NS, MAXC);
@@ -825,7 +774,6 @@ cudaError_t LaunchGemvStream(const void* x, const int32_t* ids, const void* w_ga
   a.top_k = static_cast<int>(k);
   a.E = static_cast<int>(E);
   a.activation = activation;
-  StreamClaimPolicy(T_, I, static_cast<int>(sizeof(T)), &a.claim, &a.claims_ahead);
   a.p1.src = x;  a.p1.w = w_gate_up;  a.p1.out = h;
   a.p1.rows = static_cast<int>(I);  a.p1.K = static_cast<int>(H);
   StreamStageGeometry(a.p1.K, &a.p1.stage_cols, &a.p1.stages);
