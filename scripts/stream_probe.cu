@@ -148,6 +148,9 @@ int main(int argc, char** argv) {
     return 2;
   }
   const int max_cols = g_ring == 1 ? 1024 : g_ring == 2 ? 768 : kStreamMaxCols;
+  const char* bw_env = getenv("STREAM_PROBE_BW_GBPS");  // checked before any CUDA call
+  const double bw_fixed =
+      (bw_env != nullptr) ? parse_int(bw_env, "STREAM_PROBE_BW_GBPS", 1, 100000) * 1e9 : 0.0;
   int dev = 0, sms = 0;
   CK(cudaGetDevice(&dev));
   CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
@@ -160,8 +163,8 @@ int main(int argc, char** argv) {
   // Read bandwidth: 4 GiB streamed once per pass, best of 5 (STREAM_PROBE_BW_GBPS
   // instead, e.g. under compute-sanitizer).
   double bw = 0;
-  if (const char* env = getenv("STREAM_PROBE_BW_GBPS")) {
-    bw = parse_int(env, "STREAM_PROBE_BW_GBPS", 1, 100000) * 1e9;
+  if (bw_fixed > 0) {
+    bw = bw_fixed;
   } else {
     const size_t bytes = size_t(4) << 30;
     uint4* buf;

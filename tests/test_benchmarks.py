@@ -103,3 +103,14 @@ def test_stream_probe_bad_args(stream_probe, args, match):
   p = subprocess.run([stream_probe, *args], capture_output=True, text=True, timeout=60)
   assert p.returncode == 2, p.stdout + p.stderr
   assert re.search(match, p.stderr), p.stderr
+
+
+@pytest.mark.parametrize("value", ["fast", "0", "3100.5", ""])
+def test_stream_probe_bad_bw_env(stream_probe, value):
+  """STREAM_PROBE_BW_GBPS (a fixed floor rate, for sanitizer runs) is checked before
+  any CUDA call and named in the error."""
+  env = dict(os.environ, STREAM_PROBE_BW_GBPS=value)
+  p = subprocess.run([stream_probe, "gemma4", "1", "1"], capture_output=True, text=True,
+                     timeout=60, env=env)
+  assert p.returncode == 2, p.stdout + p.stderr
+  assert "STREAM_PROBE_BW_GBPS must be an integer" in p.stderr, p.stderr
