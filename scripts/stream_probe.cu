@@ -11,7 +11,8 @@
 //   build/stream_probe --read-bw                  only the read bandwidth (GB/s)
 //
 // Environment: STREAM_PROBE_BW_GBPS skips the 4 GiB read (a fixed floor rate);
-// STREAM_PROBE_QUICK=1 skips warm-up and timeline (under compute-sanitizer).
+// STREAM_PROBE_QUICK=1 skips warm-up and timeline (under compute-sanitizer; 0 or
+// unset: the full run). Both are checked before any CUDA call.
 // Timing-only builds (wrong results, for diagnosis): -DJAX_MOE_STREAM_EXP_FAKEB (no
 // B loads), -DJAX_MOE_STREAM_EXP_NOMMA (no shared-memory reads or mma); both
 // together give the "hollow consumer" of RESULTS.md session 5.
@@ -151,6 +152,9 @@ int main(int argc, char** argv) {
   const char* bw_env = getenv("STREAM_PROBE_BW_GBPS");  // checked before any CUDA call
   const double bw_fixed =
       (bw_env != nullptr) ? parse_int(bw_env, "STREAM_PROBE_BW_GBPS", 1, 100000) * 1e9 : 0.0;
+  // STREAM_PROBE_QUICK=1 (e.g. under compute-sanitizer): no warm-up, no timeline.
+  const char* quick_env = getenv("STREAM_PROBE_QUICK");
+  const bool quick = quick_env != nullptr && parse_int(quick_env, "STREAM_PROBE_QUICK", 0, 1) == 1;
   int dev = 0, sms = 0;
   CK(cudaGetDevice(&dev));
   CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
@@ -236,8 +240,6 @@ int main(int argc, char** argv) {
       StreamStageGeometry(a.p1.K, &a.p1.stage_cols, &a.p1.stages, max_cols);
       a.p2.src = h; a.p2.w = wd; a.p2.out = y; a.p2.rows = S.H; a.p2.K = S.I;
       StreamStageGeometry(a.p2.K, &a.p2.stage_cols, &a.p2.stages, max_cols);
-      // STREAM_PROBE_QUICK (e.g. under compute-sanitizer): no warm-up, no timeline.
-      const bool quick = getenv("STREAM_PROBE_QUICK") != nullptr;
       for (int it = 0; it < (quick ? 0 : 5); ++it) { a.ids = dids + size_t(it % R) * n; launch(a, sms); }
       CK(cudaEventRecord(e0));
       for (int it = 0; it < iters; ++it) {

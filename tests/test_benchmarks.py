@@ -105,12 +105,16 @@ def test_stream_probe_bad_args(stream_probe, args, match):
   assert re.search(match, p.stderr), p.stderr
 
 
-@pytest.mark.parametrize("value", ["fast", "0", "3100.5", ""])
-def test_stream_probe_bad_bw_env(stream_probe, value):
-  """STREAM_PROBE_BW_GBPS (a fixed floor rate, for sanitizer runs) is checked before
-  any CUDA call and named in the error."""
-  env = dict(os.environ, STREAM_PROBE_BW_GBPS=value)
+@pytest.mark.parametrize("name,value", [
+    ("STREAM_PROBE_BW_GBPS", "fast"), ("STREAM_PROBE_BW_GBPS", "0"),
+    ("STREAM_PROBE_BW_GBPS", "3100.5"), ("STREAM_PROBE_BW_GBPS", ""),
+    ("STREAM_PROBE_QUICK", "yes"), ("STREAM_PROBE_QUICK", "2"), ("STREAM_PROBE_QUICK", ""),
+])
+def test_stream_probe_bad_env(stream_probe, name, value):
+  """The probe's environment knobs (a fixed floor rate; the quick mode for sanitizer
+  runs) are checked before any CUDA call and named in the error."""
+  env = dict(os.environ, **{name: value})
   p = subprocess.run([stream_probe, "gemma4", "1", "1"], capture_output=True, text=True,
                      timeout=60, env=env)
   assert p.returncode == 2, p.stdout + p.stderr
-  assert "STREAM_PROBE_BW_GBPS must be an integer" in p.stderr, p.stderr
+  assert f"{name} must be an integer" in p.stderr, p.stderr
