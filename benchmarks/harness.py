@@ -90,43 +90,79 @@ def time_chain(step: Callable, x0, layer_args: Sequence[tuple], *, repeats: int 
 
 
 def time_loop(fn: Callable, arg_sets: Sequence[tuple], *, repeats: int = 5,
-              net: bool = True) -> float:
+              net: bool = True, target_seconds: float = 0.05) -> float:
   """Seconds per call of an op whose output cannot feed its next call (combine,
-  route): a jitted loop whose carry is the op's whole output (so XLA must compute
-  all of it every iteration), and call j+1's smallest float argument gets
-  `+ 1e-30 * out_j[0]` (one tiny fusion, so nothing is hoisted out of the loop; the
-  factor is non-zero so that no simplifier may drop the dependence). Caveat: XLA's
-  own combine (einsum) still timed impossibly fast in this loop at T >= 64 with
-  either factor (0 in run s2-A, 1e-30 in s2-B2; RESULTS.md), so XLA escapes the
-  work some other way; its numbers from this harness are not used above T=1.
+  route): a jitted `fori_loop` whose body calls fn once per argument set, the calls
+  chained through a tiny fusion (call j's smallest float argument gets
+  `+ 1e-30 * out_{j-1}[0]`, so nothing is loop-invariant; the factor is non-zero so
+  that no simplifier may drop the dependence), and whose carry is the tuple of ALL
+  the calls' whole outputs, so XLA must compute every output in full every
+  iteration.
+
+  Why all of them: the first version carried only the last call's output and fed
+  the others only through element [0]; XLA then computed one element of its own
+  combine (einsum) for every other call, which timed at an impossible 17 TB/s
+  (RESULTS.md, sessions 1-5). Our custom calls always compute everything, so only
+  the XLA baselines were affected.
 
   net=True subtracts the same loop with fn replaced by that fusion alone (right for
   custom calls, where the fusion is a separate kernel). For XLA-native fns pass
   net=False: XLA fuses the add into the op.
   """
   arg_sets = [tuple(a) for a in arg_sets]
+  L = len(arg_sets)
   small = min((i for i, a in enumerate(arg_sets[0])
                if jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating)),
               key=lambda i: arg_sets[0][i].size)
 
-  def make_step(f):
-    def step(carry, *args):
-      args = list(args)
-      s = jax.tree.leaves(carry)[0].reshape(-1)[0].astype(jnp.float32)
-      args[small] = args[small] + (s * 1e-30).astype(args[small].dtype)
-      return f(*args)
-    return step
+  def timed(f):
+    make = lambda f, n: loop_program(f, arg_sets, small, n)  # noqa: E731
+    init = loop_init(f, arg_sets)
+    probe = make(f, 1)
+    _block(probe(init, arg_sets))
+    t0 = time.perf_counter()
+    _block(probe(init, arg_sets))
+    per_iter = max(time.perf_counter() - t0, 1e-6)
+    n_iter = int(max(2, min(1000, target_seconds / per_iter)))
+    run = make(f, n_iter)
+    _block(run(init, arg_sets))
+    times = []
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      _block(run(init, arg_sets))
+      times.append((time.perf_counter() - t0) / (n_iter * L))
+    return statistics.median(times)
 
-  def run(f):
-    out0 = jax.eval_shape(f, *arg_sets[0])
-    init = jax.tree.map(lambda o: jnp.zeros(o.shape, o.dtype), out0)
-    return time_chain(make_step(f), init, arg_sets, repeats=repeats)
-
-  raw = run(fn)
+  raw = timed(fn)
   if not net:
     return raw
-  base = run(lambda *a: a[small])
+  base = timed(lambda *a: a[small])
   return max(raw - base, 0.0)
+
+
+def loop_program(f: Callable, arg_sets: Sequence[tuple], small: int, n_iter: int):
+  """time_loop's jitted program: run(outs, sets) -> the tuple of every call's output
+  after n_iter iterations (see time_loop)."""
+  @jax.jit
+  def run(outs, sets):
+    def body(i, outs):
+      prev = outs[-1]
+      new = []
+      for a in sets:
+        a = list(a)
+        s = jax.tree.leaves(prev)[0].reshape(-1)[0].astype(jnp.float32)
+        a[small] = a[small] + (s * 1e-30).astype(a[small].dtype)
+        prev = f(*a)
+        new.append(prev)
+      return tuple(new)
+    return jax.lax.fori_loop(0, n_iter, body, outs)
+  return run
+
+
+def loop_init(f: Callable, arg_sets: Sequence[tuple]):
+  """Zero outputs of every call: the initial carry of loop_program."""
+  return tuple(jax.tree.map(lambda o: jnp.zeros(o.shape, o.dtype), jax.eval_shape(f, *a))
+               for a in arg_sets)
 
 
 def rotation_count(bytes_per_set: int, l2_bytes: int, max_sets: int = 16) -> int:

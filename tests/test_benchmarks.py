@@ -118,3 +118,21 @@ def test_stream_probe_bad_env(stream_probe, name, value):
                      timeout=60, env=env)
   assert p.returncode == 2, p.stdout + p.stderr
   assert f"{name} must be an integer" in p.stderr, p.stderr
+
+
+def test_time_loop_program_computes_every_output():
+  """The timing loop carries every call's whole output, so XLA cannot compute only
+  the element that chains the calls (the old loop let XLA's own combine skip its
+  work). After one iteration each carried output equals the op on its own set."""
+  import jax.numpy as jnp
+  import numpy as np
+  r = np.random.default_rng(7)
+  sets = [(jnp.asarray(r.normal(size=(5, 3, 64)), jnp.float32),
+           jnp.asarray(r.normal(size=(5, 3)), jnp.float32)) for _ in range(3)]
+  f = lambda y, w: jnp.einsum("tkh,tk->th", y, w)  # noqa: E731
+  run = harness.loop_program(f, sets, 1, 1)
+  outs = run(harness.loop_init(f, sets), sets)
+  assert len(outs) == len(sets)
+  for o, (y, w) in zip(outs, sets):
+    np.testing.assert_allclose(np.asarray(o), np.asarray(f(y, w)), rtol=1e-5, atol=1e-6)
+  assert harness.time_loop(f, sets, repeats=1, target_seconds=1e-3) >= 0.0

@@ -2,17 +2,21 @@
 // cudaError_t out; no XLA headers.
 //
 // Logits path (x = logits [T, E]): one launch, one warp per token.
-// Fused path (x = hidden [T, H], router [E, H]): still one launch, a split-K
-// tensor-core GEMM plus the selection. Block (expert tile, k-split, token tile)
+// Fused path (x = hidden [T, H], router [E, H]): a split-K tensor-core GEMM plus the
+// selection, in one launch or two (RouteArgs::launches). Block (expert tile, k-split, token tile)
 // multiplies 16 router rows by the hidden rows of 8 tokens over its share of H
 // (32-column chunks, dealt to its 8 warps in turn; mma.sync m16n8k16 with the router
 // rows as A and the tokens as B, both loaded straight from global memory, see
 // common/mma.cuh), adds its warps' partials in a fixed order and writes them to the
-// scratch buffer partial [k_splits, T, E]. The last block to arrive at a token tile
-// (a self-resetting arrival counter per tile) adds the k_splits partials in order
-// into shared memory and runs the selection, one warp per token. Nothing is
-// accumulated atomically, so the result is deterministic. f32 inputs, or H not a
-// multiple of 8, take the same structure with scalar FMAs.
+// scratch buffer partial [k_splits, T, E]. One launch: the last block to arrive at a
+// token tile (a self-resetting arrival counter per tile) adds the k_splits partials
+// in order into shared memory and runs the selection, one warp per token. Two
+// launches: a second kernel (programmatic dependent launch, one block per token
+// tile) does that after the GEMM kernel has finished, with no fence or counter.
+// Nothing is accumulated atomically, so the result is deterministic. f32 inputs, or
+// H not a multiple of 8, take the same structure with scalar FMAs. The GEMM loads its
+// first router chunks before it waits for the previous kernel (the router weights
+// are not written by earlier kernels; x is).
 //
 // Selection (one warp per token, E <= 1024): lane l holds experts
 // [l * EPL, (l + 1) * EPL). Scores (softmax or sigmoid) in f32, selection score =
@@ -59,6 +63,7 @@ struct RouteArgs {
   int32_t* ids = nullptr;    // [T, k]
   float* partial = nullptr;  // [k_splits, T, E] scratch (fused path)
   int k_splits = 1;          // fused path: blocks along H per (expert tile, token tile)
+  int launches = 1;          // fused path: 1 (last block selects) or 2 (selection kernel)
 };
 
 __device__ __forceinline__ float sel_value(float v) { return v != v ? -INFINITY : v; }
@@ -209,6 +214,7 @@ __device__ void route_token_warp(GetLogit get, int64_t t, const RouteArgs& a) {
 template <typename T, int EPL>
 __global__ void __launch_bounds__(kRouteThreads) route_logits_kernel(RouteArgs a) {
   pdl_launch_dependents();  // a PDL-launched consumer still waits for our completion
+  pdl_wait_prerequisites();  // the logits come from the previous kernel (XLA's dot)
   const int64_t t = static_cast<int64_t>(blockIdx.x) * kRouteWarps + (threadIdx.x >> 5);
   if (t >= a.T) return;
   const T* row = static_cast<const T*>(a.x) + t * a.E;
@@ -234,6 +240,7 @@ __device__ __forceinline__ void route_tile_mma(const RouteArgs& a, int64_t e0, i
   const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
   constexpr int U = 4;  // chunks per warp loaded before the first mma
+  bool waited = false;
   for (int64_t ch = cb0 + warp; ch < cb1; ch += kRouteWarps * U) {
     uint4 lo[U], hi[U], b[U];
 #pragma unroll
@@ -243,11 +250,20 @@ __device__ __forceinline__ void route_tile_mma(const RouteArgs& a, int64_t e0, i
       const bool in = cc < cb1 && col < a.H;
       lo[u] = (in && ok_lo) ? ldg_stream_v4(wlo + col) : zero;
       hi[u] = (in && ok_hi) ? ldg_stream_v4(whi + col) : zero;
+    }
+    // PDL: the router rows are in flight; x comes from the previous kernel.
+    if (!waited) { pdl_wait_prerequisites(); waited = true; }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t cc = ch + u * kRouteWarps;
+      const int64_t col = cc * kRouteChunk + 8 * c;
+      const bool in = cc < cb1 && col < a.H;
       b[u] = (in && ok_b) ? ldg_nc_v4(xb + col) : zero;
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) mma_chunk<T>(acc, lo[u], hi[u], b[u]);
   }
+  if (!waited) pdl_wait_prerequisites();  // before this block's global writes
   red[warp][g][2 * c] = acc[0];
   red[warp][g][2 * c + 1] = acc[1];
   red[warp][g + 8][2 * c] = acc[2];
@@ -263,6 +279,7 @@ __device__ void route_tile_scalar(const RouteArgs& a, int64_t e0, int64_t tok0, 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const T* w = static_cast<const T*>(a.router);
   const T* x = static_cast<const T*>(a.x) + tok0 * a.H;
+  pdl_wait_prerequisites();  // x comes from the previous kernel
   for (int i = 0; i < kRouteExpTile; ++i) {
     const int64_t e = e0 + i;
     float acc[kRouteTokTile];
@@ -286,19 +303,16 @@ __device__ void route_tile_scalar(const RouteArgs& a, int64_t e0, int64_t tok0, 
   }
 }
 
-// grid = (ceil(E / 16) expert tiles, k_splits, token tiles in this launch).
-// Dynamic shared memory: kRouteTokTile * E floats (the finishing block's logits).
-template <typename T, int EPL, bool MMA>
-__global__ void __launch_bounds__(kRouteThreads) route_fused_kernel(RouteArgs a, int64_t tile0) {
+// This block's partial logits: router rows [e0, e0 + 16) x tokens [tok0, tok0 + 8)
+// over k-split blockIdx.y of H, written to a.partial. Returns the tile's first token
+// and token count.
+template <typename T, bool MMA>
+__device__ __forceinline__ void route_block_partials(const RouteArgs& a, int64_t tile0,
+                                                     int64_t* tok0_out, int* ntok_out) {
   __shared__ float red[kRouteWarps][kRouteExpTile][kRouteTokTile];
-  __shared__ bool is_last;
-  extern __shared__ float s_logits[];
-  pdl_launch_dependents();  // a PDL-launched consumer still waits for our completion
-  const int warp = threadIdx.x >> 5;
   const int64_t e0 = static_cast<int64_t>(blockIdx.x) * kRouteExpTile;
   const int ks = blockIdx.y;
-  const int local_tile = blockIdx.z;
-  const int64_t tok0 = (tile0 + local_tile) * kRouteTokTile;
+  const int64_t tok0 = (tile0 + blockIdx.z) * kRouteTokTile;
   const int ntok = static_cast<int>(a.T - tok0 < kRouteTokTile ? a.T - tok0 : kRouteTokTile);
   const int64_t nchunks = (a.H + kRouteChunk - 1) / kRouteChunk;
   const int64_t per = (nchunks + a.k_splits - 1) / a.k_splits;
@@ -318,17 +332,15 @@ __global__ void __launch_bounds__(kRouteThreads) route_fused_kernel(RouteArgs a,
     for (int w = 0; w < kRouteWarps; ++w) v += red[w][i][t];
     if (e0 + i < a.E && t < ntok) a.partial[(ks * a.T + tok0 + t) * a.E + e0 + i] = v;
   }
+  *tok0_out = tok0;
+  *ntok_out = ntok;
+}
 
-  // The last block to arrive at this token tile adds the partials and selects.
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    const unsigned int prev = atomicAdd(&g_route_tile_arrivals[local_tile], 1u);
-    is_last = (prev == gridDim.x * gridDim.y - 1);
-  }
-  __syncthreads();
-  if (!is_last) return;
-  __threadfence();
+// Adds the k_splits partials of tokens [tok0, tok0 + ntok) in split order into
+// s_logits, then warp w routes token tok0 + w.
+template <int EPL>
+__device__ __forceinline__ void route_finish_tile(const RouteArgs& a, int64_t tok0, int ntok,
+                                                  float* s_logits) {
   const int E = static_cast<int>(a.E);
   const int64_t stride = a.T * a.E;  // between k-splits
   for (int o = threadIdx.x; o < ntok * E; o += blockDim.x) {
@@ -343,39 +355,104 @@ __global__ void __launch_bounds__(kRouteThreads) route_fused_kernel(RouteArgs a,
 #pragma unroll
       for (int j = 0; j < 8; ++j) v += q[j];
     }
-    for (; s < a.k_splits; ++s) v += __ldcg(p + s * stride);
+    if (s < a.k_splits) {  // the rest, also loaded before any add
+      float q[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) q[j] = s + j < a.k_splits ? __ldcg(p + (s + j) * stride) : 0.f;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) if (s + j < a.k_splits) v += q[j];
+    }
     s_logits[t * E + e] = v;
   }
   __syncthreads();
+  const int warp = threadIdx.x >> 5;
   if (warp < ntok)
     route_token_warp<EPL>([&](int ee) { return s_logits[warp * E + ee]; }, tok0 + warp, a);
+}
+
+// One launch. grid = (ceil(E / 16) expert tiles, k_splits, token tiles in this
+// launch). Dynamic shared memory: kRouteTokTile * E floats (the finishing block's
+// logits).
+template <typename T, int EPL, bool MMA>
+__global__ void __launch_bounds__(kRouteThreads) route_fused_kernel(RouteArgs a, int64_t tile0) {
+  __shared__ bool is_last;
+  extern __shared__ float s_logits[];
+  pdl_launch_dependents();  // a PDL-launched consumer still waits for our completion
+  int64_t tok0;
+  int ntok;
+  route_block_partials<T, MMA>(a, tile0, &tok0, &ntok);
+
+  // The last block to arrive at this token tile adds the partials and selects.
+  __threadfence();
+  __syncthreads();
+  const int local_tile = blockIdx.z;
+  if (threadIdx.x == 0) {
+    const unsigned int prev = atomicAdd(&g_route_tile_arrivals[local_tile], 1u);
+    is_last = (prev == gridDim.x * gridDim.y - 1);
+  }
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+  route_finish_tile<EPL>(a, tok0, ntok, s_logits);
   if (threadIdx.x == 0) g_route_tile_arrivals[local_tile] = 0u;
+}
+
+// Two launches, first kernel: the partial logits only.
+template <typename T, bool MMA>
+__global__ void __launch_bounds__(kRouteThreads) route_partial_kernel(RouteArgs a, int64_t tile0) {
+  pdl_launch_dependents();  // the selection kernel waits for our completion
+  int64_t tok0;
+  int ntok;
+  route_block_partials<T, MMA>(a, tile0, &tok0, &ntok);
+}
+
+// Two launches, second kernel: block b finishes token tile b.
+template <int EPL>
+__global__ void __launch_bounds__(kRouteThreads) route_select_kernel(RouteArgs a) {
+  extern __shared__ float s_logits[];
+  pdl_launch_dependents();
+  pdl_wait_prerequisites();  // the partials of route_partial_kernel
+  const int64_t tok0 = static_cast<int64_t>(blockIdx.x) * kRouteTokTile;
+  const int ntok = static_cast<int>(a.T - tok0 < kRouteTokTile ? a.T - tok0 : kRouteTokTile);
+  route_finish_tile<EPL>(a, tok0, ntok, s_logits);
 }
 
 template <typename T, int EPL>
 cudaError_t LaunchRouteEpl(const RouteArgs& a, cudaStream_t stream) {
+  const bool pdl = DeviceSupportsPdl();
   if (a.router == nullptr) {
     const unsigned blocks = static_cast<unsigned>((a.T + kRouteWarps - 1) / kRouteWarps);
-    route_logits_kernel<T, EPL><<<blocks, kRouteThreads, 0, stream>>>(a);
-    return cudaGetLastError();
+    return LaunchMaybePdl(route_logits_kernel<T, EPL>, dim3(blocks), dim3(kRouteThreads), 0,
+                          stream, pdl, a);
   }
   const bool mma = sizeof(T) == 2 && a.H % 8 == 0;
   const int64_t tiles = (a.T + kRouteTokTile - 1) / kRouteTokTile;
   const size_t smem = static_cast<size_t>(kRouteTokTile) * a.E * sizeof(float);
+  const dim3 block(kRouteThreads);
+  if (a.launches == 2) {
+    for (int64_t tile0 = 0; tile0 < tiles; tile0 += kRouteMaxTiles) {  // gridDim.z limit
+      const unsigned n = static_cast<unsigned>(std::min<int64_t>(kRouteMaxTiles, tiles - tile0));
+      const dim3 grid(static_cast<unsigned>((a.E + kRouteExpTile - 1) / kRouteExpTile),
+                      static_cast<unsigned>(a.k_splits), n);
+      cudaError_t err = (sizeof(T) == 2 && mma)
+                            ? LaunchMaybePdl(route_partial_kernel<T, sizeof(T) == 2>, grid,
+                                             block, 0, stream, pdl, a, tile0)
+                            : LaunchMaybePdl(route_partial_kernel<T, false>, grid, block, 0,
+                                             stream, pdl, a, tile0);
+      if (err != cudaSuccess) return err;
+    }
+    return LaunchMaybePdl(route_select_kernel<EPL>, dim3(static_cast<unsigned>(tiles)), block,
+                          smem, stream, pdl, a);
+  }
   for (int64_t tile0 = 0; tile0 < tiles; tile0 += kRouteMaxTiles) {
     const unsigned n = static_cast<unsigned>(std::min<int64_t>(kRouteMaxTiles, tiles - tile0));
-    dim3 grid(static_cast<unsigned>((a.E + kRouteExpTile - 1) / kRouteExpTile),
-              static_cast<unsigned>(a.k_splits), n);
-    if constexpr (sizeof(T) == 2) {
-      if (mma) {
-        route_fused_kernel<T, EPL, true><<<grid, kRouteThreads, smem, stream>>>(a, tile0);
-      } else {
-        route_fused_kernel<T, EPL, false><<<grid, kRouteThreads, smem, stream>>>(a, tile0);
-      }
-    } else {
-      route_fused_kernel<T, EPL, false><<<grid, kRouteThreads, smem, stream>>>(a, tile0);
-    }
-    cudaError_t err = cudaGetLastError();
+    const dim3 grid(static_cast<unsigned>((a.E + kRouteExpTile - 1) / kRouteExpTile),
+                    static_cast<unsigned>(a.k_splits), n);
+    cudaError_t err = (sizeof(T) == 2 && mma)
+                          ? LaunchMaybePdl(route_fused_kernel<T, EPL, sizeof(T) == 2>, grid,
+                                           block, smem, stream, pdl, a, tile0)
+                          : LaunchMaybePdl(route_fused_kernel<T, EPL, false>, grid, block, smem,
+                                           stream, pdl, a, tile0);
     if (err != cudaSuccess) return err;
   }
   return cudaSuccess;
@@ -386,7 +463,7 @@ template <typename T>
 cudaError_t LaunchRoute(const RouteArgs& a, cudaStream_t stream) {
   if (a.T == 0) return cudaSuccess;
   if (a.E > kRouteMaxExperts || a.p.top_k > kRouteMaxTopK || a.p.num_groups > kRouteMaxGroups ||
-      a.k_splits < 1 || a.k_splits > kRouteMaxKSplits)
+      a.k_splits < 1 || a.k_splits > kRouteMaxKSplits || (a.launches != 1 && a.launches != 2))
     return cudaErrorInvalidValue;
   if (a.E <= 64) return LaunchRouteEpl<T, 2>(a, stream);
   if (a.E <= 128) return LaunchRouteEpl<T, 4>(a, stream);
