@@ -4,10 +4,9 @@ measured read bandwidth as the floor.
 
 python benchmarks/bench_route.py --out DIR [--quick] [--tokens 1 4 ...] [--cases ...]
 
-Times our three paths at every T: "fused1" (router matmul and selection in one
-launch), "fused2" (our router GEMM kernel, then a selection kernel) and "dot" (XLA's
-dot, then the logits-only routing kernel); "ours" is the one heuristics picks
-(route_fuse_router, route_fused_launches). The choices are set from these columns.
+Times both of our paths at every T: "fused" (router matmul inside the routing
+launch) and "dot" (XLA's dot, then the logits-only routing kernel); "ours" is the
+one heuristics.route_fuse_router picks. The crossover is set from these columns.
 """
 
 from __future__ import annotations
@@ -37,18 +36,15 @@ CASES = {
 }
 
 
-def _forced(mode, fn):
-  """fn traced with the router path forced: "dot", or the fused path with 1 or 2
-  launches."""
+def _forced(fused: bool, fn):
+  """fn traced with the fused path forced on or off."""
   def wrapped(*args):
-    h = jax_moe.heuristics
-    saved = h.ROUTE_FUSED_MAX_TOKENS, h.ROUTE_FUSED_LAUNCHES
-    h.ROUTE_FUSED_MAX_TOKENS = -1 if mode == "dot" else 1 << 30
-    h.ROUTE_FUSED_LAUNCHES = 1 if mode == "dot" else mode
+    saved = jax_moe.heuristics.ROUTE_FUSED_MAX_TOKENS
+    jax_moe.heuristics.ROUTE_FUSED_MAX_TOKENS = 1 << 30 if fused else -1
     try:
       return fn(*args)
     finally:
-      h.ROUTE_FUSED_MAX_TOKENS, h.ROUTE_FUSED_LAUNCHES = saved
+      jax_moe.heuristics.ROUTE_FUSED_MAX_TOKENS = saved
   return wrapped
 
 
@@ -79,27 +75,25 @@ def run(out_dir, quick=False, tokens=None, case_names=None):
       # through a tiny fusion (subtracted for ours; XLA fuses it into its own ops).
       sets = [(xs[i], routers[i % copies]) for i in range(n_calls)]
       ours_fn = lambda x, w: jax_moe.route(x, k, router_weight=w, **kw)  # noqa: E731
-      fused1 = harness.time_loop(_forced(1, ours_fn), sets)
-      fused2 = harness.time_loop(_forced(2, ours_fn), sets)
-      dot = harness.time_loop(_forced("dot", ours_fn), sets)
+      fused = harness.time_loop(_forced(True, ours_fn), sets)
+      dot = harness.time_loop(_forced(False, ours_fn), sets)
       xla = harness.time_loop(lambda x, w: baselines.route(x, k, router_weight=w, **kw), sets,
                               net=False)
-      h = jax_moe.heuristics
-      path = (f"fused{h.route_fused_launches(T, E, H)}" if h.route_fuse_router(T, E, H)
-              else "dot")
-      ours = {"fused1": fused1, "fused2": fused2, "dot": dot}[path]
+      picks_fused = jax_moe.heuristics.route_fuse_router(T, E, H)
+      ours = fused if picks_fused else dot
       floor = (wbytes + T * H * 2) / read_bw
-      rows.append(dict(case=name, T=T, E=E, H=H, us_ours=ours * 1e6, us_fused1=fused1 * 1e6,
-                       us_fused2=fused2 * 1e6, us_dot=dot * 1e6, us_xla=xla * 1e6,
-                       us_floor=floor * 1e6, speedup=xla / ours, x_floor=ours / floor,
-                       path=path, k_splits=h.route_k_splits(T, E, H)))
-      print(f"route {name} T={T}: fused1 {fused1*1e6:.2f} us, fused2 {fused2*1e6:.2f} us, "
-            f"dot {dot*1e6:.2f} us, xla {xla*1e6:.2f} us", flush=True)
+      rows.append(dict(case=name, T=T, E=E, H=H, us_ours=ours * 1e6, us_fused=fused * 1e6,
+                       us_dot=dot * 1e6, us_xla=xla * 1e6, us_floor=floor * 1e6,
+                       speedup=xla / ours, x_floor=ours / floor,
+                       path="fused" if picks_fused else "dot",
+                       k_splits=jax_moe.heuristics.route_k_splits(T, E, H)))
+      print(f"route {name} T={T}: fused {fused*1e6:.2f} us, dot {dot*1e6:.2f} us, "
+            f"xla {xla*1e6:.2f} us", flush=True)
   payload = dict(device=harness.device_description(), read_bw_GBps=read_bw / 1e9, rows=rows)
   harness.write_json(os.path.join(out_dir, "route.json"), payload)
   print(f"\nroute ({payload['device']}, read {read_bw/1e9:.0f} GB/s; floor = router bytes / read bw)")
   harness.print_table(rows, [("case", "{}"), ("T", "{}"), ("path", "{}"), ("us_ours", "{:.2f}"),
-                             ("us_fused1", "{:.2f}"), ("us_fused2", "{:.2f}"), ("us_dot", "{:.2f}"), ("us_xla", "{:.2f}"),
+                             ("us_fused", "{:.2f}"), ("us_dot", "{:.2f}"), ("us_xla", "{:.2f}"),
                              ("speedup", "{:.2f}x"), ("us_floor", "{:.2f}"),
                              ("x_floor", "{:.2f}"), ("k_splits", "{}")])
   return payload

@@ -28,22 +28,9 @@ ROUTE_CHUNK = 32
 ROUTE_BLOCKS_PER_SM = 2
 
 
-# Fused path, launches: 1 = the last block of a token tile adds the partials and
-# selects (a fence + arrival counter after the GEMM); 2 = the GEMM kernel, then a
-# selection kernel (programmatic dependent launch) that does the same without the
-# counter.
-ROUTE_FUSED_LAUNCHES = 2
-
-
 def route_fuse_router(num_tokens: int, num_experts: int, hidden: int) -> bool:
   del num_experts, hidden
   return num_tokens <= ROUTE_FUSED_MAX_TOKENS
-
-
-def route_fused_launches(num_tokens: int, num_experts: int, hidden: int) -> int:
-  """1 or 2 kernels for the fused path (see ROUTE_FUSED_LAUNCHES)."""
-  del num_tokens, num_experts, hidden
-  return ROUTE_FUSED_LAUNCHES
 
 
 def route_k_splits(num_tokens: int, num_experts: int, hidden: int,

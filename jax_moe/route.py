@@ -3,10 +3,10 @@
 weights, ids = route(x, top_k, *, router_weight=None, ...)
 
 x is logits [..., E], or hidden states [..., H] when router_weight [E, H] is given.
-With router_weight, the router matmul runs either in our fused kernels (a split-K
-tensor-core GEMM whose last block also does the selection: one launch; or the same
-GEMM followed by a selection kernel: two launches) or as XLA's dot followed by the
-logits-only routing kernel; heuristics.py picks by T with the measurements. Returns weights f32 [..., k]
+With router_weight, the router matmul runs either inside the routing launch (the
+fused kernel: a split-K tensor-core GEMM whose last block also does the selection)
+or as XLA's dot followed by the logits-only routing kernel; heuristics.py picks
+(today the dot path at every T: it measured faster). Returns weights f32 [..., k]
 and ids int32 [..., k], ordered by selection score (highest first, ties to the
 lower expert index). See DESIGN.md for the semantics.
 """
@@ -40,12 +40,10 @@ def _num_experts(x_aval, router_aval) -> int:
 
 
 def _abstract_eval(x, router, bias, scale, *, top_k, scoring, renormalize, num_groups,
-                   top_groups, group_score, scaling_factor, k_splits, launches):
+                   top_groups, group_score, scaling_factor, k_splits):
   if not isinstance(k_splits, (int, np.integer)) or not 1 <= k_splits <= _CUDA_MAX_K_SPLITS:
     raise ValueError(f"route: k_splits must be an int in [1, {_CUDA_MAX_K_SPLITS}], "
                      f"got {k_splits!r}")
-  if not isinstance(launches, (int, np.integer)) or launches not in (1, 2):
-    raise ValueError(f"route: launches must be 1 or 2, got {launches!r}")
   T = x.shape[0]
   E = _num_experts(x, router)
   scratch = (k_splits * T, E) if router.size else (0,)
@@ -66,13 +64,11 @@ def _ffi_attrs(params):
       group_score=np.int64(_codes.GROUP_SCORE[params["group_score"]]),
       scaling_factor=np.float32(params["scaling_factor"]),
       k_splits=np.int64(params["k_splits"]),
-      launches=np.int64(params["launches"]),
   )
 
 
 def _fallback(x, router, bias, scale, *, top_k, scoring, renormalize, num_groups, top_groups,
-              group_score, scaling_factor, k_splits, launches):
-  del launches
+              group_score, scaling_factor, k_splits):
   w, ids = reference.route(
       x, top_k, router_weight=router if router.size else None, scoring=scoring,
       renormalize=renormalize, num_groups=num_groups, top_groups=top_groups,
@@ -187,12 +183,11 @@ def route(x, top_k, *, router_weight=None, scoring="softmax", renormalize=True, 
   lead = x.shape[:-1]
   x2 = x.reshape(-1, x.shape[-1])
   T = x2.shape[0]
-  k_splits, launches = 1, 1
+  k_splits = 1
   if router_weight is not None:
     H = x.shape[-1]
     if heuristics.route_fuse_router(T, E, H):
       k_splits = heuristics.route_k_splits(T, E, H)
-      launches = heuristics.route_fused_launches(T, E, H)
       router = router_weight
     else:  # large T: the router matmul belongs on the tensor cores (XLA's dot)
       # HIGHEST: f32 inputs must not drop to TF32 on GPU (the fused kernel and the
@@ -206,5 +201,5 @@ def route(x, top_k, *, router_weight=None, scoring="softmax", renormalize=True, 
                            renormalize=bool(renormalize), num_groups=num_groups,
                            top_groups=top_groups, group_score=group_score,
                            scaling_factor=scaling_factor,
-                           k_splits=k_splits, launches=launches)
+                           k_splits=k_splits)
   return w.reshape(lead + (top_k,)), ids.reshape(lead + (top_k,))

@@ -289,7 +289,7 @@ def test_handler_revalidates():
     jax.jit(lambda x: route_p.bind(x, empty, e0, e0, top_k=2, scoring="softmax",
                                    renormalize=True, num_groups=3, top_groups=1,
                                    group_score="top2_sum", scaling_factor=1.0,
-                                   k_splits=1, launches=1))(x)[0].block_until_ready()
+                                   k_splits=1))(x)[0].block_until_ready()
 
 
 @pytest.mark.parametrize("k_splits", [0, 4097, 2.0])
@@ -300,29 +300,17 @@ def test_bad_k_splits(k_splits):
   with pytest.raises(ValueError, match="k_splits"):
     route_p.bind(x, jnp.ones((8, 16), jnp.bfloat16), e0, e0, top_k=2, scoring="softmax",
                  renormalize=True, num_groups=1, top_groups=1, group_score="top2_sum",
-                 scaling_factor=1.0, k_splits=k_splits, launches=1)
+                 scaling_factor=1.0, k_splits=k_splits)
 
 
-@pytest.mark.parametrize("launches", [0, 3, 1.0])
-def test_bad_launches(launches):
-  from jax_moe.route import route_p
-  x = jnp.ones((4, 16), jnp.bfloat16)
-  e0 = jnp.zeros((0,), jnp.float32)
-  with pytest.raises(ValueError, match="launches"):
-    route_p.bind(x, jnp.ones((8, 16), jnp.bfloat16), e0, e0, top_k=2, scoring="softmax",
-                 renormalize=True, num_groups=1, top_groups=1, group_score="top2_sum",
-                 scaling_factor=1.0, k_splits=1, launches=launches)
-
-
-@pytest.mark.parametrize("launches", [1, 2])
 @pytest.mark.parametrize("k_splits", [1, 3, 5, 40])
 @pytest.mark.parametrize("E,H,dtype", [(60, 136, jnp.bfloat16), (256, 136, jnp.float16),
                                        (256, 100, jnp.bfloat16), (33, 72, jnp.float32)])
-def test_fused_kernel_configs(platform, launches, k_splits, E, H, dtype):
-  """The fused CUDA kernels (ignored on CPU), one launch and two, with every kind of
-  k-split: one, uneven, more splits than chunks (empty splits); E not a multiple of
-  the 16-row tile; three token tiles, the last partial; the tensor-core path (H a
-  multiple of 8, with a partial last chunk) and the scalar path (H = 100, f32)."""
+def test_fused_kernel_configs(platform, k_splits, E, H, dtype):
+  """The fused CUDA kernel (ignored on CPU) with every kind of k-split: one, uneven,
+  more splits than chunks (empty splits); E not a multiple of the 16-row tile; three
+  token tiles, the last partial; the tensor-core path (H a multiple of 8, with a
+  partial last chunk) and the scalar path (H = 100, f32)."""
   from jax_moe.route import route_p
   r = rng()
   T, k = 20, 6
@@ -336,7 +324,7 @@ def test_fused_kernel_configs(platform, launches, k_splits, E, H, dtype):
   poison_device_memory()
   w, ids, scratch = jax.jit(lambda x, r: route_p.bind(
       x, r, e0, e0, top_k=k, renormalize=True, group_score="top2_sum", scaling_factor=1.0,
-      k_splits=k_splits, launches=launches, **kw))(xb, rb)
+      k_splits=k_splits, **kw))(xb, rb)
   assert scratch.shape == (k_splits * T, E)
   wr, ir = reference.route(xb, k, router_weight=rb, **kw)
   np.testing.assert_array_equal(np.asarray(ids), np.asarray(ir))

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cstdlib>
 #include <cuda_runtime.h>
 
 namespace jax_moe {
@@ -152,9 +153,10 @@ cudaError_t LaunchMaybePdl(void (*kernel)(KArgs...), dim3 grid, dim3 block, size
   return cudaLaunchKernelEx(&cfg, kernel, args...);
 }
 
-// Host: whether the current device takes programmatic dependent launch (sm_90+).
-// Cached per device: launchers ask on every call.
-inline bool DeviceSupportsPdl() {
+// Host: whether the current device is sm_90 or newer (the stream kernel's
+// instructions, programmatic dependent launch). Cached per device: launchers ask on
+// every call.
+inline bool DeviceIsSm90() {
   static int cache[64] = {};  // 0 unknown, 1 no, 2 yes
   int dev = 0, major = 0;
   if (cudaGetDevice(&dev) != cudaSuccess) return false;
@@ -163,6 +165,17 @@ inline bool DeviceSupportsPdl() {
                       cudaSuccess && major >= 9;
   if (dev >= 0 && dev < 64) cache[dev] = ok ? 2 : 1;
   return ok;
+}
+
+// Host: whether to launch with programmatic dependent launch: on sm_90+, unless
+// JAX_MOE_DISABLE_PDL=1 is in the environment (read once; a diagnostic for A/B
+// timing of the launch overlap).
+inline bool DeviceSupportsPdl() {
+  static const bool disabled = [] {
+    const char* v = std::getenv("JAX_MOE_DISABLE_PDL");
+    return v != nullptr && v[0] == '1' && v[1] == '\0';
+  }();
+  return !disabled && DeviceIsSm90();
 }
 
 }  // namespace jax_moe

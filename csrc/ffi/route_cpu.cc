@@ -12,10 +12,9 @@ static ffi::Error RouteCpuHandler(ffi::AnyBuffer x, ffi::AnyBuffer router, ffi::
                                ffi::Result<ffi::AnyBuffer> scratch, int64_t top_k,
                                int64_t scoring, int64_t renormalize, int64_t num_groups,
                                int64_t top_groups, int64_t group_score, float scaling_factor,
-                               int64_t k_splits, int64_t launches) {
+                               int64_t k_splits) {
   (void)scratch;  // only the CUDA fused path uses the partial-logits workspace
   (void)k_splits;
-  JM_REQUIRE(launches == 1 || launches == 2, "route: launches must be 1 or 2");
   const RouteParams p = MakeRouteParams(top_k, scoring, renormalize, num_groups, top_groups,
                                         group_score, scaling_factor);
   RouteShapes s;
@@ -49,7 +48,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Attr<int64_t>("top_groups")
         .Attr<int64_t>("group_score")
         .Attr<float>("scaling_factor")
-        .Attr<int64_t>("k_splits")
-        .Attr<int64_t>("launches"));
+        .Attr<int64_t>("k_splits"));
 
 }  // namespace jax_moe

@@ -13,7 +13,7 @@ static ffi::Error RouteCudaHandler(cudaStream_t stream, ffi::AnyBuffer x, ffi::A
                                    ffi::Result<ffi::AnyBuffer> scratch, int64_t top_k,
                                    int64_t scoring, int64_t renormalize, int64_t num_groups,
                                    int64_t top_groups, int64_t group_score, float scaling_factor,
-                                   int64_t k_splits, int64_t launches) {
+                                   int64_t k_splits) {
   const RouteParams p = MakeRouteParams(top_k, scoring, renormalize, num_groups, top_groups,
                                         group_score, scaling_factor);
   RouteShapes s;
@@ -24,7 +24,6 @@ static ffi::Error RouteCudaHandler(cudaStream_t stream, ffi::AnyBuffer x, ffi::A
   if (s.fused) {
     JM_REQUIRE(k_splits >= 1 && k_splits <= cuda::kRouteMaxKSplits,
                "route (CUDA): k_splits must be in [1, 4096]");
-    JM_REQUIRE(launches == 1 || launches == 2, "route (CUDA): launches must be 1 or 2");
     JM_REQUIRE(scratch->element_type() == ffi::DataType::F32 &&
                    NumElements(*scratch) == k_splits * s.T * s.E,
                "route (CUDA): scratch must be float32 [k_splits * T, E]");
@@ -39,7 +38,6 @@ static ffi::Error RouteCudaHandler(cudaStream_t stream, ffi::AnyBuffer x, ffi::A
   a.E = s.E;
   a.p = p;
   a.k_splits = static_cast<int>(k_splits);
-  a.launches = static_cast<int>(launches);
   a.weights = reinterpret_cast<float*>(weights->untyped_data());
   a.ids = reinterpret_cast<int32_t*>(ids->untyped_data());
   a.partial = s.fused ? reinterpret_cast<float*>(scratch->untyped_data()) : nullptr;
@@ -66,8 +64,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Attr<int64_t>("top_groups")
         .Attr<int64_t>("group_score")
         .Attr<float>("scaling_factor")
-        .Attr<int64_t>("k_splits")
-        .Attr<int64_t>("launches"),
+        .Attr<int64_t>("k_splits"),
     {ffi::Traits::kCmdBufferCompatible});
 
 }  // namespace jax_moe

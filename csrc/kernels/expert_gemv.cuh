@@ -447,7 +447,7 @@ cudaError_t LaunchExpertGemv(const ExpertGemvArgs& a, cudaStream_t stream) {
   const bool mma_ok = sizeof(T) == 2 && a.H % 8 == 0 && a.I % 8 == 0;
   if constexpr (sizeof(T) == 2) {
     if (a.variant == kGemvStream &&
-        StreamSupported(num_assign, a.E, a.H, a.I, mma_ok, pdl, MaxSmemPerBlock()))
+        StreamSupported(num_assign, a.E, a.H, a.I, mma_ok, DeviceIsSm90(), MaxSmemPerBlock()))
       return LaunchGemvStream<T>(a.x, a.ids, a.w_gate_up, a.w_down, a.h, a.y, a.T, a.k, a.H,
                                  a.I, a.E, a.activation, stream);
   }

@@ -2,18 +2,18 @@
 // cudaError_t out; no XLA headers.
 //
 // Logits path (x = logits [T, E]): one launch, one warp per token.
-// Fused path (x = hidden [T, H], router [E, H]): a split-K tensor-core GEMM plus the
-// selection, in one launch or two (RouteArgs::launches). Block (expert tile, k-split, token tile)
+// Fused path (x = hidden [T, H], router [E, H]): still one launch, a split-K
+// tensor-core GEMM plus the selection. Block (expert tile, k-split, token tile)
 // multiplies 16 router rows by the hidden rows of 8 tokens over its share of H
 // (32-column chunks, dealt to its 8 warps in turn; mma.sync m16n8k16 with the router
 // rows as A and the tokens as B, both loaded straight from global memory, see
 // common/mma.cuh), adds its warps' partials in a fixed order and writes them to the
-// scratch buffer partial [k_splits, T, E]. One launch: the last block to arrive at a
-// token tile (a self-resetting arrival counter per tile) adds the k_splits partials
-// in order into shared memory and runs the selection, one warp per token. Two
-// launches: a second kernel (programmatic dependent launch, one block per token
-// tile) does that after the GEMM kernel has finished, with no fence or counter.
-// Nothing is accumulated atomically, so the result is deterministic. f32 inputs, or
+// scratch buffer partial [k_splits, T, E]. The last block to arrive at a token tile
+// (a self-resetting arrival counter per tile) adds the k_splits partials in order
+// into shared memory and runs the selection, one warp per token. (A two-launch
+// version, the GEMM kernel then a selection kernel with no fence or counter, was
+// measured in session 6: faster than this one at some T, slower at others, and
+// slower than XLA's dot + the logits kernel everywhere; RESULTS.md.) Nothing is accumulated atomically, so the result is deterministic. f32 inputs, or
 // H not a multiple of 8, take the same structure with scalar FMAs. The GEMM loads its
 // first router chunks before it waits for the previous kernel (the router weights
 // are not written by earlier kernels; x is).
@@ -63,7 +63,6 @@ struct RouteArgs {
   int32_t* ids = nullptr;    // [T, k]
   float* partial = nullptr;  // [k_splits, T, E] scratch (fused path)
   int k_splits = 1;          // fused path: blocks along H per (expert tile, token tile)
-  int launches = 1;          // fused path: 1 (last block selects) or 2 (selection kernel)
 };
 
 __device__ __forceinline__ float sel_value(float v) { return v != v ? -INFINITY : v; }
@@ -370,7 +369,7 @@ __device__ __forceinline__ void route_finish_tile(const RouteArgs& a, int64_t to
     route_token_warp<EPL>([&](int ee) { return s_logits[warp * E + ee]; }, tok0 + warp, a);
 }
 
-// One launch. grid = (ceil(E / 16) expert tiles, k_splits, token tiles in this
+// grid = (ceil(E / 16) expert tiles, k_splits, token tiles in this
 // launch). Dynamic shared memory: kRouteTokTile * E floats (the finishing block's
 // logits).
 template <typename T, int EPL, bool MMA>
@@ -397,26 +396,6 @@ __global__ void __launch_bounds__(kRouteThreads) route_fused_kernel(RouteArgs a,
   if (threadIdx.x == 0) g_route_tile_arrivals[local_tile] = 0u;
 }
 
-// Two launches, first kernel: the partial logits only.
-template <typename T, bool MMA>
-__global__ void __launch_bounds__(kRouteThreads) route_partial_kernel(RouteArgs a, int64_t tile0) {
-  pdl_launch_dependents();  // the selection kernel waits for our completion
-  int64_t tok0;
-  int ntok;
-  route_block_partials<T, MMA>(a, tile0, &tok0, &ntok);
-}
-
-// Two launches, second kernel: block b finishes token tile b.
-template <int EPL>
-__global__ void __launch_bounds__(kRouteThreads) route_select_kernel(RouteArgs a) {
-  extern __shared__ float s_logits[];
-  pdl_launch_dependents();
-  pdl_wait_prerequisites();  // the partials of route_partial_kernel
-  const int64_t tok0 = static_cast<int64_t>(blockIdx.x) * kRouteTokTile;
-  const int ntok = static_cast<int>(a.T - tok0 < kRouteTokTile ? a.T - tok0 : kRouteTokTile);
-  route_finish_tile<EPL>(a, tok0, ntok, s_logits);
-}
-
 template <typename T, int EPL>
 cudaError_t LaunchRouteEpl(const RouteArgs& a, cudaStream_t stream) {
   const bool pdl = DeviceSupportsPdl();
@@ -429,21 +408,6 @@ cudaError_t LaunchRouteEpl(const RouteArgs& a, cudaStream_t stream) {
   const int64_t tiles = (a.T + kRouteTokTile - 1) / kRouteTokTile;
   const size_t smem = static_cast<size_t>(kRouteTokTile) * a.E * sizeof(float);
   const dim3 block(kRouteThreads);
-  if (a.launches == 2) {
-    for (int64_t tile0 = 0; tile0 < tiles; tile0 += kRouteMaxTiles) {  // gridDim.z limit
-      const unsigned n = static_cast<unsigned>(std::min<int64_t>(kRouteMaxTiles, tiles - tile0));
-      const dim3 grid(static_cast<unsigned>((a.E + kRouteExpTile - 1) / kRouteExpTile),
-                      static_cast<unsigned>(a.k_splits), n);
-      cudaError_t err = (sizeof(T) == 2 && mma)
-                            ? LaunchMaybePdl(route_partial_kernel<T, sizeof(T) == 2>, grid,
-                                             block, 0, stream, pdl, a, tile0)
-                            : LaunchMaybePdl(route_partial_kernel<T, false>, grid, block, 0,
-                                             stream, pdl, a, tile0);
-      if (err != cudaSuccess) return err;
-    }
-    return LaunchMaybePdl(route_select_kernel<EPL>, dim3(static_cast<unsigned>(tiles)), block,
-                          smem, stream, pdl, a);
-  }
   for (int64_t tile0 = 0; tile0 < tiles; tile0 += kRouteMaxTiles) {
     const unsigned n = static_cast<unsigned>(std::min<int64_t>(kRouteMaxTiles, tiles - tile0));
     const dim3 grid(static_cast<unsigned>((a.E + kRouteExpTile - 1) / kRouteExpTile),
@@ -463,7 +427,7 @@ template <typename T>
 cudaError_t LaunchRoute(const RouteArgs& a, cudaStream_t stream) {
   if (a.T == 0) return cudaSuccess;
   if (a.E > kRouteMaxExperts || a.p.top_k > kRouteMaxTopK || a.p.num_groups > kRouteMaxGroups ||
-      a.k_splits < 1 || a.k_splits > kRouteMaxKSplits || (a.launches != 1 && a.launches != 2))
+      a.k_splits < 1 || a.k_splits > kRouteMaxKSplits)
     return cudaErrorInvalidValue;
   if (a.E <= 64) return LaunchRouteEpl<T, 2>(a, stream);
   if (a.E <= 128) return LaunchRouteEpl<T, 4>(a, stream);
