@@ -7,7 +7,7 @@
 // bandwidth (ncu, RESULTS.md s2-B7): its bytes in flight are bounded by registers
 // and its row-tile grid does not divide evenly over the SMs. Design:
 //   * one block per SM, one launch; every block computes the same work list (the
-//     selected experts, split into segments of at most 16 assignments). Units are
+//     selected experts, split into segments of at most 8 assignments). Units are
 //     (segment, 8 gate + the matching 8 up rows) in phase 1 and (segment, 16 w_down
 //     rows) in phase 2, numbered phase 1 first, segments ascending;
 //   * blocks claim units one at a time from a global counter (a work queue), so
@@ -21,8 +21,7 @@
 //   * two groups of 4 consumer warps take alternate units (each group has its own
 //     NS slots), so one group's end-of-unit work overlaps the other's stages. The 4
 //     warps of a group split each stage's 32-column chunks (the chunk layout of
-//     mma.cuh), run mma.sync with the segment's <= 16 tokens as B (two n-tiles of
-//     8; the second only when the segment has more than 8), keep f32 partial
+//     mma.cuh), run mma.sync with the segment's <= 8 tokens as B, keep f32 partial
 //     sums in registers across a unit's stages and add the 4 warps' partials in a
 //     fixed order: deterministic, no atomics on results;
 //   * a phase-2 unit reads h of its segment: its consumers wait until the segment's
@@ -69,14 +68,9 @@ template <int MAXC> struct StreamGeom {
   static constexpr int kChunksPerWarp = MAXC / 32 / kStreamGroupWarps;
 };
 constexpr int kStreamClaim = 2;            // units per claim from the work queue
-// Assignments per segment: two mma n-tiles of 8 tokens. A segment of <= 8 skips the
-// second tile (a warp-uniform branch). With 8 (one n-tile, sessions 3-5) an expert
-// with 9-16 assignments took two passes over its weights: Mixtral at T=32 (8 per
-// expert on average) ran 1.48x the floor on this kernel (RESULTS.md s5-10).
-constexpr int kStreamSegTokens = 16;
 constexpr int kStreamMaxAssign = 512;      // T * k
 constexpr int kStreamMaxExperts = 1024;
-constexpr int kStreamMaxSegments = kStreamMaxAssign + kStreamMaxAssign / kStreamSegTokens;
+constexpr int kStreamMaxSegments = kStreamMaxAssign + kStreamMaxAssign / 8;
 
 inline size_t StreamSmemBytes(int stages, int max_cols) {  // stages per group
   return static_cast<size_t>(kStreamGroups) * stages * kStreamRows * (max_cols * 2 + 64) +
@@ -201,7 +195,7 @@ __device__ __forceinline__ void group_sync(int group) {  // one group's 4 warps
 #endif
 
 // Segment record: expert (10 bits), first position in the sorted list (10 bits),
-// assignments - 1 (4 bits).
+// assignments - 1 (3 bits).
 __device__ __forceinline__ int seg_pack(int e, int start, int n) {
   return e | (start << 10) | ((n - 1) << 20);
 }
@@ -355,11 +349,11 @@ __device__ void produce(const GemvStreamArgs& a, const int* segs, int tiles1, in
   }
 }
 
-// B row of this lane for unit d (token g + 8 * nt of its segment), or null.
+// B row of this lane for unit d (token g of its segment), or null.
 template <typename T>
 __device__ __forceinline__ const T* b_row(const GemvStreamArgs& a, const StreamUnit& d,
-                                              const int* segs, const int* sorted, int nt) {
-  const int g = ((threadIdx.x & 31) >> 2) + 8 * nt;
+                                              const int* segs, const int* sorted) {
+  const int g = (threadIdx.x & 31) >> 2;
   const int seg = segs[d.seg];
   if (g >= (seg >> 20) + 1) return nullptr;
   const int asg = sorted[((seg >> 10) & 1023) + g];
@@ -373,11 +367,6 @@ __device__ __forceinline__ void load_b_unit(const GemvStreamArgs& a, const Strea
                                            uint4 (&bv)[StreamGeom<MAXC>::kChunksPerWarp]) {
   if (d.p1) load_b<T, true, MAXC>(a.p1, brow, st, bv);
   else load_b<T, false, MAXC>(a.p2, brow, st, bv);
-}
-
-// Tokens in unit d's segment > 8: warp-uniform (every lane reads the same record).
-__device__ __forceinline__ bool seg_two_tiles(const int* segs, const StreamUnit& d) {
-  return (segs[d.seg] >> 20) + 1 > 8;
 }
 
 // Phase-2 units read h rows of their segment: wait until all of the segment's
@@ -405,7 +394,7 @@ template <typename T, int NS, int MAXC>
 __device__ void consume(const GemvStreamArgs& a, const int* segs, const int* sorted,
                             int tiles1, int tiles2, int n1, const StreamRing& r,
                             const int* slot_unit, uint64_t* id_bar,
-                            float (*red)[kStreamGroupWarps][kStreamRows][kStreamSegTokens]) {
+                            float (*red)[kStreamGroupWarps][kStreamRows][8]) {
   constexpr int CPW = StreamGeom<MAXC>::kChunksPerWarp;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int group = warp / kStreamGroupWarps, gw = warp % kStreamGroupWarps;
@@ -421,13 +410,8 @@ __device__ void consume(const GemvStreamArgs& a, const int* segs, const int* sor
   };
   StreamUnit d = decode_unit(peek(jj), n1, tiles1, tiles2);
   if (d.u < 0) return;
-  // B of the first n-tile is loaded a stage ahead (bnext); the second n-tile's, only
-  // for segments of more than 8 tokens, at the start of its own stage (registers:
-  // prefetching both spilled at the 168-register limit of 9 warps).
   uint4 bnext[CPW];
-  bool two = seg_two_tiles(segs, d);
-  const T* brow = b_row<T>(a, d, segs, sorted, 0);
-  const T* brow2 = b_row<T>(a, d, segs, sorted, 1);
+  const T* brow = b_row<T>(a, d, segs, sorted);
   if (!d.p1) { while (!seg_ready(d.seg, seg_target)) {} ready = d.seg; }
   load_b_unit<T, MAXC>(a, d, brow, 0, bnext);
   for (;;) {
@@ -438,7 +422,7 @@ __device__ void consume(const GemvStreamArgs& a, const int* segs, const int* sor
     const int start = (seg >> 10) & 1023;
     const int ntok = (seg >> 20) + 1;
     const bool hi_ok = d.p1 || d.tile * kStreamRows + 8 + g < a.p2.rows;
-    float acc[4][4] = {}, acc2[2][4] = {};
+    float acc[4][4] = {};
     StreamUnit dn;
     bool have_next = false, next_loaded = false;
     // A single-stage unit of the same phase and segment as this one reads the same
@@ -449,11 +433,9 @@ __device__ void consume(const GemvStreamArgs& a, const int* segs, const int* sor
     };
     for (int st = 0; st < stages; ++st) {
       const uint32_t j = jj++;
-      uint4 bv[CPW], bv2[CPW];
+      uint4 bv[CPW];
 #pragma unroll
       for (int q = 0; q < CPW; ++q) bv[q] = bnext[q];
-      const bool two_now = two;  // this unit's (two, brow2 may move to the next unit below)
-      if (two_now) load_b_unit<T, MAXC>(a, d, brow2, st, bv2);
       if (st + 1 < stages) {
         load_b_unit<T, MAXC>(a, d, brow, st + 1, bnext);
       } else if (__shfl_sync(0xffffffffu,  // lane 0's view: a warp-uniform branch
@@ -468,9 +450,7 @@ __device__ void consume(const GemvStreamArgs& a, const int* segs, const int* sor
           next_loaded = true;  // bnext still holds this stage's B: the same rows
         } else if (dn.u >= 0 && (dn.p1 || dn.seg == ready || seg_ready(dn.seg, seg_target))) {
           if (!dn.p1) ready = dn.seg;
-          two = seg_two_tiles(segs, dn);
-          brow = b_row<T>(a, dn, segs, sorted, 0);
-          brow2 = b_row<T>(a, dn, segs, sorted, 1);
+          brow = b_row<T>(a, dn, segs, sorted);
           load_b_unit<T, MAXC>(a, dn, brow, 0, bnext);
           next_loaded = true;
         }
@@ -496,10 +476,6 @@ __device__ void consume(const GemvStreamArgs& a, const int* segs, const int* sor
           const uint4 hi = (in && hi_ok) ? lds_v4(p + 8 * StreamGeom<MAXC>::kRowStride) : zero;
           mma_m16n8k16<T>(acc[2 * (q & 1)], lo.x, hi.x, lo.y, hi.y, bv[q].x, bv[q].y);
           mma_m16n8k16<T>(acc[2 * (q & 1) + 1], lo.z, hi.z, lo.w, hi.w, bv[q].z, bv[q].w);
-          if (two_now) {
-            mma_m16n8k16<T>(acc2[q & 1], lo.x, hi.x, lo.y, hi.y, bv2[q].x, bv2[q].y);
-            mma_m16n8k16<T>(acc2[q & 1], lo.z, hi.z, lo.w, hi.w, bv2[q].z, bv2[q].w);
-          }
         }
       }
       // One arrive per warp, after __syncwarp (which orders the warp's reads of the
@@ -511,57 +487,41 @@ __device__ void consume(const GemvStreamArgs& a, const int* segs, const int* sor
       if (lane == 0) mbar_arrive(smem_addr(&r.empty[s]));
     }
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      acc[0][i] = (acc[0][i] + acc[1][i]) + (acc[2][i] + acc[3][i]);
-      acc2[0][i] = acc2[0][i] + acc2[1][i];
-    }
-    float (*rd)[kStreamRows][kStreamSegTokens] = red[2 * group + parity];
+    for (int i = 0; i < 4; ++i) acc[0][i] = (acc[0][i] + acc[1][i]) + (acc[2][i] + acc[3][i]);
+    float (*rd)[kStreamRows][8] = red[2 * group + parity];
     rd[gw][g][2 * c] = acc[0][0];
     rd[gw][g][2 * c + 1] = acc[0][1];
     rd[gw][g + 8][2 * c] = acc[0][2];
     rd[gw][g + 8][2 * c + 1] = acc[0][3];
-    rd[gw][g][8 + 2 * c] = acc2[0][0];  // zeros when the segment has <= 8 tokens
-    rd[gw][g][8 + 2 * c + 1] = acc2[0][1];
-    rd[gw][g + 8][8 + 2 * c] = acc2[0][2];
-    rd[gw][g + 8][8 + 2 * c + 1] = acc2[0][3];
     group_sync(group);
     if (d.p1) {
       T* out = static_cast<T*>(a.p1.out);
-      if (gtid < 64) {  // warps 0 and 1 of the group: 8 rows x 16 tokens
-        const int row = gtid & 7;
+      if (gtid < 64) {  // warps 0 and 1 of the group: 8 rows x 8 tokens
+        const int row = gtid & 7, tok = gtid >> 3;
+        if (tok < ntok) {
+          float gate = 0.f, up = 0.f;
 #pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int tok = (gtid >> 3) + 8 * half;
-          if (tok < ntok) {
-            float gate = 0.f, up = 0.f;
-#pragma unroll
-            for (int wv = 0; wv < kStreamGroupWarps; ++wv) {
-              gate += rd[wv][row][tok];
-              up += rd[wv][row + 8][tok];
-            }
-            const int64_t asg = sorted[start + tok];
-            out[asg * a.p1.rows + d.tile * 8 + row] =
-                from_float<T>(activate(a.activation, gate) * up);
+          for (int wv = 0; wv < kStreamGroupWarps; ++wv) {
+            gate += rd[wv][row][tok];
+            up += rd[wv][row + 8][tok];
           }
+          const int64_t asg = sorted[start + tok];
+          out[asg * a.p1.rows + d.tile * 8 + row] = from_float<T>(activate(a.activation, gate) * up);
+          __threadfence();
         }
-        __threadfence();
         __syncwarp();
         if (lane == 0) atomicAdd(&g_stream_seg_done[d.seg], 1u);  // 2 per unit
       }
     } else {
       T* out = static_cast<T*>(a.p2.out);
-      const int row = gtid & 15;
+      const int row = gtid & 15, tok = gtid >> 4;
       const int rr = d.tile * kStreamRows + row;
+      if (tok < ntok && rr < a.p2.rows) {
+        float v = 0.f;
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int tok = (gtid >> 4) + 8 * half;
-        if (tok < ntok && rr < a.p2.rows) {
-          float v = 0.f;
-#pragma unroll
-          for (int wv = 0; wv < kStreamGroupWarps; ++wv) v += rd[wv][row][tok];
-          const int64_t asg = sorted[start + tok];
-          out[asg * a.p2.rows + rr] = from_float<T>(v);
-        }
+        for (int wv = 0; wv < kStreamGroupWarps; ++wv) v += rd[wv][row][tok];
+        const int64_t asg = sorted[start + tok];
+        out[asg * a.p2.rows + rr] = from_float<T>(v);
       }
     }
     parity ^= 1;
@@ -571,9 +531,7 @@ __device__ void consume(const GemvStreamArgs& a, const int* segs, const int* sor
     const bool reuse = same_b(dn);
     d = dn;
     if (!next_loaded && !reuse) {
-      two = seg_two_tiles(segs, d);
-      brow = b_row<T>(a, d, segs, sorted, 0);
-      brow2 = b_row<T>(a, d, segs, sorted, 1);
+      brow = b_row<T>(a, d, segs, sorted);
       if (!d.p1 && d.seg != ready) {
         JM_STREAM_TIMED(tid == 0, 8, while (!seg_ready(d.seg, seg_target)) {});
         ready = d.seg;
@@ -593,7 +551,7 @@ gemv_stream_kernel(GemvStreamArgs a) {
   __shared__ __align__(8) uint64_t full_bar[kStreamGroups * NS], empty_bar[kStreamGroups * NS];
   __shared__ __align__(8) uint64_t id_bar[kStreamGroups * NS];
   __shared__ int slot_unit[kStreamGroups * NS];
-  __shared__ float red[2 * kStreamGroups][kStreamGroupWarps][kStreamRows][kStreamSegTokens];
+  __shared__ float red[2 * kStreamGroups][kStreamGroupWarps][kStreamRows][8];
   __shared__ int s_segments, s_valid;
   unsigned char* ring = smem;
   int* sorted = reinterpret_cast<int*>(smem + kRingBytes);  // assignments by expert
@@ -609,7 +567,7 @@ gemv_stream_kernel(GemvStreamArgs a) {
 #ifdef JAX_MOE_STREAM_TRACE
   if (tid < kStreamTraceEvents - 6) g_stream_trace[blockIdx.x][6 + tid] = 0ull;
 #endif
-  // ---- prologue: segments of <= 16 assignments per selected expert, ascending e ----
+  // ---- prologue: segments of <= 8 assignments per selected expert, ascending e ----
   // sorted[0, s_valid): valid assignments by expert, ascending within an expert;
   // sorted[s_valid, n): the assignments whose id is outside [0, E).
   if (tid < kStreamGroups * NS) {
@@ -640,17 +598,15 @@ gemv_stream_kernel(GemvStreamArgs a) {
       for (int j = 0; j < 32; ++j) {
         const int kj = __shfl_sync(0xffffffffu, key, j);
         const int cj = __shfl_sync(0xffffffffu, lc, j);
-        if (kj < e) { pos += cj; spos += (cj + kStreamSegTokens - 1) / kStreamSegTokens; }
+        if (kj < e) { pos += cj; spos += (cj + 7) >> 3; }
       }
       const uint32_t valid = __ballot_sync(0xffffffffu, ok);
       const uint32_t bad = __ballot_sync(0xffffffffu, !ok && lane < n);
       if (ok) sorted[pos + __popc(peers & lt)] = lane;
       if (!ok && lane < n) sorted[__popc(valid) + __popc(bad & lt)] = lane;
       if (leader)
-        for (int j = 0; kStreamSegTokens * j < c; ++j)
-          segs[spos + j] = seg_pack(e, pos + kStreamSegTokens * j,
-                                    min(kStreamSegTokens, c - kStreamSegTokens * j));
-      int ns = leader ? (c + kStreamSegTokens - 1) / kStreamSegTokens : 0;
+        for (int j = 0; 8 * j < c; ++j) segs[spos + j] = seg_pack(e, pos + 8 * j, min(8, c - 8 * j));
+      int ns = leader ? (c + 7) >> 3 : 0;
 #pragma unroll
       for (int o = 16; o > 0; o >>= 1) ns += __shfl_xor_sync(0xffffffffu, ns, o);
       if (lane == 0) { s_segments = ns; s_valid = __popc(valid); }
@@ -667,7 +623,7 @@ gemv_stream_kernel(GemvStreamArgs a) {
       for (int base = 0; base < a.E; base += 32) {
         const int e = base + lane;
         const int c = e < a.E ? cnt[e] : 0;
-        const int s = (c + kStreamSegTokens - 1) / kStreamSegTokens;
+        const int s = (c + 7) >> 3;
         int ic = c, is = s;
 #pragma unroll
         for (int o = 1; o < 32; o <<= 1) {
@@ -684,9 +640,8 @@ gemv_stream_kernel(GemvStreamArgs a) {
     __syncthreads();
     for (int e = tid; e < a.E; e += blockDim.x) {
       const int c = cnt[e];
-      for (int j = 0; kStreamSegTokens * j < c; ++j)
-        segs[seg_first[e] + j] = seg_pack(e, cursor[e] + kStreamSegTokens * j,
-                                          min(kStreamSegTokens, c - kStreamSegTokens * j));
+      for (int j = 0; 8 * j < c; ++j)
+        segs[seg_first[e] + j] = seg_pack(e, cursor[e] + 8 * j, min(8, c - 8 * j));
     }
     __syncthreads();  // cursor is read above before it moves below
     if (warp == 0) {
@@ -776,7 +731,7 @@ inline void StreamStageGeometry(int K, int* stage_cols, int* stages,
 }
 
 // Static shared memory of the kernel (barriers, the groups' partial sums) is under this.
-constexpr int kStreamStaticSmemBound = 20 * 1024;
+constexpr int kStreamStaticSmemBound = 12 * 1024;
 
 // True when the stream kernel can run this problem: bf16/f16, H and I multiples of 8,
 // I > 0, T*k and E within the shared-memory lists, an sm_90+ device whose blocks may
