@@ -4,9 +4,11 @@ measured read bandwidth as the floor.
 
 python benchmarks/bench_route.py --out DIR [--quick] [--tokens 1 4 ...] [--cases ...]
 
-Times both of our paths at every T: "fused" (router matmul inside the routing
-launch) and "dot" (XLA's dot, then the logits-only routing kernel); "ours" is the
-one heuristics.route_fuse_router picks. The crossover is set from these columns.
+Times our three paths at every T: "fused" (router matmul inside the routing
+launch), "dot" (XLA's dot, then the logits-only routing kernel) and "reduce" (the
+router matmul as an XLA multiply-reduce fusion, then the same kernel); "ours" is the
+one heuristics picks (route_fuse_router, route_router_reduce). The crossovers are
+set from these columns.
 """
 
 from __future__ import annotations
@@ -36,15 +38,19 @@ CASES = {
 }
 
 
-def _forced(fused: bool, fn):
-  """fn traced with the fused path forced on or off."""
+def _forced(mode, fn):
+  """fn traced with the router path forced: "fused" (router matmul in our kernel),
+  "dot" (XLA's dot) or "reduce" (an XLA multiply-reduce fusion), each followed by
+  our routing kernel."""
   def wrapped(*args):
-    saved = jax_moe.heuristics.ROUTE_FUSED_MAX_TOKENS
-    jax_moe.heuristics.ROUTE_FUSED_MAX_TOKENS = 1 << 30 if fused else -1
+    h = jax_moe.heuristics
+    saved = h.ROUTE_FUSED_MAX_TOKENS, h.ROUTE_REDUCE_MAX_TOKENS
+    h.ROUTE_FUSED_MAX_TOKENS = 1 << 30 if mode == "fused" else -1
+    h.ROUTE_REDUCE_MAX_TOKENS = 1 << 30 if mode == "reduce" else -1
     try:
       return fn(*args)
     finally:
-      jax_moe.heuristics.ROUTE_FUSED_MAX_TOKENS = saved
+      h.ROUTE_FUSED_MAX_TOKENS, h.ROUTE_REDUCE_MAX_TOKENS = saved
   return wrapped
 
 
@@ -75,25 +81,27 @@ def run(out_dir, quick=False, tokens=None, case_names=None):
       # through a tiny fusion (subtracted for ours; XLA fuses it into its own ops).
       sets = [(xs[i], routers[i % copies]) for i in range(n_calls)]
       ours_fn = lambda x, w: jax_moe.route(x, k, router_weight=w, **kw)  # noqa: E731
-      fused = harness.time_loop(_forced(True, ours_fn), sets)
-      dot = harness.time_loop(_forced(False, ours_fn), sets)
+      fused = harness.time_loop(_forced("fused", ours_fn), sets)
+      dot = harness.time_loop(_forced("dot", ours_fn), sets)
+      red = harness.time_loop(_forced("reduce", ours_fn), sets)
       xla = harness.time_loop(lambda x, w: baselines.route(x, k, router_weight=w, **kw), sets,
                               net=False)
-      picks_fused = jax_moe.heuristics.route_fuse_router(T, E, H)
-      ours = fused if picks_fused else dot
+      h = jax_moe.heuristics
+      path = ("fused" if h.route_fuse_router(T, E, H) else
+              "reduce" if h.route_router_reduce(T, E, H) else "dot")
+      ours = {"fused": fused, "dot": dot, "reduce": red}[path]
       floor = (wbytes + T * H * 2) / read_bw
       rows.append(dict(case=name, T=T, E=E, H=H, us_ours=ours * 1e6, us_fused=fused * 1e6,
-                       us_dot=dot * 1e6, us_xla=xla * 1e6, us_floor=floor * 1e6,
-                       speedup=xla / ours, x_floor=ours / floor,
-                       path="fused" if picks_fused else "dot",
-                       k_splits=jax_moe.heuristics.route_k_splits(T, E, H)))
+                       us_dot=dot * 1e6, us_reduce=red * 1e6, us_xla=xla * 1e6,
+                       us_floor=floor * 1e6, speedup=xla / ours, x_floor=ours / floor,
+                       path=path, k_splits=h.route_k_splits(T, E, H)))
       print(f"route {name} T={T}: fused {fused*1e6:.2f} us, dot {dot*1e6:.2f} us, "
-            f"xla {xla*1e6:.2f} us", flush=True)
+            f"reduce {red*1e6:.2f} us, xla {xla*1e6:.2f} us", flush=True)
   payload = dict(device=harness.device_description(), read_bw_GBps=read_bw / 1e9, rows=rows)
   harness.write_json(os.path.join(out_dir, "route.json"), payload)
   print(f"\nroute ({payload['device']}, read {read_bw/1e9:.0f} GB/s; floor = router bytes / read bw)")
   harness.print_table(rows, [("case", "{}"), ("T", "{}"), ("path", "{}"), ("us_ours", "{:.2f}"),
-                             ("us_fused", "{:.2f}"), ("us_dot", "{:.2f}"), ("us_xla", "{:.2f}"),
+                             ("us_fused", "{:.2f}"), ("us_dot", "{:.2f}"), ("us_reduce", "{:.2f}"), ("us_xla", "{:.2f}"),
                              ("speedup", "{:.2f}x"), ("us_floor", "{:.2f}"),
                              ("x_floor", "{:.2f}"), ("k_splits", "{}")])
   return payload

@@ -28,6 +28,17 @@ ROUTE_CHUNK = 32
 ROUTE_BLOCKS_PER_SM = 2
 
 
+# Up to this many tokens (outside the fused kernel) the router matmul is an XLA
+# multiply-reduce fusion instead of XLA's dot. To be set from bench_route's
+# "reduce" column (session 6).
+ROUTE_REDUCE_MAX_TOKENS = 0
+
+
+def route_router_reduce(num_tokens: int, num_experts: int, hidden: int) -> bool:
+  del num_experts, hidden
+  return num_tokens <= ROUTE_REDUCE_MAX_TOKENS
+
+
 def route_fuse_router(num_tokens: int, num_experts: int, hidden: int) -> bool:
   del num_experts, hidden
   return num_tokens <= ROUTE_FUSED_MAX_TOKENS

@@ -189,7 +189,14 @@ def route(x, top_k, *, router_weight=None, scoring="softmax", renormalize=True, 
     if heuristics.route_fuse_router(T, E, H):
       k_splits = heuristics.route_k_splits(T, E, H)
       router = router_weight
-    else:  # large T: the router matmul belongs on the tensor cores (XLA's dot)
+    elif heuristics.route_router_reduce(T, E, H):
+      # Few tokens: the router matmul as one XLA multiply-reduce fusion (one kernel;
+      # XLA's dot at these T is a split-K GEMM plus a reduction kernel). f32
+      # products of 16-bit inputs are exact, as in the dot.
+      x2 = jnp.sum(x2.astype(jnp.float32)[:, None, :] *
+                   router_weight.astype(jnp.float32)[None, :, :], axis=-1)
+      router = jnp.zeros((0, 0), x2.dtype)
+    else:  # the router matmul on the tensor cores (XLA's dot)
       # HIGHEST: f32 inputs must not drop to TF32 on GPU (the fused kernel and the
       # reference compute f32 products); for 16-bit inputs it changes nothing.
       x2 = jnp.dot(x2, router_weight.T, preferred_element_type=jnp.float32,

@@ -343,3 +343,25 @@ def test_k_splits_heuristic(T, E, H):
   assert ks >= 1
   assert (ks - 1) * per < chunks  # the last split has work
   assert ks <= max(1, -(-chunks // 8))
+
+
+@pytest.mark.parametrize("path", ["reduce", "dot"])
+@pytest.mark.parametrize("T,dtype", [(1, jnp.bfloat16), (5, jnp.float16), (16, jnp.float32),
+                                     (0, jnp.bfloat16)])
+def test_router_matmul_paths(platform, monkeypatch, path, T, dtype):
+  """The two XLA formulations of the router matmul ahead of the logits kernel (a
+  multiply-reduce fusion for few tokens, XLA's dot otherwise) give the reference's
+  ids exactly and its weights to f32 rounding."""
+  monkeypatch.setattr(heuristics, "ROUTE_FUSED_MAX_TOKENS", -1)
+  monkeypatch.setattr(heuristics, "ROUTE_REDUCE_MAX_TOKENS", 1 << 30 if path == "reduce" else -1)
+  r = rng()
+  E, H, k = 160, 264, 6
+  router = np.asarray(jnp.asarray(r.normal(size=(E, H)) / np.sqrt(H), dtype).astype(jnp.float32))
+  kw = dict(scoring="sigmoid", num_groups=8, top_groups=3)
+  x = routing_hidden(r, T, H, router.astype(np.float64), dtype, top_k=k, **kw)
+  xb, rb = jnp.asarray(x, dtype), jnp.asarray(router, dtype)
+  w, ids = jax.jit(lambda x, rw: jax_moe.route(x, k, router_weight=rw, **kw))(xb, rb)
+  wr, ir = reference.route(xb, k, router_weight=rb, **kw)
+  assert ids.shape == (T, k)
+  np.testing.assert_array_equal(np.asarray(ids), np.asarray(ir))
+  np.testing.assert_allclose(np.asarray(w), np.asarray(wr), rtol=1e-5, atol=1e-7)
