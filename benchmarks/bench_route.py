@@ -81,11 +81,14 @@ def run(out_dir, quick=False, tokens=None, case_names=None):
       # through a tiny fusion (subtracted for ours; XLA fuses it into its own ops).
       sets = [(xs[i], routers[i % copies]) for i in range(n_calls)]
       ours_fn = lambda x, w: jax_moe.route(x, k, router_weight=w, **kw)  # noqa: E731
-      fused = harness.time_loop(_forced("fused", ours_fn), sets)
-      dot = harness.time_loop(_forced("dot", ours_fn), sets)
-      red = harness.time_loop(_forced("reduce", ours_fn), sets)
+      # A few us per call: longer loops and more repeats than the default (medians
+      # of 5 short loops moved by up to 4 us between runs of one machine, s6-8).
+      tl = dict(repeats=3 if quick else 9, target_seconds=0.05 if quick else 0.2)
+      fused = harness.time_loop(_forced("fused", ours_fn), sets, **tl)
+      dot = harness.time_loop(_forced("dot", ours_fn), sets, **tl)
+      red = harness.time_loop(_forced("reduce", ours_fn), sets, **tl)
       xla = harness.time_loop(lambda x, w: baselines.route(x, k, router_weight=w, **kw), sets,
-                              net=False)
+                              net=False, **tl)
       h = jax_moe.heuristics
       path = ("fused" if h.route_fuse_router(T, E, H) else
               "reduce" if h.route_router_reduce(T, E, H) else "dot")
