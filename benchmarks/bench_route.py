@@ -42,15 +42,21 @@ def _forced(mode, fn):
   """fn traced with the router path forced: "fused" (router matmul in our kernel),
   "dot" (XLA's dot) or "reduce" (an XLA multiply-reduce fusion), each followed by
   our routing kernel."""
+  names = ("ROUTE_FUSED_MAX_TOKENS", "ROUTE_REDUCE_MIN_TOKENS", "ROUTE_REDUCE_MAX_TOKENS",
+           "ROUTE_REDUCE_MAX_BYTES")
+  values = {"fused": (1 << 30, 1, -1, 0), "dot": (-1, 1, -1, 0),
+            "reduce": (-1, 0, 1 << 30, 1 << 62)}[mode]
+
   def wrapped(*args):
     h = jax_moe.heuristics
-    saved = h.ROUTE_FUSED_MAX_TOKENS, h.ROUTE_REDUCE_MAX_TOKENS
-    h.ROUTE_FUSED_MAX_TOKENS = 1 << 30 if mode == "fused" else -1
-    h.ROUTE_REDUCE_MAX_TOKENS = 1 << 30 if mode == "reduce" else -1
+    saved = [getattr(h, n) for n in names]
+    for n, v in zip(names, values):
+      setattr(h, n, v)
     try:
       return fn(*args)
     finally:
-      h.ROUTE_FUSED_MAX_TOKENS, h.ROUTE_REDUCE_MAX_TOKENS = saved
+      for n, v in zip(names, saved):
+        setattr(h, n, v)
   return wrapped
 
 
@@ -91,7 +97,7 @@ def run(out_dir, quick=False, tokens=None, case_names=None):
                               net=False, **tl)
       h = jax_moe.heuristics
       path = ("fused" if h.route_fuse_router(T, E, H) else
-              "reduce" if h.route_router_reduce(T, E, H) else "dot")
+              "reduce" if h.route_router_reduce(T, E, H, 2) else "dot")
       ours = {"fused": fused, "dot": dot, "reduce": red}[path]
       floor = (wbytes + T * H * 2) / read_bw
       rows.append(dict(case=name, T=T, E=E, H=H, us_ours=ours * 1e6, us_fused=fused * 1e6,

@@ -28,15 +28,29 @@ ROUTE_CHUNK = 32
 ROUTE_BLOCKS_PER_SM = 2
 
 
-# Up to this many tokens (outside the fused kernel) the router matmul is an XLA
-# multiply-reduce fusion instead of XLA's dot. To be set from bench_route's
-# "reduce" column (session 6).
-ROUTE_REDUCE_MAX_TOKENS = 0
+# Few tokens: the router matmul as an XLA multiply-reduce fusion (one kernel) instead
+# of XLA's dot, which from T=4 is a split-K GEMM plus a reduction kernel. The fusion
+# re-reads the router weight from L2 once per token, so it pays only while those
+# re-reads stay small. Measured on H100 (bench_route, run s6-9, us per route call,
+# dot / reduce): DeepSeek-V3 (E=256, H=7168) T=1 7.68 / 7.71, T=4 11.77 / 9.34,
+# T=8 12.26 / 14.52, T=16 12.52 / 19.29; Gemma-4 (128, 2816) T=1 4.25 / 4.44, T=4
+# 6.78 / 5.07, T=8 7.26 / 4.84, T=16 7.67 / 6.56; Qwen3 (128, 2048) T=1 4.00 / 3.88,
+# T=4 5.93 / 4.96, T=8 6.40 / 5.00, T=16 6.45 / 6.02; and run s6-8 (noisier, 5
+# repeats): Gemma-4 T=64 12.0 / 16.2, Qwen3 T=64 9.1 / 13.2. The wins sit at
+# T * E * H * 2 <= 14.7 MB of re-reads, the losses from 29 MB: so reduce for
+# 2 <= T <= 16 while T * E * H * itemsize <= ROUTE_REDUCE_MAX_BYTES (T=1 is a tie:
+# XLA's dot at T=1 is already one reduce fusion).
+ROUTE_REDUCE_MIN_TOKENS = 2
+ROUTE_REDUCE_MAX_TOKENS = 16
+ROUTE_REDUCE_MAX_BYTES = 16 << 20
 
 
-def route_router_reduce(num_tokens: int, num_experts: int, hidden: int) -> bool:
-  del num_experts, hidden
-  return num_tokens <= ROUTE_REDUCE_MAX_TOKENS
+def route_router_reduce(num_tokens: int, num_experts: int, hidden: int,
+                        itemsize: int = 2) -> bool:
+  """True: compute the router logits with the multiply-reduce fusion (see above)."""
+  T = num_tokens
+  return (ROUTE_REDUCE_MIN_TOKENS <= T <= ROUTE_REDUCE_MAX_TOKENS
+          and T * num_experts * hidden * itemsize <= ROUTE_REDUCE_MAX_BYTES)
 
 
 def route_fuse_router(num_tokens: int, num_experts: int, hidden: int) -> bool:

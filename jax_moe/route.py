@@ -189,7 +189,7 @@ def route(x, top_k, *, router_weight=None, scoring="softmax", renormalize=True, 
     if heuristics.route_fuse_router(T, E, H):
       k_splits = heuristics.route_k_splits(T, E, H)
       router = router_weight
-    elif heuristics.route_router_reduce(T, E, H):
+    elif heuristics.route_router_reduce(T, E, H, x.dtype.itemsize):
       # Few tokens: the router matmul as one XLA multiply-reduce fusion (one kernel;
       # XLA's dot at these T is a split-K GEMM plus a reduction kernel). f32
       # products of 16-bit inputs are exact, as in the dot.

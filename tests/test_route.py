@@ -353,7 +353,9 @@ def test_router_matmul_paths(platform, monkeypatch, path, T, dtype):
   multiply-reduce fusion for few tokens, XLA's dot otherwise) give the reference's
   ids exactly and its weights to f32 rounding."""
   monkeypatch.setattr(heuristics, "ROUTE_FUSED_MAX_TOKENS", -1)
+  monkeypatch.setattr(heuristics, "ROUTE_REDUCE_MIN_TOKENS", 0)
   monkeypatch.setattr(heuristics, "ROUTE_REDUCE_MAX_TOKENS", 1 << 30 if path == "reduce" else -1)
+  monkeypatch.setattr(heuristics, "ROUTE_REDUCE_MAX_BYTES", 1 << 62)
   r = rng()
   E, H, k = 160, 264, 6
   router = np.asarray(jnp.asarray(r.normal(size=(E, H)) / np.sqrt(H), dtype).astype(jnp.float32))
@@ -365,3 +367,15 @@ def test_router_matmul_paths(platform, monkeypatch, path, T, dtype):
   assert ids.shape == (T, k)
   np.testing.assert_array_equal(np.asarray(ids), np.asarray(ir))
   np.testing.assert_allclose(np.asarray(w), np.asarray(wr), rtol=1e-5, atol=1e-7)
+
+
+def test_router_reduce_heuristic():
+  """The multiply-reduce router matmul where it was measured faster (heuristics.py):
+  2-16 tokens while the router re-reads stay under 16 MiB; XLA's dot at T=1 (a tie)
+  and at DeepSeek-V3 from T=8."""
+  rr = heuristics.route_router_reduce
+  assert not rr(1, 128, 2816) and not rr(1, 256, 7168)
+  assert rr(4, 128, 2816) and rr(8, 128, 2816) and rr(16, 128, 2816) and rr(16, 128, 2048)
+  assert rr(4, 256, 7168) and not rr(8, 256, 7168) and not rr(16, 256, 7168)
+  assert not rr(17, 8, 64) and not rr(64, 128, 2048)
+  assert not rr(8, 128, 2816, itemsize=4 * 8)  # the bound is in bytes
