@@ -422,3 +422,40 @@ def test_params_pytree():
   assert len(leaves) == 3  # None fields are empty subtrees
   again = jax.tree.unflatten(tree, leaves)
   assert isinstance(again, MoEParams) and again.shared_gate_up is None
+
+
+@pytest.mark.gpu
+def test_pdl_disabled_gives_the_same_layer():
+  """JAX_MOE_DISABLE_PDL=1 (the A/B diagnostic, read once by the CUDA extension)
+  launches every kernel without programmatic dependent launch: moe_block's output
+  on the GPU must be bitwise the same as with it (fresh processes, same inputs)."""
+  import os
+  import subprocess
+  import sys
+  from conftest import gpu_available
+  if not gpu_available():
+    pytest.skip("no GPU")
+  code = (
+      "import dataclasses, sys\n"
+      "import jax, jax.numpy as jnp, numpy as np\n"
+      "sys.path.insert(0, 'tests')\n"
+      "from jax_moe import MoEConfig, moe_block\n"
+      "from jax_moe.shapes import SHAPES\n"
+      "from helpers import moe_inputs, rng\n"
+      "shape = dataclasses.replace(SHAPES['qwen3'], hidden=256, intermediate=128)\n"
+      "x, p = moe_inputs(rng(), shape, 5, jnp.bfloat16)\n"
+      "cfg = MoEConfig.from_shape(shape, implementation='gemv')\n"
+      "y = jax.jit(moe_block)(x, p, cfg)\n"
+      "r = jax.jit(moe_block)(x, p, cfg.replace(implementation='reference'))\n"
+      "np.save(sys.argv[1], np.stack([np.asarray(y, np.float32), np.asarray(r, np.float32)]))\n")
+  outs = []
+  for flag in ("0", "1"):
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"jax_moe_pdl_{flag}.npy")
+    env = dict(os.environ, JAX_MOE_DISABLE_PDL=flag)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "-c", code, path], env=env, cwd=root, check=True)
+    outs.append(np.load(path))
+  (y0, ref), (y1, _) = outs
+  assert np.all(np.isfinite(y0)) and np.any(y0 != 0)
+  assert_close(jnp.asarray(y0), jnp.asarray(ref), jnp.bfloat16)
+  np.testing.assert_array_equal(y0, y1)
