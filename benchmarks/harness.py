@@ -73,19 +73,27 @@ def time_chain(step: Callable, x0, layer_args: Sequence[tuple], *, repeats: int 
       return jax.lax.fori_loop(0, n_iter, body, x)
     return run
 
+  return _time_loop_program(make, (x0, layer_args), L, repeats, target_seconds)
+
+
+def _time_loop_program(make: Callable, args: tuple, calls: int, repeats: int,
+                       target_seconds: float) -> float:
+  """Median seconds per call of make(n_iter)(*args), a jitted loop of n_iter
+  iterations with `calls` calls each; n_iter sized from one probe iteration so that
+  a run takes about target_seconds."""
   probe = make(1)
-  _block(probe(x0, layer_args))
+  _block(probe(*args))
   t0 = time.perf_counter()
-  _block(probe(x0, layer_args))
+  _block(probe(*args))
   per_iter = max(time.perf_counter() - t0, 1e-6)
   n_iter = int(max(2, min(1000, target_seconds / per_iter)))
   run = make(n_iter)
-  _block(run(x0, layer_args))
+  _block(run(*args))
   times = []
   for _ in range(repeats):
     t0 = time.perf_counter()
-    _block(run(x0, layer_args))
-    times.append((time.perf_counter() - t0) / (n_iter * L))
+    _block(run(*args))
+    times.append((time.perf_counter() - t0) / (n_iter * calls))
   return statistics.median(times)
 
 
@@ -116,22 +124,8 @@ def time_loop(fn: Callable, arg_sets: Sequence[tuple], *, repeats: int = 5,
               key=lambda i: arg_sets[0][i].size)
 
   def timed(f):
-    make = lambda f, n: loop_program(f, arg_sets, small, n)  # noqa: E731
-    init = loop_init(f, arg_sets)
-    probe = make(f, 1)
-    _block(probe(init, arg_sets))
-    t0 = time.perf_counter()
-    _block(probe(init, arg_sets))
-    per_iter = max(time.perf_counter() - t0, 1e-6)
-    n_iter = int(max(2, min(1000, target_seconds / per_iter)))
-    run = make(f, n_iter)
-    _block(run(init, arg_sets))
-    times = []
-    for _ in range(repeats):
-      t0 = time.perf_counter()
-      _block(run(init, arg_sets))
-      times.append((time.perf_counter() - t0) / (n_iter * L))
-    return statistics.median(times)
+    return _time_loop_program(lambda n: loop_program(f, arg_sets, small, n),
+                              (loop_init(f, arg_sets), arg_sets), L, repeats, target_seconds)
 
   raw = timed(fn)
   if not net:

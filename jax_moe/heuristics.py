@@ -18,6 +18,10 @@ from __future__ import annotations
 # to L2, fence + arrival counter, the last block re-reading k_splits partials, then
 # the selection) is longer than XLA's tuned GEMV plus one more launch. So 0: the
 # fused kernel stays available (route_p with k_splits, tested) but is not picked.
+# Re-measured in session 6 (run s6-12, fused / dot): DeepSeek-V3 T=1 10.38 / 7.71,
+# T=16 18.24 / 12.49; Gemma-4 T=1 7.12 / 4.18; Qwen3 T=16 8.91 / 6.63. A two-launch
+# variant (GEMM kernel, then a selection kernel: no fence or counter) was no faster
+# than XLA's dot either (s6-1), so the slow part is our router GEMM itself.
 ROUTE_FUSED_MAX_TOKENS = 0
 
 # Fused-path geometry (csrc/kernels/route.cuh): a block is 16 router rows x 8 tokens
