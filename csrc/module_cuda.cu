@@ -1,8 +1,10 @@
 // pybind11 module jax_moe._jax_moe_cuda: registrations() -> {target_name: capsule}
-// for the CUDA FFI handlers, plus the FFI API version the module was built with.
-// Importing it touches no CUDA API, so it loads on machines without a driver.
+// for the CUDA FFI handlers, plus the FFI API version the module was built with and
+// pdl_disabled() (JAX_MOE_DISABLE_PDL as the launchers read it). Importing it touches
+// no CUDA API, so it loads on machines without a driver.
 #include <pybind11/pybind11.h>
 
+#include "common/cuda_utils.cuh"
 #include "xla/ffi/api/c_api.h"
 
 namespace py = pybind11;
@@ -30,4 +32,5 @@ PYBIND11_MODULE(_jax_moe_cuda, m) {
     return d;
   });
   m.attr("ffi_api_version") = py::make_tuple(XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR);
+  m.def("pdl_disabled", []() { return jax_moe::PdlDisabledByEnv(); });
 }

@@ -10,9 +10,18 @@ the CUDA extension only the CPU handlers are registered, and the lowerings in
 from __future__ import annotations
 
 import importlib
+import os
 import warnings
 
 import jax
+
+# JAX_MOE_DISABLE_PDL=1: the CUDA launchers skip programmatic dependent launch (an
+# A/B timing diagnostic; read once by the extension). Anything but 0 or 1 is refused
+# here, before the extension could read it.
+_PDL_ENV = os.environ.get("JAX_MOE_DISABLE_PDL")
+if _PDL_ENV is not None and _PDL_ENV not in ("0", "1"):
+  raise ValueError("jax_moe: JAX_MOE_DISABLE_PDL must be 0 or 1 (unset: programmatic "
+                   f"dependent launch on), got {_PDL_ENV!r}")
 
 _REGISTERED: dict[str, set[str]] = {"cpu": set(), "cuda": set()}
 _LOAD_ERRORS: dict[str, str] = {}
@@ -64,5 +73,6 @@ def build_info() -> dict:
       "cpu_targets": sorted(_REGISTERED["cpu"]),
       "cuda_targets": sorted(_REGISTERED["cuda"]),
       "cuda_ffi_api_version": getattr(_cuda, "ffi_api_version", None),
+      "cuda_pdl_disabled": _cuda.pdl_disabled() if _cuda is not None else None,
       "errors": dict(_LOAD_ERRORS),
   }

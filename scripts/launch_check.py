@@ -1,7 +1,7 @@
 """Diagnostic: is our custom call inside XLA's command buffers (CUDA graphs), and what
 does one tiny launch cost in a jitted loop, ours vs an XLA fusion?
 
-  python scripts/launch_check.py OUT_DIR
+  python scripts/launch_check.py OUT_DIR [TAG]     (TAG labels the output lines and file)
 
 Times combine at T=1 (H=2816, k=8) and a logits-only route at T=1 with
 harness.time_loop, and writes the optimized HLO of the combine loop to OUT_DIR.

@@ -459,3 +459,36 @@ def test_pdl_disabled_gives_the_same_layer():
   assert np.all(np.isfinite(y0)) and np.any(y0 != 0)
   assert_close(jnp.asarray(y0), jnp.asarray(ref), jnp.bfloat16)
   np.testing.assert_array_equal(y0, y1)
+
+
+def _import_with_pdl_env(value):
+  """Runs `import jax_moe` in a fresh process with JAX_MOE_DISABLE_PDL set to value
+  (None: unset); prints build_info()['cuda_pdl_disabled']."""
+  import os
+  import subprocess
+  import sys
+  env = dict(os.environ)
+  env.pop("JAX_MOE_DISABLE_PDL", None)
+  if value is not None:
+    env["JAX_MOE_DISABLE_PDL"] = value
+  code = "import jax_moe; print(jax_moe.build_info()['cuda_pdl_disabled'])"
+  return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                        text=True, timeout=300)
+
+
+@pytest.mark.parametrize("value,expected", [(None, "False"), ("0", "False"), ("1", "True")])
+def test_pdl_env_reaches_the_cuda_extension(value, expected):
+  """The CUDA launchers read JAX_MOE_DISABLE_PDL (no GPU needed to ask them)."""
+  from jax_moe import _ffi
+  if not _ffi.cuda_extension_built():
+    pytest.skip("CUDA extension not built")
+  res = _import_with_pdl_env(value)
+  assert res.returncode == 0, res.stderr
+  assert res.stdout.strip().splitlines()[-1] == expected
+
+
+@pytest.mark.parametrize("value", ["yes", "2", "", "true"])
+def test_pdl_env_bad_value(value):
+  res = _import_with_pdl_env(value)
+  assert res.returncode != 0
+  assert "JAX_MOE_DISABLE_PDL must be 0 or 1" in res.stderr

@@ -167,15 +167,19 @@ inline bool DeviceIsSm90() {
   return ok;
 }
 
-// Host: whether to launch with programmatic dependent launch: on sm_90+, unless
-// JAX_MOE_DISABLE_PDL=1 is in the environment (read once; a diagnostic for A/B
-// timing of the launch overlap).
-inline bool DeviceSupportsPdl() {
+// Host: JAX_MOE_DISABLE_PDL=1 in the environment (read once; a diagnostic for A/B
+// timing of the launch overlap). jax_moe/_ffi.py refuses values other than 0 and 1
+// at import. No CUDA call: the module reports it without a driver.
+inline bool PdlDisabledByEnv() {
   static const bool disabled = [] {
     const char* v = std::getenv("JAX_MOE_DISABLE_PDL");
     return v != nullptr && v[0] == '1' && v[1] == '\0';
   }();
-  return !disabled && DeviceIsSm90();
+  return disabled;
 }
+
+// Host: whether to launch with programmatic dependent launch: on sm_90+, unless
+// PdlDisabledByEnv().
+inline bool DeviceSupportsPdl() { return !PdlDisabledByEnv() && DeviceIsSm90(); }
 
 }  // namespace jax_moe
