@@ -60,7 +60,21 @@ def _forced(mode, fn):
   return wrapped
 
 
-def run(out_dir, quick=False, tokens=None, case_names=None):
+def _splits(n, fn):
+  """fn traced with the fused kernel's k_splits forced to n (k_splits <= 8 runs the
+  cluster kernel on sm_90, more the split-K kernel with global partials)."""
+  def wrapped(*args):
+    h = jax_moe.heuristics
+    saved = h.route_k_splits
+    h.route_k_splits = lambda *a, **k: n
+    try:
+      return fn(*args)
+    finally:
+      h.route_k_splits = saved
+  return wrapped
+
+
+def run(out_dir, quick=False, tokens=None, case_names=None, fused_splits=()):
   tokens = tokens or ([1, 4, 16] if quick else [1, 2, 4, 8, 16, 32, 64, 128, 1024])
   cases = {"qwen3": CASES["qwen3"]} if quick else {n: CASES[n] for n in (case_names or CASES)}
   l2 = _device.l2_bytes()
@@ -93,6 +107,8 @@ def run(out_dir, quick=False, tokens=None, case_names=None):
       fused = harness.time_loop(_forced("fused", ours_fn), sets, **tl)
       dot = harness.time_loop(_forced("dot", ours_fn), sets, **tl)
       red = harness.time_loop(_forced("reduce", ours_fn), sets, **tl)
+      extra = {f"us_fused_ks{n}": harness.time_loop(_forced("fused", _splits(n, ours_fn)), sets,
+                                                    **tl) * 1e6 for n in fused_splits}
       xla = harness.time_loop(lambda x, w: baselines.route(x, k, router_weight=w, **kw), sets,
                               net=False, **tl)
       h = jax_moe.heuristics
@@ -103,14 +119,16 @@ def run(out_dir, quick=False, tokens=None, case_names=None):
       rows.append(dict(case=name, T=T, E=E, H=H, us_ours=ours * 1e6, us_fused=fused * 1e6,
                        us_dot=dot * 1e6, us_reduce=red * 1e6, us_xla=xla * 1e6,
                        us_floor=floor * 1e6, speedup=xla / ours, x_floor=ours / floor,
-                       path=path, k_splits=h.route_k_splits(T, E, H)))
+                       path=path, k_splits=h.route_k_splits(T, E, H), **extra))
       print(f"route {name} T={T}: fused {fused*1e6:.2f} us, dot {dot*1e6:.2f} us, "
             f"reduce {red*1e6:.2f} us, xla {xla*1e6:.2f} us", flush=True)
   payload = dict(device=harness.device_description(), read_bw_GBps=read_bw / 1e9, rows=rows)
   harness.write_json(os.path.join(out_dir, "route.json"), payload)
   print(f"\nroute ({payload['device']}, read {read_bw/1e9:.0f} GB/s; floor = router bytes / read bw)")
   harness.print_table(rows, [("case", "{}"), ("T", "{}"), ("path", "{}"), ("us_ours", "{:.2f}"),
-                             ("us_fused", "{:.2f}"), ("us_dot", "{:.2f}"), ("us_reduce", "{:.2f}"), ("us_xla", "{:.2f}"),
+                             ("us_fused", "{:.2f}")] +
+                            [(f"us_fused_ks{n}", "{:.2f}") for n in fused_splits] +
+                            [("us_dot", "{:.2f}"), ("us_reduce", "{:.2f}"), ("us_xla", "{:.2f}"),
                              ("speedup", "{:.2f}x"), ("us_floor", "{:.2f}"),
                              ("x_floor", "{:.2f}"), ("k_splits", "{}")])
   return payload
@@ -122,5 +140,7 @@ if __name__ == "__main__":
   ap.add_argument("--quick", action="store_true")
   ap.add_argument("--tokens", nargs="+", type=int, default=None)
   ap.add_argument("--cases", nargs="+", default=None, choices=sorted(CASES))
+  ap.add_argument("--fused-splits", nargs="+", type=int, default=(),
+                  help="extra fused columns with k_splits forced (A/B of the kernels)")
   a = ap.parse_args()
-  run(a.out, a.quick, a.tokens, a.cases)
+  run(a.out, a.quick, a.tokens, a.cases, tuple(a.fused_splits))

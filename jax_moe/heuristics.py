@@ -25,11 +25,13 @@ from __future__ import annotations
 ROUTE_FUSED_MAX_TOKENS = 0
 
 # Fused-path geometry (csrc/kernels/route.cuh): a block is 16 router rows x 8 tokens
-# x one of k_splits slices of H (32-column chunks dealt to its 8 warps).
+# x one of k_splits slices of H (32-column chunks dealt to its 8 warps). On sm_90 the
+# k_splits blocks of a tile form one thread-block cluster (at most 8: the portable
+# cluster size) and add their partials in distributed shared memory.
 ROUTE_EXPERT_TILE = 16
 ROUTE_TOKEN_TILE = 8
 ROUTE_CHUNK = 32
-ROUTE_BLOCKS_PER_SM = 2
+ROUTE_MAX_SPLITS = 8
 
 
 # Few tokens: the router matmul as an XLA multiply-reduce fusion (one kernel) instead
@@ -62,26 +64,18 @@ def route_fuse_router(num_tokens: int, num_experts: int, hidden: int) -> bool:
   return num_tokens <= ROUTE_FUSED_MAX_TOKENS
 
 
-def route_k_splits(num_tokens: int, num_experts: int, hidden: int,
-                   sm_count: int | None = None) -> int:
-  """Slices of H in the fused route kernel (its grid's y dimension).
+def route_k_splits(num_tokens: int, num_experts: int, hidden: int) -> int:
+  """Slices of H in the fused route kernel: the blocks per (expert tile, token tile).
 
-  The router matmul at decode is a ~1-4 MB weight read: it needs every SM pulling
-  at once, so the grid is sized to about ROUTE_BLOCKS_PER_SM blocks per SM. Each
-  warp should still get at least one 32-column chunk (k_splits <= chunks / 8).
-  More splits cost the finishing block more partials to add (k_splits * 8 * E
-  floats per token tile), so no more than needed.
+  The router matmul at decode is a ~1-4 MB weight read that wants many SMs pulling
+  at once (DeepSeek-V3: 16 expert tiles x 8 splits = 128 blocks), while each of a
+  block's 8 warps should get at least one 32-column chunk (k_splits <= chunks / 8).
+  At most ROUTE_MAX_SPLITS, so that on sm_90 a tile's splits fit in one cluster and
+  never take the slower global-memory partial path.
   """
-  if sm_count is None:
-    from jax_moe import _device
-    sm_count = _device.sm_count()
-  expert_tiles = -(-num_experts // ROUTE_EXPERT_TILE)
-  token_tiles = max(1, -(-num_tokens // ROUTE_TOKEN_TILE))
+  del num_tokens, num_experts
   chunks = -(-hidden // ROUTE_CHUNK)
-  want = -(-ROUTE_BLOCKS_PER_SM * sm_count // (expert_tiles * token_tiles))
-  splits = max(1, min(want, -(-chunks // 8)))
-  per = -(-chunks // splits)         # chunks per split; no split left empty
-  return max(1, -(-chunks // per))
+  return max(1, min(ROUTE_MAX_SPLITS, chunks // 8))
 
 
 # ---- expert_gemv -------------------------------------------------------------

@@ -303,7 +303,7 @@ def test_bad_k_splits(k_splits):
                  scaling_factor=1.0, k_splits=k_splits)
 
 
-@pytest.mark.parametrize("k_splits", [1, 3, 5, 40])
+@pytest.mark.parametrize("k_splits", [1, 3, 5, 8, 40])
 @pytest.mark.parametrize("E,H,dtype", [(60, 136, jnp.bfloat16), (256, 136, jnp.float16),
                                        (256, 100, jnp.bfloat16), (33, 72, jnp.float32)])
 def test_fused_kernel_configs(platform, k_splits, E, H, dtype):
@@ -335,14 +335,15 @@ def test_fused_kernel_configs(platform, k_splits, E, H, dtype):
                                    (1, 8, 64), (1000, 60, 136), (3, 1, 8)])
 def test_k_splits_heuristic(T, E, H):
   """k_splits for the fused kernel: at least one split, no split left without a
-  chunk, and no more splits than chunks / 8 (rounded up: a block's 8 warps share
-  its chunks)."""
-  ks = heuristics.route_k_splits(T, E, H, sm_count=132)
+  chunk, no more splits than chunks / 8 (rounded up: a block's 8 warps share its
+  chunks), and at most 8 (one thread-block cluster on sm_90)."""
+  ks = heuristics.route_k_splits(T, E, H)
   chunks = -(-H // 32)
   per = -(-chunks // ks)
   assert ks >= 1
   assert (ks - 1) * per < chunks  # the last split has work
   assert ks <= max(1, -(-chunks // 8))
+  assert ks <= 8
 
 
 @pytest.mark.parametrize("path", ["reduce", "dot"])

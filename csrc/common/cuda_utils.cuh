@@ -136,21 +136,40 @@ __device__ __forceinline__ void pdl_wait_prerequisites() {
 
 // Host: launch `kernel`, with programmatic stream serialization when `pdl` is true
 // (the kernel must call pdl_wait_prerequisites before it reads what earlier kernels
-// in the stream wrote).
+// in the stream wrote), in thread-block clusters of `cluster_x` blocks along x when
+// cluster_x > 1 (sm_90+; gridDim.x must be a multiple of it, at most 8).
 template <typename... KArgs, typename... Args>
-cudaError_t LaunchMaybePdl(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
-                           cudaStream_t stream, bool pdl, Args... args) {
+cudaError_t LaunchClusterMaybePdl(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
+                                  cudaStream_t stream, bool pdl, unsigned cluster_x,
+                                  Args... args) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = block;
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchAttribute attr[2];
+  unsigned n = 0;
+  if (pdl) {
+    attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[n].val.programmaticStreamSerializationAllowed = 1;
+    ++n;
+  }
+  if (cluster_x > 1) {
+    attr[n].id = cudaLaunchAttributeClusterDimension;
+    attr[n].val.clusterDim.x = cluster_x;
+    attr[n].val.clusterDim.y = 1;
+    attr[n].val.clusterDim.z = 1;
+    ++n;
+  }
   cfg.attrs = attr;
-  cfg.numAttrs = pdl ? 1 : 0;
+  cfg.numAttrs = n;
   return cudaLaunchKernelEx(&cfg, kernel, args...);
+}
+
+template <typename... KArgs, typename... Args>
+cudaError_t LaunchMaybePdl(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
+                           cudaStream_t stream, bool pdl, Args... args) {
+  return LaunchClusterMaybePdl(kernel, grid, block, smem, stream, pdl, 1u, args...);
 }
 
 // Host: whether the current device is sm_90 or newer (the stream kernel's

@@ -3,20 +3,21 @@
 //
 // Logits path (x = logits [T, E]): one launch, one warp per token.
 // Fused path (x = hidden [T, H], router [E, H]): still one launch, a split-K
-// tensor-core GEMM plus the selection. Block (expert tile, k-split, token tile)
+// tensor-core GEMM plus the selection. Block (k-split, expert tile, token tile)
 // multiplies 16 router rows by the hidden rows of 8 tokens over its share of H
 // (32-column chunks, dealt to its 8 warps in turn; mma.sync m16n8k16 with the router
 // rows as A and the tokens as B, both loaded straight from global memory, see
-// common/mma.cuh), adds its warps' partials in a fixed order and writes them to the
-// scratch buffer partial [k_splits, T, E]. The last block to arrive at a token tile
-// (a self-resetting arrival counter per tile) adds the k_splits partials in order
-// into shared memory and runs the selection, one warp per token. (A two-launch
-// version, the GEMM kernel then a selection kernel with no fence or counter, was
-// measured in session 6: faster than this one at some T, slower at others, and
-// slower than XLA's dot + the logits kernel everywhere; RESULTS.md.) Nothing is accumulated atomically, so the result is deterministic. f32 inputs, or
-// H not a multiple of 8, take the same structure with scalar FMAs. The GEMM loads its
-// first router chunks before it waits for the previous kernel (the router weights
-// are not written by earlier kernels; x is).
+// common/mma.cuh) and adds its warps' partials in a fixed order. On sm_90 with
+// k_splits <= 8 (route_cluster_kernel) the k-split blocks of a tile form a
+// thread-block cluster and add their partials through distributed shared memory;
+// elsewhere (route_fused_kernel) they go through a scratch buffer partial
+// [k_splits, T, E]. The last block to arrive at a token tile (a self-resetting
+// arrival counter per tile) gathers the tile's logits into shared memory and runs
+// the selection, one warp per token. Nothing is accumulated atomically, so the
+// result is deterministic. f32 inputs, or H not a multiple of 8, take the same
+// structure with scalar FMAs. The GEMM loads its first router chunks before it
+// waits for the previous kernel (the router weights are not written by earlier
+// kernels; x is).
 //
 // Selection (one warp per token, E <= 1024): lane l holds experts
 // [l * EPL, (l + 1) * EPL). Scores (softmax or sigmoid) in f32, selection score =
@@ -28,6 +29,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
 #include "common/cuda_utils.cuh"
@@ -47,6 +49,7 @@ constexpr int kRouteMaxTopK = 32;
 constexpr int kRouteMaxGroups = 64;
 constexpr int kRouteMaxTiles = 1024;  // token tiles per fused launch (one counter each)
 constexpr int kRouteMaxKSplits = 4096;
+constexpr int kRouteMaxClusterSplits = 8;  // portable cluster size: the cluster kernel
 
 // Arrival counters of the fused path. The last block of a tile resets its counter
 // to zero, so every launch finds them zeroed (launches on one stream are ordered).
@@ -302,98 +305,169 @@ __device__ void route_tile_scalar(const RouteArgs& a, int64_t e0, int64_t tok0, 
   }
 }
 
-// This block's partial logits: router rows [e0, e0 + 16) x tokens [tok0, tok0 + 8)
-// over k-split blockIdx.y of H, written to a.partial. Returns the tile's first token
-// and token count.
+// This block's dot products: router rows [e0, e0 + 16) x tokens [tok0, tok0 + ntok)
+// over k-split `split` of H, per warp in red (summed by the caller).
 template <typename T, bool MMA>
-__device__ __forceinline__ void route_block_partials(const RouteArgs& a, int64_t tile0,
-                                                     int64_t* tok0_out, int* ntok_out) {
-  __shared__ float red[kRouteWarps][kRouteExpTile][kRouteTokTile];
-  const int64_t e0 = static_cast<int64_t>(blockIdx.x) * kRouteExpTile;
-  const int ks = blockIdx.y;
-  const int64_t tok0 = (tile0 + blockIdx.z) * kRouteTokTile;
-  const int ntok = static_cast<int>(a.T - tok0 < kRouteTokTile ? a.T - tok0 : kRouteTokTile);
+__device__ __forceinline__ void route_block_dot(const RouteArgs& a, int64_t e0, int64_t tok0,
+                                                int ntok, int split,
+                                                float (*red)[kRouteExpTile][kRouteTokTile]) {
   const int64_t nchunks = (a.H + kRouteChunk - 1) / kRouteChunk;
   const int64_t per = (nchunks + a.k_splits - 1) / a.k_splits;
-  const int64_t cb0 = ks * per < nchunks ? ks * per : nchunks;
+  const int64_t cb0 = split * per < nchunks ? split * per : nchunks;
   const int64_t cb1 = cb0 + per < nchunks ? cb0 + per : nchunks;
-
   if constexpr (MMA) {
     route_tile_mma<T>(a, e0, tok0, ntok, cb0, cb1, red);
   } else {
     route_tile_scalar<T>(a, e0, tok0, ntok, cb0, cb1, red);
   }
-  __syncthreads();
-  if (threadIdx.x < kRouteExpTile * kRouteTokTile) {  // rows fastest: stores coalesce
-    const int i = threadIdx.x % kRouteExpTile, t = threadIdx.x / kRouteExpTile;
-    float v = 0.f;
-#pragma unroll
-    for (int w = 0; w < kRouteWarps; ++w) v += red[w][i][t];
-    if (e0 + i < a.E && t < ntok) a.partial[(ks * a.T + tok0 + t) * a.E + e0 + i] = v;
-  }
-  *tok0_out = tok0;
-  *ntok_out = ntok;
 }
 
-// Adds the k_splits partials of tokens [tok0, tok0 + ntok) in split order into
-// s_logits, then warp w routes token tok0 + w.
-template <int EPL>
-__device__ __forceinline__ void route_finish_tile(const RouteArgs& a, int64_t tok0, int ntok,
-                                                  float* s_logits) {
-  const int E = static_cast<int>(a.E);
-  const int64_t stride = a.T * a.E;  // between k-splits
-  for (int o = threadIdx.x; o < ntok * E; o += blockDim.x) {
-    const int t = o / E, e = o - t * E;
-    const float* p = a.partial + (tok0 + t) * a.E + e;
-    float v = 0.f;
-    int s = 0;
-    for (; s + 8 <= a.k_splits; s += 8) {  // 8 loads in flight, added in split order
-      float q[8];
+// Thread i < 128 of the block: the sum of the warps' partials for tile output i
+// (router row i % 16, token i / 16), in warp order.
+__device__ __forceinline__ float route_sum_warps(
+    const float (*red)[kRouteExpTile][kRouteTokTile], int i) {
+  float v = 0.f;
 #pragma unroll
-      for (int j = 0; j < 8; ++j) q[j] = __ldcg(p + (s + j) * stride);
-#pragma unroll
-      for (int j = 0; j < 8; ++j) v += q[j];
-    }
-    if (s < a.k_splits) {  // the rest, also loaded before any add
-      float q[8];
-#pragma unroll
-      for (int j = 0; j < 8; ++j) q[j] = s + j < a.k_splits ? __ldcg(p + (s + j) * stride) : 0.f;
-#pragma unroll
-      for (int j = 0; j < 8; ++j) if (s + j < a.k_splits) v += q[j];
-    }
-    s_logits[t * E + e] = v;
-  }
+  for (int w = 0; w < kRouteWarps; ++w) v += red[w][i % kRouteExpTile][i / kRouteExpTile];
+  return v;
+}
+
+// The block that arrives last at its token tile (of `arrivals` blocks: a
+// self-resetting counter per tile, after every block has fenced its logit stores)
+// routes the tile. Returns in every other block. Called by every thread. Load fills
+// s_logits with the tile's logits (RouteLoadPartials or RouteLoadLogits).
+template <int EPL, typename Load>
+__device__ __forceinline__ void route_finish_if_last(const RouteArgs& a, int64_t tok0, int ntok,
+                                                     unsigned int arrivals, float* s_logits,
+                                                     Load load) {
+  __syncthreads();  // every thread's stores and fence come before the arrival
+  int last = 0;
+  if (threadIdx.x == 0)
+    last = atomicAdd(&g_route_tile_arrivals[blockIdx.z], 1u) == arrivals - 1;
+  if (!__syncthreads_or(last)) return;
+  __threadfence();
+  load(a, tok0, ntok, s_logits);
   __syncthreads();
   const int warp = threadIdx.x >> 5;
   if (warp < ntok)
-    route_token_warp<EPL>([&](int ee) { return s_logits[warp * E + ee]; }, tok0 + warp, a);
+    route_token_warp<EPL>([&](int ee) { return s_logits[warp * a.E + ee]; }, tok0 + warp, a);
+  if (threadIdx.x == 0) g_route_tile_arrivals[blockIdx.z] = 0u;
 }
 
-// grid = (ceil(E / 16) expert tiles, k_splits, token tiles in this
-// launch). Dynamic shared memory: kRouteTokTile * E floats (the finishing block's
-// logits).
+// Finishing loads of the split-K kernel: adds the k_splits partials of tokens
+// [tok0, tok0 + ntok) in split order into s_logits.
+struct RouteLoadPartials {
+  __device__ void operator()(const RouteArgs& a, int64_t tok0, int ntok, float* s_logits) const {
+    const int n = ntok * static_cast<int>(a.E);
+    const int64_t stride = a.T * a.E;  // between k-splits
+    for (int o = threadIdx.x; o < n; o += blockDim.x) {
+      const float* p = a.partial + tok0 * a.E + o;
+      float v = 0.f;
+      for (int s = 0; s < a.k_splits; s += 8) {  // 8 loads in flight, added in split order
+        float q[8];
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+          q[j] = s + j < a.k_splits ? __ldcg(p + (s + j) * stride) : 0.f;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) if (s + j < a.k_splits) v += q[j];
+      }
+      s_logits[o] = v;
+    }
+  }
+};
+
+// Finishing loads of the cluster kernel: the tile's finished logits, 8 loads in
+// flight per thread (one round for 8 tokens x E <= 256).
+struct RouteLoadLogits {
+  __device__ void operator()(const RouteArgs& a, int64_t tok0, int ntok, float* s_logits) const {
+    const int n = ntok * static_cast<int>(a.E);
+    const float* src = a.partial + tok0 * a.E;
+    for (int o0 = threadIdx.x; o0 < n; o0 += 8 * blockDim.x) {
+      float q[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const int o = o0 + j * blockDim.x;
+        q[j] = o < n ? __ldcg(src + o) : 0.f;
+      }
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const int o = o0 + j * blockDim.x;
+        if (o < n) s_logits[o] = q[j];
+      }
+    }
+  }
+};
+
+// Split-K kernel (any GPU, any k_splits). grid = (ceil(E / 16) expert tiles,
+// k_splits, token tiles in this launch). Each block writes its partials to
+// partial[k_splits, T, E]; the last block of a token tile adds them in split order and
+// routes the tile. Dynamic shared memory: kRouteTokTile * E floats.
 template <typename T, int EPL, bool MMA>
 __global__ void __launch_bounds__(kRouteThreads) route_fused_kernel(RouteArgs a, int64_t tile0) {
-  __shared__ bool is_last;
+  __shared__ float red[kRouteWarps][kRouteExpTile][kRouteTokTile];
   extern __shared__ float s_logits[];
   pdl_launch_dependents();  // a PDL-launched consumer still waits for our completion
-  int64_t tok0;
-  int ntok;
-  route_block_partials<T, MMA>(a, tile0, &tok0, &ntok);
-
-  // The last block to arrive at this token tile adds the partials and selects.
-  __threadfence();
+  const int64_t e0 = static_cast<int64_t>(blockIdx.x) * kRouteExpTile;
+  const int split = blockIdx.y;
+  const int64_t tok0 = (tile0 + blockIdx.z) * kRouteTokTile;
+  const int ntok = static_cast<int>(a.T - tok0 < kRouteTokTile ? a.T - tok0 : kRouteTokTile);
+  route_block_dot<T, MMA>(a, e0, tok0, ntok, split, red);
   __syncthreads();
-  const int local_tile = blockIdx.z;
-  if (threadIdx.x == 0) {
-    const unsigned int prev = atomicAdd(&g_route_tile_arrivals[local_tile], 1u);
-    is_last = (prev == gridDim.x * gridDim.y - 1);
+  if (threadIdx.x < kRouteExpTile * kRouteTokTile) {  // rows fastest: stores coalesce
+    const int i = threadIdx.x % kRouteExpTile, t = threadIdx.x / kRouteExpTile;
+    const float v = route_sum_warps(red, threadIdx.x);
+    if (e0 + i < a.E && t < ntok) a.partial[(split * a.T + tok0 + t) * a.E + e0 + i] = v;
   }
-  __syncthreads();
-  if (!is_last) return;
   __threadfence();
-  route_finish_tile<EPL>(a, tok0, ntok, s_logits);
-  if (threadIdx.x == 0) g_route_tile_arrivals[local_tile] = 0u;
+  route_finish_if_last<EPL>(a, tok0, ntok, gridDim.x * gridDim.y, s_logits,
+                            RouteLoadPartials());
+}
+
+// Cluster kernel (sm_90, k_splits <= 8): the same blocks, but the k_splits blocks of
+// an (expert tile, token tile) form one thread-block cluster and add their partials
+// through distributed shared memory instead of global memory. grid = (k_splits,
+// expert tiles, token tiles), cluster = (k_splits, 1, 1). Block r owns tile outputs
+// [r * per, (r + 1) * per) (per = ceil(128 / k_splits)): every block pushes its
+// partial of each output into the owner's inbox (slot = its rank), one cluster
+// barrier, then each owner adds its inbox in rank order (deterministic) and stores
+// the finished logits to partial[0 : T, E]. The last block to arrive at the token
+// tile reads E x 8 logits in one round of loads and routes the tile. Against the
+// split-K kernel this drops the k_splits-fold partial traffic and the finishing
+// block's chain of partial loads (measured: RESULTS.md, session 7).
+template <typename T, int EPL, bool MMA>
+__global__ void __launch_bounds__(kRouteThreads) route_cluster_kernel(RouteArgs a, int64_t tile0) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  constexpr int kOut = kRouteExpTile * kRouteTokTile;
+  __shared__ float red[kRouteWarps][kRouteExpTile][kRouteTokTile];
+  __shared__ float inbox[kRouteMaxClusterSplits][kOut];
+  extern __shared__ float s_logits[];
+  pdl_launch_dependents();  // a PDL-launched consumer still waits for our completion
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  const int rank = static_cast<int>(cluster.block_rank());  // = blockIdx.x = k-split
+  const int ks = a.k_splits;
+  const int per = (kOut + ks - 1) / ks;
+  const int64_t e0 = static_cast<int64_t>(blockIdx.y) * kRouteExpTile;
+  const int64_t tok0 = (tile0 + blockIdx.z) * kRouteTokTile;
+  const int ntok = static_cast<int>(a.T - tok0 < kRouteTokTile ? a.T - tok0 : kRouteTokTile);
+  route_block_dot<T, MMA>(a, e0, tok0, ntok, rank, red);
+  __syncthreads();
+  if (threadIdx.x < kOut) {  // push: output o goes to block o / per, slot rank
+    const int o = threadIdx.x, owner = o / per;
+    float* dst = cluster.map_shared_rank(&inbox[rank][o - owner * per], owner);
+    *dst = route_sum_warps(red, o);
+  }
+  cluster.sync();  // release / acquire: every push is visible to its owner
+  if (threadIdx.x < per && rank * per + static_cast<int>(threadIdx.x) < kOut) {
+    const int o = rank * per + threadIdx.x;
+    const int i = o % kRouteExpTile, t = o / kRouteExpTile;
+    float v = 0.f;
+    for (int r = 0; r < ks; ++r) v += inbox[r][threadIdx.x];
+    if (e0 + i < a.E && t < ntok) a.partial[(tok0 + t) * a.E + e0 + i] = v;
+    __threadfence();
+  }
+  route_finish_if_last<EPL>(a, tok0, ntok, gridDim.x * gridDim.y, s_logits, RouteLoadLogits());
+#endif
 }
 
 template <typename T, int EPL>
@@ -404,19 +478,30 @@ cudaError_t LaunchRouteEpl(const RouteArgs& a, cudaStream_t stream) {
     return LaunchMaybePdl(route_logits_kernel<T, EPL>, dim3(blocks), dim3(kRouteThreads), 0,
                           stream, pdl, a);
   }
-  const bool mma = sizeof(T) == 2 && a.H % 8 == 0;
+  constexpr bool kMma = sizeof(T) == 2;  // and H % 8 == 0, checked below
+  const bool mma = kMma && a.H % 8 == 0;
+  const bool cluster = a.k_splits <= kRouteMaxClusterSplits && DeviceIsSm90();
+  const unsigned expert_tiles = static_cast<unsigned>((a.E + kRouteExpTile - 1) / kRouteExpTile);
+  const unsigned ks = static_cast<unsigned>(a.k_splits);
   const int64_t tiles = (a.T + kRouteTokTile - 1) / kRouteTokTile;
   const size_t smem = static_cast<size_t>(kRouteTokTile) * a.E * sizeof(float);
   const dim3 block(kRouteThreads);
   for (int64_t tile0 = 0; tile0 < tiles; tile0 += kRouteMaxTiles) {
     const unsigned n = static_cast<unsigned>(std::min<int64_t>(kRouteMaxTiles, tiles - tile0));
-    const dim3 grid(static_cast<unsigned>((a.E + kRouteExpTile - 1) / kRouteExpTile),
-                    static_cast<unsigned>(a.k_splits), n);
-    cudaError_t err = (sizeof(T) == 2 && mma)
-                          ? LaunchMaybePdl(route_fused_kernel<T, EPL, sizeof(T) == 2>, grid,
-                                           block, smem, stream, pdl, a, tile0)
-                          : LaunchMaybePdl(route_fused_kernel<T, EPL, false>, grid, block, smem,
-                                           stream, pdl, a, tile0);
+    cudaError_t err;
+    if (cluster) {
+      const dim3 grid(ks, expert_tiles, n);
+      err = mma ? LaunchClusterMaybePdl(route_cluster_kernel<T, EPL, kMma>, grid, block, smem,
+                                        stream, pdl, ks, a, tile0)
+                : LaunchClusterMaybePdl(route_cluster_kernel<T, EPL, false>, grid, block, smem,
+                                        stream, pdl, ks, a, tile0);
+    } else {
+      const dim3 grid(expert_tiles, ks, n);
+      err = mma ? LaunchMaybePdl(route_fused_kernel<T, EPL, kMma>, grid, block, smem, stream,
+                                 pdl, a, tile0)
+                : LaunchMaybePdl(route_fused_kernel<T, EPL, false>, grid, block, smem, stream,
+                                 pdl, a, tile0);
+    }
     if (err != cudaSuccess) return err;
   }
   return cudaSuccess;
