@@ -27,7 +27,7 @@ expert_gemv_p = define_primitive(TARGET)
 # Kernel configuration values the CUDA handler takes (csrc/kernels/expert_gemv.cuh);
 # the shape rule checks them on every platform, so a bad one fails at trace time.
 _CONFIG_CHOICES = dict(token_tiles=(1, 2, 4), k_split_gate_up=(1, 2, 4, 8),
-                       k_split_down=(1, 2, 4, 8), kernel_variant=(0, 1, 3, 4, 5))
+                       k_split_down=(1, 2, 4, 8), kernel_variant=(0, 1, 3, 4, 5, 6))
 
 
 def _abstract_eval(x, ids, w_gate_up, w_down, *, activation, token_tiles, k_split_gate_up,
@@ -75,9 +75,9 @@ def _batch_rule(args, dims, **params):
   k = ids.shape[2]
   E = wgu.shape[0]
   params = dict(params, token_tiles=heuristics.gemv_token_tiles(B * T, E, k))
-  if params["kernel_variant"] == heuristics.gemv_kernel_variant(T, E, k):
+  if params["kernel_variant"] == heuristics.gemv_kernel_variant(T, E, k, H):
     # the heuristic's choice for T tokens: choose again for the B * T folded ones
-    params["kernel_variant"] = heuristics.gemv_kernel_variant(B * T, E, k)
+    params["kernel_variant"] = heuristics.gemv_kernel_variant(B * T, E, k, H)
   y, h = expert_gemv_p.bind(x.reshape(B * T, H), ids.reshape(B * T, k), wgu, wd, **params)
   return (y.reshape(B, T, k, H), h.reshape(B, T * k, h.shape[-1])), (0, 0)
 
@@ -142,7 +142,7 @@ def expert_gemv(x, ids, w_gate_up, w_down, *, activation="silu", _config=None):
                 k_split_gate_up=heuristics.gemv_k_split(I, H, gated=True),
                 k_split_down=heuristics.gemv_k_split(H, I),
                 kernel_variant=(heuristics.GEMV_KERNEL_VARIANT or
-                                heuristics.gemv_kernel_variant(T, E, k)))
+                                heuristics.gemv_kernel_variant(T, E, k, H)))
   unknown = set(_config or {}) - set(config)
   if unknown:
     raise ValueError(f"{fn}: unknown _config key(s) {sorted(unknown)}; "

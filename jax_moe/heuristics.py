@@ -84,16 +84,26 @@ def route_k_splits(num_tokens: int, num_experts: int, hidden: int) -> int:
 # 0 auto (= 4), 1 direct loads 4 chunks per batch, 3 + L2 256-byte prefetch hint,
 # 4 + 8 chunks per batch (two launches, registers hold the weights in flight),
 # 5 the persistent bulk-copy kernel (one launch, a shared-memory ring; sm_90,
-# T*k <= GEMV_STREAM_MAX_ASSIGN, E <= 1024; elsewhere it falls back to 4).
+# T*k <= GEMV_STREAM_MAX_ASSIGN, E <= 1024; elsewhere it falls back to 4), 6 the same
+# kernel with wider ring slots (1024 columns instead of 768), for H >= 4096.
 # Measured on H100 (bench_gemv --variants 1,3,4): 4 reaches 2.6-3.0 TB/s on the
 # large shapes where 1 reached 2.0-2.3 TB/s.
 GEMV_KERNEL_VARIANT = 0
 GEMV_STREAM_MAX_ASSIGN = 512
+# Wide ring slots from this hidden size. The stream kernel alone (scripts/
+# stream_probe.cu, run s7-5, us, 3 x 768 / 3 x 1024 columns per slot): Gemma-4
+# (H=2816) T=1 39.3 / 42.9, T=64 519.4 / 537.9; Qwen3 (H=2048) T=1 33.9 / 35.9, T=64
+# 409.2 / 445.4; Mixtral (H=4096) T=8 848.4 / 839.9, T=16 927.3 / 913.8; DeepSeek-V3
+# (H=7168) T=8 1664.2 / 1644.3, T=64 6412.4 / 6300.2. Long rows pay per stage, so
+# they want fewer, wider stages; short rows want the smaller ring's shorter tail.
+GEMV_STREAM_WIDE_MIN_HIDDEN = 4096
 
 
-def gemv_kernel_variant(num_tokens: int, num_experts: int, top_k: int) -> int:
-  """5 (the stream kernel) up to GEMV_STREAM_MAX_ASSIGN assignments while the mean
-  assignments per expert, T * k / E, is at most 4; else 4.
+def gemv_kernel_variant(num_tokens: int, num_experts: int, top_k: int,
+                        hidden: int = 0) -> int:
+  """The stream kernel (5, or 6 with wide slots from GEMV_STREAM_WIDE_MIN_HIDDEN) up
+  to GEMV_STREAM_MAX_ASSIGN assignments while the mean assignments per expert,
+  T * k / E, is at most 4; else 4.
 
   v5 serves at most 8 assignments of an expert per weight pass (a busier expert
   takes another pass over its weights); v4 serves up to 32. Measured on H100
@@ -108,7 +118,7 @@ def gemv_kernel_variant(num_tokens: int, num_experts: int, top_k: int) -> int:
     return 4
   if num_tokens * top_k > 4 * num_experts:
     return 4
-  return 5
+  return 6 if hidden >= GEMV_STREAM_WIDE_MIN_HIDDEN else 5
 
 
 # Most tokens one expert_gemv weight pass serves: 8 per n-tile, at most 4 n-tiles.
@@ -204,7 +214,7 @@ def moe_implementation(num_tokens: int, num_experts: int, top_k: int, hidden: in
   T, E, k = num_tokens, num_experts, top_k
   if T > MOE_GEMV_MAX_TOKENS:
     return "grouped"
-  if gemv_kernel_variant(T, E, k) == 5:
+  if gemv_kernel_variant(T, E, k, hidden) in (5, 6):
     # The stream kernel beat the dense path wherever it applies (run s4-2/s4-4,
     # gemv + combine vs the whole dense layer, us): Gemma-4 T=64 559 vs 618, Qwen3
     # T=64 447 vs 500, Mixtral T=16 921 vs 987; DeepSeek-V3 stays gemv to T=512.

@@ -21,8 +21,8 @@ names = sys.argv[1].split(",") if len(sys.argv) > 1 else ["gemma4", "qwen3"]
 tokens = [int(t) for t in sys.argv[2].split(",")] if len(sys.argv) > 2 else [1]
 config = None  # kernel_variant (3rd argument): one of csrc/kernels/expert_gemv.cuh's
 if len(sys.argv) > 3:
-  if sys.argv[3] not in ("0", "1", "3", "4", "5"):
-    sys.exit(f"profile_gemv_decode.py: kernel_variant (3rd argument) must be 0, 1, 3, 4 or 5, "
+  if sys.argv[3] not in ("0", "1", "3", "4", "5", "6"):
+    sys.exit(f"profile_gemv_decode.py: kernel_variant (3rd argument) must be 0, 1, 3, 4, 5 or 6, "
              f"got {sys.argv[3]!r}")
   config = dict(kernel_variant=int(sys.argv[3]))
 rng = np.random.default_rng(0)

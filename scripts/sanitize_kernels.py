@@ -81,7 +81,7 @@ for dtype, T, H, I, E, k in [(jnp.bfloat16, 1, 256, 128, 16, 4), (jnp.float16, 1
   wgu = jnp.asarray(r.normal(size=(E, 2 * I, H)) / np.sqrt(H), dtype)
   wd = jnp.asarray(r.normal(size=(E, H, I)) / np.sqrt(I), dtype)
   ref = reference.expert_gemv(x, ids, wgu, wd, activation="gelu_tanh")
-  for variant in (0, 1, 5):  # the default, the plain variant, the stream kernels
+  for variant in (0, 1, 5, 6):  # the default, the plain variant, the stream kernels
     y = jax_moe.expert_gemv(x, ids, wgu, wd, activation="gelu_tanh",
                             _config=dict(kernel_variant=variant))
     check(f"expert_gemv v{variant} {jnp.dtype(dtype).name} T={T} H={H} I={I}", y, ref, 2e-2)

@@ -7,7 +7,7 @@
 //   nvcc -std=c++17 -O3 -arch=sm_90a -Icsrc -DJAX_MOE_STREAM_TRACE \
 //        scripts/stream_probe.cu -o build/stream_probe
 //   build/stream_probe [shape,...] [T,...] [iterations] [ring]   e.g. gemma4 1,8 200 0
-//     T in [1, 64]; ring 0 the library's geometry, 1: 3 x 1024, 2: 4 x 768 columns
+//     T in [1, 64]; ring 0 the library's geometry, 1-9 the variants of kRings
 //   build/stream_probe --read-bw                  only the read bandwidth (GB/s)
 //
 // Environment: STREAM_PROBE_BW_GBPS skips the 4 GiB read (a fixed floor rate);
@@ -76,13 +76,29 @@ static std::vector<std::string> split(const char* s) {
   return out;
 }
 
-// Ring geometry (4th argument): 0 the library's default, 1: 3 slots of 1024 columns
-// per group, 2: 4 slots of 768.
+// Ring geometry (4th argument): slots per consumer group x columns per slot (the
+// kernel's template), and the columns per stage actually used (0: the slot's, -1:
+// 1024 where H >= 4096, else 768). 0 is the library's choice (expert_gemv variants
+// 5 / 6 as heuristics.gemv_kernel_variant picks them: kStreamColsWide from H = 4096).
+struct Ring { int slots, cols, run_cols; };
+static const Ring kRings[] = {{kStreamStages, 0, -1}, {3, 1024, 0}, {4, 768, 0},
+                              {2, 768, 0}, {6, 512, 0}, {7, 384, 0}, {3, 768, 0}, {4, 512, 0},
+                              {3, 1024, 768}, {3, 1024, -1}};
+constexpr int kNumRings = sizeof(kRings) / sizeof(kRings[0]);
 static int g_ring = 0;
 static void launch(const GemvStreamArgs& a, int sms) {
-  if (g_ring == 1) CK((LaunchGemvStreamNS<bf16, 3, 1024>(a, sms, 0)));
-  else if (g_ring == 2) CK((LaunchGemvStreamNS<bf16, 4, 768>(a, sms, 0)));
-  else CK((LaunchGemvStreamNS<bf16, kStreamStages, kStreamMaxCols>(a, sms, 0)));
+  switch (g_ring) {
+    case 1: case 8: case 9: CK((LaunchGemvStreamNS<bf16, 3, 1024>(a, sms, 0))); break;
+    case 2: CK((LaunchGemvStreamNS<bf16, 4, 768>(a, sms, 0))); break;
+    case 3: CK((LaunchGemvStreamNS<bf16, 2, 768>(a, sms, 0))); break;
+    case 4: CK((LaunchGemvStreamNS<bf16, 6, 512>(a, sms, 0))); break;
+    case 5: CK((LaunchGemvStreamNS<bf16, 7, 384>(a, sms, 0))); break;
+    case 6: CK((LaunchGemvStreamNS<bf16, 3, 768>(a, sms, 0))); break;
+    case 7: CK((LaunchGemvStreamNS<bf16, 4, 512>(a, sms, 0))); break;
+    default:
+      if (a.p2.rows >= 4096) CK((LaunchGemvStreamNS<bf16, kStreamStages, kStreamColsWide>(a, sms, 0)));
+      else CK((LaunchGemvStreamNS<bf16, kStreamStages, kStreamCols>(a, sms, 0)));
+  }
 }
 
 #ifdef JAX_MOE_STREAM_TRACE
@@ -143,12 +159,12 @@ int main(int argc, char** argv) {
   for (const std::string& t : split(argc > 2 ? argv[2] : "1,2,8"))
     ts.push_back(parse_int(t, "T (2nd argument)", 1, 64));
   const int iters = argc > 3 ? parse_int(argv[3], "iterations (3rd argument)", 1, 1000000) : 200;
-  g_ring = argc > 4 ? parse_int(argv[4], "ring (4th argument)", 0, 2) : 0;
+  g_ring = argc > 4 ? parse_int(argv[4], "ring (4th argument)", 0, kNumRings - 1) : 0;
   if (argc > 5) {
     fprintf(stderr, "stream_probe: at most 4 arguments\n");
     return 2;
   }
-  const int max_cols = g_ring == 1 ? 1024 : g_ring == 2 ? 768 : kStreamMaxCols;
+  const int max_cols = kRings[g_ring].cols;
   const char* bw_env = getenv("STREAM_PROBE_BW_GBPS");  // checked before any CUDA call
   const double bw_fixed =
       (bw_env != nullptr) ? parse_int(bw_env, "STREAM_PROBE_BW_GBPS", 1, 100000) * 1e9 : 0.0;
@@ -189,7 +205,8 @@ int main(int argc, char** argv) {
     printf("%.1f\n", bw * 1e-9);
     return 0;
   }
-  printf("read bandwidth %.3f TB/s, %d SMs\n", bw * 1e-12, sms);
+  printf("read bandwidth %.3f TB/s, %d SMs; ring %d: %d slots x %d columns per consumer group\n",
+         bw * 1e-12, sms, g_ring, kRings[g_ring].slots, max_cols);
   printf("%-12s %4s %9s %9s %7s %s\n", "shape", "T", "floor_us", "us", "x", "repeat");
 
   std::mt19937 rng(1234);
@@ -237,9 +254,11 @@ int main(int argc, char** argv) {
       GemvStreamArgs a;
       a.num_assign = n; a.top_k = S.k; a.E = S.E; a.activation = kSilu;
       a.p1.src = x; a.p1.w = wgu; a.p1.out = h; a.p1.rows = S.I; a.p1.K = S.H;
-      StreamStageGeometry(a.p1.K, &a.p1.stage_cols, &a.p1.stages, max_cols);
+      const int rc = kRings[g_ring].run_cols;
+      const int run_cols = rc > 0 ? rc : rc < 0 ? (S.H >= 4096 ? 1024 : 768) : max_cols;
+      StreamStageGeometry(a.p1.K, &a.p1.stage_cols, &a.p1.stages, run_cols);
       a.p2.src = h; a.p2.w = wd; a.p2.out = y; a.p2.rows = S.H; a.p2.K = S.I;
-      StreamStageGeometry(a.p2.K, &a.p2.stage_cols, &a.p2.stages, max_cols);
+      StreamStageGeometry(a.p2.K, &a.p2.stage_cols, &a.p2.stages, run_cols);
       for (int it = 0; it < (quick ? 0 : 5); ++it) { a.ids = dids + size_t(it % R) * n; launch(a, sms); }
       CK(cudaEventRecord(e0));
       for (int it = 0; it < iters; ++it) {

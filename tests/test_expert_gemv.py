@@ -196,7 +196,7 @@ def test_model_shapes_gpu(name, T):
     x = jax.random.normal(k3, (T, H), jnp.float32).astype(jnp.bfloat16)
     r = rng()
     ids = jnp.asarray(distinct_ids(r, T, k, E))
-    for variant in (0, 1, 5):  # the heuristics' choice, the plain kernel, the stream kernel
+    for variant in (0, 1, 5, 6):  # the heuristics' choice, the plain kernel, the stream kernels
       run_and_check(x, ids, wgu, wd, s.activation, config=dict(kernel_variant=variant))
 
 
@@ -274,10 +274,11 @@ def test_kernel_configs(platform, variant, k_split, token_tiles):
     (100, 64, 32, 16, 8, jnp.bfloat16, False),    # T*k = 800 > 512: falls back to variant 4
     (40, 64, 24, 4, 2, jnp.bfloat16, "fuzz"),     # ids in [-3, E + 3): most dropped
 ])
-def test_stream_kernel(platform, T, H, I, E, k, dtype, hot):
-  """Variant 5 (csrc/kernels/expert_gemv_stream.cuh; other platforms ignore it): ids
-  with -1 and E (zero rows), segments of <= 8 assignments, stage tails; bitwise
-  equal over repeated runs."""
+@pytest.mark.parametrize("variant", [5, 6])
+def test_stream_kernel(platform, T, H, I, E, k, dtype, hot, variant):
+  """Variants 5 and 6 (csrc/kernels/expert_gemv_stream.cuh, ring slots of 768 and 1024
+  columns; other platforms ignore them): ids with -1 and E (zero rows), segments of
+  <= 8 assignments, stage tails; bitwise equal over repeated runs."""
   r = rng()
   x = jnp.asarray(r.normal(size=(T, H)), dtype)
   wgu, wd = make_weights(r, E, H, I, dtype)
@@ -287,7 +288,7 @@ def test_stream_kernel(platform, T, H, I, E, k, dtype, hot):
     ids = np.full((T, k), 5, np.int32) if hot else distinct_ids(r, T, k, E)
   ids[0, 0] = -1
   ids[T - 1, k - 1] = E
-  cfg = dict(kernel_variant=5)
+  cfg = dict(kernel_variant=variant)
   y0 = run_and_check(x, jnp.asarray(ids), wgu, wd, config=cfg)
   assert np.all(y0[0, 0] == 0) and np.all(y0[T - 1, k - 1] == 0)
   y1 = run_and_check(x, jnp.asarray(ids), wgu, wd, config=cfg)
@@ -296,7 +297,7 @@ def test_stream_kernel(platform, T, H, I, E, k, dtype, hot):
 
 @pytest.mark.parametrize("cfg,match", [
     (dict(kernel_variant=2), "kernel_variant"),
-    (dict(kernel_variant=6), "kernel_variant"),
+    (dict(kernel_variant=7), "kernel_variant"),
     (dict(token_tiles=3), "token_tiles"),
     (dict(k_split_gate_up=16), "k_split_gate_up"),
     (dict(k_split_down=0), "k_split_down"),
@@ -310,9 +311,13 @@ def test_bad_kernel_config(cfg, match):
 
 def test_kernel_variant_heuristic():
   """The stream kernel (5) up to 512 assignments while the mean assignments per
-  expert is at most 4, where it was measured faster (heuristics.gemv_kernel_variant)."""
+  expert is at most 4, where it was measured faster (heuristics.gemv_kernel_variant);
+  its wide-slot form (6) from hidden size 4096."""
   from jax_moe import heuristics
   v = heuristics.gemv_kernel_variant
+  assert v(1, 128, 8, 2816) == 5 and v(1, 128, 8, 2048) == 5 and v(64, 128, 8, 2816) == 5
+  assert v(1, 256, 8, 7168) == 6 and v(8, 8, 2, 4096) == 6 and v(64, 256, 8, 7168) == 6
+  assert v(32, 8, 2, 4096) == 4 and v(100, 16, 8, 7168) == 4  # v4 whatever the width
   assert v(1, 128, 8) == 5 and v(8, 128, 8) == 5 and v(1, 256, 8) == 5 and v(1, 8, 2) == 5
   assert v(64, 128, 8) == 5 and v(64, 256, 8) == 5 and v(16, 8, 2) == 5  # mean 4, 2, 4
   assert v(17, 8, 2) == 4 and v(32, 8, 2) == 4 and v(65, 128, 8) == 4   # mean above 4

@@ -23,8 +23,9 @@ static ffi::Error ExpertGemvCudaHandler(cudaStream_t stream, ffi::AnyBuffer x, f
   JM_REQUIRE(ks_ok(k_split_gate_up) && ks_ok(k_split_down),
              "expert_gemv (CUDA): k_split values must be 1, 2, 4 or 8");
   JM_REQUIRE(kernel_variant == 0 || kernel_variant == 1 || kernel_variant == 3 ||
-                 kernel_variant == 4 || kernel_variant == 5,
-             "expert_gemv (CUDA): kernel_variant must be 0, 1, 3, 4 or 5 (kernels/expert_gemv.cuh)");
+                 kernel_variant == 4 || kernel_variant == 5 || kernel_variant == 6,
+             "expert_gemv (CUDA): kernel_variant must be 0, 1, 3, 4, 5 or 6 "
+             "(kernels/expert_gemv.cuh)");
   cuda::ExpertGemvArgs a;
   a.x = x.untyped_data();
   a.ids = reinterpret_cast<const int32_t*>(ids.untyped_data());

@@ -374,9 +374,11 @@ gemv_generic_kernel(GemvPhaseArgs a) {
 // Measured on H100 (benchmarks/RESULTS.md): 4 streams at 2.6-3.0 TB/s where 1 got
 // 2.0-2.3; a cp.async ring through shared memory (once variant 2) was slower than 1.
 //   5 stream: the persistent bulk-copy kernels of expert_gemv_stream.cuh (sm_90, T*k <=
-//     512, E <= 1024); where they cannot run, 5 falls back to 4.
+//     512, E <= 1024); where they cannot run, 5 falls back to 4;
+//   6 the same with the wide ring (kStreamColsWide columns per slot: long rows).
 enum GemvVariant : int {
-  kGemvAuto = 0, kGemvDirect = 1, kGemvDirectPf = 3, kGemvDirectPf8 = 4, kGemvStream = 5
+  kGemvAuto = 0, kGemvDirect = 1, kGemvDirectPf = 3, kGemvDirectPf8 = 4, kGemvStream = 5,
+  kGemvStreamWide = 6
 };
 
 struct ExpertGemvArgs {
@@ -446,10 +448,12 @@ cudaError_t LaunchExpertGemv(const ExpertGemvArgs& a, cudaStream_t stream) {
   const bool pdl = DeviceSupportsPdl();
   const bool mma_ok = sizeof(T) == 2 && a.H % 8 == 0 && a.I % 8 == 0;
   if constexpr (sizeof(T) == 2) {
-    if (a.variant == kGemvStream &&
-        StreamSupported(num_assign, a.E, a.H, a.I, mma_ok, DeviceIsSm90(), MaxSmemPerBlock()))
+    const bool wide = a.variant == kGemvStreamWide;
+    if ((a.variant == kGemvStream || wide) &&
+        StreamSupported(num_assign, a.E, a.H, a.I, mma_ok, DeviceIsSm90(), MaxSmemPerBlock(),
+                        wide))
       return LaunchGemvStream<T>(a.x, a.ids, a.w_gate_up, a.w_down, a.h, a.y, a.T, a.k, a.H,
-                                 a.I, a.E, a.activation, stream);
+                                 a.I, a.E, a.activation, wide, stream);
   }
   if (mma_ok) {
     auto ks_ok = [](int ks) { return ks == 1 || ks == 2 || ks == 4 || ks == 8; };

@@ -53,13 +53,22 @@ constexpr int kStreamConsumerWarps = 8;
 constexpr int kStreamGroupWarps = 4;       // consumer warps per group (2 groups)
 constexpr int kStreamGroups = kStreamConsumerWarps / kStreamGroupWarps;
 constexpr int kStreamThreads = 32 * (kStreamConsumerWarps + 1);  // + 1 producer warp
-// Ring: kStreamStages slots of at most kStreamMaxCols columns per consumer group.
-// 4 x 768 against 3 x 1024 (scripts/stream_probe.cu, same run s4-5, us): Gemma-4
-// T=1/2/8 43.2/69.4/213.3 vs 45.2/72.1/219.1, Qwen3 34.0/55.3/164.4 vs
-// 35.0/56.8/166.9 (more, smaller stages in flight per group).
-constexpr int kStreamStages = 4;
+// Ring: kStreamStages slots per consumer group of kStreamCols columns (hidden size
+// under 4096) or kStreamColsWide (from 4096: expert_gemv variant 6, chosen by
+// heuristics.gemv_kernel_variant). scripts/stream_probe.cu, run s7-5, the kernel
+// alone, us, 4 x 768 (the earlier ring) / 3 x 768 / 3 x 1024, two passes agreed
+// within 0.6 us: Gemma-4 T=1 40.6 / 39.3 / 42.9, T=64 519.3 / 519.4 / 537.9; Qwen3
+// T=1 35.5 / 33.9 / 35.9, T=64 413.9 / 409.2 / 445.4; Mixtral T=16 915.9 / 927.3 /
+// 913.8; DeepSeek-V3 T=1 235.3 / 236.1 / 234.7, T=64 6363.6 / 6412.4 / 6300.2. Fewer
+// slots hold fewer bytes per block when the queue runs dry (the small shapes' tail);
+// wider slots cut the per-stage work of the long rows. (s4-5: 4 x 768 had beaten
+// 3 x 1024 on the small shapes; 6 x 512, 7 x 384, 4 x 512 and 2 x 768 were slower
+// everywhere in s7-4/s7-5.)
+constexpr int kStreamStages = 3;
 constexpr int kStreamRows = 16;            // weight rows per unit (A rows of the mma)
-constexpr int kStreamMaxCols = 768;
+constexpr int kStreamCols = 768;
+constexpr int kStreamColsWide = 1024;
+constexpr int kStreamMaxCols = kStreamColsWide;
 // Stage geometry for at most MAXC columns: row stride in bytes (= 64 mod 128: no bank
 // conflicts between the two rows a quarter-warp reads), stage bytes, chunks per warp.
 template <int MAXC> struct StreamGeom {
@@ -542,7 +551,7 @@ __device__ void consume(const GemvStreamArgs& a, const int* segs, const int* sor
 }
 #endif
 
-template <typename T, int NS = kStreamStages, int MAXC = kStreamMaxCols>
+template <typename T, int NS, int MAXC>
 __global__ void __launch_bounds__(kStreamThreads)
 gemv_stream_kernel(GemvStreamArgs a) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -721,8 +730,7 @@ gemv_stream_kernel(GemvStreamArgs a) {
 
 // Columns per stage: the fewest stages of at most kStreamMaxCols, split evenly,
 // rounded up to whole 32-column chunks.
-inline void StreamStageGeometry(int K, int* stage_cols, int* stages,
-                                int max_cols = kStreamMaxCols) {
+inline void StreamStageGeometry(int K, int* stage_cols, int* stages, int max_cols) {
   const int nst = (K + max_cols - 1) / max_cols;
   int cols = (K + nst - 1) / nst;
   cols = (cols + 31) / 32 * 32;
@@ -738,11 +746,12 @@ constexpr int kStreamStaticSmemBound = 12 * 1024;
 // take the ring (max_smem_per_block: the opt-in limit; parts with ~100 KB per SM
 // fall back to the register kernel).
 inline bool StreamSupported(int64_t num_assign, int64_t E, int64_t H, int64_t I, bool mma_ok,
-                            bool sm90, int max_smem_per_block) {
+                            bool sm90, int max_smem_per_block, bool wide) {
   return sm90 && mma_ok && I > 0 && H > 0 && num_assign <= kStreamMaxAssign &&
          E <= kStreamMaxExperts &&
          static_cast<size_t>(max_smem_per_block) >=
-             StreamSmemBytes(kStreamStages, kStreamMaxCols) + kStreamStaticSmemBound;
+             StreamSmemBytes(kStreamStages, wide ? kStreamColsWide : kStreamCols) +
+                 kStreamStaticSmemBound;
 }
 
 template <typename T, int NS, int MAXC>
@@ -758,10 +767,11 @@ cudaError_t LaunchGemvStreamNS(const GemvStreamArgs& a, int sms, cudaStream_t st
                         stream, DeviceSupportsPdl(), a);
 }
 
+// wide: slots of kStreamColsWide columns (variant 6), else kStreamCols.
 template <typename T>
 cudaError_t LaunchGemvStream(const void* x, const int32_t* ids, const void* w_gate_up,
                              const void* w_down, void* h, void* y, int64_t T_, int64_t k,
-                             int64_t H, int64_t I, int64_t E, int activation,
+                             int64_t H, int64_t I, int64_t E, int activation, bool wide,
                              cudaStream_t stream) {
   int dev = 0, sms = 0;
   cudaError_t err = cudaGetDevice(&dev);
@@ -776,11 +786,13 @@ cudaError_t LaunchGemvStream(const void* x, const int32_t* ids, const void* w_ga
   a.activation = activation;
   a.p1.src = x;  a.p1.w = w_gate_up;  a.p1.out = h;
   a.p1.rows = static_cast<int>(I);  a.p1.K = static_cast<int>(H);
-  StreamStageGeometry(a.p1.K, &a.p1.stage_cols, &a.p1.stages);
   a.p2.src = h;  a.p2.w = w_down;  a.p2.out = y;
   a.p2.rows = static_cast<int>(H);  a.p2.K = static_cast<int>(I);
-  StreamStageGeometry(a.p2.K, &a.p2.stage_cols, &a.p2.stages);
-  return LaunchGemvStreamNS<T, kStreamStages, kStreamMaxCols>(a, sms, stream);
+  const int cols = wide ? kStreamColsWide : kStreamCols;
+  StreamStageGeometry(a.p1.K, &a.p1.stage_cols, &a.p1.stages, cols);
+  StreamStageGeometry(a.p2.K, &a.p2.stage_cols, &a.p2.stages, cols);
+  return wide ? LaunchGemvStreamNS<T, kStreamStages, kStreamColsWide>(a, sms, stream)
+              : LaunchGemvStreamNS<T, kStreamStages, kStreamCols>(a, sms, stream);
 }
 
 }  // namespace cuda

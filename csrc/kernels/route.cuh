@@ -442,6 +442,10 @@ __global__ void __launch_bounds__(kRouteThreads) route_cluster_kernel(RouteArgs 
   __shared__ float inbox[kRouteMaxClusterSplits][kOut];
   extern __shared__ float s_logits[];
   pdl_launch_dependents();  // a PDL-launched consumer still waits for our completion
+  // A block may write another block's shared memory only once that block has
+  // started: arrive now, wait just before the first push (racecheck: "block that
+  // might not have entered yet" without it). The GEMM runs in between.
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
   namespace cg = cooperative_groups;
   cg::cluster_group cluster = cg::this_cluster();
   const int rank = static_cast<int>(cluster.block_rank());  // = blockIdx.x = k-split
@@ -452,6 +456,7 @@ __global__ void __launch_bounds__(kRouteThreads) route_cluster_kernel(RouteArgs 
   const int ntok = static_cast<int>(a.T - tok0 < kRouteTokTile ? a.T - tok0 : kRouteTokTile);
   route_block_dot<T, MMA>(a, e0, tok0, ntok, rank, red);
   __syncthreads();
+  asm volatile("barrier.cluster.wait.aligned;" ::: "memory");  // every block has started
   if (threadIdx.x < kOut) {  // push: output o goes to block o / per, slot rank
     const int o = threadIdx.x, owner = o / per;
     float* dst = cluster.map_shared_rank(&inbox[rank][o - owner * per], owner);
