@@ -41,8 +41,12 @@ def distinct_ids(rng, T, k, E):
 
 
 def parse_config(spec: str) -> dict:
-  """'4' -> kernel variant 4; '4:gu8:d4:nt2' also sets k_split_gate_up, k_split_down
-  and token_tiles (expert_gemv's private _config)."""
+  """'auto' -> {} (every choice left to jax_moe.heuristics, as a user gets it);
+  '4' -> kernel variant 4 (0 is the CUDA launcher's own default, the register
+  kernel); '4:gu8:d4:nt2' also sets k_split_gate_up, k_split_down and token_tiles
+  (expert_gemv's private _config)."""
+  if spec == "auto":
+    return {}
   names = dict(gu="k_split_gate_up", d="k_split_down", nt="token_tiles")
   parts = spec.split(":")
   try:
@@ -138,9 +142,10 @@ if __name__ == "__main__":
   ap.add_argument("--quick", action="store_true")
   ap.add_argument("--shapes", default="gemma4,qwen3,mixtral,deepseek_v3")
   ap.add_argument("--tokens", default="1,2,4,8,16,32,64")
-  ap.add_argument("--variants", default=str(jax_moe.heuristics.GEMV_KERNEL_VARIANT or 4),
-                  help="kernel configs to time, e.g. 1,3,4 or 4:gu8:d8:nt1 (kernel variant "
-                       "of csrc/kernels/expert_gemv.cuh, k-splits of gate_up/down, token tiles)")
+  ap.add_argument("--variants", default="auto",
+                  help="kernel configs to time, e.g. auto,4 or 1,3,4 or 4:gu8:d8:nt1 (auto: "
+                       "the heuristics' choice; else a kernel variant of "
+                       "csrc/kernels/expert_gemv.cuh, k-splits of gate_up/down, token tiles)")
   ap.add_argument("--no-xla", action="store_true", help="skip the XLA baselines")
   ap.add_argument("--xla-tokens", default=None, help="time the XLA baselines only at these T")
   a = ap.parse_args()

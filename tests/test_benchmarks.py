@@ -15,6 +15,7 @@ import harness  # noqa: E402
 
 def test_gemv_config_specs():
   assert bench_gemv.parse_config("4") == dict(kernel_variant=4)
+  assert bench_gemv.parse_config("auto") == {}
   assert bench_gemv.parse_config("1:gu4:d8:nt2") == dict(
       kernel_variant=1, k_split_gate_up=4, k_split_down=8, token_tiles=2)
 
@@ -94,7 +95,7 @@ def stream_probe(tmp_path_factory):
     (["gemma4", "0"], "T \\(2nd argument\\)"),
     (["gemma4", "1,x"], "T \\(2nd argument\\)"),
     (["gemma4", "1", "0"], "iterations \\(3rd argument\\)"),
-    (["gemma4", "1", "10", "3"], "ring \\(4th argument\\)"),
+    (["gemma4", "1", "10", "10"], "ring \\(4th argument\\)"),
     (["gemma4", "1", "10", "1", "extra"], "at most 4 arguments"),
     (["--read-bw", "x"], "--read-bw takes no other arguments"),
 ])
