@@ -21,7 +21,12 @@ from __future__ import annotations
 # Re-measured in session 6 (run s6-12, fused / dot): DeepSeek-V3 T=1 10.38 / 7.71,
 # T=16 18.24 / 12.49; Gemma-4 T=1 7.12 / 4.18; Qwen3 T=16 8.91 / 6.63. A two-launch
 # variant (GEMM kernel, then a selection kernel: no fence or counter) was no faster
-# than XLA's dot either (s6-1), so the slow part is our router GEMM itself.
+# than XLA's dot either (s6-1), so the slow part is our router GEMM itself. Session 7:
+# the k-split blocks of a tile now form a thread-block cluster on sm_90 and add their
+# partials in distributed shared memory (run s7-10, cluster / global-memory kernel /
+# the path ours takes): DeepSeek-V3 T=1 11.18 / 10.86 / 7.62, T=8 12.33 / 18.73 /
+# 11.71, T=16 13.48 / 19.43 / 11.92; Gemma-4 T=8 7.85 / 10.52 / 4.80; Qwen3 T=16 8.40
+# / 10.26 / 5.41. Faster than before from T=4, still slower than the two-kernel path.
 ROUTE_FUSED_MAX_TOKENS = 0
 
 # Fused-path geometry (csrc/kernels/route.cuh): a block is 16 router rows x 8 tokens
