@@ -38,6 +38,21 @@ CASES = {
 }
 
 
+def _patched(fn, **attrs):
+  """fn traced with the given jax_moe.heuristics attributes replaced (restored after)."""
+  def wrapped(*args):
+    h = jax_moe.heuristics
+    saved = {n: getattr(h, n) for n in attrs}
+    for n, v in attrs.items():
+      setattr(h, n, v)
+    try:
+      return fn(*args)
+    finally:
+      for n, v in saved.items():
+        setattr(h, n, v)
+  return wrapped
+
+
 def _forced(mode, fn):
   """fn traced with the router path forced: "fused" (router matmul in our kernel),
   "dot" (XLA's dot) or "reduce" (an XLA multiply-reduce fusion), each followed by
@@ -46,32 +61,13 @@ def _forced(mode, fn):
            "ROUTE_REDUCE_MAX_BYTES")
   values = {"fused": (1 << 30, 1, -1, 0), "dot": (-1, 1, -1, 0),
             "reduce": (-1, 0, 1 << 30, 1 << 62)}[mode]
-
-  def wrapped(*args):
-    h = jax_moe.heuristics
-    saved = [getattr(h, n) for n in names]
-    for n, v in zip(names, values):
-      setattr(h, n, v)
-    try:
-      return fn(*args)
-    finally:
-      for n, v in zip(names, saved):
-        setattr(h, n, v)
-  return wrapped
+  return _patched(fn, **dict(zip(names, values)))
 
 
 def _splits(n, fn):
   """fn traced with the fused kernel's k_splits forced to n (k_splits <= 8 runs the
   cluster kernel on sm_90, more the split-K kernel with global partials)."""
-  def wrapped(*args):
-    h = jax_moe.heuristics
-    saved = h.route_k_splits
-    h.route_k_splits = lambda *a, **k: n
-    try:
-      return fn(*args)
-    finally:
-      h.route_k_splits = saved
-  return wrapped
+  return _patched(fn, route_k_splits=lambda hidden: n)
 
 
 def run(out_dir, quick=False, tokens=None, case_names=None, fused_splits=()):
@@ -119,7 +115,7 @@ def run(out_dir, quick=False, tokens=None, case_names=None, fused_splits=()):
       rows.append(dict(case=name, T=T, E=E, H=H, us_ours=ours * 1e6, us_fused=fused * 1e6,
                        us_dot=dot * 1e6, us_reduce=red * 1e6, us_xla=xla * 1e6,
                        us_floor=floor * 1e6, speedup=xla / ours, x_floor=ours / floor,
-                       path=path, k_splits=h.route_k_splits(T, E, H), **extra))
+                       path=path, k_splits=h.route_k_splits(H), **extra))
       print(f"route {name} T={T}: fused {fused*1e6:.2f} us, dot {dot*1e6:.2f} us, "
             f"reduce {red*1e6:.2f} us, xla {xla*1e6:.2f} us", flush=True)
   payload = dict(device=harness.device_description(), read_bw_GBps=read_bw / 1e9, rows=rows)

@@ -30,11 +30,9 @@ from __future__ import annotations
 ROUTE_FUSED_MAX_TOKENS = 0
 
 # Fused-path geometry (csrc/kernels/route.cuh): a block is 16 router rows x 8 tokens
-# x one of k_splits slices of H (32-column chunks dealt to its 8 warps). On sm_90 the
-# k_splits blocks of a tile form one thread-block cluster (at most 8: the portable
-# cluster size) and add their partials in distributed shared memory.
-ROUTE_EXPERT_TILE = 16
-ROUTE_TOKEN_TILE = 8
+# x one of k_splits slices of H (ROUTE_CHUNK-column chunks dealt to its 8 warps). On
+# sm_90 the k_splits blocks of a tile form one thread-block cluster (at most 8: the
+# portable cluster size) and add their partials in distributed shared memory.
 ROUTE_CHUNK = 32
 ROUTE_MAX_SPLITS = 8
 
@@ -69,7 +67,7 @@ def route_fuse_router(num_tokens: int, num_experts: int, hidden: int) -> bool:
   return num_tokens <= ROUTE_FUSED_MAX_TOKENS
 
 
-def route_k_splits(num_tokens: int, num_experts: int, hidden: int) -> int:
+def route_k_splits(hidden: int) -> int:
   """Slices of H in the fused route kernel: the blocks per (expert tile, token tile).
 
   The router matmul at decode is a ~1-4 MB weight read that wants many SMs pulling
@@ -78,7 +76,6 @@ def route_k_splits(num_tokens: int, num_experts: int, hidden: int) -> int:
   At most ROUTE_MAX_SPLITS, so that on sm_90 a tile's splits fit in one cluster and
   never take the slower global-memory partial path.
   """
-  del num_tokens, num_experts
   chunks = -(-hidden // ROUTE_CHUNK)
   return max(1, min(ROUTE_MAX_SPLITS, chunks // 8))
 

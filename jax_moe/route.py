@@ -187,7 +187,7 @@ def route(x, top_k, *, router_weight=None, scoring="softmax", renormalize=True, 
   if router_weight is not None:
     H = x.shape[-1]
     if heuristics.route_fuse_router(T, E, H):
-      k_splits = heuristics.route_k_splits(T, E, H)
+      k_splits = heuristics.route_k_splits(H)
       router = router_weight
     elif heuristics.route_router_reduce(T, E, H, x.dtype.itemsize):
       # Few tokens: the router matmul as one XLA multiply-reduce fusion (one kernel;

@@ -64,7 +64,7 @@ for E, H, T, dt in [(256, 7168, 1, jnp.bfloat16), (128, 2816, 16, jnp.bfloat16),
   w_ref, _ = reference.route(x, 6, router_weight=wr, scoring="sigmoid")
   # the fused kernel, forced: clusters of 1 and 5 (sm_90), 12 splits through global
   # memory, and the heuristic's choice
-  for k_splits in (1, 5, 12, heuristics.route_k_splits(T, E, H)):
+  for k_splits in (1, 5, 12, heuristics.route_k_splits(H)):
     w, _, _ = route_p.bind(x, wr, e0, e0, top_k=6, scoring="sigmoid", renormalize=True,
                            num_groups=1, top_groups=1, group_score="top2_sum",
                            scaling_factor=1.0, k_splits=k_splits)

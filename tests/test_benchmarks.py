@@ -121,6 +121,27 @@ def test_stream_probe_bad_env(stream_probe, name, value):
   assert f"{name} must be an integer" in p.stderr, p.stderr
 
 
+def test_route_forced_k_splits_reach_the_primitive():
+  """bench_route --fused-splits N: the fused path is traced with k_splits = N (the
+  A/B column would silently time the heuristic's kernel if the override were
+  ignored); a bad N is refused by route_p naming k_splits."""
+  import bench_route
+  import jax
+  import jax.numpy as jnp
+  import jax_moe
+  x, w = jnp.ones((2, 64), jnp.bfloat16), jnp.ones((8, 64), jnp.bfloat16)
+  fn = lambda x, w: jax_moe.route(x, 2, router_weight=w)  # noqa: E731
+
+  def splits(n):
+    jaxpr = jax.make_jaxpr(bench_route._forced("fused", bench_route._splits(n, fn)))(x, w)
+    return [e.params["k_splits"] for e in jaxpr.eqns if "k_splits" in e.params]
+
+  assert splits(3) == [3] and splits(17) == [17]
+  assert jax_moe.heuristics.route_k_splits(64) == 1  # the override is not the default
+  with pytest.raises(ValueError, match="k_splits"):
+    splits(0)
+
+
 def test_time_loop_program_computes_every_output():
   """The timing loop carries every call's whole output, so XLA cannot compute only
   the element that chains the calls (the old loop let XLA's own combine skip its

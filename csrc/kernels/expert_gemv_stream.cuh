@@ -68,7 +68,6 @@ constexpr int kStreamStages = 3;
 constexpr int kStreamRows = 16;            // weight rows per unit (A rows of the mma)
 constexpr int kStreamCols = 768;
 constexpr int kStreamColsWide = 1024;
-constexpr int kStreamMaxCols = kStreamColsWide;
 // Stage geometry for at most MAXC columns: row stride in bytes (= 64 mod 128: no bank
 // conflicts between the two rows a quarter-warp reads), stage bytes, chunks per warp.
 template <int MAXC> struct StreamGeom {
@@ -92,7 +91,7 @@ struct StreamPhase {
   void* out = nullptr;           // h or y
   int rows = 0;                  // I (phase 1) or H (phase 2)
   int K = 0;                     // H or I
-  int stage_cols = 0;            // columns per stage (multiple of 32, <= kStreamMaxCols)
+  int stage_cols = 0;            // columns per stage (multiple of 32, <= the ring's slot)
   int stages = 0;                // stages per unit = ceil(K / stage_cols)
 };
 
@@ -728,7 +727,7 @@ gemv_stream_kernel(GemvStreamArgs a) {
 #endif
 }
 
-// Columns per stage: the fewest stages of at most kStreamMaxCols, split evenly,
+// Columns per stage: the fewest stages of at most max_cols, split evenly,
 // rounded up to whole 32-column chunks.
 inline void StreamStageGeometry(int K, int* stage_cols, int* stages, int max_cols) {
   const int nst = (K + max_cols - 1) / max_cols;
