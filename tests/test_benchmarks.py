@@ -121,6 +121,39 @@ def test_stream_probe_bad_env(stream_probe, name, value):
   assert f"{name} must be an integer" in p.stderr, p.stderr
 
 
+@pytest.fixture(scope="module")
+def route_probe(tmp_path_factory):
+  """scripts/route_probe.cu built with nvcc (skipped without it): it compiles against
+  the current kernels/route.cuh, and its argument checks run before any CUDA call."""
+  import shutil
+  nvcc = shutil.which("nvcc")
+  if nvcc is None:
+    pytest.skip("nvcc not found")
+  exe = str(tmp_path_factory.mktemp("probe") / "route_probe")
+  p = subprocess.run([nvcc, "-std=c++17", "-O1", "-arch=sm_90a", "-I" + os.path.join(ROOT, "csrc"),
+                      os.path.join(ROOT, "scripts", "route_probe.cu"), "-o", exe],
+                     capture_output=True, text=True, timeout=600)
+  assert p.returncode == 0, p.stderr[-3000:]
+  return exe
+
+
+@pytest.mark.parametrize("args,env,match", [
+    (["0"], {}, "T \\(1st argument\\)"),
+    (["1,65"], {}, "T \\(1st argument\\)"),
+    (["1,,8"], {}, "T \\(1st argument\\)"),
+    (["1", "0"], {}, "launches \\(2nd argument\\)"),
+    (["1", "64", "x"], {}, "at most 2 arguments"),
+    (["1", "8"], {"ROUTE_PROBE_COPIES": "0"}, "ROUTE_PROBE_COPIES"),
+    (["1", "8"], {"ROUTE_PROBE_NOBIAS": "yes"}, "ROUTE_PROBE_NOBIAS"),
+])
+def test_route_probe_bad_args(route_probe, args, env, match):
+  import re
+  p = subprocess.run([route_probe, *args], capture_output=True, text=True, timeout=60,
+                     env=dict(os.environ, **env))
+  assert p.returncode == 2, p.stdout + p.stderr
+  assert re.search(match, p.stderr), p.stderr
+
+
 def test_route_forced_k_splits_reach_the_primitive():
   """bench_route --fused-splits N: the fused path is traced with k_splits = N (the
   A/B column would silently time the heuristic's kernel if the override were

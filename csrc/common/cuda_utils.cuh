@@ -111,6 +111,11 @@ __device__ __forceinline__ uint32_t float_order_key(float f) {
   return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
 }
 
+// Inverse of float_order_key for keys of non-NaN floats.
+__device__ __forceinline__ float key_float(uint32_t k) {
+  return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
+}
+
 // Selection key: higher score first, then lower index; key 0 means "not selectable".
 // A NaN score gets the lowest selectable key, so NaN logits still give valid ids.
 __device__ __forceinline__ unsigned long long select_key(float score, int idx) {

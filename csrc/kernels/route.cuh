@@ -70,41 +70,98 @@ struct RouteArgs {
 
 __device__ __forceinline__ float sel_value(float v) { return v != v ? -INFINITY : v; }
 
-// Warp arg-max over (value, has) pairs: returns the winning lane (the lowest lane
-// among equal values) or -1 when no lane has a candidate. v is never NaN here
-// (sel_value); -0 counts as +0. One redux.sync on the order-preserving key instead
-// of five dependent shuffles: this sits on the selection's critical path k times.
-__device__ __forceinline__ int warp_argmax_lane(float v, bool has) {
-  const uint32_t key = has ? float_order_key(v + 0.0f) : 0u;
-  const uint32_t m = __reduce_max_sync(0xffffffffu, key);
-  const uint32_t b = __ballot_sync(0xffffffffu, has && key == m);
-  return b ? __ffs(b) - 1 : -1;
+// No-op phase hook of route_token_warp (scripts/route_probe.cu passes a clock reader).
+struct RouteNoTrace {
+  __device__ __forceinline__ void operator()(int) const {}
+};
+
+// 1 / (1 + exp(-x)) without the IEEE division's slow-path branch (which kept the
+// compiler from overlapping the EPL sigmoids): hardware reciprocal and one Newton
+// step (within an ulp of the division). exp(-x) = inf gives 0, NaN stays NaN.
+__device__ __forceinline__ float sigmoid_fast(float x) {
+  const float d = 1.0f + expf(-x);
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(d));
+  r = fmaf(r, fmaf(-d, r, 1.0f), r);
+  return d == INFINITY ? 0.0f : r;
 }
 
+// Sorts n keys descending (a bitonic network, unrolled at compile time), moving two
+// float payloads with them. Keys are distinct except zeros.
+template <int N>
+__device__ __forceinline__ void sort_desc(unsigned long long* k, float* p, float* q) {
+#pragma unroll
+  for (int size = 2; size <= N; size <<= 1) {
+#pragma unroll
+    for (int stride = size / 2; stride > 0; stride >>= 1) {
+#pragma unroll
+      for (int i = 0; i < N; ++i) {
+        const int j = i ^ stride;
+        if (j > i) {
+          const bool desc = (i & size) == 0;
+          const bool sw = desc ? k[i] < k[j] : k[i] > k[j];  // selects, not a branch
+          const unsigned long long ki = k[i], kj = k[j];
+          const float pi = p[i], pj = p[j], qi = q[i], qj = q[j];
+          k[i] = sw ? kj : ki; k[j] = sw ? ki : kj;
+          p[i] = sw ? pj : pi; p[j] = sw ? pi : pj;
+          q[i] = sw ? qj : qi; q[j] = sw ? qi : qj;
+        }
+      }
+    }
+  }
+}
+
+// A lane's correction bias and per-expert scales (0 and 1 where absent), loaded
+// before the logits so that the loads overlap (the finishing block issues them
+// before it gathers the logits).
+template <int EPL>
+struct RouteLaneExtras {
+  float bias[EPL], sc[EPL];
+  __device__ __forceinline__ explicit RouteLaneExtras(const RouteArgs& a) {
+    const int e0 = (threadIdx.x & 31) * EPL;
+#pragma unroll
+    for (int i = 0; i < EPL; ++i) {
+      const int e = e0 + i;
+      bias[i] = (a.bias != nullptr && e < a.E) ? a.bias[e] : 0.f;
+      sc[i] = (a.scale != nullptr && e < a.E) ? a.scale[e] : 1.f;
+    }
+  }
+};
+
 // Routes one token; every lane of the warp calls it. get(e) returns the f32 logit.
-template <int EPL, typename GetLogit>
-__device__ void route_token_warp(GetLogit get, int64_t t, const RouteArgs& a) {
+// A token is one warp's chain of dependent steps, so this is written for latency
+// (measured: RESULTS.md session 8; `trace(phase)` lets scripts/route_probe.cu time
+// the phases). The logits, bias and scales are loaded together up front; the
+// softmax maximum is one redux; the group limit ranks the group scores in one pass;
+// each lane sorts its EPL candidates, and each top-k round is then a redux + ballot
+// over the lanes' heads (the winner, the lowest lane on ties, pops its head): no
+// shuffles in the loop. The winners write their own outputs at the end.
+template <int EPL, typename GetLogit, typename Trace = RouteNoTrace>
+__device__ void route_token_warp(GetLogit get, int64_t t, const RouteArgs& a,
+                                 const RouteLaneExtras<EPL>& ex, Trace trace = Trace()) {
   const int lane = threadIdx.x & 31;
   const int E = static_cast<int>(a.E);
   const RouteParams& p = a.p;
   const int e0 = lane * EPL;
-  float s[EPL], sel[EPL];
+  float s[EPL], sc[EPL];
   uint32_t avail = 0;
 #pragma unroll
   for (int i = 0; i < EPL; ++i) {
     const int e = e0 + i;
     s[i] = (e < E) ? get(e) : -INFINITY;
+    sc[i] = ex.sc[i];
     if (e < E) avail |= 1u << i;
   }
+  trace(0);
   if (p.scoring == kSoftmax) {
     float m = -INFINITY;
 #pragma unroll
     for (int i = 0; i < EPL; ++i) m = fmaxf(m, s[i]);
-    m = warp_max(m);
+    m = key_float(__reduce_max_sync(0xffffffffu, float_order_key(m)));  // m is never NaN
     float sum = 0.f;
 #pragma unroll
     for (int i = 0; i < EPL; ++i) {
-      s[i] = (avail >> i & 1u) ? expf(s[i] - m) : 0.f;
+      s[i] = expf((avail >> i & 1u) ? s[i] - m : -INFINITY);  // a select, then exp
       sum += s[i];
     }
     const float inv = 1.0f / warp_sum(sum);
@@ -112,42 +169,54 @@ __device__ void route_token_warp(GetLogit get, int64_t t, const RouteArgs& a) {
     for (int i = 0; i < EPL; ++i) s[i] *= inv;
   } else {
 #pragma unroll
-    for (int i = 0; i < EPL; ++i) s[i] = 1.0f / (1.0f + expf(-s[i]));
+    for (int i = 0; i < EPL; ++i) s[i] = sigmoid_fast(s[i]);
   }
+  float sel[EPL];
 #pragma unroll
-  for (int i = 0; i < EPL; ++i) {
-    const int e = e0 + i;
-    sel[i] = sel_value(s[i] + ((a.bias != nullptr && e < E) ? a.bias[e] : 0.f));
-  }
+  for (int i = 0; i < EPL; ++i) sel[i] = sel_value(s[i] + ex.bias[i]);
+  trace(1);
 
   if (p.num_groups > 1) {
     const int G = E / p.num_groups;
     const int lanes_per_group = G / EPL;
-    unsigned long long allowed_groups = 0ull;
     if (G % EPL == 0 && lanes_per_group >= 1 && (32 % lanes_per_group) == 0 &&
         E == 32 * EPL) {
-      // Each group is lanes_per_group whole lanes: local top-2, then xor-shuffles.
+      // Each group is lanes_per_group whole lanes (a power of two): local top-2, then
+      // xor-shuffles, after which every lane of a group holds its group's score. A
+      // group is allowed when fewer than top_groups groups beat it (higher score, or
+      // equal score and lower index): the same set as top_groups rounds of arg-max.
+      // Top-2 as min / max (sel is never NaN): no branches in the chain.
       float b1 = -INFINITY, b2 = -INFINITY;
 #pragma unroll
       for (int i = 0; i < EPL; ++i) {
-        if (sel[i] > b1) { b2 = b1; b1 = sel[i]; } else if (sel[i] > b2) { b2 = sel[i]; }
+        b2 = fmaxf(b2, fminf(b1, sel[i]));
+        b1 = fmaxf(b1, sel[i]);
       }
-      for (int o = 1; o < lanes_per_group; o <<= 1) {
-        const float o1 = __shfl_xor_sync(0xffffffffu, b1, o);
-        const float o2 = __shfl_xor_sync(0xffffffffu, b2, o);
-        if (o1 > b1) { b2 = fmaxf(b1, o2); b1 = o1; } else { b2 = fmaxf(b2, o1); }
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        if (o < lanes_per_group) {  // uniform over the warp
+          const float o1 = __shfl_xor_sync(0xffffffffu, b1, o);
+          const float o2 = __shfl_xor_sync(0xffffffffu, b2, o);
+          b2 = fmaxf(fminf(b1, o1), fmaxf(b2, o2));
+          b1 = fmaxf(b1, o1);
+        }
       }
-      const bool leader = (lane % lanes_per_group) == 0;
-      float gs = (p.group_score == kGroupMax || G < 2) ? b1 : b1 + b2;
-      gs = sel_value(gs);
-      bool has = leader;
-      for (int r = 0; r < p.top_groups; ++r) {
-        const int w = warp_argmax_lane(gs, has);
-        allowed_groups |= 1ull << (w / lanes_per_group);
-        if (lane == w) has = false;
+      const float gs = sel_value((p.group_score == kGroupMax || G < 2) ? b1 : b1 + b2);
+      const uint32_t gkey = float_order_key(gs + 0.0f);
+      const int shift = __ffs(lanes_per_group) - 1;
+      const int my_group = lane >> shift;
+      int rank = 0;
+      for (int g0 = 0; g0 < p.num_groups; g0 += 8) {  // 8 shuffles in flight
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+          const int g = g0 + u;
+          const uint32_t other = __shfl_sync(0xffffffffu, gkey, (g << shift) & 31);
+          if (g < p.num_groups && (other > gkey || (other == gkey && g < my_group))) ++rank;
+        }
       }
+      if (rank >= p.top_groups) avail = 0u;
     } else {
-      // General layout: one warp reduction per group.
+      // General layout: one warp reduction per group, then top_groups rounds.
       unsigned long long gk[2] = {0ull, 0ull};
       for (int g = 0; g < p.num_groups; ++g) {
         float b1 = -INFINITY, b2 = -INFINITY;
@@ -167,6 +236,7 @@ __device__ void route_token_warp(GetLogit get, int64_t t, const RouteArgs& a) {
         const float gs = sel_value((p.group_score == kGroupMax || G < 2) ? b1 : b1 + b2);
         if ((g & 31) == lane) gk[g >> 5] = select_key(gs, g);
       }
+      unsigned long long allowed_groups = 0ull;
       for (int r = 0; r < p.top_groups; ++r) {
         unsigned long long best = gk[0] > gk[1] ? gk[0] : gk[1];
         best = warp_max_u64(best);
@@ -174,42 +244,64 @@ __device__ void route_token_warp(GetLogit get, int64_t t, const RouteArgs& a) {
         allowed_groups |= 1ull << g;
         if ((g & 31) == lane) gk[g >> 5] = 0ull;
       }
-    }
 #pragma unroll
-    for (int i = 0; i < EPL; ++i) {
-      const int e = e0 + i;
-      if (e < E && !((allowed_groups >> (e / G)) & 1ull)) avail &= ~(1u << i);
+      for (int i = 0; i < EPL; ++i) {
+        const int e = e0 + i;
+        if (e < E && !((allowed_groups >> (e / G)) & 1ull)) avail &= ~(1u << i);
+      }
     }
   }
+  trace(2);
 
-  // top_k rounds: each lane keeps its best available candidate.
-  float my_w = 0.f;
-  int my_id = 0;
+  // Candidates: key = (score key, then lower expert first), 0 = not selectable
+  // (score keys are never 0: sel is never NaN), sorted descending in each lane.
+  unsigned long long kk[EPL];
+#pragma unroll
+  for (int i = 0; i < EPL; ++i)
+    kk[i] = (avail >> i & 1u) ? (static_cast<unsigned long long>(float_order_key(sel[i] + 0.0f))
+                                     << 32) | (0xffffffffu - static_cast<uint32_t>(e0 + i))
+                              : 0ull;
+  sort_desc<EPL>(kk, s, sc);
+  // top_k rounds over the lanes' heads q[0]: the highest score wins, ties to the
+  // lowest lane (= the lowest expert; inside a lane the sort put lower experts
+  // first). won bit j: this lane won round j, with its next sorted candidate.
+  uint32_t q[EPL];
+#pragma unroll
+  for (int i = 0; i < EPL; ++i) q[i] = static_cast<uint32_t>(kk[i] >> 32);
+  const uint32_t lanes_below = (1u << lane) - 1u;
+  uint32_t won = 0u;
   for (int j = 0; j < p.top_k; ++j) {
-    float best = -INFINITY;
-    int bi = -1;
+    const uint32_t m = __reduce_max_sync(0xffffffffu, q[0]);
+    const uint32_t b = __ballot_sync(0xffffffffu, q[0] == m);
+    if (m != 0u && q[0] == m && (b & lanes_below) == 0u) {
+      won |= 1u << j;
 #pragma unroll
-    for (int i = 0; i < EPL; ++i) {
-      if ((avail >> i & 1u) && (bi < 0 || sel[i] > best)) { best = sel[i]; bi = i; }
+      for (int i = 0; i + 1 < EPL; ++i) q[i] = q[i + 1];
+      q[EPL - 1] = 0u;
     }
-    const int w = warp_argmax_lane(best, bi >= 0);
-    const int bi_w = __shfl_sync(0xffffffffu, bi, w);
-    float sw = 0.f;
+  }
+  trace(3);
+  // Outputs: this lane's r-th win is its r-th sorted candidate, chosen in the round
+  // given by the r-th set bit of won.
+  float mine = 0.f;
 #pragma unroll
-    for (int i = 0; i < EPL; ++i) if (i == bi) sw = s[i];
-    const float wv = __shfl_sync(0xffffffffu, sw, w);
-    if (lane == w) avail &= ~(1u << bi);
-    if (lane == j) { my_w = wv; my_id = w * EPL + bi_w; }
+  for (int r = 0; r < EPL; ++r) if (r < __popc(won)) mine += s[r];
+  const float inv = 1.0f / (warp_sum(mine) + kRenormEps);
+  uint32_t rest = won;
+#pragma unroll
+  for (int r = 0; r < EPL; ++r) {
+    if (rest != 0u) {
+      const int j = __ffs(rest) - 1;
+      rest &= rest - 1u;
+      float w = s[r];
+      if (p.renormalize) w = w * inv;
+      w *= p.scaling_factor;
+      if (a.scale != nullptr) w *= sc[r];
+      a.weights[t * p.top_k + j] = w;
+      a.ids[t * p.top_k + j] = key_index(kk[r]);
+    }
   }
-  const float wsum = warp_sum(lane < p.top_k ? my_w : 0.f);
-  if (lane < p.top_k) {
-    float w = my_w;
-    if (p.renormalize) w = w * (1.0f / (wsum + kRenormEps));
-    w *= p.scaling_factor;
-    if (a.scale != nullptr) w *= a.scale[my_id];
-    a.weights[t * p.top_k + lane] = w;
-    a.ids[t * p.top_k + lane] = my_id;
-  }
+  trace(4);
 }
 
 // Logits path: warp w of block b routes token b * kRouteWarps + w.
@@ -220,7 +312,7 @@ __global__ void __launch_bounds__(kRouteThreads) route_logits_kernel(RouteArgs a
   const int64_t t = static_cast<int64_t>(blockIdx.x) * kRouteWarps + (threadIdx.x >> 5);
   if (t >= a.T) return;
   const T* row = static_cast<const T*>(a.x) + t * a.E;
-  route_token_warp<EPL>([&](int e) { return to_float(row[e]); }, t, a);
+  route_token_warp<EPL>([&](int e) { return to_float(row[e]); }, t, a, RouteLaneExtras<EPL>(a));
 }
 
 // ---- fused path ----------------------------------------------------------------------
@@ -346,11 +438,12 @@ __device__ __forceinline__ void route_finish_if_last(const RouteArgs& a, int64_t
     last = atomicAdd(&g_route_tile_arrivals[blockIdx.z], 1u) == arrivals - 1;
   if (!__syncthreads_or(last)) return;
   __threadfence();
+  const RouteLaneExtras<EPL> ex(a);  // in flight with the logits
   load(a, tok0, ntok, s_logits);
   __syncthreads();
   const int warp = threadIdx.x >> 5;
   if (warp < ntok)
-    route_token_warp<EPL>([&](int ee) { return s_logits[warp * a.E + ee]; }, tok0 + warp, a);
+    route_token_warp<EPL>([&](int ee) { return s_logits[warp * a.E + ee]; }, tok0 + warp, a, ex);
   if (threadIdx.x == 0) g_route_tile_arrivals[blockIdx.z] = 0u;
 }
 

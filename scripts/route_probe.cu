@@ -1,0 +1,524 @@
+// Standalone probe of the route kernels (kernels/route.cuh), no JAX: times
+// back-to-back launches replayed from a CUDA graph (router weights rotated over
+// enough copies to miss L2) for the library's kernels, for stage-limited copies of
+// the cluster kernel (which leave out the selection, the finishing block, or
+// everything after the GEMM, so the time of each stage is a difference), and for
+// the selection as it was before session 8 (old_route_token_warp below). Also
+// prints a %globaltimer timeline of one launch of the full copy and the clock64
+// cycles of the selection's phases (one warp, one token). For quick device runs;
+// the numbers we report come from benchmarks/bench_route.py.
+//
+//   nvcc -std=c++17 -O3 -arch=sm_90a -Icsrc scripts/route_probe.cu -o build/route_probe
+//   build/route_probe [T,...] [launches]        e.g. 1,8,16 64
+//     T in [1, 64]; launches per graph in [1, 4096]
+// Environment (checked before any CUDA call): ROUTE_PROBE_COPIES router copies in
+// [1, 64] (default 32: cold in L2; 1: hot), ROUTE_PROBE_NOBIAS=1 (no correction
+// bias in the DeepSeek-V3 case).
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "kernels/route.cuh"
+
+using namespace jax_moe;
+using namespace jax_moe::cuda;
+
+#define CK(x)                                                                          \
+  do {                                                                                 \
+    cudaError_t e_ = (x);                                                              \
+    if (e_ != cudaSuccess) {                                                           \
+      fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
+      exit(1);                                                                         \
+    }                                                                                  \
+  } while (0)
+
+__global__ void fill_bf16(bf16* p, size_t n, uint32_t seed, float scale) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n;
+       i += size_t(gridDim.x) * blockDim.x) {
+    uint32_t h = static_cast<uint32_t>(i) * 2654435761u ^ seed;
+    h ^= h >> 15; h *= 2246822519u; h ^= h >> 13; h *= 3266489917u; h ^= h >> 16;
+    p[i] = __float2bfloat16_rn(scale * ((h & 0xffffff) / 8388608.0f - 1.0f));
+  }
+}
+
+__global__ void fill_f32(float* p, size_t n, uint32_t seed) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n;
+       i += size_t(gridDim.x) * blockDim.x) {
+    uint32_t h = static_cast<uint32_t>(i) * 2654435761u ^ seed;
+    h ^= h >> 15; h *= 2246822519u; h ^= h >> 13; h *= 3266489917u; h ^= h >> 16;
+    p[i] = 4.0f * ((h & 0xffffff) / 8388608.0f - 1.0f);
+  }
+}
+
+__device__ __forceinline__ unsigned long long gtime() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));
+  return t;
+}
+
+// Warp arg-max over (value, has) pairs: returns the winning lane (the lowest lane
+// among equal values) or -1 when no lane has a candidate. v is never NaN here
+// (sel_value); -0 counts as +0. One redux.sync on the order-preserving key instead
+// of five dependent shuffles: this sits on the selection's critical path k times.
+__device__ __forceinline__ int warp_argmax_lane(float v, bool has) {
+  const uint32_t key = has ? float_order_key(v + 0.0f) : 0u;
+  const uint32_t m = __reduce_max_sync(0xffffffffu, key);
+  const uint32_t b = __ballot_sync(0xffffffffu, has && key == m);
+  return b ? __ffs(b) - 1 : -1;
+}
+
+// The library's selection before session 8 (route.cuh had it as route_token_warp),
+// kept here for A/B timing against the current one.
+template <int EPL, typename GetLogit>
+__device__ void old_route_token_warp(GetLogit get, int64_t t, const RouteArgs& a) {
+  const int lane = threadIdx.x & 31;
+  const int E = static_cast<int>(a.E);
+  const RouteParams& p = a.p;
+  const int e0 = lane * EPL;
+  float s[EPL], sel[EPL];
+  uint32_t avail = 0;
+#pragma unroll
+  for (int i = 0; i < EPL; ++i) {
+    const int e = e0 + i;
+    s[i] = (e < E) ? get(e) : -INFINITY;
+    if (e < E) avail |= 1u << i;
+  }
+  if (p.scoring == kSoftmax) {
+    float m = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < EPL; ++i) m = fmaxf(m, s[i]);
+    m = warp_max(m);
+    float sum = 0.f;
+#pragma unroll
+    for (int i = 0; i < EPL; ++i) {
+      s[i] = (avail >> i & 1u) ? expf(s[i] - m) : 0.f;
+      sum += s[i];
+    }
+    const float inv = 1.0f / warp_sum(sum);
+#pragma unroll
+    for (int i = 0; i < EPL; ++i) s[i] *= inv;
+  } else {
+#pragma unroll
+    for (int i = 0; i < EPL; ++i) s[i] = 1.0f / (1.0f + expf(-s[i]));
+  }
+#pragma unroll
+  for (int i = 0; i < EPL; ++i) {
+    const int e = e0 + i;
+    sel[i] = sel_value(s[i] + ((a.bias != nullptr && e < E) ? a.bias[e] : 0.f));
+  }
+
+  if (p.num_groups > 1) {
+    const int G = E / p.num_groups;
+    const int lanes_per_group = G / EPL;
+    unsigned long long allowed_groups = 0ull;
+    if (G % EPL == 0 && lanes_per_group >= 1 && (32 % lanes_per_group) == 0 &&
+        E == 32 * EPL) {
+      // Each group is lanes_per_group whole lanes: local top-2, then xor-shuffles.
+      float b1 = -INFINITY, b2 = -INFINITY;
+#pragma unroll
+      for (int i = 0; i < EPL; ++i) {
+        if (sel[i] > b1) { b2 = b1; b1 = sel[i]; } else if (sel[i] > b2) { b2 = sel[i]; }
+      }
+      for (int o = 1; o < lanes_per_group; o <<= 1) {
+        const float o1 = __shfl_xor_sync(0xffffffffu, b1, o);
+        const float o2 = __shfl_xor_sync(0xffffffffu, b2, o);
+        if (o1 > b1) { b2 = fmaxf(b1, o2); b1 = o1; } else { b2 = fmaxf(b2, o1); }
+      }
+      const bool leader = (lane % lanes_per_group) == 0;
+      float gs = (p.group_score == kGroupMax || G < 2) ? b1 : b1 + b2;
+      gs = sel_value(gs);
+      bool has = leader;
+      for (int r = 0; r < p.top_groups; ++r) {
+        const int w = warp_argmax_lane(gs, has);
+        allowed_groups |= 1ull << (w / lanes_per_group);
+        if (lane == w) has = false;
+      }
+    } else {
+      // General layout: one warp reduction per group.
+      unsigned long long gk[2] = {0ull, 0ull};
+      for (int g = 0; g < p.num_groups; ++g) {
+        float b1 = -INFINITY, b2 = -INFINITY;
+#pragma unroll
+        for (int i = 0; i < EPL; ++i) {
+          const int e = e0 + i;
+          if ((avail >> i & 1u) && e / G == g) {
+            if (sel[i] > b1) { b2 = b1; b1 = sel[i]; } else if (sel[i] > b2) { b2 = sel[i]; }
+          }
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+          const float o1 = __shfl_xor_sync(0xffffffffu, b1, o);
+          const float o2 = __shfl_xor_sync(0xffffffffu, b2, o);
+          if (o1 > b1) { b2 = fmaxf(b1, o2); b1 = o1; } else { b2 = fmaxf(b2, o1); }
+        }
+        const float gs = sel_value((p.group_score == kGroupMax || G < 2) ? b1 : b1 + b2);
+        if ((g & 31) == lane) gk[g >> 5] = select_key(gs, g);
+      }
+      for (int r = 0; r < p.top_groups; ++r) {
+        unsigned long long best = gk[0] > gk[1] ? gk[0] : gk[1];
+        best = warp_max_u64(best);
+        const int g = key_index(best);
+        allowed_groups |= 1ull << g;
+        if ((g & 31) == lane) gk[g >> 5] = 0ull;
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < EPL; ++i) {
+      const int e = e0 + i;
+      if (e < E && !((allowed_groups >> (e / G)) & 1ull)) avail &= ~(1u << i);
+    }
+  }
+
+  // top_k rounds: each lane keeps its best available candidate.
+  float my_w = 0.f;
+  int my_id = 0;
+  for (int j = 0; j < p.top_k; ++j) {
+    float best = -INFINITY;
+    int bi = -1;
+#pragma unroll
+    for (int i = 0; i < EPL; ++i) {
+      if ((avail >> i & 1u) && (bi < 0 || sel[i] > best)) { best = sel[i]; bi = i; }
+    }
+    const int w = warp_argmax_lane(best, bi >= 0);
+    const int bi_w = __shfl_sync(0xffffffffu, bi, w);
+    float sw = 0.f;
+#pragma unroll
+    for (int i = 0; i < EPL; ++i) if (i == bi) sw = s[i];
+    const float wv = __shfl_sync(0xffffffffu, sw, w);
+    if (lane == w) avail &= ~(1u << bi);
+    if (lane == j) { my_w = wv; my_id = w * EPL + bi_w; }
+  }
+  const float wsum = warp_sum(lane < p.top_k ? my_w : 0.f);
+  if (lane < p.top_k) {
+    float w = my_w;
+    if (p.renormalize) w = w * (1.0f / (wsum + kRenormEps));
+    w *= p.scaling_factor;
+    if (a.scale != nullptr) w *= a.scale[my_id];
+    a.weights[t * p.top_k + lane] = w;
+    a.ids[t * p.top_k + lane] = my_id;
+  }
+}
+
+constexpr int kEv = 6;  // entry, gemm done, cluster reduced, arrived, logits loaded, end
+__device__ unsigned long long g_trace[1025][kEv];  // [1024]: the finishing block
+
+__global__ void empty_kernel(int) { pdl_launch_dependents(); pdl_wait_prerequisites(); }
+
+// The cluster kernel of route.cuh, cut after stage STOP (0: the whole kernel, 1: no
+// selection (the finishing block loads the logits and writes one value), 2: no
+// finishing block (stop after storing the logits), 3: GEMM only (each block stores
+// its own partials, no cluster exchange)). TRACE records the timeline.
+template <typename T, int EPL, int STOP, bool TRACE, bool OLD = false>
+__global__ void __launch_bounds__(kRouteThreads) probe_cluster(RouteArgs a, int64_t tile0) {
+  constexpr int kOut = kRouteExpTile * kRouteTokTile;
+  __shared__ float red[kRouteWarps][kRouteExpTile][kRouteTokTile];
+  __shared__ float inbox[kRouteMaxClusterSplits][kOut];
+  extern __shared__ float s_logits[];
+  const int bid = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+  if (TRACE && threadIdx.x == 0) g_trace[bid][0] = gtime();
+  pdl_launch_dependents();
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int ks = a.k_splits;
+  const int per = (kOut + ks - 1) / ks;
+  const int64_t e0 = static_cast<int64_t>(blockIdx.y) * kRouteExpTile;
+  const int64_t tok0 = (tile0 + blockIdx.z) * kRouteTokTile;
+  const int ntok = static_cast<int>(a.T - tok0 < kRouteTokTile ? a.T - tok0 : kRouteTokTile);
+  route_block_dot<T, true>(a, e0, tok0, ntok, rank, red);
+  __syncthreads();
+  if (TRACE && threadIdx.x == 0) g_trace[bid][1] = gtime();
+  asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
+  if (STOP == 3) {
+    if (threadIdx.x < kOut) {
+      const int i = threadIdx.x % kRouteExpTile, t = threadIdx.x / kRouteExpTile;
+      if (e0 + i < a.E && t < ntok)
+        a.partial[(rank * a.T + tok0 + t) * a.E + e0 + i] = route_sum_warps(red, threadIdx.x);
+    }
+    return;
+  }
+  if (threadIdx.x < kOut) {
+    const int o = threadIdx.x, owner = o / per;
+    float* dst = cluster.map_shared_rank(&inbox[rank][o - owner * per], owner);
+    *dst = route_sum_warps(red, o);
+  }
+  cluster.sync();
+  if (threadIdx.x < per && rank * per + static_cast<int>(threadIdx.x) < kOut) {
+    const int o = rank * per + threadIdx.x;
+    const int i = o % kRouteExpTile, t = o / kRouteExpTile;
+    float v = 0.f;
+    for (int r = 0; r < ks; ++r) v += inbox[r][threadIdx.x];
+    if (e0 + i < a.E && t < ntok) a.partial[(tok0 + t) * a.E + e0 + i] = v;
+    __threadfence();
+  }
+  if (TRACE && threadIdx.x == 0) g_trace[bid][2] = gtime();
+  if (STOP == 2) return;
+  __syncthreads();
+  int last = 0;
+  if (threadIdx.x == 0)
+    last = atomicAdd(&g_route_tile_arrivals[blockIdx.z], 1u) == gridDim.x * gridDim.y - 1;
+  if (!__syncthreads_or(last)) return;
+  if (TRACE && threadIdx.x == 0) g_trace[1024][3] = gtime();
+  __threadfence();
+  const RouteLaneExtras<EPL> ex(a);
+  RouteLoadLogits()(a, tok0, ntok, s_logits);
+  __syncthreads();
+  if (TRACE && threadIdx.x == 0) g_trace[1024][4] = gtime();
+  const int warp = threadIdx.x >> 5;
+  if (STOP == 0) {
+    auto get = [&](int ee) { return s_logits[warp * a.E + ee]; };
+    if (warp < ntok) {
+      if (OLD) old_route_token_warp<EPL>(get, tok0 + warp, a);
+      else route_token_warp<EPL>(get, tok0 + warp, a, ex);
+    }
+  } else if (threadIdx.x < ntok) {
+    a.weights[(tok0 + threadIdx.x) * a.p.top_k] = s_logits[threadIdx.x * a.E];
+  }
+  if (threadIdx.x == 0) g_route_tile_arrivals[blockIdx.z] = 0u;
+  __syncthreads();
+  if (TRACE && threadIdx.x == 0) g_trace[1024][5] = gtime();
+}
+
+// Launch kernel K<bf16, EPL, ...> with the library's EPL for E (4 up to 128, else 8).
+#define EPL_LAUNCH(E, LAUNCH) ((E) <= 128 ? LAUNCH(4) : LAUNCH(8))
+
+// The library's logits kernel with the old selection.
+template <typename T, int EPL>
+__global__ void __launch_bounds__(kRouteThreads) old_logits_kernel(RouteArgs a) {
+  pdl_launch_dependents();
+  pdl_wait_prerequisites();
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * kRouteWarps + (threadIdx.x >> 5);
+  if (t >= a.T) return;
+  const T* row = static_cast<const T*>(a.x) + t * a.E;
+  old_route_token_warp<EPL>([&](int e) { return to_float(row[e]); }, t, a);
+}
+
+// One warp routes token 0 from global logits, twice (the second time with warm
+// instruction cache), recording clock64 at the selection's phase boundaries.
+__device__ long long g_clk[2][6];
+template <int EPL>
+__global__ void traced_select(RouteArgs a) {
+  for (int rep = 0; rep < 2; ++rep) {
+    const float* row = static_cast<const float*>(a.x);
+    if (threadIdx.x == 0) g_clk[rep][5] = clock64();
+    route_token_warp<EPL>([&](int e) { return row[e]; }, 0, a, RouteLaneExtras<EPL>(a), [&](int ph) {
+      if (threadIdx.x == 0) g_clk[rep][ph] = clock64();
+    });
+    __syncwarp();
+  }
+}
+
+struct Case { const char* name; int H, E, k, groups, top_groups, scoring; };
+static const Case kCases[] = {{"deepseek_v3", 7168, 256, 8, 8, 4, kSigmoid},
+                              {"gemma4", 2816, 128, 8, 1, 1, kSoftmax},
+                              {"qwen3", 2048, 128, 8, 1, 1, kSoftmax}};
+
+// A whole decimal integer in [lo, hi], or exit 2 naming the argument (before any
+// CUDA call, so bad arguments are reported on machines without a GPU too).
+static int parse_int(const std::string& v, const char* what, int lo, int hi) {
+  char* end = nullptr;
+  const long x = strtol(v.c_str(), &end, 10);
+  if (v.empty() || *end != 0 || x < lo || x > hi) {
+    fprintf(stderr, "route_probe: %s must be an integer in [%d, %d], got '%s'\n", what, lo, hi,
+            v.c_str());
+    exit(2);
+  }
+  return static_cast<int>(x);
+}
+
+static std::vector<int> parse_list(const char* s, const char* what, int lo, int hi) {
+  std::vector<int> out;
+  std::string cur;
+  for (const char* p = s;; ++p) {
+    if (*p == ',' || *p == 0) {
+      out.push_back(parse_int(cur, what, lo, hi));
+      cur.clear();
+      if (!*p) break;
+    } else {
+      cur += *p;
+    }
+  }
+  return out;
+}
+
+int main(int argc, char** argv) {
+  if (argc > 3) {
+    fprintf(stderr, "route_probe: at most 2 arguments (T list, launches)\n");
+    return 2;
+  }
+  const std::vector<int> Ts = parse_list(argc > 1 ? argv[1] : "1,8,16", "T (1st argument)", 1, 64);
+  const int N = argc > 2 ? parse_int(argv[2], "launches (2nd argument)", 1, 4096) : 64;
+  // Diagnostics: ROUTE_PROBE_COPIES (router copies, default 32: cold in L2; 1: hot),
+  // ROUTE_PROBE_NOBIAS=1 (no correction bias).
+  const char* copies_env = getenv("ROUTE_PROBE_COPIES");
+  const int kCopies = copies_env ? parse_int(copies_env, "ROUTE_PROBE_COPIES", 1, 64) : 32;
+  const char* nobias_env = getenv("ROUTE_PROBE_NOBIAS");
+  const bool nobias = nobias_env && parse_int(nobias_env, "ROUTE_PROBE_NOBIAS", 0, 1) == 1;
+  const bool pdl = DeviceSupportsPdl();
+  cudaStream_t st;
+  CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+  cudaEvent_t e0, e1;
+  CK(cudaEventCreate(&e0));
+  CK(cudaEventCreate(&e1));
+  printf("route_probe: %d launches per graph, router rotated over %d copies, pdl %d\n", N,
+         kCopies, int(pdl));
+  for (const Case& c : kCases) {
+    const size_t wn = size_t(c.E) * c.H;
+    std::vector<bf16*> w(kCopies), x(kCopies);
+    for (int i = 0; i < kCopies; ++i) {
+      CK(cudaMalloc(&w[i], wn * sizeof(bf16)));
+      CK(cudaMalloc(&x[i], size_t(64) * c.H * sizeof(bf16)));
+      fill_bf16<<<512, 256>>>(w[i], wn, 17u + i, 0.05f);
+      fill_bf16<<<64, 256>>>(x[i], size_t(64) * c.H, 991u + i, 1.0f);
+    }
+    float *bias, *logits, *weights, *partial;
+    int32_t* ids;
+    CK(cudaMalloc(&bias, c.E * sizeof(float)));
+    CK(cudaMalloc(&logits, size_t(kCopies) * 64 * c.E * sizeof(float)));
+    fill_f32<<<256, 256>>>(logits, size_t(kCopies) * 64 * c.E, 7u);
+    fill_f32<<<1, 256>>>(bias, c.E, 8u);
+    CK(cudaMalloc(&weights, 64 * 32 * sizeof(float)));
+    CK(cudaMalloc(&ids, 64 * 32 * sizeof(int32_t)));
+    CK(cudaMalloc(&partial, size_t(4096) * 64 * c.E * sizeof(float)));
+    CK(cudaDeviceSynchronize());
+    for (int T : Ts) {
+      RouteArgs a;
+      a.router = w[0];
+      a.x = x[0];
+      a.bias = c.scoring == kSigmoid && !nobias ? bias : nullptr;
+      a.T = T; a.H = c.H; a.E = c.E;
+      a.p.top_k = c.k; a.p.scoring = c.scoring; a.p.num_groups = c.groups;
+      a.p.top_groups = c.top_groups; a.p.renormalize = true;
+      a.weights = weights; a.ids = ids; a.partial = partial;
+      a.k_splits = std::max(1, std::min(8, (c.H + 31) / 32 / 8));
+      const unsigned ks = a.k_splits, tiles_e = (c.E + 15) / 16,
+                     tiles_t = (T + kRouteTokTile - 1) / kRouteTokTile;
+      const size_t smem = size_t(kRouteTokTile) * c.E * sizeof(float);
+      const dim3 cg(ks, tiles_e, tiles_t), blk(kRouteThreads);
+      struct V { const char* name; int id; };
+      const V vs[] = {{"empty 1 block", 0},        {"empty cluster grid", 1},
+                      {"library fused (cluster)", 2}, {"library fused (global)", 3},
+                      {"library logits kernel", 4},  {"copy: full", 5},
+                      {"copy: no selection", 6},     {"copy: no finishing block", 7},
+                      {"copy: GEMM only", 8},        {"old selection: logits kernel", 9},
+                      {"old selection: copy full", 10}};
+      printf("%s T=%d (E=%d H=%d k_splits=%d, router %.2f MB)\n", c.name, T, c.E, c.H,
+             a.k_splits, wn * 2 / 1e6);
+      for (const V& v : vs) {
+        auto launch = [&](int i) {
+          RouteArgs b = a;
+          b.router = w[i % kCopies];
+          b.x = x[i % kCopies];
+          switch (v.id) {
+            case 0: CK(LaunchMaybePdl(empty_kernel, dim3(1), dim3(32), 0, st, pdl, 0)); break;
+            case 1: CK(LaunchClusterMaybePdl(empty_kernel, cg, blk, 0, st, pdl, ks, 0)); break;
+            case 2: CK(LaunchRoute<bf16>(b, st)); break;
+            case 3:
+#define L3(EPL) LaunchMaybePdl(route_fused_kernel<bf16, EPL, true>, dim3(tiles_e, ks, tiles_t), \
+                           blk, smem, st, pdl, b, int64_t(0))
+              CK(EPL_LAUNCH(c.E, L3));
+              break;
+            case 4:
+              b.router = nullptr;
+              b.x = logits + size_t(i % kCopies) * 64 * c.E;
+              CK(LaunchRoute<float>(b, st));
+              break;
+#define L5(EPL) LaunchClusterMaybePdl(probe_cluster<bf16, EPL, 0, false>, cg, blk, smem, st, \
+                                  pdl, ks, b, int64_t(0))
+            case 5: CK(EPL_LAUNCH(c.E, L5)); break;
+#define L6(EPL) LaunchClusterMaybePdl(probe_cluster<bf16, EPL, 1, false>, cg, blk, smem, st, \
+                                  pdl, ks, b, int64_t(0))
+            case 6: CK(EPL_LAUNCH(c.E, L6)); break;
+#define L7(EPL) LaunchClusterMaybePdl(probe_cluster<bf16, EPL, 2, false>, cg, blk, smem, st, \
+                                  pdl, ks, b, int64_t(0))
+            case 7: CK(EPL_LAUNCH(c.E, L7)); break;
+#define L8(EPL) LaunchClusterMaybePdl(probe_cluster<bf16, EPL, 3, false>, cg, blk, smem, st, \
+                                  pdl, ks, b, int64_t(0))
+            case 8: CK(EPL_LAUNCH(c.E, L8)); break;
+#define L9(EPL) LaunchMaybePdl(old_logits_kernel<float, EPL>, dim3((T + 7) / 8), blk, 0, st, pdl, b)
+            case 9:
+              b.router = nullptr;
+              b.x = logits + size_t(i % kCopies) * 64 * c.E;
+              CK(EPL_LAUNCH(c.E, L9));
+              break;
+#define L10(EPL) LaunchClusterMaybePdl(probe_cluster<bf16, EPL, 0, false, true>, cg, blk, smem, st, \
+                                   pdl, ks, b, int64_t(0))
+            case 10: CK(EPL_LAUNCH(c.E, L10)); break;
+          }
+        };
+        if (c.E > 256 && v.id >= 2) continue;
+        for (int i = 0; i < 4; ++i) launch(i);  // warm-up, module load
+        CK(cudaStreamSynchronize(st));
+        cudaGraph_t g;
+        cudaGraphExec_t ge;
+        CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
+        for (int i = 0; i < N; ++i) launch(i);
+        CK(cudaStreamEndCapture(st, &g));
+        CK(cudaGraphInstantiate(&ge, g, 0));
+        CK(cudaGraphLaunch(ge, st));
+        CK(cudaStreamSynchronize(st));
+        std::vector<float> us;
+        for (int r = 0; r < 15; ++r) {
+          CK(cudaEventRecord(e0, st));
+          CK(cudaGraphLaunch(ge, st));
+          CK(cudaEventRecord(e1, st));
+          CK(cudaEventSynchronize(e1));
+          float ms;
+          CK(cudaEventElapsedTime(&ms, e0, e1));
+          us.push_back(ms * 1e3f / N);
+        }
+        std::sort(us.begin(), us.end());
+        printf("  %-26s %7.2f us/launch (min %.2f)\n", v.name, us[us.size() / 2], us[0]);
+        CK(cudaGraphExecDestroy(ge));
+        CK(cudaGraphDestroy(g));
+      }
+      // Timeline of one launch of the full copy, after a cold-router launch.
+      for (int i = 0; i < 3; ++i) {
+        RouteArgs b = a;
+        b.router = w[(i + 5) % kCopies];
+#define LT(EPL) LaunchClusterMaybePdl(probe_cluster<bf16, EPL, 0, true>, cg, blk, smem, st, pdl, \
+                                  ks, b, int64_t(0))
+        CK(EPL_LAUNCH(c.E, LT));
+      }
+      CK(cudaStreamSynchronize(st));
+      static unsigned long long tr[1025][kEv];
+      CK(cudaMemcpyFromSymbol(tr, g_trace, sizeof(tr)));
+      const int G = int(ks * tiles_e * tiles_t);
+      unsigned long long t0 = ~0ull;
+      for (int b = 0; b < G; ++b) t0 = std::min(t0, tr[b][0]);
+      printf("  timeline of one launch (us from the first block's entry; min / median / max "
+             "over %d blocks)\n", G);
+      const char* names[3] = {"entry", "gemm done", "logits stored"};
+      for (int ev = 0; ev < 3; ++ev) {
+        std::vector<double> vv;
+        for (int b = 0; b < G; ++b) vv.push_back((tr[b][ev] - t0) * 1e-3);
+        std::sort(vv.begin(), vv.end());
+        printf("    %-14s %7.2f %7.2f %7.2f\n", names[ev], vv[0], vv[G / 2], vv[G - 1]);
+      }
+      printf("    finisher: arrived %.2f, logits loaded %.2f, end %.2f\n",
+             (tr[1024][3] - t0) * 1e-3, (tr[1024][4] - t0) * 1e-3, (tr[1024][5] - t0) * 1e-3);
+      if (T == Ts[0]) {  // the selection's phases, one warp, token 0, cycles
+        RouteArgs b = a;
+        b.router = nullptr;
+        b.x = logits;
+#define LS(EPL) (traced_select<EPL><<<1, 32, 0, st>>>(b), cudaGetLastError())
+        CK(EPL_LAUNCH(c.E, LS));
+        CK(cudaStreamSynchronize(st));
+        long long clk[2][6];
+        CK(cudaMemcpyFromSymbol(clk, g_clk, sizeof(clk)));
+        for (int r = 0; r < 2; ++r)
+          printf("    selection cycles (%s): loads %lld, scores %lld, groups %lld, top-k %lld, "
+                 "weights %lld, total %lld\n", r ? "warm" : "cold", clk[r][0] - clk[r][5],
+                 clk[r][1] - clk[r][0], clk[r][2] - clk[r][1], clk[r][3] - clk[r][2],
+                 clk[r][4] - clk[r][3], clk[r][4] - clk[r][5]);
+      }
+    }
+    for (int i = 0; i < kCopies; ++i) { CK(cudaFree(w[i])); CK(cudaFree(x[i])); }
+    CK(cudaFree(bias)); CK(cudaFree(logits)); CK(cudaFree(weights)); CK(cudaFree(ids));
+    CK(cudaFree(partial));
+  }
+  return 0;
+}
