@@ -27,6 +27,12 @@ from __future__ import annotations
 # the path ours takes): DeepSeek-V3 T=1 11.18 / 10.86 / 7.62, T=8 12.33 / 18.73 /
 # 11.71, T=16 13.48 / 19.43 / 11.92; Gemma-4 T=8 7.85 / 10.52 / 4.80; Qwen3 T=16 8.40
 # / 10.26 / 5.41. Faster than before from T=4, still slower than the two-kernel path.
+# Session 8 made the selection (shared by both paths) about 2 us shorter on
+# DeepSeek-V3 and 0.4 us on the E=128 shapes; run s8-5 (fused / the path ours takes):
+# DeepSeek-V3 T=1 9.09 / 6.51, T=4 9.59 / 7.63, T=8 10.29 / 11.06, T=16 11.43 /
+# 10.25; Gemma-4 T=1 7.15 / 3.43, T=16 8.02 / 5.74; Qwen3 T=16 7.67 / 4.64. The fused
+# kernel wins one point (DeepSeek-V3 T=8, by 7%, inside the call-to-call spread of
+# earlier sessions), so it stays off.
 ROUTE_FUSED_MAX_TOKENS = 0
 
 # Fused-path geometry (csrc/kernels/route.cuh): a block is 16 router rows x 8 tokens
