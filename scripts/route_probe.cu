@@ -2,11 +2,12 @@
 // back-to-back launches replayed from a CUDA graph (router weights rotated over
 // enough copies to miss L2) for the library's kernels, for stage-limited copies of
 // the cluster kernel (which leave out the selection, the finishing block, or
-// everything after the GEMM, so the time of each stage is a difference), and for
-// the selection as it was before session 8 (old_route_token_warp below). Also
+// everything after the GEMM, so the time of each stage is a difference). Also
 // prints a %globaltimer timeline of one launch of the full copy and the clock64
 // cycles of the selection's phases (one warp, one token). For quick device runs;
-// the numbers we report come from benchmarks/bench_route.py.
+// the numbers we report come from benchmarks/bench_route.py. (The A/B against the
+// selection of before session 8, RESULTS.md session 8, used this file as of commit
+// 699ad13, which compiled the old selection in beside the new one.)
 //
 //   nvcc -std=c++17 -O3 -arch=sm_90a -Icsrc scripts/route_probe.cu -o build/route_probe
 //   build/route_probe [T,...] [launches]        e.g. 1,8,16 64
@@ -21,184 +22,17 @@
 #include <vector>
 
 #include "kernels/route.cuh"
+#include "probe_util.cuh"
 
 using namespace jax_moe;
 using namespace jax_moe::cuda;
 
-#define CK(x)                                                                          \
-  do {                                                                                 \
-    cudaError_t e_ = (x);                                                              \
-    if (e_ != cudaSuccess) {                                                           \
-      fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-      exit(1);                                                                         \
-    }                                                                                  \
-  } while (0)
-
-__global__ void fill_bf16(bf16* p, size_t n, uint32_t seed, float scale) {
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n;
-       i += size_t(gridDim.x) * blockDim.x) {
-    uint32_t h = static_cast<uint32_t>(i) * 2654435761u ^ seed;
-    h ^= h >> 15; h *= 2246822519u; h ^= h >> 13; h *= 3266489917u; h ^= h >> 16;
-    p[i] = __float2bfloat16_rn(scale * ((h & 0xffffff) / 8388608.0f - 1.0f));
-  }
-}
-
-__global__ void fill_f32(float* p, size_t n, uint32_t seed) {
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n;
-       i += size_t(gridDim.x) * blockDim.x) {
-    uint32_t h = static_cast<uint32_t>(i) * 2654435761u ^ seed;
-    h ^= h >> 15; h *= 2246822519u; h ^= h >> 13; h *= 3266489917u; h ^= h >> 16;
-    p[i] = 4.0f * ((h & 0xffffff) / 8388608.0f - 1.0f);
-  }
-}
+const char* const kProbeName = "route_probe";
 
 __device__ __forceinline__ unsigned long long gtime() {
   unsigned long long t;
   asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));
   return t;
-}
-
-// Warp arg-max over (value, has) pairs: returns the winning lane (the lowest lane
-// among equal values) or -1 when no lane has a candidate. v is never NaN here
-// (sel_value); -0 counts as +0. One redux.sync on the order-preserving key instead
-// of five dependent shuffles: this sits on the selection's critical path k times.
-__device__ __forceinline__ int warp_argmax_lane(float v, bool has) {
-  const uint32_t key = has ? float_order_key(v + 0.0f) : 0u;
-  const uint32_t m = __reduce_max_sync(0xffffffffu, key);
-  const uint32_t b = __ballot_sync(0xffffffffu, has && key == m);
-  return b ? __ffs(b) - 1 : -1;
-}
-
-// The library's selection before session 8 (route.cuh had it as route_token_warp),
-// kept here for A/B timing against the current one.
-template <int EPL, typename GetLogit>
-__device__ void old_route_token_warp(GetLogit get, int64_t t, const RouteArgs& a) {
-  const int lane = threadIdx.x & 31;
-  const int E = static_cast<int>(a.E);
-  const RouteParams& p = a.p;
-  const int e0 = lane * EPL;
-  float s[EPL], sel[EPL];
-  uint32_t avail = 0;
-#pragma unroll
-  for (int i = 0; i < EPL; ++i) {
-    const int e = e0 + i;
-    s[i] = (e < E) ? get(e) : -INFINITY;
-    if (e < E) avail |= 1u << i;
-  }
-  if (p.scoring == kSoftmax) {
-    float m = -INFINITY;
-#pragma unroll
-    for (int i = 0; i < EPL; ++i) m = fmaxf(m, s[i]);
-    m = warp_max(m);
-    float sum = 0.f;
-#pragma unroll
-    for (int i = 0; i < EPL; ++i) {
-      s[i] = (avail >> i & 1u) ? expf(s[i] - m) : 0.f;
-      sum += s[i];
-    }
-    const float inv = 1.0f / warp_sum(sum);
-#pragma unroll
-    for (int i = 0; i < EPL; ++i) s[i] *= inv;
-  } else {
-#pragma unroll
-    for (int i = 0; i < EPL; ++i) s[i] = 1.0f / (1.0f + expf(-s[i]));
-  }
-#pragma unroll
-  for (int i = 0; i < EPL; ++i) {
-    const int e = e0 + i;
-    sel[i] = sel_value(s[i] + ((a.bias != nullptr && e < E) ? a.bias[e] : 0.f));
-  }
-
-  if (p.num_groups > 1) {
-    const int G = E / p.num_groups;
-    const int lanes_per_group = G / EPL;
-    unsigned long long allowed_groups = 0ull;
-    if (G % EPL == 0 && lanes_per_group >= 1 && (32 % lanes_per_group) == 0 &&
-        E == 32 * EPL) {
-      // Each group is lanes_per_group whole lanes: local top-2, then xor-shuffles.
-      float b1 = -INFINITY, b2 = -INFINITY;
-#pragma unroll
-      for (int i = 0; i < EPL; ++i) {
-        if (sel[i] > b1) { b2 = b1; b1 = sel[i]; } else if (sel[i] > b2) { b2 = sel[i]; }
-      }
-      for (int o = 1; o < lanes_per_group; o <<= 1) {
-        const float o1 = __shfl_xor_sync(0xffffffffu, b1, o);
-        const float o2 = __shfl_xor_sync(0xffffffffu, b2, o);
-        if (o1 > b1) { b2 = fmaxf(b1, o2); b1 = o1; } else { b2 = fmaxf(b2, o1); }
-      }
-      const bool leader = (lane % lanes_per_group) == 0;
-      float gs = (p.group_score == kGroupMax || G < 2) ? b1 : b1 + b2;
-      gs = sel_value(gs);
-      bool has = leader;
-      for (int r = 0; r < p.top_groups; ++r) {
-        const int w = warp_argmax_lane(gs, has);
-        allowed_groups |= 1ull << (w / lanes_per_group);
-        if (lane == w) has = false;
-      }
-    } else {
-      // General layout: one warp reduction per group.
-      unsigned long long gk[2] = {0ull, 0ull};
-      for (int g = 0; g < p.num_groups; ++g) {
-        float b1 = -INFINITY, b2 = -INFINITY;
-#pragma unroll
-        for (int i = 0; i < EPL; ++i) {
-          const int e = e0 + i;
-          if ((avail >> i & 1u) && e / G == g) {
-            if (sel[i] > b1) { b2 = b1; b1 = sel[i]; } else if (sel[i] > b2) { b2 = sel[i]; }
-          }
-        }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-          const float o1 = __shfl_xor_sync(0xffffffffu, b1, o);
-          const float o2 = __shfl_xor_sync(0xffffffffu, b2, o);
-          if (o1 > b1) { b2 = fmaxf(b1, o2); b1 = o1; } else { b2 = fmaxf(b2, o1); }
-        }
-        const float gs = sel_value((p.group_score == kGroupMax || G < 2) ? b1 : b1 + b2);
-        if ((g & 31) == lane) gk[g >> 5] = select_key(gs, g);
-      }
-      for (int r = 0; r < p.top_groups; ++r) {
-        unsigned long long best = gk[0] > gk[1] ? gk[0] : gk[1];
-        best = warp_max_u64(best);
-        const int g = key_index(best);
-        allowed_groups |= 1ull << g;
-        if ((g & 31) == lane) gk[g >> 5] = 0ull;
-      }
-    }
-#pragma unroll
-    for (int i = 0; i < EPL; ++i) {
-      const int e = e0 + i;
-      if (e < E && !((allowed_groups >> (e / G)) & 1ull)) avail &= ~(1u << i);
-    }
-  }
-
-  // top_k rounds: each lane keeps its best available candidate.
-  float my_w = 0.f;
-  int my_id = 0;
-  for (int j = 0; j < p.top_k; ++j) {
-    float best = -INFINITY;
-    int bi = -1;
-#pragma unroll
-    for (int i = 0; i < EPL; ++i) {
-      if ((avail >> i & 1u) && (bi < 0 || sel[i] > best)) { best = sel[i]; bi = i; }
-    }
-    const int w = warp_argmax_lane(best, bi >= 0);
-    const int bi_w = __shfl_sync(0xffffffffu, bi, w);
-    float sw = 0.f;
-#pragma unroll
-    for (int i = 0; i < EPL; ++i) if (i == bi) sw = s[i];
-    const float wv = __shfl_sync(0xffffffffu, sw, w);
-    if (lane == w) avail &= ~(1u << bi);
-    if (lane == j) { my_w = wv; my_id = w * EPL + bi_w; }
-  }
-  const float wsum = warp_sum(lane < p.top_k ? my_w : 0.f);
-  if (lane < p.top_k) {
-    float w = my_w;
-    if (p.renormalize) w = w * (1.0f / (wsum + kRenormEps));
-    w *= p.scaling_factor;
-    if (a.scale != nullptr) w *= a.scale[my_id];
-    a.weights[t * p.top_k + lane] = w;
-    a.ids[t * p.top_k + lane] = my_id;
-  }
 }
 
 constexpr int kEv = 6;  // entry, gemm done, cluster reduced, arrived, logits loaded, end
@@ -210,7 +44,7 @@ __global__ void empty_kernel(int) { pdl_launch_dependents(); pdl_wait_prerequisi
 // selection (the finishing block loads the logits and writes one value), 2: no
 // finishing block (stop after storing the logits), 3: GEMM only (each block stores
 // its own partials, no cluster exchange)). TRACE records the timeline.
-template <typename T, int EPL, int STOP, bool TRACE, bool OLD = false>
+template <typename T, int EPL, int STOP, bool TRACE>
 __global__ void __launch_bounds__(kRouteThreads) probe_cluster(RouteArgs a, int64_t tile0) {
   constexpr int kOut = kRouteExpTile * kRouteTokTile;
   __shared__ float red[kRouteWarps][kRouteExpTile][kRouteTokTile];
@@ -270,10 +104,7 @@ __global__ void __launch_bounds__(kRouteThreads) probe_cluster(RouteArgs a, int6
   const int warp = threadIdx.x >> 5;
   if (STOP == 0) {
     auto get = [&](int ee) { return s_logits[warp * a.E + ee]; };
-    if (warp < ntok) {
-      if (OLD) old_route_token_warp<EPL>(get, tok0 + warp, a);
-      else route_token_warp<EPL>(get, tok0 + warp, a, ex);
-    }
+    if (warp < ntok) route_token_warp<EPL>(get, tok0 + warp, a, ex);
   } else if (threadIdx.x < ntok) {
     a.weights[(tok0 + threadIdx.x) * a.p.top_k] = s_logits[threadIdx.x * a.E];
   }
@@ -284,17 +115,6 @@ __global__ void __launch_bounds__(kRouteThreads) probe_cluster(RouteArgs a, int6
 
 // Launch kernel K<bf16, EPL, ...> with the library's EPL for E (4 up to 128, else 8).
 #define EPL_LAUNCH(E, LAUNCH) ((E) <= 128 ? LAUNCH(4) : LAUNCH(8))
-
-// The library's logits kernel with the old selection.
-template <typename T, int EPL>
-__global__ void __launch_bounds__(kRouteThreads) old_logits_kernel(RouteArgs a) {
-  pdl_launch_dependents();
-  pdl_wait_prerequisites();
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * kRouteWarps + (threadIdx.x >> 5);
-  if (t >= a.T) return;
-  const T* row = static_cast<const T*>(a.x) + t * a.E;
-  old_route_token_warp<EPL>([&](int e) { return to_float(row[e]); }, t, a);
-}
 
 // One warp routes token 0 from global logits, twice (the second time with warm
 // instruction cache), recording clock64 at the selection's phase boundaries.
@@ -315,19 +135,6 @@ struct Case { const char* name; int H, E, k, groups, top_groups, scoring; };
 static const Case kCases[] = {{"deepseek_v3", 7168, 256, 8, 8, 4, kSigmoid},
                               {"gemma4", 2816, 128, 8, 1, 1, kSoftmax},
                               {"qwen3", 2048, 128, 8, 1, 1, kSoftmax}};
-
-// A whole decimal integer in [lo, hi], or exit 2 naming the argument (before any
-// CUDA call, so bad arguments are reported on machines without a GPU too).
-static int parse_int(const std::string& v, const char* what, int lo, int hi) {
-  char* end = nullptr;
-  const long x = strtol(v.c_str(), &end, 10);
-  if (v.empty() || *end != 0 || x < lo || x > hi) {
-    fprintf(stderr, "route_probe: %s must be an integer in [%d, %d], got '%s'\n", what, lo, hi,
-            v.c_str());
-    exit(2);
-  }
-  return static_cast<int>(x);
-}
 
 static std::vector<int> parse_list(const char* s, const char* what, int lo, int hi) {
   std::vector<int> out;
@@ -378,8 +185,8 @@ int main(int argc, char** argv) {
     int32_t* ids;
     CK(cudaMalloc(&bias, c.E * sizeof(float)));
     CK(cudaMalloc(&logits, size_t(kCopies) * 64 * c.E * sizeof(float)));
-    fill_f32<<<256, 256>>>(logits, size_t(kCopies) * 64 * c.E, 7u);
-    fill_f32<<<1, 256>>>(bias, c.E, 8u);
+    fill_f32<<<256, 256>>>(logits, size_t(kCopies) * 64 * c.E, 7u, 4.0f);
+    fill_f32<<<1, 256>>>(bias, c.E, 8u, 4.0f);
     CK(cudaMalloc(&weights, 64 * 32 * sizeof(float)));
     CK(cudaMalloc(&ids, 64 * 32 * sizeof(int32_t)));
     CK(cudaMalloc(&partial, size_t(4096) * 64 * c.E * sizeof(float)));
@@ -403,8 +210,7 @@ int main(int argc, char** argv) {
                       {"library fused (cluster)", 2}, {"library fused (global)", 3},
                       {"library logits kernel", 4},  {"copy: full", 5},
                       {"copy: no selection", 6},     {"copy: no finishing block", 7},
-                      {"copy: GEMM only", 8},        {"old selection: logits kernel", 9},
-                      {"old selection: copy full", 10}};
+                      {"copy: GEMM only", 8}};
       printf("%s T=%d (E=%d H=%d k_splits=%d, router %.2f MB)\n", c.name, T, c.E, c.H,
              a.k_splits, wn * 2 / 1e6);
       for (const V& v : vs) {
@@ -438,15 +244,6 @@ int main(int argc, char** argv) {
 #define L8(EPL) LaunchClusterMaybePdl(probe_cluster<bf16, EPL, 3, false>, cg, blk, smem, st, \
                                   pdl, ks, b, int64_t(0))
             case 8: CK(EPL_LAUNCH(c.E, L8)); break;
-#define L9(EPL) LaunchMaybePdl(old_logits_kernel<float, EPL>, dim3((T + 7) / 8), blk, 0, st, pdl, b)
-            case 9:
-              b.router = nullptr;
-              b.x = logits + size_t(i % kCopies) * 64 * c.E;
-              CK(EPL_LAUNCH(c.E, L9));
-              break;
-#define L10(EPL) LaunchClusterMaybePdl(probe_cluster<bf16, EPL, 0, false, true>, cg, blk, smem, st, \
-                                   pdl, ks, b, int64_t(0))
-            case 10: CK(EPL_LAUNCH(c.E, L10)); break;
           }
         };
         if (c.E > 256 && v.id >= 2) continue;

@@ -30,27 +30,12 @@
 #include <algorithm>
 
 #include "kernels/expert_gemv_stream.cuh"
+#include "probe_util.cuh"
 
 using namespace jax_moe;
 using namespace jax_moe::cuda;
 
-#define CK(x)                                                                    \
-  do {                                                                           \
-    cudaError_t e_ = (x);                                                        \
-    if (e_ != cudaSuccess) {                                                     \
-      fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-      exit(1);                                                                   \
-    }                                                                            \
-  } while (0)
-
-__global__ void fill_bf16(bf16* p, size_t n, uint32_t seed, float scale) {
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n;
-       i += size_t(gridDim.x) * blockDim.x) {
-    uint32_t h = static_cast<uint32_t>(i) * 2654435761u ^ seed;
-    h ^= h >> 15; h *= 2246822519u; h ^= h >> 13; h *= 3266489917u; h ^= h >> 16;
-    p[i] = __float2bfloat16_rn(scale * ((h & 0xffffff) / 8388608.0f - 1.0f));
-  }
-}
+const char* const kProbeName = "stream_probe";
 
 __global__ void read_kernel(const uint4* p, size_t n, unsigned int* sink) {
   uint32_t acc = 0;
@@ -125,18 +110,6 @@ static void trace_summary(const char* label, int G, float kernel_us) {
 static void trace_summary(const char*, int, float) {}
 #endif
 
-// A whole decimal integer in [lo, hi], or exit 2 naming the argument (before any
-// CUDA call, so bad arguments are reported on machines without a GPU too).
-static int parse_int(const std::string& v, const char* what, int lo, int hi) {
-  char* end = nullptr;
-  const long x = strtol(v.c_str(), &end, 10);
-  if (v.empty() || *end != 0 || x < lo || x > hi) {
-    fprintf(stderr, "stream_probe: %s must be an integer in [%d, %d], got '%s'\n", what, lo, hi,
-            v.c_str());
-    exit(2);
-  }
-  return static_cast<int>(x);
-}
 
 int main(int argc, char** argv) {
   const bool read_only = argc > 1 && strcmp(argv[1], "--read-bw") == 0;

@@ -74,20 +74,24 @@ def test_read_bandwidth_bad_env(monkeypatch, value):
     harness.measure_read_bandwidth(1 << 20, sets=2)
 
 
-@pytest.fixture(scope="module")
-def stream_probe(tmp_path_factory):
-  """scripts/stream_probe.cu built with nvcc (skipped without it). Its argument
-  checks run before any CUDA call, so they are tested on machines without a GPU."""
+def _build_probe(tmp_path_factory, name):
+  """scripts/<name>.cu built with nvcc (skipped without it). The probes check their
+  arguments before any CUDA call, so those checks are tested without a GPU."""
   import shutil
   nvcc = shutil.which("nvcc")
   if nvcc is None:
     pytest.skip("nvcc not found")
-  exe = str(tmp_path_factory.mktemp("probe") / "stream_probe")
+  exe = str(tmp_path_factory.mktemp("probe") / name)
   p = subprocess.run([nvcc, "-std=c++17", "-O1", "-arch=sm_90a", "-I" + os.path.join(ROOT, "csrc"),
-                      os.path.join(ROOT, "scripts", "stream_probe.cu"), "-o", exe],
+                      os.path.join(ROOT, "scripts", name + ".cu"), "-o", exe],
                      capture_output=True, text=True, timeout=600)
   assert p.returncode == 0, p.stderr[-3000:]
   return exe
+
+
+@pytest.fixture(scope="module")
+def stream_probe(tmp_path_factory):
+  return _build_probe(tmp_path_factory, "stream_probe")
 
 
 @pytest.mark.parametrize("args,match", [
@@ -123,18 +127,8 @@ def test_stream_probe_bad_env(stream_probe, name, value):
 
 @pytest.fixture(scope="module")
 def route_probe(tmp_path_factory):
-  """scripts/route_probe.cu built with nvcc (skipped without it): it compiles against
-  the current kernels/route.cuh, and its argument checks run before any CUDA call."""
-  import shutil
-  nvcc = shutil.which("nvcc")
-  if nvcc is None:
-    pytest.skip("nvcc not found")
-  exe = str(tmp_path_factory.mktemp("probe") / "route_probe")
-  p = subprocess.run([nvcc, "-std=c++17", "-O1", "-arch=sm_90a", "-I" + os.path.join(ROOT, "csrc"),
-                      os.path.join(ROOT, "scripts", "route_probe.cu"), "-o", exe],
-                     capture_output=True, text=True, timeout=600)
-  assert p.returncode == 0, p.stderr[-3000:]
-  return exe
+  """It also checks that the probe compiles against the current kernels/route.cuh."""
+  return _build_probe(tmp_path_factory, "route_probe")
 
 
 @pytest.mark.parametrize("args,env,match", [

@@ -177,18 +177,26 @@ cudaError_t LaunchMaybePdl(void (*kernel)(KArgs...), dim3 grid, dim3 block, size
   return LaunchClusterMaybePdl(kernel, grid, block, smem, stream, pdl, 1u, args...);
 }
 
+// Host: attribute `Attr` of the current device, or `fallback` when it cannot be read.
+// Cached per device (launchers ask on every call; attributes do not change while the
+// process runs). A benign race: two threads may both query and store the same value.
+template <cudaDeviceAttr Attr>
+inline int CurrentDeviceAttr(int fallback) {
+  constexpr int kDevices = 64;
+  static int cache[kDevices] = {};  // value + 1; 0: not read yet
+  int dev = 0, v = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return fallback;
+  const bool cached = dev >= 0 && dev < kDevices;
+  if (cached && cache[dev] != 0) return cache[dev] - 1;
+  if (cudaDeviceGetAttribute(&v, Attr, dev) != cudaSuccess) return fallback;
+  if (cached) cache[dev] = v + 1;
+  return v;
+}
+
 // Host: whether the current device is sm_90 or newer (the stream kernel's
-// instructions, programmatic dependent launch). Cached per device: launchers ask on
-// every call.
+// instructions, programmatic dependent launch, thread-block clusters).
 inline bool DeviceIsSm90() {
-  static int cache[64] = {};  // 0 unknown, 1 no, 2 yes
-  int dev = 0, major = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return false;
-  if (dev >= 0 && dev < 64 && cache[dev] != 0) return cache[dev] == 2;
-  const bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) ==
-                      cudaSuccess && major >= 9;
-  if (dev >= 0 && dev < 64) cache[dev] = ok ? 2 : 1;
-  return ok;
+  return CurrentDeviceAttr<cudaDevAttrComputeCapabilityMajor>(0) >= 9;
 }
 
 // Host: JAX_MOE_DISABLE_PDL=1 in the environment (read once; a diagnostic for A/B

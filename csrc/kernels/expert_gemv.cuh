@@ -397,11 +397,7 @@ struct ExpertGemvArgs {
 };
 
 inline int MaxSmemPerBlock() {
-  int dev = 0, v = 48 * 1024;
-  if (cudaGetDevice(&dev) != cudaSuccess) return v;
-  if (cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess)
-    return 48 * 1024;
-  return v;
+  return CurrentDeviceAttr<cudaDevAttrMaxSharedMemoryPerBlockOptin>(48 * 1024);
 }
 
 template <typename... KArgs, typename... Args>

@@ -757,9 +757,18 @@ template <typename T, int NS, int MAXC>
 cudaError_t LaunchGemvStreamNS(const GemvStreamArgs& a, int sms, cudaStream_t stream) {
   const size_t smem = StreamSmemBytes(NS, MAXC);
   auto kern = gemv_stream_kernel<T, NS, MAXC>;
-  cudaError_t err = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(smem));
+  // The opt-in shared-memory size is a per-device property of the function: set it
+  // once per device (this instantiation's flags), not on every call.
+  static bool smem_set[64] = {};
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
   if (err != cudaSuccess) return err;
+  if (dev < 0 || dev >= 64 || !smem_set[dev]) {
+    err = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+    if (dev >= 0 && dev < 64) smem_set[dev] = true;
+  }
   // sm_90 only (StreamSupported), so with PDL unless JAX_MOE_DISABLE_PDL: the kernel
   // waits before it reads ids and x.
   return LaunchMaybePdl(kern, dim3(static_cast<unsigned>(sms)), dim3(kStreamThreads), smem,
@@ -772,11 +781,8 @@ cudaError_t LaunchGemvStream(const void* x, const int32_t* ids, const void* w_ga
                              const void* w_down, void* h, void* y, int64_t T_, int64_t k,
                              int64_t H, int64_t I, int64_t E, int activation, bool wide,
                              cudaStream_t stream) {
-  int dev = 0, sms = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err != cudaSuccess) return err;
-  err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-  if (err != cudaSuccess) return err;
+  const int sms = CurrentDeviceAttr<cudaDevAttrMultiProcessorCount>(0);
+  if (sms <= 0) return cudaErrorInvalidDevice;
   GemvStreamArgs a;
   a.ids = ids;
   a.num_assign = static_cast<int>(T_ * k);
