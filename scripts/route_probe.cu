@@ -131,6 +131,16 @@ __global__ void traced_select(RouteArgs a) {
   }
 }
 
+// Launches probe_cluster<bf16, EPL, STOP, TRACE> (EPL as the library picks it for E).
+template <int STOP, bool TRACE = false>
+static cudaError_t launch_copy(int E, dim3 grid, dim3 block, size_t smem, cudaStream_t st,
+                               bool pdl, unsigned ks, const RouteArgs& a) {
+  return E <= 128 ? LaunchClusterMaybePdl(probe_cluster<bf16, 4, STOP, TRACE>, grid, block, smem,
+                                          st, pdl, ks, a, int64_t(0))
+                  : LaunchClusterMaybePdl(probe_cluster<bf16, 8, STOP, TRACE>, grid, block, smem,
+                                          st, pdl, ks, a, int64_t(0));
+}
+
 struct Case { const char* name; int H, E, k, groups, top_groups, scoring; };
 static const Case kCases[] = {{"deepseek_v3", 7168, 256, 8, 8, 4, kSigmoid},
                               {"gemma4", 2816, 128, 8, 1, 1, kSoftmax},
@@ -232,18 +242,10 @@ int main(int argc, char** argv) {
               b.x = logits + size_t(i % kCopies) * 64 * c.E;
               CK(LaunchRoute<float>(b, st));
               break;
-#define L5(EPL) LaunchClusterMaybePdl(probe_cluster<bf16, EPL, 0, false>, cg, blk, smem, st, \
-                                  pdl, ks, b, int64_t(0))
-            case 5: CK(EPL_LAUNCH(c.E, L5)); break;
-#define L6(EPL) LaunchClusterMaybePdl(probe_cluster<bf16, EPL, 1, false>, cg, blk, smem, st, \
-                                  pdl, ks, b, int64_t(0))
-            case 6: CK(EPL_LAUNCH(c.E, L6)); break;
-#define L7(EPL) LaunchClusterMaybePdl(probe_cluster<bf16, EPL, 2, false>, cg, blk, smem, st, \
-                                  pdl, ks, b, int64_t(0))
-            case 7: CK(EPL_LAUNCH(c.E, L7)); break;
-#define L8(EPL) LaunchClusterMaybePdl(probe_cluster<bf16, EPL, 3, false>, cg, blk, smem, st, \
-                                  pdl, ks, b, int64_t(0))
-            case 8: CK(EPL_LAUNCH(c.E, L8)); break;
+            case 5: CK(launch_copy<0>(c.E, cg, blk, smem, st, pdl, ks, b)); break;
+            case 6: CK(launch_copy<1>(c.E, cg, blk, smem, st, pdl, ks, b)); break;
+            case 7: CK(launch_copy<2>(c.E, cg, blk, smem, st, pdl, ks, b)); break;
+            case 8: CK(launch_copy<3>(c.E, cg, blk, smem, st, pdl, ks, b)); break;
           }
         };
         if (c.E > 256 && v.id >= 2) continue;
@@ -276,9 +278,7 @@ int main(int argc, char** argv) {
       for (int i = 0; i < 3; ++i) {
         RouteArgs b = a;
         b.router = w[(i + 5) % kCopies];
-#define LT(EPL) LaunchClusterMaybePdl(probe_cluster<bf16, EPL, 0, true>, cg, blk, smem, st, pdl, \
-                                  ks, b, int64_t(0))
-        CK(EPL_LAUNCH(c.E, LT));
+        CK((launch_copy<0, true>(c.E, cg, blk, smem, st, pdl, ks, b)));
       }
       CK(cudaStreamSynchronize(st));
       static unsigned long long tr[1025][kEv];
