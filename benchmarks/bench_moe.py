@@ -9,7 +9,10 @@ combine, shared experts. XLA-native rows are what a JAX user would write without
 these kernels: logits by jnp.dot at default precision, jnp routing, the experts as
 one of the XLA formulations (gather / sort + ragged_dot / dense), combine as a jnp
 gather + weighted sum. The floor is (bytes of the distinct experts the routing
-selects + router + shared experts) / the read bandwidth measured in the same run.
+selects + router + shared experts) / the read bandwidth measured in the same run,
+with the routing recorded along the timed loop itself (each layer's input is the
+previous layer's output; see loop_distinct_experts). Rows other than "auto" follow
+their own trajectories and are compared with the same floor.
 
 Timing follows benchmarks/harness.py: one jitted program calls the layer on N
 distinct inputs back to back; parameters are rotated over enough copies to miss L2
@@ -114,16 +117,62 @@ def layer_weight_bytes(params) -> int:
   return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(params))
 
 
-def floor_bytes(shape, params, xs, config) -> tuple[float, float]:
-  """(mean floor bytes per call, mean distinct experts) over the input sets."""
-  itemsize = params.w_gate_up.dtype.itemsize
-  route = jax.jit(lambda x: jax_moe.route(x, config.top_k, router_weight=params.router_weight,
-                                          **moe_lib._route_kwargs(params, config))[1])
-  uniq = [len(np.unique(np.asarray(route(x)))) for x in xs]
+def floor_bytes(shape, distinct: float, itemsize: int) -> float:
+  """Floor bytes of one layer call that selects `distinct` routed experts: their
+  weights, the router and the shared experts."""
   shared = shape.num_shared_experts * 3 * shape.hidden * shape.shared_intermediate * itemsize
   router = shape.num_experts * shape.hidden * itemsize
-  u = float(np.mean(uniq))
-  return u * shape.expert_bytes(itemsize) + router + shared, u
+  return distinct * shape.expert_bytes(itemsize) + router + shared
+
+
+def distinct_experts(ids, num_experts):
+  """Distinct expert ids in one call's routing (ids in [0, E), any shape)."""
+  hit = jnp.zeros((num_experts,), jnp.int32).at[ids.reshape(-1)].max(1)
+  return hit.sum()
+
+
+def input_distinct_experts(params, xs, config) -> float:
+  """Mean distinct experts over the input sets routed by `params` (not the timed
+  routings: the timed loop feeds each layer the previous layer's output)."""
+  route = jax.jit(lambda x: jax_moe.route(x, config.top_k, router_weight=params.router_weight,
+                                          **moe_lib._route_kwargs(params, config))[1])
+  return float(np.mean([len(np.unique(np.asarray(route(x)))) for x in xs]))
+
+
+# Layer calls of the timed trajectory whose routing is recorded for the floor.
+LOOP_FLOOR_CALLS = 256
+
+
+def loop_distinct_experts(config, x0, param_sets, n_layers, calls=LOOP_FLOOR_CALLS,
+                          max_seconds=2.0) -> float:
+  """Mean distinct experts over the first `calls` layer calls (fewer when that takes
+  over max_seconds, never under one pass over the layers) of the timed chain
+  (x <- rms(moe_block(x, params_l)) with "auto", params rotated as in time_layers).
+
+  The floor must count the routings that were timed: the chain feeds each layer the
+  previous layer's normalized output, whose routing differs from that of the random
+  inputs (sessions 2-8 counted the inputs: Mixtral T=2 gave 3.0 experts there,
+  while the timed layer took as long as bench_gemv's 4). Each call is one jitted
+  layer (the timed program's layer, with a route call beside it for the ids; both
+  deterministic, so the ids are the timed ones up to XLA fusing the norm
+  differently)."""
+  copies = len(param_sets)
+
+  @jax.jit
+  def layer(x, p):
+    ids = jax_moe.route(x, config.top_k, router_weight=p.router_weight,
+                        **moe_lib._route_kwargs(p, config))[1]
+    return _rms(moe_block(x, p, config), x.dtype), distinct_experts(ids, config.num_experts)
+
+  x, counts = x0, []
+  jax.block_until_ready(layer(x0, param_sets[0]))  # compile
+  t0 = time.perf_counter()
+  for j in range(calls):
+    x, c = layer(x, param_sets[(j % n_layers) % copies])
+    counts.append(c)
+    if j + 1 >= n_layers and time.perf_counter() - t0 > max_seconds:
+      break  # slow layers (large T): at least one pass over the layers
+  return float(np.mean(np.asarray(jax.device_get(counts))))
 
 
 def time_call_once(fn, args) -> float:
@@ -179,12 +228,15 @@ def bench_shape(shape, tokens, dtype, bw, l2, mem_budget, args, rows, log):
     xs = [harness.random_array(jax.random.fold_in(key, 1000 + i), (T, shape.hidden), dtype)
           for i in range(n_sets)]
     arg_sets = [(x, param_sets[i % copies]) for i, x in enumerate(xs)]
-    fb, uniq = floor_bytes(shape, params0, xs, config)
+    uniq_inputs = input_distinct_experts(params0, xs, config)
+    uniq = loop_distinct_experts(config, xs[0], param_sets, n_sets)
+    fb = floor_bytes(shape, uniq, itemsize)
     floor_us = fb / bw * 1e6
     resolved, method = moe_lib.resolve(config, T, shape.hidden, shape.intermediate)
     auto_as = "gemv" if resolved == "gemv" else f"grouped:{method}"
     base = dict(shape=shape.name, T=T, floor_us=floor_us, floor_bytes=fb,
-                distinct_experts=uniq, calls_per_program=n_sets)
+                distinct_experts=uniq, distinct_experts_inputs=uniq_inputs,
+                calls_per_program=n_sets)
     measured = {}
     start = len(rows)
     for impl in IMPLS[1:]:
@@ -226,7 +278,8 @@ def bench_shape(shape, tokens, dtype, bw, l2, mem_budget, args, rows, log):
         auto["skipped"] = f"resolves to {auto_as}, which was skipped"
       rows.insert(start, auto)
     parts = [f"{i}={measured[i]:.1f}" for i in IMPLS[1:] if i in measured]
-    log(f"  T={T:5d}  floor {floor_us:8.1f} us ({uniq:.1f} experts)  auto->{auto_as}  "
+    log(f"  T={T:5d}  floor {floor_us:8.1f} us ({uniq:.2f} experts in the loop, "
+        f"{uniq_inputs:.2f} on the inputs)  auto->{auto_as}  "
         + "  ".join(parts))
 
 

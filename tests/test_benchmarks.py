@@ -185,3 +185,37 @@ def test_time_loop_program_computes_every_output():
   for o, (y, w) in zip(outs, sets):
     np.testing.assert_allclose(np.asarray(o), np.asarray(f(y, w)), rtol=1e-5, atol=1e-6)
   assert harness.time_loop(f, sets, repeats=1, target_seconds=1e-3) >= 0.0
+
+
+def test_moe_floor_counts_the_timed_trajectory():
+  """bench_moe's floor counts the experts of the routings the timed chain runs: each
+  layer routes the previous layer's normalized output, not the random inputs."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import bench_moe
+  import jax_moe
+  from jax_moe import moe as moe_lib
+  from jax_moe.shapes import SHAPES
+
+  ids = jnp.array([[3, 1], [1, 7], [7, 0]], jnp.int32)
+  assert int(bench_moe.distinct_experts(ids, 8)) == 4
+  shape = SHAPES["mixtral"].small_stand_in()
+  config = moe_lib.MoEConfig.from_shape(shape)
+  key = jax.random.PRNGKey(3)
+  params = [moe_lib.example_params(jax.random.fold_in(key, i), shape, jnp.float32)
+            for i in range(2)]
+  x0 = jax.random.normal(jax.random.fold_in(key, 9), (2, shape.hidden), jnp.float32)
+  n_layers, calls = 3, 7
+  got = bench_moe.loop_distinct_experts(config, x0, params, n_layers, calls=calls)
+  # The same chain replayed by hand: layer j uses params[(j % n_layers) % copies].
+  x, want = x0, []
+  for j in range(calls):
+    p = params[(j % n_layers) % 2]
+    ids = jax_moe.route(x, config.top_k, router_weight=p.router_weight,
+                        **moe_lib._route_kwargs(p, config))[1]
+    want.append(len(np.unique(np.asarray(ids))))
+    x = bench_moe._rms(jax_moe.moe_block(x, p, config), x.dtype)
+  assert got == pytest.approx(np.mean(want))
+  assert bench_moe.floor_bytes(shape, 2.5, 2) == pytest.approx(
+      2.5 * shape.expert_bytes(2) + shape.num_experts * shape.hidden * 2)
