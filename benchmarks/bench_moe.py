@@ -364,11 +364,16 @@ def main(argv=None) -> int:
                   help="most weight copies rotated for L2 (default 16; 4 with --quick)")
   ap.add_argument("--max-call-s", type=float, default=0.25,
                   help="a layer slower than this per call is timed once, not repeated")
+  ap.add_argument("--no-fold-shared", action="store_true",
+                  help="run shared experts in their own expert_gemv call at every T "
+                       "(heuristics.MOE_FOLD_SHARED_MAX_TOKENS = 0), for an A/B")
   ap.add_argument("--peak-tflops", type=float, default=None,
                   help="for skip estimates only (default 400 on GPU, 0.2 on CPU)")
   args = ap.parse_args(argv)
 
   platform = jax.devices()[0].platform
+  if args.no_fold_shared:
+    jax_moe.heuristics.MOE_FOLD_SHARED_MAX_TOKENS = 0
   for name, full, quick in (("calls", 8, 4), ("repeats", 7, 3), ("max_copies", 16, 4)):
     if getattr(args, name) is None:
       setattr(args, name, quick if args.quick else full)
@@ -419,7 +424,8 @@ def main(argv=None) -> int:
                  read_bandwidth_candidates_Bps=dict(harness.READ_BANDWIDTH_CANDIDATES),
                  heuristics=dict(
                      MOE_GEMV_MAX_EXPERT_FRACTION=jax_moe.heuristics.MOE_GEMV_MAX_EXPERT_FRACTION,
-                     MOE_GEMV_MAX_TOKENS=jax_moe.heuristics.MOE_GEMV_MAX_TOKENS),
+                     MOE_GEMV_MAX_TOKENS=jax_moe.heuristics.MOE_GEMV_MAX_TOKENS,
+                     MOE_FOLD_SHARED_MAX_TOKENS=jax_moe.heuristics.MOE_FOLD_SHARED_MAX_TOKENS),
                  rows=rows, summary=summary)
   harness.write_json(os.path.join(args.out, "moe.json"), payload)
   log(f"\nwrote {os.path.join(args.out, 'moe.json')}")

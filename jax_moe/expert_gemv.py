@@ -1,12 +1,18 @@
 """jax_moe.expert_gemv: the experts of a decode-size MoE layer, one primitive.
 
-y = expert_gemv(x, ids, w_gate_up, w_down, *, activation="silu")
+y = expert_gemv(x, ids, w_gate_up, w_down, *, activation="silu",
+                shared_gate_up=None, shared_down=None)
 
 x [..., H], ids int32 [..., k], w_gate_up [E, 2I, H] (gate rows then up rows, the
 [out, in] layout of torch/HF checkpoints), w_down [E, H, I]. Returns y [..., k, H]
 = down(act(gate) * up) per (token, slot), unweighted (combine applies the routing
 weights). An id outside [0, E) gives a zero row (a dropped token, or an expert on
 another device). On GPU each selected expert's weights are read once per call.
+
+Shared experts (DeepSeek/Qwen-style, every token runs them): shared_gate_up
+[S, 2I, H] and shared_down [S, H, I] with the routed experts' I add S slots after
+the k routed ones, y [..., k + S, H], in the same launch: one weight stream and one
+tail instead of a second call (moe_block uses this at decode sizes).
 """
 
 from __future__ import annotations
@@ -30,17 +36,17 @@ _CONFIG_CHOICES = dict(token_tiles=(1, 2, 4), k_split_gate_up=(1, 2, 4, 8),
                        k_split_down=(1, 2, 4, 8), kernel_variant=(0, 1, 3, 4, 5, 6))
 
 
-def _abstract_eval(x, ids, w_gate_up, w_down, *, activation, token_tiles, k_split_gate_up,
-                   k_split_down, kernel_variant):
+def _abstract_eval(x, ids, w_gate_up, w_down, shared_gate_up, shared_down, *, activation,
+                   token_tiles, k_split_gate_up, k_split_down, kernel_variant):
   for name, value in dict(token_tiles=token_tiles, k_split_gate_up=k_split_gate_up,
                           k_split_down=k_split_down, kernel_variant=kernel_variant).items():
     if value not in _CONFIG_CHOICES[name]:
       raise ValueError(f"expert_gemv: {name} must be one of {_CONFIG_CHOICES[name]}, "
                        f"got {value!r}")
   T, H = x.shape
-  k = ids.shape[1]
+  kk = ids.shape[1] + shared_gate_up.shape[0]  # routed slots, then the shared experts
   I = w_down.shape[2]
-  return (ShapedArray((T, k, H), x.dtype), ShapedArray((T * k, I), x.dtype))
+  return (ShapedArray((T, kk, H), x.dtype), ShapedArray((T * kk, I), x.dtype))
 
 
 expert_gemv_p.def_abstract_eval(_abstract_eval)
@@ -54,9 +60,12 @@ def _ffi_attrs(params):
               kernel_variant=np.int64(params["kernel_variant"]))
 
 
-def _fallback(x, ids, w_gate_up, w_down, *, activation, **_):
-  y = reference.expert_gemv(x, ids, w_gate_up, w_down, activation=activation)
-  h = jnp.zeros((ids.shape[0] * ids.shape[1], w_down.shape[2]), x.dtype)
+def _fallback(x, ids, w_gate_up, w_down, shared_gate_up, shared_down, *, activation, **_):
+  S = shared_gate_up.shape[0]
+  y = reference.expert_gemv(x, ids, w_gate_up, w_down, activation=activation,
+                            shared_gate_up=shared_gate_up if S else None,
+                            shared_down=shared_down if S else None)
+  h = jnp.zeros((y.shape[0] * y.shape[1], w_down.shape[2]), x.dtype)
   return y, h
 
 
@@ -64,28 +73,40 @@ register_lowerings(expert_gemv_p, TARGET, ffi_attrs=_ffi_attrs, fallback=_fallba
 
 
 def _batch_rule(args, dims, **params):
-  x, ids, wgu, wd = args
-  xd, idd, gd, dd = dims
-  if gd is not None or dd is not None:
+  x, ids, wgu, wd, sgu, sd = args
+  xd, idd = dims[:2]
+  if any(d is not None for d in dims[2:]):
     return map_over_batch(expert_gemv_p, args, dims, params)
   B = x.shape[xd] if xd is not None else ids.shape[idd]
   x = move_to_front(x, xd, B)
   ids = move_to_front(ids, idd, B)
   T, H = x.shape[1], x.shape[2]
   k = ids.shape[2]
-  E = wgu.shape[0]
-  params = dict(params, token_tiles=heuristics.gemv_token_tiles(B * T, E, k))
-  if params["kernel_variant"] == heuristics.gemv_kernel_variant(T, E, k, H):
+  E, S = wgu.shape[0], sgu.shape[0]
+  params = dict(params, token_tiles=_token_tiles(B * T, E, k, S))
+  if params["kernel_variant"] == _variant(T, E, k, S, H):
     # the heuristic's choice for T tokens: choose again for the B * T folded ones
-    params["kernel_variant"] = heuristics.gemv_kernel_variant(B * T, E, k, H)
-  y, h = expert_gemv_p.bind(x.reshape(B * T, H), ids.reshape(B * T, k), wgu, wd, **params)
-  return (y.reshape(B, T, k, H), h.reshape(B, T * k, h.shape[-1])), (0, 0)
+    params["kernel_variant"] = _variant(B * T, E, k, S, H)
+  y, h = expert_gemv_p.bind(x.reshape(B * T, H), ids.reshape(B * T, k), wgu, wd, sgu, sd,
+                            **params)
+  return (y.reshape(B, T, k + S, H), h.reshape(B, T * (k + S), h.shape[-1])), (0, 0)
 
 
 register_batching(expert_gemv_p, _batch_rule)
 
 
-def expert_gemv(x, ids, w_gate_up, w_down, *, activation="silu", _config=None):
+def _variant(T, E, k, S, H):
+  # The kernels see T * (k + S) assignments over E + S experts.
+  return heuristics.GEMV_KERNEL_VARIANT or heuristics.gemv_kernel_variant(T, E + S, k + S, H)
+
+
+def _token_tiles(T, E, k, S):
+  # Every token runs each shared expert: the busiest expert then has all T tokens.
+  return heuristics.gemv_token_tiles(T) if S else heuristics.gemv_token_tiles(T, E, k)
+
+
+def expert_gemv(x, ids, w_gate_up, w_down, *, activation="silu", shared_gate_up=None,
+                shared_down=None, _config=None):
   """Per-(token, slot) expert MLP outputs, unweighted.
 
   Args:
@@ -94,9 +115,12 @@ def expert_gemv(x, ids, w_gate_up, w_down, *, activation="silu", _config=None):
     w_gate_up: [E, 2I, H], x's dtype; rows 0..I-1 gate, I..2I-1 up.
     w_down: [E, H, I], x's dtype.
     activation: "silu" (SwiGLU), "gelu_tanh" (GeGLU as in Gemma) or "gelu".
+    shared_gate_up, shared_down: optional [S, 2I, H] and [S, H, I] (x's dtype, the
+      routed experts' I): S shared experts that every token runs, computed in the
+      same launch as slots k .. k + S - 1.
 
   Returns:
-    y [..., k, H] in x's dtype.
+    y [..., k, H] in x's dtype ([..., k + S, H] with shared experts).
 
   `_config` (private, for benchmarks and tuning) overrides the heuristics: a dict
   with any of token_tiles, k_split_gate_up, k_split_down, kernel_variant.
@@ -132,21 +156,40 @@ def expert_gemv(x, ids, w_gate_up, w_down, *, activation="silu", _config=None):
   if E < 1:
     raise ValueError(f"{fn}: need at least one expert, got E = {E}")
   check_choice(activation, _codes.ACTIVATION, "activation", fn)
+  if (shared_gate_up is None) != (shared_down is None):
+    raise ValueError(f"{fn}: give both shared_gate_up and shared_down, or neither")
+  if shared_gate_up is None:
+    shared_gate_up = jnp.zeros((0, 2 * I, H), x.dtype)
+    shared_down = jnp.zeros((0, H, I), x.dtype)
+  shared_gate_up = jnp.asarray(shared_gate_up)
+  shared_down = jnp.asarray(shared_down)
+  check_rank(shared_gate_up, 3, "shared_gate_up", fn, "[S, 2I, H]")
+  check_rank(shared_down, 3, "shared_down", fn, "[S, H, I]")
+  for name, w in (("shared_gate_up", shared_gate_up), ("shared_down", shared_down)):
+    if w.dtype != x.dtype:
+      raise TypeError(f"{fn}: {name} dtype {w.dtype} must match x dtype {x.dtype}")
+  S = shared_gate_up.shape[0]
+  if shared_gate_up.shape[1:] != (2 * I, H) or shared_down.shape != (S, H, I):
+    raise ValueError(f"{fn}: shared_gate_up must be [S, 2I, H] = [S, {2 * I}, {H}] and "
+                     f"shared_down [S, H, I] = [{S}, {H}, {I}] (the routed experts' H and I), "
+                     f"got {tuple(shared_gate_up.shape)} and {tuple(shared_down.shape)}")
+  if E + S > 65535:
+    raise ValueError(f"{fn}: at most 65535 experts (routed + shared), got {E} + {S}")
 
   lead = x.shape[:-1]
   k = ids.shape[-1]
   x2 = x.reshape(-1, H)
   ids2 = ids.reshape(-1, k)
   T = x2.shape[0]
-  config = dict(token_tiles=heuristics.gemv_token_tiles(T, E, k),
+  config = dict(token_tiles=_token_tiles(T, E, k, S),
                 k_split_gate_up=heuristics.gemv_k_split(I, H, gated=True),
                 k_split_down=heuristics.gemv_k_split(H, I),
-                kernel_variant=(heuristics.GEMV_KERNEL_VARIANT or
-                                heuristics.gemv_kernel_variant(T, E, k, H)))
+                kernel_variant=_variant(T, E, k, S, H))
   unknown = set(_config or {}) - set(config)
   if unknown:
     raise ValueError(f"{fn}: unknown _config key(s) {sorted(unknown)}; "
                      f"expected some of {sorted(config)}")
   config.update(_config or {})
-  y, _ = expert_gemv_p.bind(x2, ids2, w_gate_up, w_down, activation=activation, **config)
-  return y.reshape(lead + (k, H))
+  y, _ = expert_gemv_p.bind(x2, ids2, w_gate_up, w_down, shared_gate_up, shared_down,
+                            activation=activation, **config)
+  return y.reshape(lead + (k + S, H))

@@ -239,6 +239,30 @@ def moe_implementation(num_tokens: int, num_experts: int, top_k: int, hidden: in
   return "gemv" if gemv_s < dense_s else "grouped"
 
 
+# Shared experts in the routed experts' expert_gemv call (slots k .. k + S - 1 of every
+# token) instead of a second call: one weight stream with one ramp and one tail, and
+# no separate f32 add. The stream kernel serves at most 8 assignments of an expert
+# per weight pass, and every token is an assignment of each shared expert, so up to
+# 8 tokens the shared weights are still read once; beyond that a separate call
+# (variant 4 serves 32 tokens per pass) reads them fewer times. Needs the shared
+# experts' intermediate size to equal the routed one's (one weight layout). The
+# measurement behind it: RESULTS.md session 9 (DeepSeek-V3, bench_moe with
+# --no-fold-shared in the same call).
+MOE_FOLD_SHARED_MAX_TOKENS = 8
+
+
+def moe_fold_shared(num_tokens: int, num_experts: int, top_k: int, num_shared: int,
+                    hidden: int, intermediate: int, shared_intermediate: int) -> bool:
+  """Whether moe_block's gemv path runs the shared experts inside the routed call."""
+  if num_shared < 1 or shared_intermediate != intermediate:
+    return False
+  if num_tokens > MOE_FOLD_SHARED_MAX_TOKENS:
+    return False
+  variant = GEMV_KERNEL_VARIANT or gemv_kernel_variant(
+      num_tokens, num_experts + num_shared, top_k + num_shared, hidden)
+  return variant in (5, 6)
+
+
 # Grouped path formulations (all XLA today; see moe._grouped_experts):
 #   "gather":     copies each assignment's expert weights, then batched GEMVs. Moves
 #                 about 3x the bytes of T*k experts (read, write, read back).

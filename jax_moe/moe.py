@@ -651,6 +651,15 @@ def moe_block(x, params: MoEParams, config: MoEConfig):
                        **_route_kwargs(params, config))
   S = config.num_shared_experts
   routed_dtype = jnp.float32 if S else x.dtype  # shared rows add to the f32 sum
+  if impl == "gemv" and S and heuristics.moe_fold_shared(
+      T, config.num_experts, config.top_k, S, H, I, params.shared_gate_up.shape[1] // 2):
+    # One expert_gemv call for routed and shared experts (slots k .. k + S - 1, weight
+    # 1): combine's f32 sum runs over the routed slots, then the shared ones, as the
+    # unfolded path adds them, with the same single rounding.
+    y = expert_gemv(x2, ids, params.w_gate_up, params.w_down, activation=config.activation,
+                    shared_gate_up=params.shared_gate_up, shared_down=params.shared_down)
+    w_all = jnp.concatenate([weights, jnp.ones((T, S), weights.dtype)], axis=1)
+    return combine(y, w_all, out_dtype=x.dtype).reshape(lead + (H,))
   if impl == "gemv":
     y = expert_gemv(x2, ids, params.w_gate_up, params.w_down, activation=config.activation)
     out = combine(y, weights, out_dtype=routed_dtype)

@@ -63,12 +63,21 @@ def activation_fn(name: str):
   raise ValueError(f"unknown activation {name!r}")
 
 
-def expert_gemv(x, ids, w_gate_up, w_down, *, activation="silu"):
+def expert_gemv(x, ids, w_gate_up, w_down, *, activation="silu", shared_gate_up=None,
+                shared_down=None):
   """y [T, k, H] = down(act(gate) * up) per (token, slot); a zero row for ids outside [0, E).
 
   gate/up and down accumulate in f32; the activated intermediate is rounded to x's
-  dtype before the down projection (as the kernels store it).
+  dtype before the down projection (as the kernels store it). With shared experts
+  (shared_gate_up [S, 2I, H], shared_down [S, H, I]) every token's S shared rows
+  follow its k routed ones: y [T, k + S, H].
   """
+  if shared_gate_up is not None:
+    S = shared_gate_up.shape[0]
+    routed = expert_gemv(x, ids, w_gate_up, w_down, activation=activation)
+    sids = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (x.shape[0], S))
+    shared = expert_gemv(x, sids, shared_gate_up, shared_down, activation=activation)
+    return jnp.concatenate([routed, shared], axis=1)
   T, H = x.shape
   k = ids.shape[1]
   E, two_i, _ = w_gate_up.shape

@@ -85,6 +85,16 @@ for dtype, T, H, I, E, k in [(jnp.bfloat16, 1, 256, 128, 16, 4), (jnp.float16, 1
     y = jax_moe.expert_gemv(x, ids, wgu, wd, activation="gelu_tanh",
                             _config=dict(kernel_variant=variant))
     check(f"expert_gemv v{variant} {jnp.dtype(dtype).name} T={T} H={H} I={I}", y, ref, 2e-2)
+  # two shared experts in the same call (slots k, k + 1; fuzzed routed ids beside them)
+  sgu = jnp.asarray(r.normal(size=(2, 2 * I, H)) / np.sqrt(H), dtype)
+  sd = jnp.asarray(r.normal(size=(2, H, I)) / np.sqrt(I), dtype)
+  ref = reference.expert_gemv(x, ids, wgu, wd, activation="gelu_tanh", shared_gate_up=sgu,
+                              shared_down=sd)
+  for variant in (0, 5):
+    y = jax_moe.expert_gemv(x, ids, wgu, wd, activation="gelu_tanh", shared_gate_up=sgu,
+                            shared_down=sd, _config=dict(kernel_variant=variant))
+    check(f"expert_gemv shared v{variant} {jnp.dtype(dtype).name} T={T} H={H} I={I}", y, ref,
+          2e-2)
 
 # combine (when built): dense form and fuzzed index form.
 if hasattr(jax_moe, "combine") and "combine" in OPS:

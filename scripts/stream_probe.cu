@@ -226,16 +226,17 @@ int main(int argc, char** argv) {
       CK(cudaMemcpy(dids, ids.data(), ids.size() * 4, cudaMemcpyHostToDevice));
       GemvStreamArgs a;
       a.num_assign = n; a.top_k = S.k; a.E = S.E; a.activation = kSilu;
+      a.assign.k = S.k; a.assign.num_shared = 0; a.assign.num_experts = S.E;
       a.p1.src = x; a.p1.w = wgu; a.p1.out = h; a.p1.rows = S.I; a.p1.K = S.H;
       const int rc = kRings[g_ring].run_cols;
       const int run_cols = rc > 0 ? rc : rc < 0 ? (S.H >= 4096 ? 1024 : 768) : max_cols;
       StreamStageGeometry(a.p1.K, &a.p1.stage_cols, &a.p1.stages, run_cols);
       a.p2.src = h; a.p2.w = wd; a.p2.out = y; a.p2.rows = S.H; a.p2.K = S.I;
       StreamStageGeometry(a.p2.K, &a.p2.stage_cols, &a.p2.stages, run_cols);
-      for (int it = 0; it < (quick ? 0 : 5); ++it) { a.ids = dids + size_t(it % R) * n; launch(a, sms); }
+      for (int it = 0; it < (quick ? 0 : 5); ++it) { a.assign.ids = dids + size_t(it % R) * n; launch(a, sms); }
       CK(cudaEventRecord(e0));
       for (int it = 0; it < iters; ++it) {
-        a.ids = dids + size_t(it % R) * n;
+        a.assign.ids = dids + size_t(it % R) * n;
         launch(a, sms);
       }
       CK(cudaEventRecord(e1));
@@ -249,7 +250,7 @@ int main(int argc, char** argv) {
       std::vector<int32_t> fz(n);
       for (int i = 0; i < n; ++i) fz[i] = (rng() % 9 == 0) ? -1 : int(rng() % S.E);
       CK(cudaMemcpy(dids, fz.data(), n * 4, cudaMemcpyHostToDevice));
-      a.ids = dids;
+      a.assign.ids = dids;
       const size_t ybytes = size_t(n) * S.H * 2;
       CK(cudaMemset(y, 0xff, ybytes));
       a.p2.out = y; launch(a, sms);

@@ -228,6 +228,20 @@ def _with(i, v):
     (_with(2, jnp.ones((4, 8, 16), jnp.bfloat16)), {}, TypeError, "w_gate_up dtype"),
     (_with(3, jnp.ones((4, 16, 4), jnp.float16)), {}, TypeError, "w_down dtype"),
     (_ok(), {"activation": "relu"}, ValueError, "activation"),
+    (_ok(), {"shared_gate_up": jnp.ones((1, 8, 16), jnp.float32)}, ValueError,
+     "give both shared_gate_up and shared_down"),
+    (_ok(), {"shared_gate_up": jnp.ones((1, 6, 16), jnp.float32),
+             "shared_down": jnp.ones((1, 16, 3), jnp.float32)}, ValueError,
+     "shared_gate_up must be"),
+    (_ok(), {"shared_gate_up": jnp.ones((1, 8, 16), jnp.float32),
+             "shared_down": jnp.ones((2, 16, 4), jnp.float32)}, ValueError,
+     "shared_gate_up must be"),
+    (_ok(), {"shared_gate_up": jnp.ones((8, 16), jnp.float32),
+             "shared_down": jnp.ones((1, 16, 4), jnp.float32)}, ValueError,
+     "shared_gate_up must have rank"),
+    (_ok(), {"shared_gate_up": jnp.ones((1, 8, 16), jnp.bfloat16),
+             "shared_down": jnp.ones((1, 16, 4), jnp.float32)}, TypeError,
+     "shared_gate_up dtype"),
 ])
 def test_bad_input(args, kw, exc, match):
   with pytest.raises(exc, match=match):
@@ -238,11 +252,16 @@ def test_handler_revalidates():
   from jax_moe.expert_gemv import expert_gemv_p
   x, ids, wgu, _ = _ok()
   wd_bad = jnp.ones((4, 16, 3), jnp.float32)  # I mismatch, bypassing the wrapper
+  no_sgu, no_sd = jnp.zeros((0, 8, 16), jnp.float32), jnp.zeros((0, 16, 4), jnp.float32)
+  bind = jax.jit(lambda *a: expert_gemv_p.bind(*a, activation="silu", token_tiles=1,
+                                               k_split_gate_up=1, k_split_down=1,
+                                               kernel_variant=0))
   with pytest.raises(Exception, match="w_down must be"):
-    jax.jit(lambda *a: expert_gemv_p.bind(*a, activation="silu", token_tiles=1,
-                                          k_split_gate_up=1, k_split_down=1,
-                                          kernel_variant=0))(
-        x, ids, wgu, wd_bad)[0].block_until_ready()
+    bind(x, ids, wgu, wd_bad, no_sgu, no_sd)[0].block_until_ready()
+  wd = jnp.ones((4, 16, 4), jnp.float32)
+  with pytest.raises(Exception, match="shared_gate_up must be"):  # shared I mismatch
+    bind(x, ids, wgu, wd, jnp.zeros((1, 6, 16), jnp.float32),
+         jnp.zeros((1, 16, 3), jnp.float32))[0].block_until_ready()
 
 
 @pytest.mark.parametrize("variant", [1, 3, 4], ids=["direct", "direct_pf", "direct_pf8"])
@@ -293,6 +312,47 @@ def test_stream_kernel(platform, T, H, I, E, k, dtype, hot, variant):
   assert np.all(y0[0, 0] == 0) and np.all(y0[T - 1, k - 1] == 0)
   y1 = run_and_check(x, jnp.asarray(ids), wgu, wd, config=cfg)
   np.testing.assert_array_equal(y0, y1)
+
+
+@pytest.mark.parametrize("T,H,I,E,k,S,dtype", [
+    (1, 64, 48, 16, 4, 1, jnp.bfloat16),
+    (3, 64, 48, 16, 4, 2, jnp.float16),
+    (20, 72, 40, 8, 2, 1, jnp.bfloat16),   # 20 tokens on the shared expert: 3 segments
+    (5, 36, 20, 8, 2, 1, jnp.bfloat16),    # not multiples of 8: generic path on GPU
+    (4, 64, 48, 16, 4, 2, jnp.float32),
+])
+@pytest.mark.parametrize("variant", [0, 1, 4, 5, 6])
+def test_shared_experts(platform, T, H, I, E, k, S, dtype, variant):
+  """Shared experts as slots k .. k + S - 1 of every token, in the same call: the
+  reference's shared rows, and routed rows bitwise equal to a call without shared
+  experts; routed ids -1 and E stay zero rows (E is not the first shared expert)."""
+  r = rng()
+  x = jnp.asarray(r.normal(size=(T, H)), dtype)
+  wgu, wd = make_weights(r, E, H, I, dtype)
+  sgu, sd = make_weights(r, S, H, I, dtype)
+  ids = distinct_ids(r, T, k, E)
+  ids[0, 0] = -1
+  ids[T - 1, k - 1] = E
+  ids = jnp.asarray(ids)
+  cfg = dict(kernel_variant=variant) if variant else None
+  poison_device_memory()
+  f = jax.jit(lambda *a: jax_moe.expert_gemv(*a[:4], shared_gate_up=a[4], shared_down=a[5],
+                                             _config=cfg))
+  y = f(x, ids, wgu, wd, sgu, sd)
+  assert y.shape == (T, k + S, H) and y.dtype == x.dtype
+  yr = reference.expert_gemv(x, ids, wgu, wd, shared_gate_up=sgu, shared_down=sd)
+  y32 = np.asarray(y.astype(jnp.float32))
+  assert_close(y32, yr.astype(jnp.float32), dtype)
+  assert np.all(y32[0, 0] == 0) and np.all(y32[T - 1, k - 1] == 0)
+  assert np.all(np.abs(y32[:, k:]).max(-1) > 0)
+  routed = jax.jit(lambda *a: jax_moe.expert_gemv(*a, _config=cfg))(x, ids, wgu, wd)
+  np.testing.assert_array_equal(y32[:, :k], np.asarray(routed.astype(jnp.float32)))
+  np.testing.assert_array_equal(y32, np.asarray(f(x, ids, wgu, wd, sgu, sd).astype(jnp.float32)))
+  # leading dims and vmap over tokens keep the k + S slots
+  yv = jax.vmap(lambda a, b: jax_moe.expert_gemv(a, b, wgu, wd, shared_gate_up=sgu,
+                                                 shared_down=sd))(x[None], ids[None])
+  assert yv.shape == (1, T, k + S, H)
+  assert_close(np.asarray(yv[0].astype(jnp.float32)), yr.astype(jnp.float32), dtype)
 
 
 @pytest.mark.parametrize("cfg,match", [

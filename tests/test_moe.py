@@ -76,6 +76,39 @@ def test_routing_variants(platform, impl, variant):
   check(x, params, config_for(shape, impl))
 
 
+@pytest.mark.parametrize("T,S,dtype", [(1, 1, jnp.bfloat16), (5, 2, jnp.float32),
+                                       (8, 1, jnp.bfloat16), (9, 1, jnp.bfloat16)])
+def test_shared_experts_folded(platform, monkeypatch, T, S, dtype):
+  """Up to MOE_FOLD_SHARED_MAX_TOKENS tokens, shared experts with the routed experts'
+  I run in the routed expert_gemv call (one call in the program) and give bitwise the
+  layer of the separate-call path; above it (T=9) the separate call stays."""
+  shape = small("deepseek_v3", num_shared_experts=S, shared_intermediate=48)
+  assert shape.intermediate == 48
+  x, params = moe_inputs(rng(), shape, T, dtype)
+  config = config_for(shape, ("gemv", "auto"))
+  fold = T <= heuristics.MOE_FOLD_SHARED_MAX_TOKENS
+  assert heuristics.moe_fold_shared(T, shape.num_experts, shape.top_k, S, shape.hidden,
+                                    shape.intermediate, 48) == fold
+  calls = str(jax.make_jaxpr(lambda a: moe_block(a, params, config))(x)).count(
+      "jax_moe_expert_gemv")
+  assert calls == (1 if fold else 2)
+  out = check(x, params, config)
+  monkeypatch.setattr(heuristics, "MOE_FOLD_SHARED_MAX_TOKENS", 0)
+  assert str(jax.make_jaxpr(lambda a: moe_block(a, params, config))(x)).count(
+      "jax_moe_expert_gemv") == 2
+  apart = jax.jit(moe_block)(x, params, config)
+  np.testing.assert_array_equal(np.asarray(out.astype(jnp.float32)),
+                                np.asarray(apart.astype(jnp.float32)))
+
+
+def test_fold_shared_heuristic():
+  assert not heuristics.moe_fold_shared(1, 256, 8, 0, 7168, 2048, 0)      # no shared
+  assert not heuristics.moe_fold_shared(1, 256, 8, 1, 7168, 2048, 1024)   # other I_s
+  assert heuristics.moe_fold_shared(8, 256, 8, 1, 7168, 2048, 2048)       # DeepSeek-V3
+  assert not heuristics.moe_fold_shared(16, 256, 8, 1, 7168, 2048, 2048)  # 2 passes
+  assert not heuristics.moe_fold_shared(8, 8, 2, 8, 4096, 1024, 1024)     # not the stream kernel
+
+
 @pytest.mark.parametrize("impl", [IMPLS[0], IMPLS[2]], ids=impl_id)
 def test_float16(platform, impl):
   shape = small("gemma4")

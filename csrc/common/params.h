@@ -25,4 +25,33 @@ struct RouteParams {
   float scaling_factor = 1.0f;
 };
 
+#if defined(__CUDACC__)
+#define JM_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define JM_HOST_DEVICE inline
+#endif
+
+// expert_gemv's assignments. Token t has k routed slots (expert ids[t, j]) and then
+// num_shared shared slots: assignment a = t * (k + num_shared) + j, and y's row a is
+// y[t, j]. Shared slot s is expert num_experts + s, whose weights are row s of the
+// shared weight arrays: the shared experts of a DeepSeek-style layer run in the same
+// launch as the routed ones (one weight stream, one tail) instead of a second call.
+struct GemvAssign {
+  const int32_t* ids = nullptr;  // [T, k]
+  int k = 1;
+  int num_shared = 0;
+  int num_experts = 0;           // routed experts E; valid expert ids [0, E + num_shared)
+  JM_HOST_DEVICE int slots() const { return k + num_shared; }
+  JM_HOST_DEVICE int total_experts() const { return num_experts + num_shared; }
+  // Expert of assignment a, or -1 for a routed id outside [0, E) (dropped: it must
+  // not reach the shared experts' ids E ..).
+  JM_HOST_DEVICE int expert(int64_t a) const {
+    const int64_t t = a / slots();
+    const int j = static_cast<int>(a - t * slots());
+    if (j >= k) return num_experts + (j - k);
+    const int e = ids[t * k + j];
+    return e >= 0 && e < num_experts ? e : -1;
+  }
+};
+
 }  // namespace jax_moe

@@ -1,6 +1,7 @@
-// CPU expert GEMV: y[t, j] = down(act(gate) * up) for expert ids[t, j], f32
-// accumulation, the activated intermediate rounded to the storage type (as the
-// CUDA kernels store it). An id outside [0, E) gives a zero row.
+// CPU expert GEMV: y[t, j] = down(act(gate) * up) for expert ids[t, j] (then the
+// shared experts, slots k .. k + S - 1), f32 accumulation, the activated
+// intermediate rounded to the storage type (as the CUDA kernels store it). An id
+// outside [0, E) gives a zero row.
 #pragma once
 
 #include <cmath>
@@ -26,23 +27,34 @@ inline float Activate(int activation, float g) {
   }
 }
 
-// x [T, H], ids [T, k], w_gate_up [E, 2I, H], w_down [E, H, I] -> y [T, k, H].
+// x [T, H], ids [T, k], w_gate_up [E, 2I, H], w_down [E, H, I] -> y [T, k + S, H]:
+// slots j < k use expert ids[t, j] (outside [0, E): zero row), slot k + s the shared
+// expert s (shared_gate_up [S, 2I, H], shared_down [S, H, I]).
 template <typename T>
 void ExpertGemvImpl(const T* x, const int32_t* ids, const T* w_gate_up, const T* w_down,
-                    int64_t num_tokens, int64_t k, int64_t H, int64_t I, int64_t E,
+                    const T* shared_gate_up, const T* shared_down, int64_t num_tokens,
+                    int64_t k, int64_t num_shared, int64_t H, int64_t I, int64_t E,
                     int activation, T* y) {
   std::vector<float> xf(H), h(I);
+  GemvAssign m;
+  m.ids = ids;
+  m.k = static_cast<int>(k);
+  m.num_shared = static_cast<int>(num_shared);
+  m.num_experts = static_cast<int>(E);
+  const int64_t slots = k + num_shared;
   for (int64_t t = 0; t < num_tokens; ++t) {
     for (int64_t c = 0; c < H; ++c) xf[c] = ToFloat(x[t * H + c]);
-    for (int64_t j = 0; j < k; ++j) {
-      const int64_t a = t * k + j;
-      const int64_t e = ids[a];
+    for (int64_t j = 0; j < slots; ++j) {
+      const int64_t a = t * slots + j;
+      const int64_t e = m.expert(a);
       T* out = y + a * H;
-      if (e < 0 || e >= E) {
+      if (e < 0 || e >= m.total_experts()) {
         for (int64_t r = 0; r < H; ++r) out[r] = FromFloat<T>(0.0f);
         continue;
       }
-      const T* wg = w_gate_up + e * 2 * I * H;
+      const bool shared = e >= E;
+      const int64_t ew = shared ? e - E : e;
+      const T* wg = (shared ? shared_gate_up : w_gate_up) + ew * 2 * I * H;
       for (int64_t r = 0; r < I; ++r) {
         const T* grow = wg + r * H;
         const T* urow = wg + (I + r) * H;
@@ -53,7 +65,7 @@ void ExpertGemvImpl(const T* x, const int32_t* ids, const T* w_gate_up, const T*
         }
         h[r] = ToFloat(FromFloat<T>(Activate(activation, g) * u));
       }
-      const T* wd = w_down + e * H * I;
+      const T* wd = (shared ? shared_down : w_down) + ew * H * I;
       for (int64_t r = 0; r < H; ++r) {
         const T* drow = wd + r * I;
         float acc = 0.f;

@@ -7,7 +7,8 @@
 namespace jax_moe {
 
 static ffi::Error ExpertGemvCpuHandler(ffi::AnyBuffer x, ffi::AnyBuffer ids, ffi::AnyBuffer wgu,
-                                       ffi::AnyBuffer wd, ffi::Result<ffi::AnyBuffer> y,
+                                       ffi::AnyBuffer wd, ffi::AnyBuffer sgu, ffi::AnyBuffer sd,
+                                       ffi::Result<ffi::AnyBuffer> y,
                                        ffi::Result<ffi::AnyBuffer> h, int64_t activation,
                                        int64_t token_tiles, int64_t k_split_gate_up,
                                        int64_t k_split_down, int64_t kernel_variant) {
@@ -17,13 +18,15 @@ static ffi::Error ExpertGemvCpuHandler(ffi::AnyBuffer x, ffi::AnyBuffer ids, ffi
   (void)k_split_down;
   (void)kernel_variant;
   GemvShapes s;
-  JM_RETURN_IF_ERROR(ValidateExpertGemv(x, ids, wgu, wd, *y, activation, &s));
+  JM_RETURN_IF_ERROR(ValidateExpertGemv(x, ids, wgu, wd, sgu, sd, *y, activation, &s));
   const int32_t* idp = reinterpret_cast<const int32_t*>(ids.untyped_data());
   return JM_DISPATCH_FLOAT(x.element_type(), float, bf16_t, f16_t, [&] {
     cpu::ExpertGemvImpl<scalar_t>(
         reinterpret_cast<const scalar_t*>(x.untyped_data()), idp,
         reinterpret_cast<const scalar_t*>(wgu.untyped_data()),
-        reinterpret_cast<const scalar_t*>(wd.untyped_data()), s.T, s.k, s.H, s.I, s.E,
+        reinterpret_cast<const scalar_t*>(wd.untyped_data()),
+        reinterpret_cast<const scalar_t*>(sgu.untyped_data()),
+        reinterpret_cast<const scalar_t*>(sd.untyped_data()), s.T, s.k, s.S, s.H, s.I, s.E,
         static_cast<int>(activation), reinterpret_cast<scalar_t*>(y->untyped_data()));
     return ffi::Error::Success();
   });
@@ -36,8 +39,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Arg<ffi::AnyBuffer>()   // ids s32 [T, k]
         .Arg<ffi::AnyBuffer>()   // w_gate_up [E, 2I, H]
         .Arg<ffi::AnyBuffer>()   // w_down [E, H, I]
-        .Ret<ffi::AnyBuffer>()   // y [T, k, H]
-        .Ret<ffi::AnyBuffer>()   // h [T * k, I] activated intermediate (CUDA scratch)
+        .Arg<ffi::AnyBuffer>()   // shared_gate_up [S, 2I, H] (S may be 0)
+        .Arg<ffi::AnyBuffer>()   // shared_down [S, H, I]
+        .Ret<ffi::AnyBuffer>()   // y [T, k + S, H]
+        .Ret<ffi::AnyBuffer>()   // h [T * (k + S), I] activated intermediate (CUDA scratch)
         .Attr<int64_t>("activation")
         .Attr<int64_t>("token_tiles")
         .Attr<int64_t>("k_split_gate_up")

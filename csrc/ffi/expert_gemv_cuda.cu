@@ -8,15 +8,15 @@ namespace jax_moe {
 
 static ffi::Error ExpertGemvCudaHandler(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer ids,
                                         ffi::AnyBuffer wgu, ffi::AnyBuffer wd,
+                                        ffi::AnyBuffer sgu, ffi::AnyBuffer sd,
                                         ffi::Result<ffi::AnyBuffer> y,
                                         ffi::Result<ffi::AnyBuffer> h, int64_t activation,
                                         int64_t token_tiles, int64_t k_split_gate_up,
                                         int64_t k_split_down, int64_t kernel_variant) {
   GemvShapes s;
-  JM_RETURN_IF_ERROR(ValidateExpertGemv(x, ids, wgu, wd, *y, activation, &s));
-  JM_REQUIRE(h->element_type() == x.element_type() && NumElements(*h) == s.T * s.k * s.I,
-             "expert_gemv (CUDA): scratch h must be [T * k, I] in x's dtype");
-  JM_REQUIRE(s.E <= 65535, "expert_gemv (CUDA): at most 65535 experts");
+  JM_RETURN_IF_ERROR(ValidateExpertGemv(x, ids, wgu, wd, sgu, sd, *y, activation, &s));
+  JM_REQUIRE(h->element_type() == x.element_type() && NumElements(*h) == s.T * (s.k + s.S) * s.I,
+             "expert_gemv (CUDA): scratch h must be [T * (k + S), I] in x's dtype");
   JM_REQUIRE(token_tiles == 1 || token_tiles == 2 || token_tiles == 4,
              "expert_gemv (CUDA): token_tiles must be 1, 2 or 4");
   auto ks_ok = [](int64_t v) { return v == 1 || v == 2 || v == 4 || v == 8; };
@@ -31,6 +31,9 @@ static ffi::Error ExpertGemvCudaHandler(cudaStream_t stream, ffi::AnyBuffer x, f
   a.ids = reinterpret_cast<const int32_t*>(ids.untyped_data());
   a.w_gate_up = wgu.untyped_data();
   a.w_down = wd.untyped_data();
+  a.shared_gate_up = sgu.untyped_data();
+  a.shared_down = sd.untyped_data();
+  a.S = s.S;
   a.h = h->untyped_data();
   a.y = y->untyped_data();
   a.T = s.T;
@@ -56,8 +59,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Arg<ffi::AnyBuffer>()   // ids s32 [T, k]
         .Arg<ffi::AnyBuffer>()   // w_gate_up [E, 2I, H]
         .Arg<ffi::AnyBuffer>()   // w_down [E, H, I]
-        .Ret<ffi::AnyBuffer>()   // y [T, k, H]
-        .Ret<ffi::AnyBuffer>()   // h [T * k, I] activated intermediate (scratch)
+        .Arg<ffi::AnyBuffer>()   // shared_gate_up [S, 2I, H] (S may be 0)
+        .Arg<ffi::AnyBuffer>()   // shared_down [S, H, I]
+        .Ret<ffi::AnyBuffer>()   // y [T, k + S, H]
+        .Ret<ffi::AnyBuffer>()   // h [T * (k + S), I] activated intermediate (scratch)
         .Attr<int64_t>("activation")
         .Attr<int64_t>("token_tiles")
         .Attr<int64_t>("k_split_gate_up")

@@ -9,10 +9,12 @@ namespace jax_moe {
 
 struct GemvShapes {
   int64_t T = 0, k = 0, H = 0, I = 0, E = 0;
+  int64_t S = 0;  // shared experts (slots k .. k + S - 1 of every token)
 };
 
 inline ffi::Error ValidateExpertGemv(const ffi::AnyBuffer& x, const ffi::AnyBuffer& ids,
                                      const ffi::AnyBuffer& wgu, const ffi::AnyBuffer& wd,
+                                     const ffi::AnyBuffer& sgu, const ffi::AnyBuffer& sd,
                                      const ffi::AnyBuffer& y, int64_t activation,
                                      GemvShapes* s) {
   JM_REQUIRE(Rank(x) == 2, "expert_gemv: x must be rank 2 [T, H]");
@@ -33,11 +35,21 @@ inline ffi::Error ValidateExpertGemv(const ffi::AnyBuffer& x, const ffi::AnyBuff
   JM_REQUIRE(Dim(wgu, 2) == s->H, "expert_gemv: w_gate_up [E, 2I, H] must match x's H");
   JM_REQUIRE(Dim(wd, 0) == s->E && Dim(wd, 1) == s->H && Dim(wd, 2) == s->I,
              "expert_gemv: w_down must be [E, H, I] matching w_gate_up [E, 2I, H]");
+  JM_REQUIRE(Rank(sgu) == 3 && Rank(sd) == 3 && sgu.element_type() == x.element_type() &&
+                 sd.element_type() == x.element_type(),
+             "expert_gemv: shared_gate_up [S, 2I, H] and shared_down [S, H, I] must be rank 3 "
+             "in x's dtype");
+  s->S = Dim(sgu, 0);
+  JM_REQUIRE(Dim(sgu, 1) == 2 * s->I && Dim(sgu, 2) == s->H && Dim(sd, 0) == s->S &&
+                 Dim(sd, 1) == s->H && Dim(sd, 2) == s->I,
+             "expert_gemv: shared_gate_up must be [S, 2I, H] and shared_down [S, H, I] with "
+             "the routed experts' H and I");
+  JM_REQUIRE(s->E + s->S <= 65535, "expert_gemv: at most 65535 experts (routed + shared)");
   JM_REQUIRE(activation == kSilu || activation == kGeluTanh || activation == kGelu,
              "expert_gemv: unknown activation code");
   JM_REQUIRE(y.element_type() == x.element_type() && Rank(y) == 3 && Dim(y, 0) == s->T &&
-                 Dim(y, 1) == s->k && Dim(y, 2) == s->H,
-             "expert_gemv: output must be [T, k, H] in x's dtype");
+                 Dim(y, 1) == s->k + s->S && Dim(y, 2) == s->H,
+             "expert_gemv: output must be [T, k + S, H] in x's dtype");
   return ffi::Error::Success();
 }
 

@@ -1,6 +1,7 @@
 // CUDA expert GEMV for decode: y[a] = down(act(gate) * up) for each assignment
-// a = t * k + j with expert e = ids[a]. Raw pointers, sizes and a stream in;
-// cudaError_t out; no XLA headers.
+// a = t * (k + S) + j, expert ids[t, j] for j < k and shared expert j - k after them
+// (GemvAssign, common/params.h). Raw pointers, sizes and a stream in; cudaError_t
+// out; no XLA headers.
 //
 // Two launches, both "grouped GEMV" over the distinct experts the routing selected:
 //   phase 1: w_gate_up[e] (2I x H) times the x rows of e's tokens, activation fused,
@@ -44,15 +45,16 @@ constexpr int kGemvUnroll = 4;      // K chunks loaded before the first mma of a
 constexpr int kGemvGenericRows = kGemvWarps;  // generic path: one row per warp
 
 struct GemvPhaseArgs {
-  const void* src = nullptr;    // B rows: x [T, H] (phase 1) or h [T*k, I] (phase 2)
-  const int32_t* ids = nullptr; // [T*k]
+  const void* src = nullptr;    // B rows: x [T, H] (phase 1) or h [T*kk, I] (phase 2)
+  GemvAssign assign;            // expert of each assignment (kk = k + S slots per token)
   const void* w = nullptr;      // w_gate_up [E, 2I, H] (phase 1) or w_down [E, H, I]
-  void* out = nullptr;          // h [T*k, I] (phase 1) or y [T*k, H] (phase 2)
-  int64_t num_assign = 0;       // T * k
-  int64_t top_k = 1;            // phase 1: token of assignment a is a / top_k
+  const void* w_shared = nullptr;  // the shared experts' [S, ...] (experts E .. E+S-1)
+  void* out = nullptr;          // h [T*kk, I] (phase 1) or y [T*kk, H] (phase 2)
+  int64_t num_assign = 0;       // T * kk
+  int64_t top_k = 1;            // kk; phase 1: token of assignment a is a / top_k
   int64_t rows = 0;             // output rows per expert: I or H
   int64_t K = 0;                // reduction length: H or I
-  int E = 0;
+  int E = 0;                    // experts, routed + shared (valid ids [0, E))
   int k_split = 1;              // warps along K in the fast path (1, 2, 4, 8)
   int activation = kSilu;
   bool zero_dropped = false;    // phase 2: write zero rows for ids outside [0, E)
@@ -69,7 +71,7 @@ __device__ int slot_expert(const GemvPhaseArgs& a, int slot, uint32_t* bitmap) {
   if (threadIdx.x == 0) s_expert = -1;
   __syncthreads();
   for (int64_t i = threadIdx.x; i < a.num_assign; i += blockDim.x) {
-    const int e = a.ids[i];
+    const int e = a.assign.expert(i);
     if (e >= 0 && e < a.E) atomicOr(&bitmap[e >> 5], 1u << (e & 31));
   }
   __syncthreads();
@@ -106,7 +108,7 @@ __device__ int list_assignments(const GemvPhaseArgs& a, int e, int first, int ca
   int running = 0;
   for (int64_t base = 0; base < a.num_assign; base += blockDim.x) {
     const int64_t i = base + threadIdx.x;
-    const bool match = i < a.num_assign && a.ids[i] == e;
+    const bool match = i < a.num_assign && a.assign.expert(i) == e;
     const uint32_t ballot = __ballot_sync(0xffffffffu, match);
     if (lane == 0) s_warp_count[warp] = __popc(ballot);
     __syncthreads();
@@ -156,12 +158,11 @@ gemv_mma_kernel(GemvPhaseArgs a) {
   const int64_t tile_rows = 16 * wr_count;
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * tile_rows;
   const int slot = blockIdx.y;
-  const T* w = static_cast<const T*>(a.w);
   T* out = static_cast<T*>(a.out);
 
   if (a.zero_dropped && slot == 0) {  // ids outside [0, E): zero rows of y
     for (int64_t i = 0; i < a.num_assign; ++i) {
-      const int e = a.ids[i];
+      const int e = a.assign.expert(i);
       if (e >= 0 && e < a.E) continue;
       for (int64_t r = row0 + threadIdx.x; r < row0 + tile_rows && r < a.rows; r += blockDim.x)
         out[i * a.rows + r] = from_float<T>(0.f);
@@ -174,7 +175,7 @@ gemv_mma_kernel(GemvPhaseArgs a) {
   const int64_t r_lo = row0 + wr * 16 + g, r_hi = r_lo + 8;
   const bool ok_lo = r_lo < a.rows, ok_hi = r_hi < a.rows;
   const int64_t mat_rows = GATED ? 2 * a.rows : a.rows;
-  const T* wbase = w + static_cast<int64_t>(e) * mat_rows * a.K;
+  const T* wbase = expert_weights<T>(a.w, a.w_shared, a.assign.num_experts, e, mat_rows * a.K);
   const T* wg_lo = wbase + r_lo * a.K;
   const T* wg_hi = wbase + r_hi * a.K;
   const T* wu_lo = wbase + (a.rows + r_lo) * a.K;  // up rows (GATED only)
@@ -297,7 +298,7 @@ gemv_generic_kernel(GemvPhaseArgs a) {
   T* out = static_cast<T*>(a.out);
   if (a.zero_dropped && slot == 0) {
     for (int64_t i = 0; i < a.num_assign; ++i) {
-      const int e = a.ids[i];
+      const int e = a.assign.expert(i);
       if (e >= 0 && e < a.E) continue;
       for (int64_t r = row0 + threadIdx.x; r < row0 + kGemvGenericRows && r < a.rows;
            r += blockDim.x)
@@ -308,7 +309,7 @@ gemv_generic_kernel(GemvPhaseArgs a) {
   if (e < 0) return;
   const int64_t r = row0 + warp;
   const int64_t mat_rows = GATED ? 2 * a.rows : a.rows;
-  const T* wbase = static_cast<const T*>(a.w) + static_cast<int64_t>(e) * mat_rows * a.K;
+  const T* wbase = expert_weights<T>(a.w, a.w_shared, a.assign.num_experts, e, mat_rows * a.K);
   const T* wg = wbase + r * a.K;
   const T* wu = wbase + (a.rows + r) * a.K;
   const T* src = static_cast<const T*>(a.src);
@@ -386,9 +387,12 @@ struct ExpertGemvArgs {
   const int32_t* ids = nullptr;  // [T, k]
   const void* w_gate_up = nullptr;
   const void* w_down = nullptr;
-  void* h = nullptr;             // [T*k, I] scratch
-  void* y = nullptr;             // [T, k, H]
+  const void* shared_gate_up = nullptr;  // [S, 2I, H]: slots k .. k+S-1 of every token
+  const void* shared_down = nullptr;     // [S, H, I]
+  void* h = nullptr;             // [T*(k+S), I] scratch
+  void* y = nullptr;             // [T, k+S, H]
   int64_t T = 0, k = 0, H = 0, I = 0, E = 0;
+  int64_t S = 0;                 // shared experts
   int activation = kSilu;
   int token_tiles = 1;           // NT: 1, 2 or 4 (tokens per pass = 8 * NT)
   int k_split_gate_up = 8;       // 1, 2, 4 or 8
@@ -429,27 +433,35 @@ cudaError_t LaunchGemvPhases(const GemvPhaseArgs& p1, const GemvPhaseArgs& p2, d
 
 template <typename T>
 cudaError_t LaunchExpertGemv(const ExpertGemvArgs& a, cudaStream_t stream) {
-  const int64_t num_assign = a.T * a.k;
+  const int64_t kk = a.k + a.S;  // slots per token
+  const int64_t num_assign = a.T * kk;
+  const int64_t experts = a.E + a.S;
   if (num_assign == 0 || a.H == 0) return cudaSuccess;
-  if (a.E < 1 || a.E > 65535) return cudaErrorInvalidValue;
+  if (a.E < 1 || a.S < 0 || experts > 65535) return cudaErrorInvalidValue;
   GemvPhaseArgs p1, p2;
-  p1.src = a.x;  p1.ids = a.ids;  p1.w = a.w_gate_up;  p1.out = a.h;
-  p1.num_assign = num_assign;  p1.top_k = a.k;  p1.rows = a.I;  p1.K = a.H;
-  p1.E = static_cast<int>(a.E);  p1.k_split = a.k_split_gate_up;  p1.activation = a.activation;
+  p1.assign.ids = a.ids;
+  p1.assign.k = static_cast<int>(a.k);
+  p1.assign.num_shared = static_cast<int>(a.S);
+  p1.assign.num_experts = static_cast<int>(a.E);
+  p1.src = a.x;  p1.w = a.w_gate_up;  p1.w_shared = a.shared_gate_up;  p1.out = a.h;
+  p1.num_assign = num_assign;  p1.top_k = kk;  p1.rows = a.I;  p1.K = a.H;
+  p1.E = static_cast<int>(experts);  p1.k_split = a.k_split_gate_up;
+  p1.activation = a.activation;
   p2 = p1;
-  p2.src = a.h;  p2.w = a.w_down;  p2.out = a.y;  p2.rows = a.H;  p2.K = a.I;
-  p2.k_split = a.k_split_down;  p2.zero_dropped = true;
-  const unsigned slots = static_cast<unsigned>(num_assign < a.E ? num_assign : a.E);
-  const size_t bitmap_smem = static_cast<size_t>((a.E + 31) / 32) * sizeof(uint32_t);
+  p2.src = a.h;  p2.w = a.w_down;  p2.w_shared = a.shared_down;  p2.out = a.y;
+  p2.rows = a.H;  p2.K = a.I;  p2.k_split = a.k_split_down;  p2.zero_dropped = true;
+  const unsigned slots = static_cast<unsigned>(num_assign < experts ? num_assign : experts);
+  const size_t bitmap_smem = static_cast<size_t>((experts + 31) / 32) * sizeof(uint32_t);
   const bool pdl = DeviceSupportsPdl();
   const bool mma_ok = sizeof(T) == 2 && a.H % 8 == 0 && a.I % 8 == 0;
   if constexpr (sizeof(T) == 2) {
     const bool wide = a.variant == kGemvStreamWide;
     if ((a.variant == kGemvStream || wide) &&
-        StreamSupported(num_assign, a.E, a.H, a.I, mma_ok, DeviceIsSm90(), MaxSmemPerBlock(),
+        StreamSupported(num_assign, experts, a.H, a.I, mma_ok, DeviceIsSm90(), MaxSmemPerBlock(),
                         wide))
-      return LaunchGemvStream<T>(a.x, a.ids, a.w_gate_up, a.w_down, a.h, a.y, a.T, a.k, a.H,
-                                 a.I, a.E, a.activation, wide, stream);
+      return LaunchGemvStream<T>(a.x, p1.assign, a.w_gate_up, a.w_down, a.shared_gate_up,
+                                 a.shared_down, a.h, a.y, a.T, a.H, a.I, a.activation, wide,
+                                 stream);
   }
   if (mma_ok) {
     auto ks_ok = [](int ks) { return ks == 1 || ks == 2 || ks == 4 || ks == 8; };

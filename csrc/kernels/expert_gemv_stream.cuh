@@ -86,8 +86,9 @@ inline size_t StreamSmemBytes(int stages, int max_cols) {  // stages per group
 }
 
 struct StreamPhase {
-  const void* src = nullptr;     // B rows: x [T, H] (phase 1) or h [T*k, I] (phase 2)
+  const void* src = nullptr;     // B rows: x [T, H] (phase 1) or h [T*kk, I] (phase 2)
   const void* w = nullptr;       // w_gate_up [E, 2I, H] or w_down [E, H, I]
+  const void* w_shared = nullptr;  // the shared experts' [S, 2I, H] or [S, H, I]
   void* out = nullptr;           // h or y
   int rows = 0;                  // I (phase 1) or H (phase 2)
   int K = 0;                     // H or I
@@ -96,10 +97,10 @@ struct StreamPhase {
 };
 
 struct GemvStreamArgs {
-  const int32_t* ids = nullptr;  // [T*k]
-  int num_assign = 0;            // T * k (<= kStreamMaxAssign)
-  int top_k = 1;
-  int E = 0;                     // <= kStreamMaxExperts
+  GemvAssign assign;             // expert of each assignment (kk = k + S slots per token)
+  int num_assign = 0;            // T * kk (<= kStreamMaxAssign)
+  int top_k = 1;                 // kk: token of assignment a is a / kk
+  int E = 0;                     // experts, routed + shared (<= kStreamMaxExperts)
   int activation = kSilu;
   StreamPhase p1, p2;
 };
@@ -138,6 +139,15 @@ __device__ __forceinline__ unsigned long long stream_clock() {
 #define JM_STREAM_TIMED(cond, ev, stmt) do { stmt; } while (0)
 #define JM_STREAM_COUNT(cond, ev) do { } while (0)
 #endif
+
+// Weights of expert e (row-major [.., stride] per expert): routed experts [0, routed)
+// in w, the shared experts after them in w_shared.
+template <typename T>
+__device__ __forceinline__ const T* expert_weights(const void* w, const void* w_shared,
+                                                   int routed, int e, int64_t stride) {
+  return e < routed ? static_cast<const T*>(w) + static_cast<int64_t>(e) * stride
+                    : static_cast<const T*>(w_shared) + static_cast<int64_t>(e - routed) * stride;
+}
 
 // ---- sm_90 primitives: mbarrier and 1-D bulk copy ---------------------------------
 
@@ -284,12 +294,12 @@ __device__ __forceinline__ unsigned int ld_acquire_u32(const unsigned int* p) {
 // within the block), writing the unit number beside stage slots (id barrier). Ends
 // with one sentinel (-1) per group.
 template <typename T, bool GATED, int NS, int MAXC>
-__device__ __forceinline__ void produce_unit(const StreamPhase ph, const StreamUnit& d,
+__device__ __forceinline__ void produce_unit(const StreamPhase ph, int routed, const StreamUnit& d,
                                              const int* segs, const StreamRing& r,
                                              uint32_t& itg, int grp, int* slot_unit,
                                              uint64_t* id_bar, uint64_t policy) {
   const int64_t mat_rows = GATED ? 2 * static_cast<int64_t>(ph.rows) : ph.rows;
-  const T* we = static_cast<const T*>(ph.w) + static_cast<int64_t>(segs[d.seg] & 1023) * mat_rows * ph.K;
+  const T* we = expert_weights<T>(ph.w, ph.w_shared, routed, segs[d.seg] & 1023, mat_rows * ph.K);
   const int lane = threadIdx.x & 31;
   const int valid_rows = GATED ? kStreamRows : min(kStreamRows, ph.rows - d.tile * kStreamRows);
   for (int st = 0; st < ph.stages; ++st) {
@@ -338,9 +348,11 @@ __device__ void produce(const GemvStreamArgs& a, const int* segs, int tiles1, in
       uint32_t itc = grp ? it1 : it0;
       const StreamUnit d = decode_unit(u, n1, tiles1, tiles2);
       if (d.p1)
-        produce_unit<T, true, NS, MAXC>(a.p1, d, segs, r, itc, grp, slot_unit, id_bar, policy);
+        produce_unit<T, true, NS, MAXC>(a.p1, a.assign.num_experts, d, segs, r, itc, grp,
+                                        slot_unit, id_bar, policy);
       else
-        produce_unit<T, false, NS, MAXC>(a.p2, d, segs, r, itc, grp, slot_unit, id_bar, policy);
+        produce_unit<T, false, NS, MAXC>(a.p2, a.assign.num_experts, d, segs, r, itc, grp,
+                                         slot_unit, id_bar, policy);
       if (grp) it1 = itc; else it0 = itc;
     }
   }
@@ -593,7 +605,7 @@ gemv_stream_kernel(GemvStreamArgs a) {
     // One warp, one assignment per lane, no shared-memory passes: each distinct
     // expert's first lane ("leader") counts the leaders with a smaller id.
     if (warp == 0) {
-      const int e = lane < n ? a.ids[lane] : -1;
+      const int e = lane < n ? a.assign.expert(lane) : -1;
       const bool ok = lane < n && e >= 0 && e < a.E;
       const uint32_t peers = __match_any_sync(0xffffffffu, ok ? e : -1);
       const uint32_t lt = (1u << lane) - 1u;
@@ -622,7 +634,7 @@ gemv_stream_kernel(GemvStreamArgs a) {
   } else {
     __syncthreads();
     for (int i = tid; i < n; i += blockDim.x) {
-      const int e = a.ids[i];
+      const int e = a.assign.expert(i);
       if (e >= 0 && e < a.E) atomicAdd(&cnt[e], 1);
     }
     __syncthreads();
@@ -658,7 +670,7 @@ gemv_stream_kernel(GemvStreamArgs a) {
       int nbad = s_valid;
       for (int base = 0; base < n; base += 32) {
         const int i = base + lane;
-        const int e = i < n ? a.ids[i] : -1;
+        const int e = i < n ? a.assign.expert(i) : -1;
         const bool ok = e >= 0 && e < a.E;
         const uint32_t peers = __match_any_sync(0xffffffffu, ok ? e : -1);
         const uint32_t lt = (1u << lane) - 1u;
@@ -776,22 +788,23 @@ cudaError_t LaunchGemvStreamNS(const GemvStreamArgs& a, int sms, cudaStream_t st
 }
 
 // wide: slots of kStreamColsWide columns (variant 6), else kStreamCols.
+// assign: the assignments (routed ids, then assign.num_shared shared experts per token).
 template <typename T>
-cudaError_t LaunchGemvStream(const void* x, const int32_t* ids, const void* w_gate_up,
-                             const void* w_down, void* h, void* y, int64_t T_, int64_t k,
-                             int64_t H, int64_t I, int64_t E, int activation, bool wide,
-                             cudaStream_t stream) {
+cudaError_t LaunchGemvStream(const void* x, const GemvAssign& assign, const void* w_gate_up,
+                             const void* w_down, const void* shared_gate_up,
+                             const void* shared_down, void* h, void* y, int64_t T_, int64_t H,
+                             int64_t I, int activation, bool wide, cudaStream_t stream) {
   const int sms = CurrentDeviceAttr<cudaDevAttrMultiProcessorCount>(0);
   if (sms <= 0) return cudaErrorInvalidDevice;
   GemvStreamArgs a;
-  a.ids = ids;
-  a.num_assign = static_cast<int>(T_ * k);
-  a.top_k = static_cast<int>(k);
-  a.E = static_cast<int>(E);
+  a.assign = assign;
+  a.num_assign = static_cast<int>(T_ * assign.slots());
+  a.top_k = assign.slots();
+  a.E = assign.total_experts();
   a.activation = activation;
-  a.p1.src = x;  a.p1.w = w_gate_up;  a.p1.out = h;
+  a.p1.src = x;  a.p1.w = w_gate_up;  a.p1.w_shared = shared_gate_up;  a.p1.out = h;
   a.p1.rows = static_cast<int>(I);  a.p1.K = static_cast<int>(H);
-  a.p2.src = h;  a.p2.w = w_down;  a.p2.out = y;
+  a.p2.src = h;  a.p2.w = w_down;  a.p2.w_shared = shared_down;  a.p2.out = y;
   a.p2.rows = static_cast<int>(H);  a.p2.K = static_cast<int>(I);
   const int cols = wide ? kStreamColsWide : kStreamCols;
   StreamStageGeometry(a.p1.K, &a.p1.stage_cols, &a.p1.stages, cols);
