@@ -76,6 +76,14 @@ template <int MAXC> struct StreamGeom {
   static constexpr int kChunksPerWarp = MAXC / 32 / kStreamGroupWarps;
 };
 constexpr int kStreamClaim = 2;            // units per claim from the work queue
+// Near the end of the queue (fewer than this many units per block left) claims take
+// one unit: a claimed unit cannot move to a block that runs dry, so two-unit claims
+// at the end leave some blocks a unit behind the others (the tail). 0 disables it
+// (scripts/stream_probe.cu builds both for the A/B; RESULTS.md session 9).
+#ifndef JAX_MOE_STREAM_TAIL_UNITS_PER_BLOCK
+#define JAX_MOE_STREAM_TAIL_UNITS_PER_BLOCK 4
+#endif
+constexpr int kStreamTailUnitsPerBlock = JAX_MOE_STREAM_TAIL_UNITS_PER_BLOCK;
 constexpr int kStreamMaxAssign = 512;      // T * k
 constexpr int kStreamMaxExperts = 1024;
 constexpr int kStreamMaxSegments = kStreamMaxAssign + kStreamMaxAssign / 8;
@@ -337,13 +345,18 @@ __device__ void produce(const GemvStreamArgs& a, const int* segs, int tiles1, in
   // current units' copies: under the full DRAM stream an atomic's round trip took
   // ~1.6 us (s4-3 timeline: the producer waited little for slots, yet issued one
   // unit per ~2 us at Gemma-4 T=1).
-  unsigned int claim = 0;
-  if (lane == 0) claim = atomicAdd(&g_stream_next, static_cast<unsigned int>(kStreamClaim));
+  const int tail = kStreamTailUnitsPerBlock * static_cast<int>(gridDim.x);
+  unsigned int claim = 0, size = kStreamClaim;  // lane 0: the claim in flight, its units
+  if (lane == 0) claim = atomicAdd(&g_stream_next, size);
   for (int k = 0;;) {
     const int u0 = static_cast<int>(__shfl_sync(0xffffffffu, claim, 0));
+    const int n0 = static_cast<int>(__shfl_sync(0xffffffffu, size, 0));
     if (u0 >= ntot) break;
-    if (lane == 0) claim = atomicAdd(&g_stream_next, static_cast<unsigned int>(kStreamClaim));
-    for (int u = u0; u < min(u0 + kStreamClaim, ntot); ++u, ++k) {
+    if (lane == 0) {
+      size = ntot - (u0 + n0) > tail ? kStreamClaim : 1u;
+      claim = atomicAdd(&g_stream_next, size);
+    }
+    for (int u = u0; u < min(u0 + n0, ntot); ++u, ++k) {
       const int grp = k & 1;
       uint32_t itc = grp ? it1 : it0;
       const StreamUnit d = decode_unit(u, n1, tiles1, tiles2);
