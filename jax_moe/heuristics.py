@@ -245,9 +245,11 @@ def moe_implementation(num_tokens: int, num_experts: int, top_k: int, hidden: in
 # per weight pass, and every token is an assignment of each shared expert, so up to
 # 8 tokens the shared weights are still read once; beyond that a separate call
 # (variant 4 serves 32 tokens per pass) reads them fewer times. Needs the shared
-# experts' intermediate size to equal the routed one's (one weight layout). The
-# measurement behind it: RESULTS.md session 9 (DeepSeek-V3, bench_moe with
-# --no-fold-shared in the same call).
+# experts' intermediate size to equal the routed one's (one weight layout).
+# Measured on H100 (bench_moe, DeepSeek-V3, folded / --no-fold-shared in one call,
+# run s9-2, us per layer): T=1 279.9 / 296.8, T=2 484.8 / 506.4, T=4 847.6 / 859.4,
+# T=8 1403.5 / 1444.9. Above 8 tokens the folded shared expert would take a second
+# weight pass (not measured folded; the unfolded call gave 1.04x-1.14x at T=16-64).
 MOE_FOLD_SHARED_MAX_TOKENS = 8
 
 

@@ -78,8 +78,13 @@ template <int MAXC> struct StreamGeom {
 constexpr int kStreamClaim = 2;            // units per claim from the work queue
 // Near the end of the queue (fewer than this many units per block left) claims take
 // one unit: a claimed unit cannot move to a block that runs dry, so two-unit claims
-// at the end leave some blocks a unit behind the others (the tail). 0 disables it
-// (scripts/stream_probe.cu builds both for the A/B; RESULTS.md session 9).
+// at the end leave some blocks a unit behind the others (the tail). 0 disables it.
+// scripts/stream_probe.cu, run s9-6, the kernel alone, us, 0 / 4 (two passes agreed
+// within 0.6): Gemma-4 T=1 39.6 / 39.4, T=8 215.5 / 212.4, T=64 524.2 / 517.1;
+// Mixtral T=1 239.7 / 236.7, T=8 833.2 / 831.9; DeepSeek-V3 within 0.5; but Qwen3
+// T=1 33.9 / 34.9 and T=2 55.3 / 56.1 (1 and 2 were no better there: 35.4, 35.3).
+// A one-unit claim leaves the producer one atomic round trip per unit, which a
+// one-stage unit does not cover; keeping two claims in flight is the next thing to try.
 #ifndef JAX_MOE_STREAM_TAIL_UNITS_PER_BLOCK
 #define JAX_MOE_STREAM_TAIL_UNITS_PER_BLOCK 4
 #endif
