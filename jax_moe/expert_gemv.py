@@ -84,20 +84,15 @@ def _batch_rule(args, dims, **params):
   k = ids.shape[2]
   E, S = wgu.shape[0], sgu.shape[0]
   params = dict(params, token_tiles=_token_tiles(B * T, E, k, S))
-  if params["kernel_variant"] == _variant(T, E, k, S, H):
+  if params["kernel_variant"] == heuristics.expert_gemv_variant(T, E, k, S, H):
     # the heuristic's choice for T tokens: choose again for the B * T folded ones
-    params["kernel_variant"] = _variant(B * T, E, k, S, H)
+    params["kernel_variant"] = heuristics.expert_gemv_variant(B * T, E, k, S, H)
   y, h = expert_gemv_p.bind(x.reshape(B * T, H), ids.reshape(B * T, k), wgu, wd, sgu, sd,
                             **params)
   return (y.reshape(B, T, k + S, H), h.reshape(B, T * (k + S), h.shape[-1])), (0, 0)
 
 
 register_batching(expert_gemv_p, _batch_rule)
-
-
-def _variant(T, E, k, S, H):
-  # The kernels see T * (k + S) assignments over E + S experts.
-  return heuristics.GEMV_KERNEL_VARIANT or heuristics.gemv_kernel_variant(T, E + S, k + S, H)
 
 
 def _token_tiles(T, E, k, S):
@@ -184,7 +179,7 @@ def expert_gemv(x, ids, w_gate_up, w_down, *, activation="silu", shared_gate_up=
   config = dict(token_tiles=_token_tiles(T, E, k, S),
                 k_split_gate_up=heuristics.gemv_k_split(I, H, gated=True),
                 k_split_down=heuristics.gemv_k_split(H, I),
-                kernel_variant=_variant(T, E, k, S, H))
+                kernel_variant=heuristics.expert_gemv_variant(T, E, k, S, H))
   unknown = set(_config or {}) - set(config)
   if unknown:
     raise ValueError(f"{fn}: unknown _config key(s) {sorted(unknown)}; "

@@ -129,6 +129,15 @@ def gemv_kernel_variant(num_tokens: int, num_experts: int, top_k: int,
   return 6 if hidden >= GEMV_STREAM_WIDE_MIN_HIDDEN else 5
 
 
+def expert_gemv_variant(num_tokens: int, num_experts: int, top_k: int, num_shared: int,
+                        hidden: int) -> int:
+  """The variant expert_gemv runs: GEMV_KERNEL_VARIANT if set, else gemv_kernel_variant
+  of the problem the kernels see, T * (k + S) assignments over E + S experts (the S
+  shared experts are slots k .. k + S - 1 of every token)."""
+  return GEMV_KERNEL_VARIANT or gemv_kernel_variant(
+      num_tokens, num_experts + num_shared, top_k + num_shared, hidden)
+
+
 # Most tokens one expert_gemv weight pass serves: 8 per n-tile, at most 4 n-tiles.
 GEMV_MAX_TOKENS_PER_PASS = 32
 
@@ -260,9 +269,7 @@ def moe_fold_shared(num_tokens: int, num_experts: int, top_k: int, num_shared: i
     return False
   if num_tokens > MOE_FOLD_SHARED_MAX_TOKENS:
     return False
-  variant = GEMV_KERNEL_VARIANT or gemv_kernel_variant(
-      num_tokens, num_experts + num_shared, top_k + num_shared, hidden)
-  return variant in (5, 6)
+  return expert_gemv_variant(num_tokens, num_experts, top_k, num_shared, hidden) in (5, 6)
 
 
 # Grouped path formulations (all XLA today; see moe._grouped_experts):

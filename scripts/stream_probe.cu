@@ -225,7 +225,7 @@ int main(int argc, char** argv) {
       CK(cudaMalloc(&dids, ids.size() * 4));
       CK(cudaMemcpy(dids, ids.data(), ids.size() * 4, cudaMemcpyHostToDevice));
       GemvStreamArgs a;
-      a.num_assign = n; a.top_k = S.k; a.E = S.E; a.activation = kSilu;
+      a.num_assign = n; a.activation = kSilu;
       a.assign.k = S.k; a.assign.num_shared = 0; a.assign.num_experts = S.E;
       a.p1.src = x; a.p1.w = wgu; a.p1.out = h; a.p1.rows = S.I; a.p1.K = S.H;
       const int rc = kRings[g_ring].run_cols;

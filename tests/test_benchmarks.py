@@ -219,3 +219,22 @@ def test_moe_floor_counts_the_timed_trajectory():
   assert got == pytest.approx(np.mean(want))
   assert bench_moe.floor_bytes(shape, 2.5, 2) == pytest.approx(
       2.5 * shape.expert_bytes(2) + shape.num_experts * shape.hidden * 2)
+
+
+def test_moe_no_fold_shared_flag(tmp_path, monkeypatch):
+  """--no-fold-shared sets heuristics.MOE_FOLD_SHARED_MAX_TOKENS to 0 for the run (the
+  separate shared-expert call at every T) and the JSON records it."""
+  import json
+  import bench_moe
+  from jax_moe import heuristics
+  monkeypatch.setattr(heuristics, "MOE_FOLD_SHARED_MAX_TOKENS", 8)  # restored afterwards
+  args = ["--out", str(tmp_path), "--quick", "--shapes", "deepseek_v3", "--tokens", "1",
+          "--impls", "auto", "--repeats", "1", "--calls", "1", "--max-copies", "1"]
+  assert bench_moe.main(args + ["--no-fold-shared"]) == 0
+  assert heuristics.MOE_FOLD_SHARED_MAX_TOKENS == 0
+  with open(tmp_path / "moe.json") as f:
+    assert json.load(f)["heuristics"]["MOE_FOLD_SHARED_MAX_TOKENS"] == 0
+  monkeypatch.setattr(heuristics, "MOE_FOLD_SHARED_MAX_TOKENS", 8)
+  assert bench_moe.main(args) == 0
+  with open(tmp_path / "moe.json") as f:
+    assert json.load(f)["heuristics"]["MOE_FOLD_SHARED_MAX_TOKENS"] == 8

@@ -107,6 +107,11 @@ def test_fold_shared_heuristic():
   assert heuristics.moe_fold_shared(8, 256, 8, 1, 7168, 2048, 2048)       # DeepSeek-V3
   assert not heuristics.moe_fold_shared(16, 256, 8, 1, 7168, 2048, 2048)  # 2 passes
   assert not heuristics.moe_fold_shared(8, 8, 2, 8, 4096, 1024, 1024)     # not the stream kernel
+  # the kernels see T * (k + S) assignments over E + S experts
+  assert heuristics.expert_gemv_variant(8, 256, 8, 1, 7168) == 6
+  assert heuristics.expert_gemv_variant(64, 256, 8, 0, 7168) == 6
+  assert heuristics.expert_gemv_variant(64, 256, 8, 1, 7168) == 4  # 576 > 512 assignments
+  assert heuristics.expert_gemv_variant(1, 128, 8, 0, 2816) == 5
 
 
 @pytest.mark.parametrize("impl", [IMPLS[0], IMPLS[2]], ids=impl_id)

@@ -46,6 +46,10 @@ struct GemvAssign {
   // Expert of assignment a, or -1 for a routed id outside [0, E) (dropped: it must
   // not reach the shared experts' ids E ..).
   JM_HOST_DEVICE int expert(int64_t a) const {
+    if (num_shared == 0) {  // ids [T, k] is the assignment list itself: no division
+      const int e = ids[a];
+      return e >= 0 && e < num_experts ? e : -1;
+    }
     const int64_t t = a / slots();
     const int j = static_cast<int>(a - t * slots());
     if (j >= k) return num_experts + (j - k);

@@ -50,11 +50,9 @@ struct GemvPhaseArgs {
   const void* w = nullptr;      // w_gate_up [E, 2I, H] (phase 1) or w_down [E, H, I]
   const void* w_shared = nullptr;  // the shared experts' [S, ...] (experts E .. E+S-1)
   void* out = nullptr;          // h [T*kk, I] (phase 1) or y [T*kk, H] (phase 2)
-  int64_t num_assign = 0;       // T * kk
-  int64_t top_k = 1;            // kk; phase 1: token of assignment a is a / top_k
+  int64_t num_assign = 0;       // T * kk; phase 1: token of assignment a is a / kk
   int64_t rows = 0;             // output rows per expert: I or H
   int64_t K = 0;                // reduction length: H or I
-  int E = 0;                    // experts, routed + shared (valid ids [0, E))
   int k_split = 1;              // warps along K in the fast path (1, 2, 4, 8)
   int activation = kSilu;
   bool zero_dropped = false;    // phase 2: write zero rows for ids outside [0, E)
@@ -66,13 +64,14 @@ struct GemvPhaseArgs {
 // bitmap: ceil(E / 32) words of shared memory.
 __device__ int slot_expert(const GemvPhaseArgs& a, int slot, uint32_t* bitmap) {
   __shared__ int s_expert;
-  const int words = (a.E + 31) >> 5;
+  const int E = a.assign.total_experts();
+  const int words = (E + 31) >> 5;
   for (int i = threadIdx.x; i < words; i += blockDim.x) bitmap[i] = 0u;
   if (threadIdx.x == 0) s_expert = -1;
   __syncthreads();
   for (int64_t i = threadIdx.x; i < a.num_assign; i += blockDim.x) {
     const int e = a.assign.expert(i);
-    if (e >= 0 && e < a.E) atomicOr(&bitmap[e >> 5], 1u << (e & 31));
+    if (e >= 0 && e < E) atomicOr(&bitmap[e >> 5], 1u << (e & 31));
   }
   __syncthreads();
   if (threadIdx.x < 32) {
@@ -163,7 +162,7 @@ gemv_mma_kernel(GemvPhaseArgs a) {
   if (a.zero_dropped && slot == 0) {  // ids outside [0, E): zero rows of y
     for (int64_t i = 0; i < a.num_assign; ++i) {
       const int e = a.assign.expert(i);
-      if (e >= 0 && e < a.E) continue;
+      if (e >= 0) continue;  // expert() gives -1 for every id outside [0, E)
       for (int64_t r = row0 + threadIdx.x; r < row0 + tile_rows && r < a.rows; r += blockDim.x)
         out[i * a.rows + r] = from_float<T>(0.f);
     }
@@ -197,7 +196,7 @@ gemv_mma_kernel(GemvPhaseArgs a) {
       const int idx = nt * 8 + g;
       if (idx < n) {
         const int64_t asg = list[idx];
-        const int64_t srow = GATED ? asg / a.top_k : asg;
+        const int64_t srow = GATED ? asg / a.assign.slots() : asg;
         brow[nt] = src + srow * a.K;
       } else {
         brow[nt] = nullptr;
@@ -299,7 +298,7 @@ gemv_generic_kernel(GemvPhaseArgs a) {
   if (a.zero_dropped && slot == 0) {
     for (int64_t i = 0; i < a.num_assign; ++i) {
       const int e = a.assign.expert(i);
-      if (e >= 0 && e < a.E) continue;
+      if (e >= 0) continue;  // expert() gives -1 for every id outside [0, E)
       for (int64_t r = row0 + threadIdx.x; r < row0 + kGemvGenericRows && r < a.rows;
            r += blockDim.x)
         out[i * a.rows + r] = from_float<T>(0.f);
@@ -331,7 +330,7 @@ gemv_generic_kernel(GemvPhaseArgs a) {
           accg[t] = 0.f;
           accu[t] = 0.f;
           const int idx = t0 + t;
-          brow[t] = idx < n ? src + (GATED ? list[idx] / a.top_k : list[idx]) * a.K : nullptr;
+          brow[t] = idx < n ? src + (GATED ? list[idx] / a.assign.slots() : list[idx]) * a.K : nullptr;
         }
         for (int64_t col = lane; col < a.K; col += 32) {
           const float wgv = to_float(wg[col]);
@@ -444,9 +443,8 @@ cudaError_t LaunchExpertGemv(const ExpertGemvArgs& a, cudaStream_t stream) {
   p1.assign.num_shared = static_cast<int>(a.S);
   p1.assign.num_experts = static_cast<int>(a.E);
   p1.src = a.x;  p1.w = a.w_gate_up;  p1.w_shared = a.shared_gate_up;  p1.out = a.h;
-  p1.num_assign = num_assign;  p1.top_k = kk;  p1.rows = a.I;  p1.K = a.H;
-  p1.E = static_cast<int>(experts);  p1.k_split = a.k_split_gate_up;
-  p1.activation = a.activation;
+  p1.num_assign = num_assign;  p1.rows = a.I;  p1.K = a.H;
+  p1.k_split = a.k_split_gate_up;  p1.activation = a.activation;
   p2 = p1;
   p2.src = a.h;  p2.w = a.w_down;  p2.w_shared = a.shared_down;  p2.out = a.y;
   p2.rows = a.H;  p2.K = a.I;  p2.k_split = a.k_split_down;  p2.zero_dropped = true;

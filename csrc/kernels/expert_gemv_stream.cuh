@@ -110,10 +110,9 @@ struct StreamPhase {
 };
 
 struct GemvStreamArgs {
-  GemvAssign assign;             // expert of each assignment (kk = k + S slots per token)
-  int num_assign = 0;            // T * kk (<= kStreamMaxAssign)
-  int top_k = 1;                 // kk: token of assignment a is a / kk
-  int E = 0;                     // experts, routed + shared (<= kStreamMaxExperts)
+  GemvAssign assign;             // expert of each assignment (kk = k + S slots per token;
+                                 // E + S experts <= kStreamMaxExperts)
+  int num_assign = 0;            // T * kk (<= kStreamMaxAssign); token of a is a / kk
   int activation = kSilu;
   StreamPhase p1, p2;
 };
@@ -395,7 +394,7 @@ __device__ __forceinline__ const T* b_row(const GemvStreamArgs& a, const StreamU
   const int seg = segs[d.seg];
   if (g >= (seg >> 20) + 1) return nullptr;
   const int asg = sorted[((seg >> 10) & 1023) + g];
-  return d.p1 ? static_cast<const T*>(a.p1.src) + static_cast<int64_t>(asg / a.top_k) * a.p1.K
+  return d.p1 ? static_cast<const T*>(a.p1.src) + static_cast<int64_t>(asg / a.assign.slots()) * a.p1.K
               : static_cast<const T*>(a.p2.src) + static_cast<int64_t>(asg) * a.p2.K;
 }
 
@@ -601,6 +600,7 @@ gemv_stream_kernel(GemvStreamArgs a) {
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int n = a.num_assign;
+  const int E = a.assign.total_experts();  // routed + shared
   JM_STREAM_TRACE(tid == 0, 0);
 #ifdef JAX_MOE_STREAM_TRACE
   if (tid < kStreamTraceEvents - 6) g_stream_trace[blockIdx.x][6 + tid] = 0ull;
@@ -615,7 +615,7 @@ gemv_stream_kernel(GemvStreamArgs a) {
   }
   const bool small = n <= 32;
   if (!small)
-    for (int e = tid; e < a.E; e += blockDim.x) cnt[e] = 0;
+    for (int e = tid; e < E; e += blockDim.x) cnt[e] = 0;
   // Launched with programmatic stream serialization: ids and x come from the
   // previous kernel; nothing above reads global memory.
   pdl_wait_prerequisites();
@@ -624,7 +624,7 @@ gemv_stream_kernel(GemvStreamArgs a) {
     // expert's first lane ("leader") counts the leaders with a smaller id.
     if (warp == 0) {
       const int e = lane < n ? a.assign.expert(lane) : -1;
-      const bool ok = lane < n && e >= 0 && e < a.E;
+      const bool ok = lane < n && e >= 0 && e < E;
       const uint32_t peers = __match_any_sync(0xffffffffu, ok ? e : -1);
       const uint32_t lt = (1u << lane) - 1u;
       const int c = __popc(peers);
@@ -653,14 +653,14 @@ gemv_stream_kernel(GemvStreamArgs a) {
     __syncthreads();
     for (int i = tid; i < n; i += blockDim.x) {
       const int e = a.assign.expert(i);
-      if (e >= 0 && e < a.E) atomicAdd(&cnt[e], 1);
+      if (e >= 0 && e < E) atomicAdd(&cnt[e], 1);
     }
     __syncthreads();
     if (warp == 0) {  // exclusive scans of counts and of segments per expert
       int pos = 0, seg = 0;
-      for (int base = 0; base < a.E; base += 32) {
+      for (int base = 0; base < E; base += 32) {
         const int e = base + lane;
-        const int c = e < a.E ? cnt[e] : 0;
+        const int c = e < E ? cnt[e] : 0;
         const int s = (c + 7) >> 3;
         int ic = c, is = s;
 #pragma unroll
@@ -669,14 +669,14 @@ gemv_stream_kernel(GemvStreamArgs a) {
           const int vs = __shfl_up_sync(0xffffffffu, is, o);
           if (lane >= o) { ic += vc; is += vs; }
         }
-        if (e < a.E) { cursor[e] = pos + ic - c; seg_first[e] = seg + is - s; }
+        if (e < E) { cursor[e] = pos + ic - c; seg_first[e] = seg + is - s; }
         pos += __shfl_sync(0xffffffffu, ic, 31);
         seg += __shfl_sync(0xffffffffu, is, 31);
       }
       if (lane == 0) { s_segments = seg; s_valid = pos; }
     }
     __syncthreads();
-    for (int e = tid; e < a.E; e += blockDim.x) {
+    for (int e = tid; e < E; e += blockDim.x) {
       const int c = cnt[e];
       for (int j = 0; 8 * j < c; ++j)
         segs[seg_first[e] + j] = seg_pack(e, cursor[e] + 8 * j, min(8, c - 8 * j));
@@ -689,7 +689,7 @@ gemv_stream_kernel(GemvStreamArgs a) {
       for (int base = 0; base < n; base += 32) {
         const int i = base + lane;
         const int e = i < n ? a.assign.expert(i) : -1;
-        const bool ok = e >= 0 && e < a.E;
+        const bool ok = e >= 0 && e < E;
         const uint32_t peers = __match_any_sync(0xffffffffu, ok ? e : -1);
         const uint32_t lt = (1u << lane) - 1u;
         const int before = __popc(peers & lt);
@@ -817,8 +817,6 @@ cudaError_t LaunchGemvStream(const void* x, const GemvAssign& assign, const void
   GemvStreamArgs a;
   a.assign = assign;
   a.num_assign = static_cast<int>(T_ * assign.slots());
-  a.top_k = assign.slots();
-  a.E = assign.total_experts();
   a.activation = activation;
   a.p1.src = x;  a.p1.w = w_gate_up;  a.p1.w_shared = shared_gate_up;  a.p1.out = h;
   a.p1.rows = static_cast<int>(I);  a.p1.K = static_cast<int>(H);
