@@ -105,6 +105,9 @@ GEMV_STREAM_MAX_ASSIGN = 512
 # (H=7168) T=8 1664.2 / 1644.3, T=64 6412.4 / 6300.2. Long rows pay per stage, so
 # they want fewer, wider stages; short rows want the smaller ring's shorter tail.
 GEMV_STREAM_WIDE_MIN_HIDDEN = 4096
+# Most assignments per expert, on average (T * k / E), that the stream kernel takes
+# (gemv_kernel_variant's docstring has the measurements).
+GEMV_STREAM_MAX_MEAN = 4
 
 
 def gemv_kernel_variant(num_tokens: int, num_experts: int, top_k: int,
@@ -124,7 +127,7 @@ def gemv_kernel_variant(num_tokens: int, num_experts: int, top_k: int,
   """
   if num_tokens * top_k > GEMV_STREAM_MAX_ASSIGN:
     return 4
-  if num_tokens * top_k > 4 * num_experts:
+  if num_tokens * top_k > GEMV_STREAM_MAX_MEAN * num_experts:
     return 4
   return 6 if hidden >= GEMV_STREAM_WIDE_MIN_HIDDEN else 5
 

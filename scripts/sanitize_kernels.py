@@ -72,10 +72,13 @@ for E, H, T, dt in [(256, 7168, 1, jnp.bfloat16), (128, 2816, 16, jnp.bfloat16),
   w, _ = jax_moe.route(x, 6, router_weight=wr, scoring="sigmoid")  # default path
   check(f"route E={E} H={H} T={T}", w, w_ref, 1e-3)
 
-# expert_gemv: tensor-core path (NT = 1, 2, 4; K and row tails), generic path.
+# expert_gemv: tensor-core path (NT = 1, 2, 4; K and row tails), generic path, the stream
+# kernel in both unit orders (v5 segment-major, v6 run order).
 for dtype, T, H, I, E, k in [(jnp.bfloat16, 1, 256, 128, 16, 4), (jnp.float16, 12, 72, 40, 8, 4),
                              (jnp.bfloat16, 40, 64, 24, 4, 2), (jnp.float32, 5, 36, 20, 8, 2),
-                             (jnp.bfloat16, 3, 36, 20, 8, 3)] if "expert_gemv" in OPS else []:
+                             (jnp.bfloat16, 3, 36, 20, 8, 3),
+                             # ~70 valid ids on one expert: runs of 8 and 1 segments (v6)
+                             (jnp.bfloat16, 250, 64, 24, 1, 2)] if "expert_gemv" in OPS else []:
   x = jnp.asarray(r.normal(size=(T, H)), dtype)
   ids = jnp.asarray(r.integers(-3, E + 3, size=(T, k)), jnp.int32)
   wgu = jnp.asarray(r.normal(size=(E, 2 * I, H)) / np.sqrt(H), dtype)
@@ -90,7 +93,7 @@ for dtype, T, H, I, E, k in [(jnp.bfloat16, 1, 256, 128, 16, 4), (jnp.float16, 1
   sd = jnp.asarray(r.normal(size=(2, H, I)) / np.sqrt(I), dtype)
   ref = reference.expert_gemv(x, ids, wgu, wd, activation="gelu_tanh", shared_gate_up=sgu,
                               shared_down=sd)
-  for variant in (0, 5):
+  for variant in (0, 5, 6):
     y = jax_moe.expert_gemv(x, ids, wgu, wd, activation="gelu_tanh", shared_gate_up=sgu,
                             shared_down=sd, _config=dict(kernel_variant=variant))
     check(f"expert_gemv shared v{variant} {jnp.dtype(dtype).name} T={T} H={H} I={I}", y, ref,

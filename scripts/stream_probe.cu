@@ -7,12 +7,17 @@
 //   nvcc -std=c++17 -O3 -arch=sm_90a -Icsrc -DJAX_MOE_STREAM_TRACE \
 //        scripts/stream_probe.cu -o build/stream_probe
 //   build/stream_probe [shape,...] [T,...] [iterations] [ring]   e.g. gemma4 1,8 200 0
-//     T in [1, 64]; ring 0 the library's geometry, 1-9 the variants of kRings
+//     T in [1, 64]; ring 0 the library's geometry, 1-10 the variants of kRings
 //   build/stream_probe --read-bw                  only the read bandwidth (GB/s)
 //
 // Environment: STREAM_PROBE_BW_GBPS skips the 4 GiB read (a fixed floor rate);
 // STREAM_PROBE_QUICK=1 skips warm-up and timeline (under compute-sanitizer; 0 or
-// unset: the full run). Both are checked before any CUDA call.
+// unset: the full run). STREAM_PROBE_ZIPF=p (percent, e.g. 100): skewed routings,
+// expert e of a random order drawn with weight 1 / (rank + 1)^(p / 100) (k distinct
+// per token), so that some experts get more than 8 assignments as in real routings;
+// unset or 0: uniform. All are checked before any CUDA call.
+// -DJAX_MOE_STREAM_SEG_MAJOR: segment-major unit order on every ring (the kernel's
+// RUNS = false; the library runs the wide ring in run order).
 // Timing-only builds (wrong results, for diagnosis): -DJAX_MOE_STREAM_EXP_FAKEB (no
 // B loads), -DJAX_MOE_STREAM_EXP_NOMMA (no shared-memory reads or mma); both
 // together give the "hollow consumer" of RESULTS.md session 5.
@@ -28,6 +33,7 @@
 #include <string>
 #include <vector>
 #include <algorithm>
+#include <cmath>
 
 #include "kernels/expert_gemv_stream.cuh"
 #include "probe_util.cuh"
@@ -66,23 +72,27 @@ static std::vector<std::string> split(const char* s) {
 // 1024 where H >= 4096, else 768). 0 is the library's choice (expert_gemv variants
 // 5 / 6 as heuristics.gemv_kernel_variant picks them: kStreamColsWide from H = 4096).
 struct Ring { int slots, cols, run_cols; };
+// Ring 10: the narrow ring in run order (kStreamRunsNarrow's A/B).
 static const Ring kRings[] = {{kStreamStages, 0, -1}, {3, 1024, 0}, {4, 768, 0},
                               {2, 768, 0}, {6, 512, 0}, {7, 384, 0}, {3, 768, 0}, {4, 512, 0},
-                              {3, 1024, 768}, {3, 1024, -1}};
+                              {3, 1024, 768}, {3, 1024, -1}, {kStreamStages, kStreamCols, 0}};
 constexpr int kNumRings = sizeof(kRings) / sizeof(kRings[0]);
 static int g_ring = 0;
 static void launch(const GemvStreamArgs& a, int sms) {
+  constexpr bool kRN = kStreamRunsNarrow, kRW = kStreamRunsWide;  // the library's unit orders
   switch (g_ring) {
-    case 1: case 8: case 9: CK((LaunchGemvStreamNS<bf16, 3, 1024>(a, sms, 0))); break;
-    case 2: CK((LaunchGemvStreamNS<bf16, 4, 768>(a, sms, 0))); break;
-    case 3: CK((LaunchGemvStreamNS<bf16, 2, 768>(a, sms, 0))); break;
-    case 4: CK((LaunchGemvStreamNS<bf16, 6, 512>(a, sms, 0))); break;
-    case 5: CK((LaunchGemvStreamNS<bf16, 7, 384>(a, sms, 0))); break;
-    case 6: CK((LaunchGemvStreamNS<bf16, 3, 768>(a, sms, 0))); break;
-    case 7: CK((LaunchGemvStreamNS<bf16, 4, 512>(a, sms, 0))); break;
+    case 1: case 8: case 9: CK((LaunchGemvStreamNS<bf16, 3, 1024, kRW>(a, sms, 0))); break;
+    case 2: CK((LaunchGemvStreamNS<bf16, 4, 768, kRN>(a, sms, 0))); break;
+    case 3: CK((LaunchGemvStreamNS<bf16, 2, 768, kRN>(a, sms, 0))); break;
+    case 4: CK((LaunchGemvStreamNS<bf16, 6, 512, kRN>(a, sms, 0))); break;
+    case 5: CK((LaunchGemvStreamNS<bf16, 7, 384, kRN>(a, sms, 0))); break;
+    case 6: CK((LaunchGemvStreamNS<bf16, 3, 768, kRN>(a, sms, 0))); break;
+    case 7: CK((LaunchGemvStreamNS<bf16, 4, 512, kRN>(a, sms, 0))); break;
+    case 10: CK((LaunchGemvStreamNS<bf16, kStreamStages, kStreamCols, true>(a, sms, 0))); break;
     default:
-      if (a.p2.rows >= 4096) CK((LaunchGemvStreamNS<bf16, kStreamStages, kStreamColsWide>(a, sms, 0)));
-      else CK((LaunchGemvStreamNS<bf16, kStreamStages, kStreamCols>(a, sms, 0)));
+      if (a.p2.rows >= 4096)
+        CK((LaunchGemvStreamNS<bf16, kStreamStages, kStreamColsWide, kRW>(a, sms, 0)));
+      else CK((LaunchGemvStreamNS<bf16, kStreamStages, kStreamCols, kRN>(a, sms, 0)));
   }
 }
 
@@ -144,6 +154,9 @@ int main(int argc, char** argv) {
   // STREAM_PROBE_QUICK=1 (e.g. under compute-sanitizer): no warm-up, no timeline.
   const char* quick_env = getenv("STREAM_PROBE_QUICK");
   const bool quick = quick_env != nullptr && parse_int(quick_env, "STREAM_PROBE_QUICK", 0, 1) == 1;
+  const char* zipf_env = getenv("STREAM_PROBE_ZIPF");
+  const double zipf =
+      zipf_env != nullptr ? parse_int(zipf_env, "STREAM_PROBE_ZIPF", 0, 1000) / 100.0 : 0.0;
   int dev = 0, sms = 0;
   CK(cudaGetDevice(&dev));
   CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
@@ -180,7 +193,9 @@ int main(int argc, char** argv) {
   }
   printf("read bandwidth %.3f TB/s, %d SMs; ring %d: %d slots x %d columns per consumer group\n",
          bw * 1e-12, sms, g_ring, kRings[g_ring].slots, max_cols);
-  printf("%-12s %4s %9s %9s %7s %s\n", "shape", "T", "floor_us", "us", "x", "repeat");
+  if (zipf > 0) printf("skewed routings: Zipf exponent %.2f\n", zipf);
+  printf("%-12s %4s %9s %9s %7s %s %s\n", "shape", "T", "floor_us", "us", "x", "repeat",
+         "experts/segments");
 
   std::mt19937 rng(1234);
   for (const std::string& sn : shapes) {
@@ -209,18 +224,33 @@ int main(int argc, char** argv) {
       }
       const int R = 32, n = T * S.k;
       std::vector<int32_t> ids(size_t(R) * n);
-      double distinct = 0;
+      double distinct = 0, segments = 0;
       for (int r = 0; r < R; ++r) {
-        std::set<int> seen;
+        std::vector<int> count(S.E, 0);
+        std::vector<int> order(S.E);  // Zipf rank -> expert, fresh per routing
+        for (int e = 0; e < S.E; ++e) order[e] = e;
+        std::shuffle(order.begin(), order.end(), rng);
         for (int t = 0; t < T; ++t) {
           std::vector<int> perm(S.E);
-          for (int e = 0; e < S.E; ++e) perm[e] = e;
-          std::shuffle(perm.begin(), perm.end(), rng);
-          for (int j = 0; j < S.k; ++j) { ids[size_t(r) * n + t * S.k + j] = perm[j]; seen.insert(perm[j]); }
+          if (zipf > 0) {  // k distinct draws, weight 1 / (rank + 1)^zipf
+            std::vector<double> wgt(S.E);
+            for (int q = 0; q < S.E; ++q) wgt[q] = 1.0 / std::pow(q + 1.0, zipf);
+            for (int j = 0; j < S.k; ++j) {
+              std::discrete_distribution<int> pick(wgt.begin(), wgt.end());
+              const int q = pick(rng);
+              perm[j] = order[q];
+              wgt[q] = 0.0;
+            }
+          } else {
+            for (int e = 0; e < S.E; ++e) perm[e] = e;
+            std::shuffle(perm.begin(), perm.end(), rng);
+          }
+          for (int j = 0; j < S.k; ++j) { ids[size_t(r) * n + t * S.k + j] = perm[j]; ++count[perm[j]]; }
         }
-        distinct += seen.size();
+        for (int c : count) { distinct += c > 0; segments += (c + 7) / 8; }
       }
       distinct /= R;
+      segments /= R;
       int32_t* dids;
       CK(cudaMalloc(&dids, ids.size() * 4));
       CK(cudaMemcpy(dids, ids.data(), ids.size() * 4, cudaMemcpyHostToDevice));
@@ -264,8 +294,8 @@ int main(int argc, char** argv) {
       for (size_t i = 0; i < hy.size(); ++i) poisoned += (hy2[i] == 0xffff);
       const bool same = hy == hy2 && poisoned == 0;
       const double floor_us = distinct * expert_bytes / bw * 1e6;
-      printf("%-12s %4d %9.1f %9.1f %7.3f %s\n", S.name, T, floor_us, us, us / floor_us,
-             same ? "equal" : "DIFFER");
+      printf("%-12s %4d %9.1f %9.1f %7.3f %s %.1f/%.1f\n", S.name, T, floor_us, us, us / floor_us,
+             same ? "equal" : "DIFFER", distinct, segments);
       if (quick) { CK(cudaFree(dids)); continue; }
       // Timeline of one call, inputs as in the timed loop.
       CK(cudaMemcpy(dids, ids.data(), size_t(n) * 4, cudaMemcpyHostToDevice));

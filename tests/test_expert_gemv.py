@@ -287,6 +287,8 @@ def test_kernel_configs(platform, variant, k_split, token_tiles):
 @pytest.mark.parametrize("T,H,I,E,k,dtype,hot", [
     (20, 72, 40, 4, 2, jnp.bfloat16, False),  # K and row tails; experts of > 8 assignments
     (70, 64, 48, 8, 1, jnp.bfloat16, True),   # 70 assignments on one expert: 9 segments
+    (200, 64, 48, 8, 2, jnp.bfloat16, True),  # 400 on one expert: runs of 8, 8, ..., 2 segments
+    (64, 128, 64, 64, 8, jnp.bfloat16, "zipf"),  # skewed: runs of 1 to several segments
     (3, 2816, 704, 128, 8, jnp.float16, False),  # Gemma-4 sizes: 3 stages per gate_up row
     (9, 1040, 1032, 16, 4, jnp.bfloat16, False),  # 2 stages each phase, last one short
     (64, 128, 64, 1024, 8, jnp.bfloat16, False),  # the largest T*k and E it takes
@@ -297,12 +299,18 @@ def test_kernel_configs(platform, variant, k_split, token_tiles):
 def test_stream_kernel(platform, T, H, I, E, k, dtype, hot, variant):
   """Variants 5 and 6 (csrc/kernels/expert_gemv_stream.cuh, ring slots of 768 and 1024
   columns; other platforms ignore them): ids with -1 and E (zero rows), segments of
-  <= 8 assignments, stage tails; bitwise equal over repeated runs."""
+  <= 8 assignments and runs of up to 8 segments of one expert (the unit order),
+  stage tails; bitwise equal over repeated runs."""
   r = rng()
   x = jnp.asarray(r.normal(size=(T, H)), dtype)
   wgu, wd = make_weights(r, E, H, I, dtype)
   if hot == "fuzz":
     ids = r.integers(-3, E + 3, size=(T, k)).astype(np.int32)
+  elif hot == "zipf":  # k distinct experts per token, expert q drawn with weight 1/(q+1)
+    p = 1.0 / np.arange(1, E + 1)
+    ids = np.stack([r.choice(E, size=k, replace=False, p=p / p.sum()) for _ in range(T)])
+    ids = ids.astype(np.int32)
+    assert np.bincount(ids.ravel(), minlength=E).max() > 16  # some runs of 3+ segments
   else:
     ids = np.full((T, k), 5, np.int32) if hot else distinct_ids(r, T, k, E)
   ids[0, 0] = -1

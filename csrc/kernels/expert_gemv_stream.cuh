@@ -9,7 +9,8 @@
 //   * one block per SM, one launch; every block computes the same work list (the
 //     selected experts, split into segments of at most 8 assignments). Units are
 //     (segment, 8 gate + the matching 8 up rows) in phase 1 and (segment, 16 w_down
-//     rows) in phase 2, numbered phase 1 first, segments ascending;
+//     rows) in phase 2, numbered phase 1 first, segments ascending (on the wide ring
+//     one expert's segments of the same rows adjacent: "run order", below);
 //   * blocks claim units one at a time from a global counter (a work queue), so
 //     blocks that ran ahead take more units and all finish together (the first
 //     version gave each block an equal share and waited grid-wide between the
@@ -90,6 +91,21 @@ constexpr int kStreamClaim = 2;            // units per claim from the work queu
 #define JAX_MOE_STREAM_TAIL_UNITS_PER_BLOCK 4
 #endif
 constexpr int kStreamTailUnitsPerBlock = JAX_MOE_STREAM_TAIL_UNITS_PER_BLOCK;
+// Unit order per ring width (RUNS above). scripts/stream_probe.cu, run s10-2, the
+// kernel alone, us, segment-major / run order (two passes agreed within 1.5 us),
+// routings with some experts of more than 8 assignments (STREAM_PROBE_ZIPF=100):
+// DeepSeek-V3 T=16 1970.7 / 1948.2, T=32 3220.7 / 3125.5, T=64 4881.7 / 4614.5;
+// Mixtral T=32 1346.2 / 1142.6, T=64 2216.4 / 1624.1. But on the narrow ring's shapes
+// the L2 re-reads saved nothing and the order's decode cost time: Gemma-4 T=64 505.4
+// / 524.1, Qwen3 T=64 400.6 / 415.8, and with one segment per expert Gemma-4 T=1 39.5
+// / 40.8, T=8 211.2 / 218.7. Long rows are DRAM-bound, short rows bound by the
+// consumers' work per unit, which an L2 hit does not shorten.
+#ifdef JAX_MOE_STREAM_SEG_MAJOR  // probe A/Bs: segment-major everywhere
+constexpr bool kStreamRunsWide = false;
+#else
+constexpr bool kStreamRunsWide = true;
+#endif
+constexpr bool kStreamRunsNarrow = false;
 constexpr int kStreamMaxAssign = 512;      // T * k
 constexpr int kStreamMaxExperts = 1024;
 constexpr int kStreamMaxSegments = kStreamMaxAssign + kStreamMaxAssign / 8;
@@ -226,9 +242,24 @@ __device__ __forceinline__ void group_sync(int group) {  // one group's 4 warps
 #endif
 
 // Segment record: expert (10 bits), first position in the sorted list (10 bits),
-// assignments - 1 (3 bits).
-__device__ __forceinline__ int seg_pack(int e, int start, int n) {
-  return e | (start << 10) | ((n - 1) << 20);
+// assignments - 1 (3 bits), the segment's place in its run (3 bits) and the run's
+// segments - 1 (3 bits). A run is up to kStreamRunSegments consecutive segments of
+// one expert (an expert with more than 8 assignments has several segments).
+constexpr int kStreamRunSegments = 8;
+__device__ __forceinline__ int seg_pack(int e, int start, int n, int run_pos, int run_len) {
+  return e | (start << 10) | ((n - 1) << 20) | (run_pos << 23) | ((run_len - 1) << 26);
+}
+__device__ __forceinline__ int seg_expert(int rec) { return rec & 1023; }
+__device__ __forceinline__ int seg_start(int rec) { return (rec >> 10) & 1023; }
+__device__ __forceinline__ int seg_tokens(int rec) { return ((rec >> 20) & 7) + 1; }
+__device__ __forceinline__ int seg_run_pos(int rec) { return (rec >> 23) & 7; }
+__device__ __forceinline__ int seg_run_len(int rec) { return ((rec >> 26) & 7) + 1; }
+// Segment j (0-based) of an expert with c assignments (segments of 8, runs of 8).
+__device__ __forceinline__ int seg_record(int e, int first_pos, int c, int j) {
+  const int nseg = (c + 7) >> 3;
+  const int run0 = j - j % kStreamRunSegments;
+  return seg_pack(e, first_pos + 8 * j, min(8, c - 8 * j), j - run0,
+                  min(kStreamRunSegments, nseg - run0));
 }
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -273,26 +304,44 @@ __device__ __forceinline__ void load_b(const StreamPhase& ph, const T* brow, int
 }
 
 // ---- the work queue: units claimed from a global counter -----------------
-// Unit numbering: [0, n1) phase 1 (segment u / tiles1, tile u % tiles1), then
-// [n1, n1 + n2) phase 2 (segment v / tiles2, tile v % tiles2, v = u - n1). Every
-// phase-1 unit is claimed before any phase-2 unit and a block's consumers take its
-// units in claim order, so a phase-2 unit only waits on phase-1 units that running
-// blocks hold and will finish without waiting: no co-residency requirement.
+// Unit numbering: [0, n1) phase 1, then [n1, n1 + n2) phase 2 (v = u - n1), tiles
+// per segment tiles1 / tiles2; segment s owns the units [s * tiles, (s + 1) * tiles).
+// RUNS = false: segment-major, unit s * tiles + tile. RUNS = true ("run order"): a
+// run of c segments (one expert's, c > 1 when it has more than 8 assignments) owns
+// [f * tiles, (f + c) * tiles), f its first segment, numbered tile-major: unit
+// f * tiles + tile * c + i is segment f + i, tile `tile`. The c units that read the
+// same weight rows are then adjacent in the queue (mostly one claim): the first copy
+// brings the rows from DRAM and the others find them in L2, where segment-major
+// order reads the whole expert from DRAM again for each segment.
+// Every phase-1 unit is claimed before any phase-2 unit and a block's consumers take
+// its units in claim order, so a phase-2 unit only waits on phase-1 units that
+// running blocks hold and will finish without waiting: no co-residency requirement.
 struct StreamUnit {
   int u = -1;          // unit number, -1: no more units
   bool p1 = true;
   int seg = 0, tile = 0;
 };
 
-__device__ __forceinline__ StreamUnit decode_unit(int u, int n1, int tiles1, int tiles2) {
+template <bool RUNS>
+__device__ __forceinline__ StreamUnit decode_unit(int u, int n1, int tiles1, int tiles2,
+                                                  const int* segs) {
   StreamUnit d;
   d.u = u;
   if (u < 0) return d;
   d.p1 = u < n1;
   const int v = d.p1 ? u : u - n1;
   const int tiles = d.p1 ? tiles1 : tiles2;
-  d.seg = v / tiles;
-  d.tile = v % tiles;
+  const int s0 = v / tiles;
+  if (!RUNS) {
+    d.seg = s0;
+    d.tile = v - s0 * tiles;
+    return d;
+  }
+  const int rec = segs[s0];
+  const int c = seg_run_len(rec);
+  const int local = v - (s0 - seg_run_pos(rec)) * tiles;  // place in the run's units
+  d.tile = local / c;
+  d.seg = s0 - seg_run_pos(rec) + (local - d.tile * c);
   return d;
 }
 
@@ -312,7 +361,7 @@ __device__ __forceinline__ void produce_unit(const StreamPhase ph, int routed, c
                                              uint32_t& itg, int grp, int* slot_unit,
                                              uint64_t* id_bar, uint64_t policy) {
   const int64_t mat_rows = GATED ? 2 * static_cast<int64_t>(ph.rows) : ph.rows;
-  const T* we = expert_weights<T>(ph.w, ph.w_shared, routed, segs[d.seg] & 1023, mat_rows * ph.K);
+  const T* we = expert_weights<T>(ph.w, ph.w_shared, routed, seg_expert(segs[d.seg]), mat_rows * ph.K);
   const int lane = threadIdx.x & 31;
   const int valid_rows = GATED ? kStreamRows : min(kStreamRows, ph.rows - d.tile * kStreamRows);
   for (int st = 0; st < ph.stages; ++st) {
@@ -340,7 +389,7 @@ __device__ __forceinline__ void produce_unit(const StreamPhase ph, int routed, c
   }
 }
 
-template <typename T, int NS, int MAXC>
+template <typename T, int NS, int MAXC, bool RUNS>
 __device__ void produce(const GemvStreamArgs& a, const int* segs, int tiles1, int tiles2,
                             int n1, int ntot, const StreamRing& r, int* slot_unit,
                             uint64_t* id_bar, uint64_t policy) {
@@ -364,7 +413,7 @@ __device__ void produce(const GemvStreamArgs& a, const int* segs, int tiles1, in
     for (int u = u0; u < min(u0 + n0, ntot); ++u, ++k) {
       const int grp = k & 1;
       uint32_t itc = grp ? it1 : it0;
-      const StreamUnit d = decode_unit(u, n1, tiles1, tiles2);
+      const StreamUnit d = decode_unit<RUNS>(u, n1, tiles1, tiles2, segs);
       if (d.p1)
         produce_unit<T, true, NS, MAXC>(a.p1, a.assign.num_experts, d, segs, r, itc, grp,
                                         slot_unit, id_bar, policy);
@@ -393,8 +442,8 @@ __device__ __forceinline__ const T* b_row(const GemvStreamArgs& a, const StreamU
                                               const int* segs, const int* sorted) {
   const int g = (threadIdx.x & 31) >> 2;
   const int seg = segs[d.seg];
-  if (g >= (seg >> 20) + 1) return nullptr;
-  const int asg = sorted[((seg >> 10) & 1023) + g];
+  if (g >= seg_tokens(seg)) return nullptr;
+  const int asg = sorted[seg_start(seg) + g];
   return d.p1 ? static_cast<const T*>(a.p1.src) + static_cast<int64_t>(asg / a.assign.slots()) * a.p1.K
               : static_cast<const T*>(a.p2.src) + static_cast<int64_t>(asg) * a.p2.K;
 }
@@ -428,7 +477,7 @@ __device__ __forceinline__ int read_slot_unit(const int* slot_unit, uint32_t s) 
 // sentinel. The B loads of the next unit are issued during the current unit's last
 // stage when its number is known (id barrier) and, for a phase-2 unit, its segment's
 // h is ready; otherwise after the current unit's epilogue.
-template <typename T, int NS, int MAXC>
+template <typename T, int NS, int MAXC, bool RUNS>
 __device__ void consume(const GemvStreamArgs& a, const int* segs, const int* sorted,
                             int tiles1, int tiles2, int n1, const StreamRing& r,
                             const int* slot_unit, uint64_t* id_bar,
@@ -446,7 +495,7 @@ __device__ void consume(const GemvStreamArgs& a, const int* segs, const int* sor
     mbar_wait(smem_addr(&id_bar[s]), (j / NS) & 1u);
     return read_slot_unit(slot_unit, s);
   };
-  StreamUnit d = decode_unit(peek(jj), n1, tiles1, tiles2);
+  StreamUnit d = decode_unit<RUNS>(peek(jj), n1, tiles1, tiles2, segs);
   if (d.u < 0) return;
   uint4 bnext[CPW];
   const T* brow = b_row<T>(a, d, segs, sorted);
@@ -457,8 +506,8 @@ __device__ void consume(const GemvStreamArgs& a, const int* segs, const int* sor
     const int stage_cols = d.p1 ? a.p1.stage_cols : a.p2.stage_cols;
     const int K = d.p1 ? a.p1.K : a.p2.K;
     const int seg = segs[d.seg];
-    const int start = (seg >> 10) & 1023;
-    const int ntok = (seg >> 20) + 1;
+    const int start = seg_start(seg);
+    const int ntok = seg_tokens(seg);
     const bool hi_ok = d.p1 || d.tile * kStreamRows + 8 + g < a.p2.rows;
     float acc[4][4] = {};
     StreamUnit dn;
@@ -482,7 +531,8 @@ __device__ void consume(const GemvStreamArgs& a, const int* segs, const int* sor
         // Non-blocking here: waiting for the producer while holding a phase-1 unit
         // could deadlock (the producer may wait on the other group, which may wait
         // on this unit's segment).
-        dn = decode_unit(read_slot_unit(slot_unit, group * NS + jj % NS), n1, tiles1, tiles2);
+        dn = decode_unit<RUNS>(read_slot_unit(slot_unit, group * NS + jj % NS), n1, tiles1, tiles2,
+                         segs);
         have_next = true;
         if (same_b(dn)) {
           next_loaded = true;  // bnext still holds this stage's B: the same rows
@@ -564,7 +614,7 @@ __device__ void consume(const GemvStreamArgs& a, const int* segs, const int* sor
     }
     parity ^= 1;
     JM_STREAM_COUNT(tid == 0, 9);
-    if (!have_next) JM_STREAM_TIMED(tid == 0, 10, dn = decode_unit(peek(jj), n1, tiles1, tiles2));
+    if (!have_next) JM_STREAM_TIMED(tid == 0, 10, dn = decode_unit<RUNS>(peek(jj), n1, tiles1, tiles2, segs));
     if (dn.u < 0) return;  // the sentinel
     const bool reuse = same_b(dn);
     d = dn;
@@ -580,7 +630,7 @@ __device__ void consume(const GemvStreamArgs& a, const int* segs, const int* sor
 }
 #endif
 
-template <typename T, int NS, int MAXC>
+template <typename T, int NS, int MAXC, bool RUNS>
 __global__ void __launch_bounds__(kStreamThreads)
 gemv_stream_kernel(GemvStreamArgs a) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -644,7 +694,7 @@ gemv_stream_kernel(GemvStreamArgs a) {
       if (ok) sorted[pos + __popc(peers & lt)] = lane;
       if (!ok && lane < n) sorted[__popc(valid) + __popc(bad & lt)] = lane;
       if (leader)
-        for (int j = 0; 8 * j < c; ++j) segs[spos + j] = seg_pack(e, pos + 8 * j, min(8, c - 8 * j));
+        for (int j = 0; 8 * j < c; ++j) segs[spos + j] = seg_record(e, pos, c, j);
       int ns = leader ? (c + 7) >> 3 : 0;
 #pragma unroll
       for (int o = 16; o > 0; o >>= 1) ns += __shfl_xor_sync(0xffffffffu, ns, o);
@@ -680,7 +730,7 @@ gemv_stream_kernel(GemvStreamArgs a) {
     for (int e = tid; e < E; e += blockDim.x) {
       const int c = cnt[e];
       for (int j = 0; 8 * j < c; ++j)
-        segs[seg_first[e] + j] = seg_pack(e, cursor[e] + 8 * j, min(8, c - 8 * j));
+        segs[seg_first[e] + j] = seg_record(e, cursor[e], c, j);
     }
     __syncthreads();  // cursor is read above before it moves below
     if (warp == 0) {
@@ -720,7 +770,7 @@ gemv_stream_kernel(GemvStreamArgs a) {
   const StreamRing r{smem_addr(ring), full_bar, empty_bar};
 
   if (warp == kStreamConsumerWarps) {  // producer warp
-    produce<T, NS, MAXC>(a, segs, tiles1, tiles2, n1, n1 + n2, r, slot_unit, id_bar,
+    produce<T, NS, MAXC, RUNS>(a, segs, tiles1, tiles2, n1, n1 + n2, r, slot_unit, id_bar,
                          l2_evict_first_policy());
     JM_STREAM_TRACE(lane == 0, 5);
   } else {
@@ -734,7 +784,7 @@ gemv_stream_kernel(GemvStreamArgs a) {
       for (int rr = r0 + tid; rr < r1; rr += kStreamConsumerWarps * 32)
         y[static_cast<int64_t>(i) * H + rr] = from_float<T>(0.f);
     }
-    consume<T, NS, MAXC>(a, segs, sorted, tiles1, tiles2, n1, r, slot_unit, id_bar, red);
+    consume<T, NS, MAXC, RUNS>(a, segs, sorted, tiles1, tiles2, n1, r, slot_unit, id_bar, red);
     JM_STREAM_TRACE(tid == 0 || tid == 128, tid == 0 ? 2 : 3);
   }
   __syncthreads();
@@ -784,10 +834,10 @@ inline bool StreamSupported(int64_t num_assign, int64_t E, int64_t H, int64_t I,
                  kStreamStaticSmemBound;
 }
 
-template <typename T, int NS, int MAXC>
+template <typename T, int NS, int MAXC, bool RUNS>
 cudaError_t LaunchGemvStreamNS(const GemvStreamArgs& a, int sms, cudaStream_t stream) {
   const size_t smem = StreamSmemBytes(NS, MAXC);
-  auto kern = gemv_stream_kernel<T, NS, MAXC>;
+  auto kern = gemv_stream_kernel<T, NS, MAXC, RUNS>;
   // The opt-in shared-memory size is a per-device property of the function: set it
   // once per device (this instantiation's flags), not on every call.
   static bool smem_set[64] = {};
@@ -826,8 +876,8 @@ cudaError_t LaunchGemvStream(const void* x, const GemvAssign& assign, const void
   const int cols = wide ? kStreamColsWide : kStreamCols;
   StreamStageGeometry(a.p1.K, &a.p1.stage_cols, &a.p1.stages, cols);
   StreamStageGeometry(a.p2.K, &a.p2.stage_cols, &a.p2.stages, cols);
-  return wide ? LaunchGemvStreamNS<T, kStreamStages, kStreamColsWide>(a, sms, stream)
-              : LaunchGemvStreamNS<T, kStreamStages, kStreamCols>(a, sms, stream);
+  return wide ? LaunchGemvStreamNS<T, kStreamStages, kStreamColsWide, kStreamRunsWide>(a, sms, stream)
+              : LaunchGemvStreamNS<T, kStreamStages, kStreamCols, kStreamRunsNarrow>(a, sms, stream);
 }
 
 }  // namespace cuda
