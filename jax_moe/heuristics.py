@@ -260,8 +260,10 @@ def moe_implementation(num_tokens: int, num_experts: int, top_k: int, hidden: in
 # experts' intermediate size to equal the routed one's (one weight layout).
 # Measured on H100 (bench_moe, DeepSeek-V3, folded / --no-fold-shared in one call,
 # run s9-2, us per layer): T=1 279.9 / 296.8, T=2 484.8 / 506.4, T=4 847.6 / 859.4,
-# T=8 1403.5 / 1444.9. Above 8 tokens the folded shared expert would take a second
-# weight pass (not measured folded; the unfolded call gave 1.04x-1.14x at T=16-64).
+# T=8 1403.5 / 1444.9. Above 8 tokens the folded shared expert takes a second weight
+# pass (from L2 on the wide ring, whose run order puts its segments side by side):
+# with the fold up to 32 tokens, s10-4, us per layer (x floor), folded / not: T=16
+# 2243.7 (1.040) / 2260.0 (1.040), T=32 3200.1 (1.053) / 3150.0 (1.040).
 MOE_FOLD_SHARED_MAX_TOKENS = 8
 
 
