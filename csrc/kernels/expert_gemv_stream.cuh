@@ -357,16 +357,18 @@ __device__ __forceinline__ unsigned int ld_acquire_u32(const unsigned int* p) {
 // unit's 16 weight rows stage by stage into its group's slots (group = claim parity
 // within the block), writing the unit number beside stage slots (id barrier). Ends
 // with one sentinel (-1) per group.
+// produce_unit streams stages [st0, st1) of unit d.
 template <typename T, bool GATED, int NS, int MAXC>
 __device__ __forceinline__ void produce_unit(const StreamPhase ph, int routed, const StreamUnit& d,
                                              const int* segs, const StreamRing& r,
                                              uint32_t& itg, int grp, int* slot_unit,
-                                             uint64_t* id_bar, uint64_t policy) {
+                                             uint64_t* id_bar, uint64_t policy, int st0,
+                                             int st1) {
   const int64_t mat_rows = GATED ? 2 * static_cast<int64_t>(ph.rows) : ph.rows;
   const T* we = expert_weights<T>(ph.w, ph.w_shared, routed, seg_expert(segs[d.seg]), mat_rows * ph.K);
   const int lane = threadIdx.x & 31;
   const int valid_rows = GATED ? kStreamRows : min(kStreamRows, ph.rows - d.tile * kStreamRows);
-  for (int st = 0; st < ph.stages; ++st) {
+  for (int st = st0; st < st1; ++st) {
     const uint32_t j = itg++;
     const int col0 = st * ph.stage_cols;
     const int cols = min(ph.stage_cols, ph.K - col0);
@@ -412,17 +414,51 @@ __device__ void produce(const GemvStreamArgs& a, const int* segs, int tiles1, in
       size = ntot - (u0 + n0) > tail ? kStreamClaim : 1u;
       claim = atomicAdd(&g_stream_next, size);
     }
-    for (int u = u0; u < min(u0 + n0, ntot); ++u, ++k) {
+    const int uend = min(u0 + n0, ntot);
+    if (RUNS && uend - u0 == 2) {
+      // Two units of a run on the same weight rows (a claim is two adjacent units):
+      // their stages interleaved, one per group in turn, so the second copy of each
+      // stage's rows follows the first at once and is served by L2. Probe s10-5, us,
+      // one unit after the other / interleaved (two passes agreed within 2 us):
+      // Mixtral T=32 1141.8 / 1033.5, T=64 1643.1 / 1483.9; skewed routings
+      // (STREAM_PROBE_ZIPF=100) DeepSeek-V3 T=64 4675.3 / 4643.9, Mixtral T=16 973.5 /
+      // 937.6; one segment per expert unchanged. Interleaving every two-unit claim
+      // (any rows) was slower: Qwen3 T=8 165.6 -> 176.4, Mixtral T=8 852.4 -> 893.6.
+      const StreamUnit d0 = decode_unit<RUNS>(u0, n1, tiles1, tiles2, segs);
+      const StreamUnit d1 = decode_unit<RUNS>(u0 + 1, n1, tiles1, tiles2, segs);
+      if (d0.p1 == d1.p1 && d0.tile == d1.tile &&
+          seg_expert(segs[d0.seg]) == seg_expert(segs[d1.seg])) {
+        const int g0 = k & 1;  // d0's group; d1 takes the other
+        uint32_t i0 = g0 ? it1 : it0, i1 = g0 ? it0 : it1;
+        const int stages = d0.p1 ? a.p1.stages : a.p2.stages;
+        for (int st = 0; st < stages; ++st) {
+          if (d0.p1) {
+            produce_unit<T, true, NS, MAXC>(a.p1, a.assign.num_experts, d0, segs, r, i0, g0,
+                                            slot_unit, id_bar, policy, st, st + 1);
+            produce_unit<T, true, NS, MAXC>(a.p1, a.assign.num_experts, d1, segs, r, i1, 1 - g0,
+                                            slot_unit, id_bar, policy, st, st + 1);
+          } else {
+            produce_unit<T, false, NS, MAXC>(a.p2, a.assign.num_experts, d0, segs, r, i0, g0,
+                                             slot_unit, id_bar, policy, st, st + 1);
+            produce_unit<T, false, NS, MAXC>(a.p2, a.assign.num_experts, d1, segs, r, i1,
+                                             1 - g0, slot_unit, id_bar, policy, st, st + 1);
+          }
+        }
+        if (g0) { it1 = i0; it0 = i1; } else { it0 = i0; it1 = i1; }
+        k += 2;
+        continue;
+      }
+    }
+    for (int u = u0; u < uend; ++u, ++k) {
       const int grp = k & 1;
       uint32_t itc = grp ? it1 : it0;
       const StreamUnit d = decode_unit<RUNS>(u, n1, tiles1, tiles2, segs);
-
       if (d.p1)
         produce_unit<T, true, NS, MAXC>(a.p1, a.assign.num_experts, d, segs, r, itc, grp,
-                                        slot_unit, id_bar, policy);
+                                        slot_unit, id_bar, policy, 0, a.p1.stages);
       else
         produce_unit<T, false, NS, MAXC>(a.p2, a.assign.num_experts, d, segs, r, itc, grp,
-                                         slot_unit, id_bar, policy);
+                                         slot_unit, id_bar, policy, 0, a.p2.stages);
       if (grp) it1 = itc; else it0 = itc;
     }
   }
