@@ -99,9 +99,14 @@ constexpr int kStreamTailUnitsPerBlock = JAX_MOE_STREAM_TAIL_UNITS_PER_BLOCK;
 // the L2 re-reads saved nothing and the order's decode cost time: Gemma-4 T=64 505.4
 // / 524.1, Qwen3 T=64 400.6 / 415.8, and with one segment per expert Gemma-4 T=1 39.5
 // / 40.8, T=8 211.2 / 218.7. Long rows are DRAM-bound, short rows bound by the
-// consumers' work per unit, which an L2 hit does not shorten. (Copies of a run's
-// earlier units with L2::evict_normal instead of evict_first, s10-4: DeepSeek-V3
-// T=16 / 64 -0.3% / -0.2%, Mixtral -1.0% / +0.6%; not kept.)
+// consumers' work per unit, which an L2 hit does not shorten. With the paired-unit
+// interleave below (produce), the narrow ring in run order was still slower (s10-7,
+// us, segment-major / run order): Gemma-4 T=64 514.4 / 555.6, skewed 497.3 / 542.4;
+// Qwen3 T=64 409.1 / 431.9, skewed 396.3 / 422.3; T <= 32 uniform within 0.5.
+// (Copies of a run's earlier units with L2::evict_normal instead of evict_first,
+// s10-4: DeepSeek-V3 T=16 / 64 -0.3% / -0.2%, Mixtral -1.0% / +0.6%; not kept.)
+// Without a run of two or more segments (no expert of more than 8 assignments) the
+// two orders coincide and the kernel decodes segment-major (s10-7: within 0.3%).
 #ifdef JAX_MOE_STREAM_SEG_MAJOR  // probe A/Bs: segment-major everywhere
 constexpr bool kStreamRunsWide = false;
 #else
@@ -324,9 +329,11 @@ struct StreamUnit {
   int seg = 0, tile = 0;
 };
 
+// runs: some run has more than one segment (block-uniform; with none, both orders
+// are the same and the segment-major decode skips the record).
 template <bool RUNS>
 __device__ __forceinline__ StreamUnit decode_unit(int u, int n1, int tiles1, int tiles2,
-                                                  const int* segs) {
+                                                  const int* segs, bool runs) {
   StreamUnit d;
   d.u = u;
   if (u < 0) return d;
@@ -334,7 +341,7 @@ __device__ __forceinline__ StreamUnit decode_unit(int u, int n1, int tiles1, int
   const int v = d.p1 ? u : u - n1;
   const int tiles = d.p1 ? tiles1 : tiles2;
   const int s0 = v / tiles;
-  if (!RUNS) {
+  if (!RUNS || !runs) {
     d.seg = s0;
     d.tile = v - s0 * tiles;
     return d;
@@ -397,7 +404,8 @@ __device__ __forceinline__ void produce_unit(const StreamPhase ph, int routed, c
 template <typename T, int NS, int MAXC, bool RUNS>
 __device__ void produce(const GemvStreamArgs& a, const int* segs, int tiles1, int tiles2,
                             int n1, int ntot, const StreamRing& r, int* slot_unit,
-                            uint64_t* id_bar, uint64_t policy, unsigned int first) {
+                            uint64_t* id_bar, uint64_t policy, unsigned int first,
+                            bool runs) {
   const int lane = threadIdx.x & 31;
   uint32_t it0 = 0u, it1 = 0u;  // stages produced per group (scalars: no local array)
   // Units are claimed kStreamClaim at a time, the next claim issued before the
@@ -415,7 +423,7 @@ __device__ void produce(const GemvStreamArgs& a, const int* segs, int tiles1, in
       claim = atomicAdd(&g_stream_next, size);
     }
     const int uend = min(u0 + n0, ntot);
-    if (RUNS && uend - u0 == 2) {
+    if (RUNS && runs && uend - u0 == 2) {
       // Two units of a run on the same weight rows (a claim is two adjacent units):
       // their stages interleaved, one per group in turn, so the second copy of each
       // stage's rows follows the first at once and is served by L2. Probe s10-5, us,
@@ -424,8 +432,8 @@ __device__ void produce(const GemvStreamArgs& a, const int* segs, int tiles1, in
       // (STREAM_PROBE_ZIPF=100) DeepSeek-V3 T=64 4675.3 / 4643.9, Mixtral T=16 973.5 /
       // 937.6; one segment per expert unchanged. Interleaving every two-unit claim
       // (any rows) was slower: Qwen3 T=8 165.6 -> 176.4, Mixtral T=8 852.4 -> 893.6.
-      const StreamUnit d0 = decode_unit<RUNS>(u0, n1, tiles1, tiles2, segs);
-      const StreamUnit d1 = decode_unit<RUNS>(u0 + 1, n1, tiles1, tiles2, segs);
+      const StreamUnit d0 = decode_unit<RUNS>(u0, n1, tiles1, tiles2, segs, runs);
+      const StreamUnit d1 = decode_unit<RUNS>(u0 + 1, n1, tiles1, tiles2, segs, runs);
       if (d0.p1 == d1.p1 && d0.tile == d1.tile &&
           seg_expert(segs[d0.seg]) == seg_expert(segs[d1.seg])) {
         const int g0 = k & 1;  // d0's group; d1 takes the other
@@ -452,7 +460,7 @@ __device__ void produce(const GemvStreamArgs& a, const int* segs, int tiles1, in
     for (int u = u0; u < uend; ++u, ++k) {
       const int grp = k & 1;
       uint32_t itc = grp ? it1 : it0;
-      const StreamUnit d = decode_unit<RUNS>(u, n1, tiles1, tiles2, segs);
+      const StreamUnit d = decode_unit<RUNS>(u, n1, tiles1, tiles2, segs, runs);
       if (d.p1)
         produce_unit<T, true, NS, MAXC>(a.p1, a.assign.num_experts, d, segs, r, itc, grp,
                                         slot_unit, id_bar, policy, 0, a.p1.stages);
@@ -520,7 +528,7 @@ template <typename T, int NS, int MAXC, bool RUNS>
 __device__ void consume(const GemvStreamArgs& a, const int* segs, const int* sorted,
                             int tiles1, int tiles2, int n1, const StreamRing& r,
                             const int* slot_unit, uint64_t* id_bar,
-                            float (*red)[kStreamGroupWarps][kStreamRows][8]) {
+                            float (*red)[kStreamGroupWarps][kStreamRows][8], bool runs) {
   constexpr int CPW = StreamGeom<MAXC>::kChunksPerWarp;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int group = warp / kStreamGroupWarps, gw = warp % kStreamGroupWarps;
@@ -534,7 +542,7 @@ __device__ void consume(const GemvStreamArgs& a, const int* segs, const int* sor
     mbar_wait(smem_addr(&id_bar[s]), (j / NS) & 1u);
     return read_slot_unit(slot_unit, s);
   };
-  StreamUnit d = decode_unit<RUNS>(peek(jj), n1, tiles1, tiles2, segs);
+  StreamUnit d = decode_unit<RUNS>(peek(jj), n1, tiles1, tiles2, segs, runs);
   if (d.u < 0) return;
   uint4 bnext[CPW];
   const T* brow = b_row<T>(a, d, segs, sorted);
@@ -571,7 +579,7 @@ __device__ void consume(const GemvStreamArgs& a, const int* segs, const int* sor
         // could deadlock (the producer may wait on the other group, which may wait
         // on this unit's segment).
         dn = decode_unit<RUNS>(read_slot_unit(slot_unit, group * NS + jj % NS), n1, tiles1, tiles2,
-                         segs);
+                               segs, runs);
         have_next = true;
         if (same_b(dn)) {
           next_loaded = true;  // bnext still holds this stage's B: the same rows
@@ -653,7 +661,7 @@ __device__ void consume(const GemvStreamArgs& a, const int* segs, const int* sor
     }
     parity ^= 1;
     JM_STREAM_COUNT(tid == 0, 9);
-    if (!have_next) JM_STREAM_TIMED(tid == 0, 10, dn = decode_unit<RUNS>(peek(jj), n1, tiles1, tiles2, segs));
+    if (!have_next) JM_STREAM_TIMED(tid == 0, 10, dn = decode_unit<RUNS>(peek(jj), n1, tiles1, tiles2, segs, runs));
     if (dn.u < 0) return;  // the sentinel
     const bool reuse = same_b(dn);
     d = dn;
@@ -679,7 +687,7 @@ gemv_stream_kernel(GemvStreamArgs a) {
   __shared__ __align__(8) uint64_t id_bar[kStreamGroups * NS];
   __shared__ int slot_unit[kStreamGroups * NS];
   __shared__ float red[2 * kStreamGroups][kStreamGroupWarps][kStreamRows][8];
-  __shared__ int s_segments, s_valid;
+  __shared__ int s_segments, s_valid, s_multi;  // s_multi: an expert of > 8 assignments
   unsigned char* ring = smem;
   int* sorted = reinterpret_cast<int*>(smem + kRingBytes);  // assignments by expert
   int* segs = sorted + kStreamMaxAssign;
@@ -746,7 +754,8 @@ gemv_stream_kernel(GemvStreamArgs a) {
       int ns = leader ? (c + 7) >> 3 : 0;
 #pragma unroll
       for (int o = 16; o > 0; o >>= 1) ns += __shfl_xor_sync(0xffffffffu, ns, o);
-      if (lane == 0) { s_segments = ns; s_valid = __popc(valid); }
+      const bool multi = __any_sync(0xffffffffu, leader && c > 8);
+      if (lane == 0) { s_segments = ns; s_valid = __popc(valid); s_multi = multi; }
     }
   } else {
     __syncthreads();
@@ -757,10 +766,12 @@ gemv_stream_kernel(GemvStreamArgs a) {
     __syncthreads();
     if (warp == 0) {  // exclusive scans of counts and of segments per expert
       int pos = 0, seg = 0;
+      bool multi = false;
       for (int base = 0; base < E; base += 32) {
         const int e = base + lane;
         const int c = e < E ? cnt[e] : 0;
         const int s = (c + 7) >> 3;
+        multi |= __any_sync(0xffffffffu, c > 8);
         int ic = c, is = s;
 #pragma unroll
         for (int o = 1; o < 32; o <<= 1) {
@@ -772,7 +783,7 @@ gemv_stream_kernel(GemvStreamArgs a) {
         pos += __shfl_sync(0xffffffffu, ic, 31);
         seg += __shfl_sync(0xffffffffu, is, 31);
       }
-      if (lane == 0) { s_segments = seg; s_valid = pos; }
+      if (lane == 0) { s_segments = seg; s_valid = pos; s_multi = multi; }
     }
     __syncthreads();
     for (int e = tid; e < E; e += blockDim.x) {
@@ -815,11 +826,12 @@ gemv_stream_kernel(GemvStreamArgs a) {
   const int tiles2 = (a.p2.rows + kStreamRows - 1) / kStreamRows;
   const int n1 = s_segments * tiles1;
   const int n2 = s_segments * tiles2;
+  const bool runs = RUNS && s_multi != 0;
   const StreamRing r{smem_addr(ring), full_bar, empty_bar};
 
   if (warp == kStreamConsumerWarps) {  // producer warp
     produce<T, NS, MAXC, RUNS>(a, segs, tiles1, tiles2, n1, n1 + n2, r, slot_unit, id_bar,
-                               l2_evict_first_policy(), first_claim);
+                               l2_evict_first_policy(), first_claim, runs);
     JM_STREAM_TRACE(lane == 0, 5);
   } else {
     // ids outside [0, E): zero y rows; each block zeroes its share of the columns.
@@ -832,7 +844,8 @@ gemv_stream_kernel(GemvStreamArgs a) {
       for (int rr = r0 + tid; rr < r1; rr += kStreamConsumerWarps * 32)
         y[static_cast<int64_t>(i) * H + rr] = from_float<T>(0.f);
     }
-    consume<T, NS, MAXC, RUNS>(a, segs, sorted, tiles1, tiles2, n1, r, slot_unit, id_bar, red);
+    consume<T, NS, MAXC, RUNS>(a, segs, sorted, tiles1, tiles2, n1, r, slot_unit, id_bar, red,
+                               runs);
     JM_STREAM_TRACE(tid == 0 || tid == 128, tid == 0 ? 2 : 3);
   }
   __syncthreads();
