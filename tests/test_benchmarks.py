@@ -99,7 +99,7 @@ def stream_probe(tmp_path_factory):
     (["gemma4", "0"], "T \\(2nd argument\\)"),
     (["gemma4", "1,x"], "T \\(2nd argument\\)"),
     (["gemma4", "1", "0"], "iterations \\(3rd argument\\)"),
-    (["gemma4", "1", "10", "10"], "ring \\(4th argument\\)"),
+    (["gemma4", "1", "10", "11"], "ring \\(4th argument\\)"),
     (["gemma4", "1", "10", "1", "extra"], "at most 4 arguments"),
     (["--read-bw", "x"], "--read-bw takes no other arguments"),
 ])
@@ -114,10 +114,11 @@ def test_stream_probe_bad_args(stream_probe, args, match):
     ("STREAM_PROBE_BW_GBPS", "fast"), ("STREAM_PROBE_BW_GBPS", "0"),
     ("STREAM_PROBE_BW_GBPS", "3100.5"), ("STREAM_PROBE_BW_GBPS", ""),
     ("STREAM_PROBE_QUICK", "yes"), ("STREAM_PROBE_QUICK", "2"), ("STREAM_PROBE_QUICK", ""),
+    ("STREAM_PROBE_ZIPF", "x"), ("STREAM_PROBE_ZIPF", "1001"), ("STREAM_PROBE_ZIPF", "-1"),
 ])
 def test_stream_probe_bad_env(stream_probe, name, value):
   """The probe's environment knobs (a fixed floor rate; the quick mode for sanitizer
-  runs) are checked before any CUDA call and named in the error."""
+  runs; skewed routings) are checked before any CUDA call and named in the error."""
   env = dict(os.environ, **{name: value})
   p = subprocess.run([stream_probe, "gemma4", "1", "1"], capture_output=True, text=True,
                      timeout=60, env=env)

@@ -400,12 +400,10 @@ __device__ __forceinline__ void produce_unit(const StreamPhase ph, int routed, c
   }
 }
 
-// first: lane 0's first claim of kStreamClaim units, issued before the prologue.
 template <typename T, int NS, int MAXC, bool RUNS>
 __device__ void produce(const GemvStreamArgs& a, const int* segs, int tiles1, int tiles2,
                             int n1, int ntot, const StreamRing& r, int* slot_unit,
-                            uint64_t* id_bar, uint64_t policy, unsigned int first,
-                            bool runs) {
+                            uint64_t* id_bar, uint64_t policy, bool runs) {
   const int lane = threadIdx.x & 31;
   uint32_t it0 = 0u, it1 = 0u;  // stages produced per group (scalars: no local array)
   // Units are claimed kStreamClaim at a time, the next claim issued before the
@@ -413,7 +411,12 @@ __device__ void produce(const GemvStreamArgs& a, const int* segs, int tiles1, in
   // ~1.6 us (s4-3 timeline: the producer waited little for slots, yet issued one
   // unit per ~2 us at Gemma-4 T=1).
   const int tail = kStreamTailUnitsPerBlock * static_cast<int>(gridDim.x);
-  unsigned int claim = first, size = kStreamClaim;  // lane 0: the claim in flight, its units
+  // (Issuing the first claim before the prologue, so that its round trip overlaps the
+  // sort, was tried in s10: probe s10-4 Gemma-4 T=8 211.6 -> 209.2 us, T=64 521 -> 515,
+  // but through JAX, s10-12, gemv + combine, us, two runs each, without / with:
+  // Qwen3 T=1 38.1, 38.5 / 40.1, 40.3 and T=2 61.8, 62.4 / 63.1, 62.9. Not kept.)
+  unsigned int claim = 0, size = kStreamClaim;  // lane 0: the claim in flight, its units
+  if (lane == 0) claim = atomicAdd(&g_stream_next, size);
   for (int k = 0;;) {
     const int u0 = static_cast<int>(__shfl_sync(0xffffffffu, claim, 0));
     const int n0 = static_cast<int>(__shfl_sync(0xffffffffu, size, 0));
@@ -717,15 +720,6 @@ gemv_stream_kernel(GemvStreamArgs a) {
   // Launched with programmatic stream serialization: ids and x come from the
   // previous kernel; nothing above reads global memory.
   pdl_wait_prerequisites();
-  // The producer's first claim, in flight during the prologue (an atomic's round trip
-  // is ~1 us; the claim needs nothing the prologue computes). After the wait: the
-  // previous stream kernel's last block resets the counter. Probe s10-4, us, claim
-  // after / before the prologue (two passes each): Gemma-4 T=1 39.5 / 39.0, T=8 211.6
-  // / 209.2, T=64 521 / 515; Qwen3 T=1 35.0 / 35.5, T=8 165.3 / 165.0; Mixtral T=8
-  // 819.2 / 820.8; DeepSeek-V3 level. Kept for Gemma-4; the rest is within 1.5%.
-  unsigned int first_claim = 0;
-  if (warp == kStreamConsumerWarps && lane == 0)
-    first_claim = atomicAdd(&g_stream_next, static_cast<unsigned int>(kStreamClaim));
   if (small) {
     // One warp, one assignment per lane, no shared-memory passes: each distinct
     // expert's first lane ("leader") counts the leaders with a smaller id.
@@ -831,7 +825,7 @@ gemv_stream_kernel(GemvStreamArgs a) {
 
   if (warp == kStreamConsumerWarps) {  // producer warp
     produce<T, NS, MAXC, RUNS>(a, segs, tiles1, tiles2, n1, n1 + n2, r, slot_unit, id_bar,
-                               l2_evict_first_policy(), first_claim, runs);
+                               l2_evict_first_policy(), runs);
     JM_STREAM_TRACE(lane == 0, 5);
   } else {
     // ids outside [0, E): zero y rows; each block zeroes its share of the columns.
