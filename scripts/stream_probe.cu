@@ -9,6 +9,7 @@
 //   build/stream_probe [shape,...] [T,...] [iterations] [ring]   e.g. gemma4 1,8 200 0
 //     T in [1, 64]; ring 0 the library's geometry, 1-10 the variants of kRings
 //   build/stream_probe --read-bw                  only the read bandwidth (GB/s)
+//   build/stream_probe --self-test                the unit order on the host (no GPU)
 //
 // Environment: STREAM_PROBE_BW_GBPS skips the 4 GiB read (a fixed floor rate);
 // STREAM_PROBE_QUICK=1 skips warm-up and timeline (under compute-sanitizer; 0 or
@@ -121,7 +122,78 @@ static void trace_summary(const char*, int, float) {}
 #endif
 
 
+// --self-test: on the host, for random expert loads (some of more than 64
+// assignments, so runs are capped at 8 segments), segments cut as the kernel's
+// prologue cuts them, and each order (segment-major, run order): every unit number
+// of a phase decodes to a distinct (segment, tile) in range; segment-major is
+// s * tiles + tile; in run order, the segments of a run on the same tile are
+// consecutive units, and a run's units are the run's block of numbers.
+static int self_test() {
+  std::mt19937 rng(99);
+  int layouts = 0;
+  for (int trial = 0; trial < 300; ++trial) {
+    const int E = 1 + int(rng() % 40);
+    std::vector<int> segs;
+    int pos = 0;
+    for (int e = 0; e < E; ++e) {
+      const int pick = int(rng() % 10);
+      const int c = pick < 3 ? 0 : pick < 8 ? 1 + int(rng() % 8) : 9 + int(rng() % 150);
+      for (int j = 0; 8 * j < c; ++j) segs.push_back(seg_record(e, pos, c, j));
+      pos += c;
+    }
+    if (pos > kStreamMaxAssign || segs.empty()) continue;
+    const int nseg = int(segs.size());
+    for (const int tiles : {1, 2, 3, 7, 16}) {
+      const int n = nseg * tiles;  // one phase: n1 = n, no phase-2 units
+      for (const bool runs : {false, true}) {
+        std::vector<int> seen(size_t(n), 0);
+        for (int u = 0; u < n; ++u) {
+          const StreamUnit d = decode_unit<true>(u, n, tiles, tiles, segs.data(), runs);
+          if (!d.p1 || d.seg < 0 || d.seg >= nseg || d.tile < 0 || d.tile >= tiles) {
+            printf("self-test FAILED: unit %d -> seg %d tile %d (%d segments, %d tiles)\n", u,
+                   d.seg, d.tile, nseg, tiles);
+            return 1;
+          }
+          if (seen[size_t(d.seg) * tiles + d.tile]++) {
+            printf("self-test FAILED: (seg %d, tile %d) decoded twice\n", d.seg, d.tile);
+            return 1;
+          }
+          const int rec = segs[size_t(d.seg)];
+          const int first = d.seg - seg_run_pos(rec), c = seg_run_len(rec);
+          const int want = runs ? first * tiles + d.tile * c + seg_run_pos(rec)
+                                : d.seg * tiles + d.tile;
+          const StreamUnit s2 = decode_unit<false>(u, n, tiles, tiles, segs.data(), true);
+          if (u != want || (!runs && (s2.seg != d.seg || s2.tile != d.tile))) {
+            printf("self-test FAILED: unit %d decodes to seg %d tile %d, order wants %d\n", u,
+                   d.seg, d.tile, want);
+            return 1;
+          }
+        }
+      }
+      ++layouts;
+    }
+    // Records: runs of at most 8 segments of one expert, places 0 .. len - 1.
+    for (int i = 0; i < nseg; ++i) {
+      const int rec = segs[size_t(i)], f = i - seg_run_pos(rec);
+      if (f < 0 || f + seg_run_len(rec) > nseg || seg_expert(segs[size_t(f)]) != seg_expert(rec) ||
+          seg_run_pos(segs[size_t(f)]) != 0 || seg_tokens(rec) < 1 || seg_tokens(rec) > 8) {
+        printf("self-test FAILED: segment record %d\n", i);
+        return 1;
+      }
+    }
+  }
+  printf("self-test ok (%d layouts)\n", layouts);
+  return 0;
+}
+
 int main(int argc, char** argv) {
+  if (argc > 1 && strcmp(argv[1], "--self-test") == 0) {
+    if (argc > 2) {
+      fprintf(stderr, "stream_probe: --self-test takes no other arguments\n");
+      return 2;
+    }
+    return self_test();
+  }
   const bool read_only = argc > 1 && strcmp(argv[1], "--read-bw") == 0;
   if (read_only && argc > 2) {
     fprintf(stderr, "stream_probe: --read-bw takes no other arguments\n");

@@ -2,6 +2,7 @@
 a GPU)."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -102,12 +103,24 @@ def stream_probe(tmp_path_factory):
     (["gemma4", "1", "10", "11"], "ring \\(4th argument\\)"),
     (["gemma4", "1", "10", "1", "extra"], "at most 4 arguments"),
     (["--read-bw", "x"], "--read-bw takes no other arguments"),
+    (["--self-test", "x"], "--self-test takes no other arguments"),
 ])
 def test_stream_probe_bad_args(stream_probe, args, match):
   import re
   p = subprocess.run([stream_probe, *args], capture_output=True, text=True, timeout=60)
   assert p.returncode == 2, p.stdout + p.stderr
   assert re.search(match, p.stderr), p.stderr
+
+
+def test_stream_probe_self_test(stream_probe):
+  """The stream kernel's unit order (csrc/kernels/expert_gemv_stream.cuh: segment
+  records, runs of one expert's segments, decode_unit in both orders) checked on the
+  host over random expert loads: every unit decodes to a distinct (segment, tile) and
+  the numbering is the documented one. No GPU needed."""
+  p = subprocess.run([stream_probe, "--self-test"], capture_output=True, text=True, timeout=120)
+  assert p.returncode == 0, p.stdout + p.stderr
+  assert re.search(r"self-test ok \((\d+) layouts\)", p.stdout), p.stdout
+  assert int(re.search(r"\((\d+) layouts", p.stdout).group(1)) > 500
 
 
 @pytest.mark.parametrize("name,value", [

@@ -248,25 +248,71 @@ __device__ __forceinline__ void group_sync(int group) {  // one group's 4 warps
 }
 #endif
 
+// Segment records and the unit order are host-callable too: scripts/stream_probe.cu
+// --self-test checks the order on the host (tests/test_benchmarks.py, no GPU).
 // Segment record: expert (10 bits), first position in the sorted list (10 bits),
 // assignments - 1 (3 bits), the segment's place in its run (3 bits) and the run's
 // segments - 1 (3 bits). A run is up to kStreamRunSegments consecutive segments of
 // one expert (an expert with more than 8 assignments has several segments).
 constexpr int kStreamRunSegments = 8;
-__device__ __forceinline__ int seg_pack(int e, int start, int n, int run_pos, int run_len) {
+__host__ __device__ __forceinline__ int seg_pack(int e, int start, int n, int run_pos, int run_len) {
   return e | (start << 10) | ((n - 1) << 20) | (run_pos << 23) | ((run_len - 1) << 26);
 }
-__device__ __forceinline__ int seg_expert(int rec) { return rec & 1023; }
-__device__ __forceinline__ int seg_start(int rec) { return (rec >> 10) & 1023; }
-__device__ __forceinline__ int seg_tokens(int rec) { return ((rec >> 20) & 7) + 1; }
-__device__ __forceinline__ int seg_run_pos(int rec) { return (rec >> 23) & 7; }
-__device__ __forceinline__ int seg_run_len(int rec) { return ((rec >> 26) & 7) + 1; }
+__host__ __device__ __forceinline__ int seg_expert(int rec) { return rec & 1023; }
+__host__ __device__ __forceinline__ int seg_start(int rec) { return (rec >> 10) & 1023; }
+__host__ __device__ __forceinline__ int seg_tokens(int rec) { return ((rec >> 20) & 7) + 1; }
+__host__ __device__ __forceinline__ int seg_run_pos(int rec) { return (rec >> 23) & 7; }
+__host__ __device__ __forceinline__ int seg_run_len(int rec) { return ((rec >> 26) & 7) + 1; }
 // Segment j (0-based) of an expert with c assignments (segments of 8, runs of 8).
-__device__ __forceinline__ int seg_record(int e, int first_pos, int c, int j) {
+__host__ __device__ __forceinline__ int seg_record(int e, int first_pos, int c, int j) {
   const int nseg = (c + 7) >> 3;
   const int run0 = j - j % kStreamRunSegments;
   return seg_pack(e, first_pos + 8 * j, min(8, c - 8 * j), j - run0,
                   min(kStreamRunSegments, nseg - run0));
+}
+
+// ---- the work queue: units claimed from a global counter -----------------
+// Unit numbering: [0, n1) phase 1, then [n1, n1 + n2) phase 2 (v = u - n1), tiles
+// per segment tiles1 / tiles2; segment s owns the units [s * tiles, (s + 1) * tiles).
+// RUNS = false: segment-major, unit s * tiles + tile. RUNS = true ("run order"): a
+// run of c segments (one expert's, c > 1 when it has more than 8 assignments) owns
+// [f * tiles, (f + c) * tiles), f its first segment, numbered tile-major: unit
+// f * tiles + tile * c + i is segment f + i, tile `tile`. The c units that read the
+// same weight rows are then adjacent in the queue (mostly one claim): the first copy
+// brings the rows from DRAM and the others find them in L2, where segment-major
+// order reads the whole expert from DRAM again for each segment.
+// Every phase-1 unit is claimed before any phase-2 unit and a block's consumers take
+// its units in claim order, so a phase-2 unit only waits on phase-1 units that
+// running blocks hold and will finish without waiting: no co-residency requirement.
+struct StreamUnit {
+  int u = -1;          // unit number, -1: no more units
+  bool p1 = true;
+  int seg = 0, tile = 0;
+};
+
+// runs: some run has more than one segment (block-uniform; with none, both orders
+// are the same and the segment-major decode skips the record).
+template <bool RUNS>
+__host__ __device__ __forceinline__ StreamUnit decode_unit(int u, int n1, int tiles1, int tiles2,
+                                                  const int* segs, bool runs) {
+  StreamUnit d;
+  d.u = u;
+  if (u < 0) return d;
+  d.p1 = u < n1;
+  const int v = d.p1 ? u : u - n1;
+  const int tiles = d.p1 ? tiles1 : tiles2;
+  const int s0 = v / tiles;
+  if (!RUNS || !runs) {
+    d.seg = s0;
+    d.tile = v - s0 * tiles;
+    return d;
+  }
+  const int rec = segs[s0];
+  const int c = seg_run_len(rec);
+  const int local = v - (s0 - seg_run_pos(rec)) * tiles;  // place in the run's units
+  d.tile = local / c;
+  d.seg = s0 - seg_run_pos(rec) + (local - d.tile * c);
+  return d;
 }
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -310,49 +356,6 @@ __device__ __forceinline__ void load_b(const StreamPhase& ph, const T* brow, int
   }
 }
 
-// ---- the work queue: units claimed from a global counter -----------------
-// Unit numbering: [0, n1) phase 1, then [n1, n1 + n2) phase 2 (v = u - n1), tiles
-// per segment tiles1 / tiles2; segment s owns the units [s * tiles, (s + 1) * tiles).
-// RUNS = false: segment-major, unit s * tiles + tile. RUNS = true ("run order"): a
-// run of c segments (one expert's, c > 1 when it has more than 8 assignments) owns
-// [f * tiles, (f + c) * tiles), f its first segment, numbered tile-major: unit
-// f * tiles + tile * c + i is segment f + i, tile `tile`. The c units that read the
-// same weight rows are then adjacent in the queue (mostly one claim): the first copy
-// brings the rows from DRAM and the others find them in L2, where segment-major
-// order reads the whole expert from DRAM again for each segment.
-// Every phase-1 unit is claimed before any phase-2 unit and a block's consumers take
-// its units in claim order, so a phase-2 unit only waits on phase-1 units that
-// running blocks hold and will finish without waiting: no co-residency requirement.
-struct StreamUnit {
-  int u = -1;          // unit number, -1: no more units
-  bool p1 = true;
-  int seg = 0, tile = 0;
-};
-
-// runs: some run has more than one segment (block-uniform; with none, both orders
-// are the same and the segment-major decode skips the record).
-template <bool RUNS>
-__device__ __forceinline__ StreamUnit decode_unit(int u, int n1, int tiles1, int tiles2,
-                                                  const int* segs, bool runs) {
-  StreamUnit d;
-  d.u = u;
-  if (u < 0) return d;
-  d.p1 = u < n1;
-  const int v = d.p1 ? u : u - n1;
-  const int tiles = d.p1 ? tiles1 : tiles2;
-  const int s0 = v / tiles;
-  if (!RUNS || !runs) {
-    d.seg = s0;
-    d.tile = v - s0 * tiles;
-    return d;
-  }
-  const int rec = segs[s0];
-  const int c = seg_run_len(rec);
-  const int local = v - (s0 - seg_run_pos(rec)) * tiles;  // place in the run's units
-  d.tile = local / c;
-  d.seg = s0 - seg_run_pos(rec) + (local - d.tile * c);
-  return d;
-}
 
 __device__ __forceinline__ unsigned int ld_acquire_u32(const unsigned int* p) {
   unsigned int v;
