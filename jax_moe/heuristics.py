@@ -124,6 +124,11 @@ def gemv_kernel_variant(num_tokens: int, num_experts: int, top_k: int,
   2911.8, T=64 6646.3 / 6349.4 (mean 2); Mixtral T=16 1160.1 / 921.1 (mean 4),
   T=32 1039.3 / 1327.2 (mean 8), T=64 1059.2 / 2271.3 (mean 16). So v5 from
   T=1 up to a mean of 4 on every shape, v4 at a mean of 8 and above.
+  Since session 10, v6 streams a busy expert's extra passes side by side so that they
+  come from L2 ("run order", csrc/kernels/expert_gemv_stream.cuh), which helps skewed
+  real routings on the wide shapes; on Mixtral it still lost to v4 at a mean of 8 and
+  16 (run s10-6, gemv + combine, us, v4 / v6: T=32 1029.9 / 1051.3, T=64 1059.4 /
+  1539.0), so GEMV_STREAM_MAX_MEAN stays 4.
   """
   if num_tokens * top_k > GEMV_STREAM_MAX_ASSIGN:
     return 4
