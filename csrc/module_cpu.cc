@@ -2,15 +2,16 @@
 // for the CPU FFI handlers. jax_moe/_ffi.py registers them with XLA.
 #include <pybind11/pybind11.h>
 
+#include "common/ffi_targets.h"
 #include "xla/ffi/api/c_api.h"
 
 namespace py = pybind11;
 
 namespace jax_moe {
 extern "C" {
-XLA_FFI_Error* RouteCpu(XLA_FFI_CallFrame*);
-XLA_FFI_Error* CombineCpu(XLA_FFI_CallFrame*);
-XLA_FFI_Error* ExpertGemvCpu(XLA_FFI_CallFrame*);
+#define JAX_MOE_DECLARE(suffix, stem) XLA_FFI_Error* stem##Cpu(XLA_FFI_CallFrame*);
+JAX_MOE_FFI_TARGETS(JAX_MOE_DECLARE)
+#undef JAX_MOE_DECLARE
 }
 }  // namespace jax_moe
 
@@ -23,9 +24,9 @@ PYBIND11_MODULE(_jax_moe_cpu, m) {
   m.doc() = "jax_moe CPU FFI handlers";
   m.def("registrations", []() {
     py::dict d;
-    d["jax_moe_route"] = Capsule(jax_moe::RouteCpu);
-    d["jax_moe_combine"] = Capsule(jax_moe::CombineCpu);
-    d["jax_moe_expert_gemv"] = Capsule(jax_moe::ExpertGemvCpu);
+#define JAX_MOE_REGISTER(suffix, stem) d["jax_moe_" #suffix] = Capsule(jax_moe::stem##Cpu);
+    JAX_MOE_FFI_TARGETS(JAX_MOE_REGISTER)
+#undef JAX_MOE_REGISTER
     return d;
   });
 }

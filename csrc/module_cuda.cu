@@ -5,15 +5,16 @@
 #include <pybind11/pybind11.h>
 
 #include "common/cuda_utils.cuh"
+#include "common/ffi_targets.h"
 #include "xla/ffi/api/c_api.h"
 
 namespace py = pybind11;
 
 namespace jax_moe {
 extern "C" {
-XLA_FFI_Error* RouteCuda(XLA_FFI_CallFrame*);
-XLA_FFI_Error* CombineCuda(XLA_FFI_CallFrame*);
-XLA_FFI_Error* ExpertGemvCuda(XLA_FFI_CallFrame*);
+#define JAX_MOE_DECLARE(suffix, stem) XLA_FFI_Error* stem##Cuda(XLA_FFI_CallFrame*);
+JAX_MOE_FFI_TARGETS(JAX_MOE_DECLARE)
+#undef JAX_MOE_DECLARE
 }
 }  // namespace jax_moe
 
@@ -26,9 +27,9 @@ PYBIND11_MODULE(_jax_moe_cuda, m) {
   m.doc() = "jax_moe CUDA FFI handlers";
   m.def("registrations", []() {
     py::dict d;
-    d["jax_moe_route"] = Capsule(jax_moe::RouteCuda);
-    d["jax_moe_combine"] = Capsule(jax_moe::CombineCuda);
-    d["jax_moe_expert_gemv"] = Capsule(jax_moe::ExpertGemvCuda);
+#define JAX_MOE_REGISTER(suffix, stem) d["jax_moe_" #suffix] = Capsule(jax_moe::stem##Cuda);
+    JAX_MOE_FFI_TARGETS(JAX_MOE_REGISTER)
+#undef JAX_MOE_REGISTER
     return d;
   });
   m.attr("ffi_api_version") = py::make_tuple(XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR);
