@@ -122,12 +122,42 @@ static void trace_summary(const char*, int, float) {}
 #endif
 
 
+// One routing of T tokens, k distinct experts of E each, into ids [T * k]; returns
+// the assignments per expert. zipf > 0: expert of Zipf rank q (a random order, fresh
+// per routing) drawn with weight 1 / (q + 1)^zipf; else uniform.
+static std::vector<int> draw_routing(int E, int k, int T, double zipf, std::mt19937& rng,
+                                     int32_t* ids) {
+  std::vector<int> count(E, 0);
+  std::vector<int> order(E);  // Zipf rank -> expert
+  for (int e = 0; e < E; ++e) order[e] = e;
+  std::shuffle(order.begin(), order.end(), rng);
+  for (int t = 0; t < T; ++t) {
+    std::vector<int> perm(E);
+    if (zipf > 0) {  // k distinct draws
+      std::vector<double> wgt(E);
+      for (int q = 0; q < E; ++q) wgt[q] = 1.0 / std::pow(q + 1.0, zipf);
+      for (int j = 0; j < k; ++j) {
+        std::discrete_distribution<int> pick(wgt.begin(), wgt.end());
+        const int q = pick(rng);
+        perm[j] = order[q];
+        wgt[q] = 0.0;
+      }
+    } else {
+      for (int e = 0; e < E; ++e) perm[e] = e;
+      std::shuffle(perm.begin(), perm.end(), rng);
+    }
+    for (int j = 0; j < k; ++j) { ids[t * k + j] = perm[j]; ++count[perm[j]]; }
+  }
+  return count;
+}
+
 // --self-test: on the host, for random expert loads (some of more than 64
 // assignments, so runs are capped at 8 segments), segments cut as the kernel's
 // prologue cuts them, and each order (segment-major, run order): every unit number
 // of a phase decodes to a distinct (segment, tile) in range; segment-major is
 // s * tiles + tile; in run order, the segments of a run on the same tile are
-// consecutive units, and a run's units are the run's block of numbers.
+// consecutive units, and a run's units are the run's block of numbers. Also the
+// routings that STREAM_PROBE_ZIPF asks for (draw_routing).
 static int self_test() {
   std::mt19937 rng(99);
   int layouts = 0;
@@ -182,7 +212,32 @@ static int self_test() {
       }
     }
   }
-  printf("self-test ok (%d layouts)\n", layouts);
+  // Routings: k distinct experts in range per token; the skewed ones put many more
+  // assignments on the busiest expert than uniform ones (Gemma-4 sizes, T = 64).
+  int busiest[2] = {0, 0};
+  for (int skew = 0; skew < 2; ++skew)
+    for (int rep = 0; rep < 8; ++rep) {
+      std::vector<int32_t> ids(64 * 8);
+      const std::vector<int> count = draw_routing(128, 8, 64, skew ? 1.0 : 0.0, rng, ids.data());
+      for (int t = 0; t < 64; ++t)
+        for (int j = 0; j < 8; ++j) {
+          const int e = ids[size_t(t) * 8 + j];
+          bool dup = false;
+          for (int i = 0; i < j; ++i) dup |= ids[size_t(t) * 8 + i] == e;
+          if (e < 0 || e >= 128 || dup) {
+            printf("self-test FAILED: routing token %d slot %d expert %d\n", t, j, e);
+            return 1;
+          }
+        }
+      busiest[skew] = std::max(busiest[skew], *std::max_element(count.begin(), count.end()));
+    }
+  if (busiest[1] < 2 * busiest[0]) {
+    printf("self-test FAILED: skewed routing's busiest expert %d vs uniform %d\n", busiest[1],
+           busiest[0]);
+    return 1;
+  }
+  printf("self-test ok (%d layouts; busiest expert of 512 assignments: uniform %d, skewed %d)\n",
+         layouts, busiest[0], busiest[1]);
   return 0;
 }
 
@@ -298,27 +353,7 @@ int main(int argc, char** argv) {
       std::vector<int32_t> ids(size_t(R) * n);
       double distinct = 0, segments = 0;
       for (int r = 0; r < R; ++r) {
-        std::vector<int> count(S.E, 0);
-        std::vector<int> order(S.E);  // Zipf rank -> expert, fresh per routing
-        for (int e = 0; e < S.E; ++e) order[e] = e;
-        std::shuffle(order.begin(), order.end(), rng);
-        for (int t = 0; t < T; ++t) {
-          std::vector<int> perm(S.E);
-          if (zipf > 0) {  // k distinct draws, weight 1 / (rank + 1)^zipf
-            std::vector<double> wgt(S.E);
-            for (int q = 0; q < S.E; ++q) wgt[q] = 1.0 / std::pow(q + 1.0, zipf);
-            for (int j = 0; j < S.k; ++j) {
-              std::discrete_distribution<int> pick(wgt.begin(), wgt.end());
-              const int q = pick(rng);
-              perm[j] = order[q];
-              wgt[q] = 0.0;
-            }
-          } else {
-            for (int e = 0; e < S.E; ++e) perm[e] = e;
-            std::shuffle(perm.begin(), perm.end(), rng);
-          }
-          for (int j = 0; j < S.k; ++j) { ids[size_t(r) * n + t * S.k + j] = perm[j]; ++count[perm[j]]; }
-        }
+        const std::vector<int> count = draw_routing(S.E, S.k, T, zipf, rng, &ids[size_t(r) * n]);
         for (int c : count) { distinct += c > 0; segments += (c + 7) / 8; }
       }
       distinct /= R;

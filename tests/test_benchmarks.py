@@ -116,11 +116,14 @@ def test_stream_probe_self_test(stream_probe):
   """The stream kernel's unit order (csrc/kernels/expert_gemv_stream.cuh: segment
   records, runs of one expert's segments, decode_unit in both orders) checked on the
   host over random expert loads: every unit decodes to a distinct (segment, tile) and
-  the numbering is the documented one. No GPU needed."""
+  the numbering is the documented one; and the probe's routings (STREAM_PROBE_ZIPF's
+  skew puts far more assignments on the busiest expert). No GPU needed."""
   p = subprocess.run([stream_probe, "--self-test"], capture_output=True, text=True, timeout=120)
   assert p.returncode == 0, p.stdout + p.stderr
-  assert re.search(r"self-test ok \((\d+) layouts\)", p.stdout), p.stdout
-  assert int(re.search(r"\((\d+) layouts", p.stdout).group(1)) > 500
+  m = re.search(r"self-test ok \((\d+) layouts; busiest expert of 512 assignments: "
+                r"uniform (\d+), skewed (\d+)\)", p.stdout)
+  assert m, p.stdout
+  assert int(m.group(1)) > 500 and int(m.group(3)) >= 2 * int(m.group(2))
 
 
 @pytest.mark.parametrize("name,value", [

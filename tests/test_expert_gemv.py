@@ -393,6 +393,17 @@ def test_kernel_variant_heuristic():
   assert v(100, 16, 8) == 4           # T*k > 512: the kernel would fall back anyway
 
 
+def test_kernel_variant_max_mean(monkeypatch):
+  """heuristics.GEMV_STREAM_MAX_MEAN is the limit the rule reads: raised to 8, Mixtral
+  T=32 (mean 8) takes the wide stream kernel; at its default it takes variant 4."""
+  from jax_moe import heuristics
+  assert heuristics.GEMV_STREAM_MAX_MEAN == 4
+  assert heuristics.gemv_kernel_variant(32, 8, 2, 4096) == 4
+  monkeypatch.setattr(heuristics, "GEMV_STREAM_MAX_MEAN", 8)
+  assert heuristics.gemv_kernel_variant(32, 8, 2, 4096) == 6
+  assert heuristics.gemv_kernel_variant(33, 8, 2, 4096) == 4
+
+
 def test_token_tiles_heuristic():
   """Token tiles follow the expected busiest expert: never more than needed for T
   tokens, more for few experts (Mixtral) than for many (DeepSeek-V3)."""

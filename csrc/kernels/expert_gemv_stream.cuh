@@ -308,10 +308,10 @@ __host__ __device__ __forceinline__ StreamUnit decode_unit(int u, int n1, int ti
     return d;
   }
   const int rec = segs[s0];
-  const int c = seg_run_len(rec);
-  const int local = v - (s0 - seg_run_pos(rec)) * tiles;  // place in the run's units
+  const int first = s0 - seg_run_pos(rec), c = seg_run_len(rec);
+  const int local = v - first * tiles;  // place in the run's units
   d.tile = local / c;
-  d.seg = s0 - seg_run_pos(rec) + (local - d.tile * c);
+  d.seg = first + (local - d.tile * c);
   return d;
 }
 
@@ -403,6 +403,24 @@ __device__ __forceinline__ void produce_unit(const StreamPhase ph, int routed, c
   }
 }
 
+// Stages [st0, st1) of unit d (either phase; st1 < 0: to the unit's last stage)
+// into group grp's slots.
+template <typename T, int NS, int MAXC>
+__device__ __forceinline__ void produce_stages(const GemvStreamArgs& a, const StreamUnit& d,
+                                               const int* segs, const StreamRing& r,
+                                               uint32_t& itg, int grp, int* slot_unit,
+                                               uint64_t* id_bar, uint64_t policy, int st0,
+                                               int st1) {
+  if (d.p1)
+    produce_unit<T, true, NS, MAXC>(a.p1, a.assign.num_experts, d, segs, r, itg, grp,
+                                    slot_unit, id_bar, policy, st0,
+                                    st1 < 0 ? a.p1.stages : st1);
+  else
+    produce_unit<T, false, NS, MAXC>(a.p2, a.assign.num_experts, d, segs, r, itg, grp,
+                                     slot_unit, id_bar, policy, st0,
+                                     st1 < 0 ? a.p2.stages : st1);
+}
+
 template <typename T, int NS, int MAXC, bool RUNS>
 __device__ void produce(const GemvStreamArgs& a, const int* segs, int tiles1, int tiles2,
                             int n1, int ntot, const StreamRing& r, int* slot_unit,
@@ -429,6 +447,8 @@ __device__ void produce(const GemvStreamArgs& a, const int* segs, int tiles1, in
       claim = atomicAdd(&g_stream_next, size);
     }
     const int uend = min(u0 + n0, ntot);
+    StreamUnit d0, d1;
+    bool decoded = false;
     if (RUNS && runs && uend - u0 == 2) {
       // Two units of a run on the same weight rows (a claim is two adjacent units):
       // their stages interleaved, one per group in turn, so the second copy of each
@@ -438,41 +458,31 @@ __device__ void produce(const GemvStreamArgs& a, const int* segs, int tiles1, in
       // (STREAM_PROBE_ZIPF=100) DeepSeek-V3 T=64 4675.3 / 4643.9, Mixtral T=16 973.5 /
       // 937.6; one segment per expert unchanged. Interleaving every two-unit claim
       // (any rows) was slower: Qwen3 T=8 165.6 -> 176.4, Mixtral T=8 852.4 -> 893.6.
-      const StreamUnit d0 = decode_unit<RUNS>(u0, n1, tiles1, tiles2, segs, runs);
-      const StreamUnit d1 = decode_unit<RUNS>(u0 + 1, n1, tiles1, tiles2, segs, runs);
+      d0 = decode_unit<RUNS>(u0, n1, tiles1, tiles2, segs, runs);
+      d1 = decode_unit<RUNS>(u0 + 1, n1, tiles1, tiles2, segs, runs);
+      decoded = true;
       if (d0.p1 == d1.p1 && d0.tile == d1.tile &&
           seg_expert(segs[d0.seg]) == seg_expert(segs[d1.seg])) {
         const int g0 = k & 1;  // d0's group; d1 takes the other
         uint32_t i0 = g0 ? it1 : it0, i1 = g0 ? it0 : it1;
         const int stages = d0.p1 ? a.p1.stages : a.p2.stages;
         for (int st = 0; st < stages; ++st) {
-          if (d0.p1) {
-            produce_unit<T, true, NS, MAXC>(a.p1, a.assign.num_experts, d0, segs, r, i0, g0,
-                                            slot_unit, id_bar, policy, st, st + 1);
-            produce_unit<T, true, NS, MAXC>(a.p1, a.assign.num_experts, d1, segs, r, i1, 1 - g0,
-                                            slot_unit, id_bar, policy, st, st + 1);
-          } else {
-            produce_unit<T, false, NS, MAXC>(a.p2, a.assign.num_experts, d0, segs, r, i0, g0,
-                                             slot_unit, id_bar, policy, st, st + 1);
-            produce_unit<T, false, NS, MAXC>(a.p2, a.assign.num_experts, d1, segs, r, i1,
-                                             1 - g0, slot_unit, id_bar, policy, st, st + 1);
-          }
+          produce_stages<T, NS, MAXC>(a, d0, segs, r, i0, g0, slot_unit, id_bar, policy, st,
+                                      st + 1);
+          produce_stages<T, NS, MAXC>(a, d1, segs, r, i1, 1 - g0, slot_unit, id_bar, policy,
+                                      st, st + 1);
         }
         if (g0) { it1 = i0; it0 = i1; } else { it0 = i0; it1 = i1; }
         k += 2;
         continue;
       }
     }
-    for (int u = u0; u < uend; ++u, ++k) {
+    for (int u = u0; u < uend; ++u, ++k) {  // one unit after the other
       const int grp = k & 1;
       uint32_t itc = grp ? it1 : it0;
-      const StreamUnit d = decode_unit<RUNS>(u, n1, tiles1, tiles2, segs, runs);
-      if (d.p1)
-        produce_unit<T, true, NS, MAXC>(a.p1, a.assign.num_experts, d, segs, r, itc, grp,
-                                        slot_unit, id_bar, policy, 0, a.p1.stages);
-      else
-        produce_unit<T, false, NS, MAXC>(a.p2, a.assign.num_experts, d, segs, r, itc, grp,
-                                         slot_unit, id_bar, policy, 0, a.p2.stages);
+      const StreamUnit d = !decoded ? decode_unit<RUNS>(u, n1, tiles1, tiles2, segs, runs)
+                           : u == u0 ? d0 : d1;  // decoded above (not a pair)
+      produce_stages<T, NS, MAXC>(a, d, segs, r, itc, grp, slot_unit, id_bar, policy, 0, -1);
       if (grp) it1 = itc; else it0 = itc;
     }
   }
