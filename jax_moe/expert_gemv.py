@@ -2,6 +2,7 @@
 
 y = expert_gemv(x, ids, w_gate_up, w_down, *, activation="silu",
                 shared_gate_up=None, shared_down=None)
+out = expert_gemv_combine(x, ids, weights, w_gate_up, w_down, ...)
 
 x [..., H], ids int32 [..., k], w_gate_up [E, 2I, H] (gate rows then up rows, the
 [out, in] layout of torch/HF checkpoints), w_down [E, H, I]. Returns y [..., k, H]
@@ -36,8 +37,9 @@ _CONFIG_CHOICES = dict(token_tiles=(1, 2, 4), k_split_gate_up=(1, 2, 4, 8),
                        k_split_down=(1, 2, 4, 8), kernel_variant=(0, 1, 3, 4, 5, 6))
 
 
-def _abstract_eval(x, ids, w_gate_up, w_down, shared_gate_up, shared_down, *, activation,
-                   token_tiles, k_split_gate_up, k_split_down, kernel_variant):
+def _abstract_eval(x, ids, w_gate_up, w_down, shared_gate_up, shared_down, weights, *,
+                   activation, token_tiles, k_split_gate_up, k_split_down, kernel_variant,
+                   combine):
   for name, value in dict(token_tiles=token_tiles, k_split_gate_up=k_split_gate_up,
                           k_split_down=k_split_down, kernel_variant=kernel_variant).items():
     if value not in _CONFIG_CHOICES[name]:
@@ -46,7 +48,12 @@ def _abstract_eval(x, ids, w_gate_up, w_down, shared_gate_up, shared_down, *, ac
   T, H = x.shape
   kk = ids.shape[1] + shared_gate_up.shape[0]  # routed slots, then the shared experts
   I = w_down.shape[2]
-  return (ShapedArray((T, kk, H), x.dtype), ShapedArray((T * kk, I), x.dtype))
+  # weights: f32 [T, kk] when combine, else a [0, kk] placeholder; out likewise.
+  if weights.dtype != np.float32 or weights.shape != ((T if combine else 0), kk):
+    raise ValueError(f"expert_gemv: combine weights must be float32 "
+                     f"{((T if combine else 0), kk)}, got {weights.dtype} {weights.shape}")
+  return (ShapedArray((T, kk, H), x.dtype), ShapedArray((T * kk, I), x.dtype),
+          ShapedArray((T if combine else 0, H), x.dtype))
 
 
 expert_gemv_p.def_abstract_eval(_abstract_eval)
@@ -57,27 +64,32 @@ def _ffi_attrs(params):
               token_tiles=np.int64(params["token_tiles"]),
               k_split_gate_up=np.int64(params["k_split_gate_up"]),
               k_split_down=np.int64(params["k_split_down"]),
-              kernel_variant=np.int64(params["kernel_variant"]))
+              kernel_variant=np.int64(params["kernel_variant"]),
+              combine=np.int64(bool(params["combine"])))
 
 
-def _fallback(x, ids, w_gate_up, w_down, shared_gate_up, shared_down, *, activation, **_):
+def _fallback(x, ids, w_gate_up, w_down, shared_gate_up, shared_down, weights, *, activation,
+              combine, **_):
   S = shared_gate_up.shape[0]
   y = reference.expert_gemv(x, ids, w_gate_up, w_down, activation=activation,
                             shared_gate_up=shared_gate_up if S else None,
                             shared_down=shared_down if S else None)
   h = jnp.zeros((y.shape[0] * y.shape[1], w_down.shape[2]), x.dtype)
-  return y, h
+  out = (reference.combine(y, weights, out_dtype=x.dtype) if combine
+         else jnp.zeros((0, x.shape[1]), x.dtype))
+  return y, h, out
 
 
 register_lowerings(expert_gemv_p, TARGET, ffi_attrs=_ffi_attrs, fallback=_fallback)
 
 
 def _batch_rule(args, dims, **params):
-  x, ids, wgu, wd, sgu, sd = args
+  x, ids, wgu, wd, sgu, sd, w = args
   xd, idd = dims[:2]
-  if any(d is not None for d in dims[2:]):
+  wtd = dims[6]
+  if any(d is not None for d in dims[2:6]) or (wtd is not None and not params["combine"]):
     return map_over_batch(expert_gemv_p, args, dims, params)
-  B = x.shape[xd] if xd is not None else ids.shape[idd]
+  B = x.shape[xd] if xd is not None else (ids.shape[idd] if idd is not None else w.shape[wtd])
   x = move_to_front(x, xd, B)
   ids = move_to_front(ids, idd, B)
   T, H = x.shape[1], x.shape[2]
@@ -87,9 +99,12 @@ def _batch_rule(args, dims, **params):
   if params["kernel_variant"] == heuristics.expert_gemv_variant(T, E, k, S, H):
     # the heuristic's choice for T tokens: choose again for the B * T folded ones
     params["kernel_variant"] = heuristics.expert_gemv_variant(B * T, E, k, S, H)
-  y, h = expert_gemv_p.bind(x.reshape(B * T, H), ids.reshape(B * T, k), wgu, wd, sgu, sd,
-                            **params)
-  return (y.reshape(B, T, k + S, H), h.reshape(B, T * (k + S), h.shape[-1])), (0, 0)
+  if params["combine"]:
+    w = move_to_front(w, wtd, B).reshape(B * T, k + S)
+  y, h, out = expert_gemv_p.bind(x.reshape(B * T, H), ids.reshape(B * T, k), wgu, wd, sgu, sd,
+                                 w, **params)
+  out = out.reshape(B, T if params["combine"] else 0, H)
+  return (y.reshape(B, T, k + S, H), h.reshape(B, T * (k + S), h.shape[-1]), out), (0, 0, 0)
 
 
 register_batching(expert_gemv_p, _batch_rule)
@@ -120,7 +135,51 @@ def expert_gemv(x, ids, w_gate_up, w_down, *, activation="silu", shared_gate_up=
   `_config` (private, for benchmarks and tuning) overrides the heuristics: a dict
   with any of token_tiles, k_split_gate_up, k_split_down, kernel_variant.
   """
-  fn = "expert_gemv"
+  c = _prepare("expert_gemv", x, ids, w_gate_up, w_down, activation, shared_gate_up,
+               shared_down, _config)
+  kk = c["k"] + c["S"]
+  y, _, _ = expert_gemv_p.bind(*c["operands"], jnp.zeros((0, kk), jnp.float32),
+                               activation=activation, combine=False, **c["config"])
+  return y.reshape(c["lead"] + (kk, c["H"]))
+
+
+def expert_gemv_combine(x, ids, weights, w_gate_up, w_down, *, activation="silu",
+                        shared_gate_up=None, shared_down=None, _config=None):
+  """The routed experts and their weighted sum in one call:
+  combine(expert_gemv(x, ids, ...), weights) with the shared experts' slots weighted 1.
+
+  Args:
+    x, ids, w_gate_up, w_down, activation, shared_gate_up, shared_down: as expert_gemv.
+    weights: [..., k] routing weights (float32 or x's dtype), leading dims as x's.
+
+  Returns:
+    out [..., H] in x's dtype: sum over the k routed slots of weights * y, then the S
+    shared slots with weight 1, accumulated in f32 in slot order (as combine) and
+    rounded once. On GPU the stream kernel (expert_gemv variants 5/6) sums each
+    (token, 16-row tile) as soon as its last slot is written, in the same launch;
+    other variants run combine's kernel after the experts.
+  """
+  fn = "expert_gemv_combine"
+  c = _prepare(fn, x, ids, w_gate_up, w_down, activation, shared_gate_up, shared_down, _config)
+  weights = jnp.asarray(weights)
+  k, S, H = c["k"], c["S"], c["H"]
+  if weights.shape != c["lead"] + (k,):
+    raise ValueError(f"{fn}: weights must be [..., k] = {c['lead'] + (k,)} like ids, "
+                     f"got shape {tuple(weights.shape)}")
+  if weights.dtype not in (jnp.float32, jnp.dtype(c["operands"][0].dtype)):
+    raise TypeError(f"{fn}: weights must be float32 or x's dtype "
+                    f"{c['operands'][0].dtype}, got {weights.dtype}")
+  w = weights.reshape(-1, k).astype(jnp.float32)  # exact for bf16/f16
+  if S:
+    w = jnp.concatenate([w, jnp.ones((w.shape[0], S), jnp.float32)], axis=1)
+  _, _, out = expert_gemv_p.bind(*c["operands"], w, activation=activation, combine=True,
+                                 **c["config"])
+  return out.reshape(c["lead"] + (H,))
+
+
+def _prepare(fn, x, ids, w_gate_up, w_down, activation, shared_gate_up, shared_down, _config):
+  """Validates the arguments (errors name them) and returns the primitive's operands
+  (tokens folded), the kernel configuration and the sizes."""
   x = jnp.asarray(x)
   ids = jnp.asarray(ids)
   w_gate_up = jnp.asarray(w_gate_up)
@@ -185,6 +244,5 @@ def expert_gemv(x, ids, w_gate_up, w_down, *, activation="silu", shared_gate_up=
     raise ValueError(f"{fn}: unknown _config key(s) {sorted(unknown)}; "
                      f"expected some of {sorted(config)}")
   config.update(_config or {})
-  y, _ = expert_gemv_p.bind(x2, ids2, w_gate_up, w_down, shared_gate_up, shared_down,
-                            activation=activation, **config)
-  return y.reshape(lead + (k + S, H))
+  return dict(operands=(x2, ids2, w_gate_up, w_down, shared_gate_up, shared_down),
+              config=config, lead=lead, k=k, S=S, H=H)

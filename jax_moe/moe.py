@@ -8,7 +8,8 @@ applied in combine, f32 accumulation) -> + shared experts (weight 1). The output
 has x's dtype and shape.
 
 config.implementation picks the experts' path:
-  "gemv"       jax_moe.expert_gemv, then jax_moe.combine (decode-size T).
+  "gemv"       jax_moe.expert_gemv_combine (decode-size T): the experts and the
+               weighted sum in one call (one launch on GPU's stream kernel).
   "grouped"    a large-batch path behind one function, _grouped_experts, that a
                tensor-core grouped-matmul kernel can replace; today it is one of
                several XLA formulations (config.grouped_method).
@@ -36,7 +37,7 @@ from jax.custom_batching import custom_vmap
 from jax_moe import _codes, heuristics, reference
 from jax_moe._validate import FLOAT_DTYPES, as_int, check_choice, check_routing_counts
 from jax_moe.combine import combine
-from jax_moe.expert_gemv import expert_gemv
+from jax_moe.expert_gemv import expert_gemv, expert_gemv_combine
 from jax_moe.route import route
 
 IMPLEMENTATIONS = ("auto", "gemv", "grouped", "reference")
@@ -656,10 +657,16 @@ def moe_block(x, params: MoEParams, config: MoEConfig):
     # One expert_gemv call for routed and shared experts (slots k .. k + S - 1, weight
     # 1): combine's f32 sum runs over the routed slots, then the shared ones, as the
     # unfolded path adds them, with the same single rounding.
-    y = expert_gemv(x2, ids, params.w_gate_up, params.w_down, activation=config.activation,
-                    shared_gate_up=params.shared_gate_up, shared_down=params.shared_down)
-    w_all = jnp.concatenate([weights, jnp.ones((T, S), weights.dtype)], axis=1)
-    return combine(y, w_all, out_dtype=x.dtype).reshape(lead + (H,))
+    out = expert_gemv_combine(x2, ids, weights, params.w_gate_up, params.w_down,
+                              activation=config.activation,
+                              shared_gate_up=params.shared_gate_up,
+                              shared_down=params.shared_down)
+    return out.reshape(lead + (H,))
+  if impl == "gemv" and not S:
+    # The weighted sum inside the experts' launch (the stream kernel): no combine launch.
+    out = expert_gemv_combine(x2, ids, weights, params.w_gate_up, params.w_down,
+                              activation=config.activation)
+    return out.reshape(lead + (H,))
   if impl == "gemv":
     y = expert_gemv(x2, ids, params.w_gate_up, params.w_down, activation=config.activation)
     out = combine(y, weights, out_dtype=routed_dtype)

@@ -253,15 +253,17 @@ def test_handler_revalidates():
   x, ids, wgu, _ = _ok()
   wd_bad = jnp.ones((4, 16, 3), jnp.float32)  # I mismatch, bypassing the wrapper
   no_sgu, no_sd = jnp.zeros((0, 8, 16), jnp.float32), jnp.zeros((0, 16, 4), jnp.float32)
+  no_w = jnp.zeros((0, ids.shape[1]), jnp.float32)
   bind = jax.jit(lambda *a: expert_gemv_p.bind(*a, activation="silu", token_tiles=1,
                                                k_split_gate_up=1, k_split_down=1,
-                                               kernel_variant=0))
+                                               kernel_variant=0, combine=False))
   with pytest.raises(Exception, match="w_down must be"):
-    bind(x, ids, wgu, wd_bad, no_sgu, no_sd)[0].block_until_ready()
+    bind(x, ids, wgu, wd_bad, no_sgu, no_sd, no_w)[0].block_until_ready()
   wd = jnp.ones((4, 16, 4), jnp.float32)
   with pytest.raises(Exception, match="shared_gate_up must be"):  # shared I mismatch
     bind(x, ids, wgu, wd, jnp.zeros((1, 6, 16), jnp.float32),
-         jnp.zeros((1, 16, 3), jnp.float32))[0].block_until_ready()
+         jnp.zeros((1, 16, 3), jnp.float32),
+         jnp.zeros((0, ids.shape[1] + 1), jnp.float32))[0].block_until_ready()
 
 
 @pytest.mark.parametrize("variant", [1, 3, 4], ids=["direct", "direct_pf", "direct_pf8"])

@@ -9,12 +9,16 @@ namespace jax_moe {
 static ffi::Error ExpertGemvCudaHandler(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer ids,
                                         ffi::AnyBuffer wgu, ffi::AnyBuffer wd,
                                         ffi::AnyBuffer sgu, ffi::AnyBuffer sd,
+                                        ffi::AnyBuffer weights,
                                         ffi::Result<ffi::AnyBuffer> y,
-                                        ffi::Result<ffi::AnyBuffer> h, int64_t activation,
+                                        ffi::Result<ffi::AnyBuffer> h,
+                                        ffi::Result<ffi::AnyBuffer> out, int64_t activation,
                                         int64_t token_tiles, int64_t k_split_gate_up,
-                                        int64_t k_split_down, int64_t kernel_variant) {
+                                        int64_t k_split_down, int64_t kernel_variant,
+                                        int64_t combine) {
   GemvShapes s;
   JM_RETURN_IF_ERROR(ValidateExpertGemv(x, ids, wgu, wd, sgu, sd, *y, activation, &s));
+  JM_RETURN_IF_ERROR(ValidateGemvCombine(s, x, weights, *out, combine));
   JM_REQUIRE(h->element_type() == x.element_type() && NumElements(*h) == s.T * (s.k + s.S) * s.I,
              "expert_gemv (CUDA): scratch h must be [T * (k + S), I] in x's dtype");
   JM_REQUIRE(token_tiles == 1 || token_tiles == 2 || token_tiles == 4,
@@ -46,6 +50,10 @@ static ffi::Error ExpertGemvCudaHandler(cudaStream_t stream, ffi::AnyBuffer x, f
   a.k_split_gate_up = static_cast<int>(k_split_gate_up);
   a.k_split_down = static_cast<int>(k_split_down);
   a.variant = static_cast<int>(kernel_variant);
+  if (combine) {
+    a.combine_w = reinterpret_cast<const float*>(weights.untyped_data());
+    a.combine_out = out->untyped_data();
+  }
   return JM_DISPATCH_FLOAT(x.element_type(), float, bf16, f16, [&] {
     return CudaStatus(cuda::LaunchExpertGemv<scalar_t>(a, stream), "expert_gemv kernel launch");
   });
@@ -61,13 +69,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Arg<ffi::AnyBuffer>()   // w_down [E, H, I]
         .Arg<ffi::AnyBuffer>()   // shared_gate_up [S, 2I, H] (S may be 0)
         .Arg<ffi::AnyBuffer>()   // shared_down [S, H, I]
+        .Arg<ffi::AnyBuffer>()   // weights f32 [T, k + S] (combine), else [0, k + S]
         .Ret<ffi::AnyBuffer>()   // y [T, k + S, H]
         .Ret<ffi::AnyBuffer>()   // h [T * (k + S), I] activated intermediate (scratch)
+        .Ret<ffi::AnyBuffer>()   // out [T, H] weighted sum of y (combine), else [0, H]
         .Attr<int64_t>("activation")
         .Attr<int64_t>("token_tiles")
         .Attr<int64_t>("k_split_gate_up")
         .Attr<int64_t>("k_split_down")
-        .Attr<int64_t>("kernel_variant"),
+        .Attr<int64_t>("kernel_variant")
+        .Attr<int64_t>("combine"),
     {ffi::Traits::kCmdBufferCompatible});
 
 }  // namespace jax_moe

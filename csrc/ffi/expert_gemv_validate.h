@@ -53,4 +53,20 @@ inline ffi::Error ValidateExpertGemv(const ffi::AnyBuffer& x, const ffi::AnyBuff
   return ffi::Error::Success();
 }
 
+// The optional fused combine: weights f32 [T, k + S] and out [T, H] in x's dtype when
+// combine is set; otherwise they are placeholders and are not touched.
+inline ffi::Error ValidateGemvCombine(const GemvShapes& s, const ffi::AnyBuffer& x,
+                                      const ffi::AnyBuffer& weights, const ffi::AnyBuffer& out,
+                                      int64_t combine) {
+  JM_REQUIRE(combine == 0 || combine == 1, "expert_gemv: combine must be 0 or 1");
+  if (!combine) return ffi::Error::Success();
+  JM_REQUIRE(weights.element_type() == ffi::DataType::F32 && Rank(weights) == 2 &&
+                 Dim(weights, 0) == s.T && Dim(weights, 1) == s.k + s.S,
+             "expert_gemv: combine weights must be float32 [T, k + S]");
+  JM_REQUIRE(out.element_type() == x.element_type() && Rank(out) == 2 && Dim(out, 0) == s.T &&
+                 Dim(out, 1) == s.H,
+             "expert_gemv: combined output must be [T, H] in x's dtype");
+  return ffi::Error::Success();
+}
+
 }  // namespace jax_moe

@@ -33,6 +33,7 @@
 #include "common/cuda_utils.cuh"
 #include "common/mma.cuh"
 #include "common/params.h"
+#include "kernels/combine.cuh"
 #include "kernels/expert_gemv_stream.cuh"
 
 namespace jax_moe {
@@ -397,6 +398,11 @@ struct ExpertGemvArgs {
   int k_split_gate_up = 8;       // 1, 2, 4 or 8
   int k_split_down = 8;
   int variant = kGemvAuto;
+  // Optional weighted combine of y (both set, or both null): out [T, H] in y's dtype
+  // = sum_j combine_w[t, j] * y[t, j], as combine.cuh computes it. The stream kernel
+  // does it in its own launch (StreamCombineSupported); other paths launch combine.
+  const float* combine_w = nullptr;  // [T, k+S] f32
+  void* combine_out = nullptr;
 };
 
 inline int MaxSmemPerBlock() {
@@ -430,8 +436,10 @@ cudaError_t LaunchGemvPhases(const GemvPhaseArgs& p1, const GemvPhaseArgs& p2, d
   return LaunchDirect<T, NT, 8, true>(p1, p2, g1, g2, bitmap_smem, stream, pdl2, true, true);
 }
 
+// *fused: the combine ran inside the launch.
 template <typename T>
-cudaError_t LaunchExpertGemv(const ExpertGemvArgs& a, cudaStream_t stream) {
+cudaError_t LaunchExpertGemvKernels(const ExpertGemvArgs& a, cudaStream_t stream, bool* fused) {
+  *fused = false;
   const int64_t kk = a.k + a.S;  // slots per token
   const int64_t num_assign = a.T * kk;
   const int64_t experts = a.E + a.S;
@@ -456,10 +464,13 @@ cudaError_t LaunchExpertGemv(const ExpertGemvArgs& a, cudaStream_t stream) {
     const bool wide = a.variant == kGemvStreamWide;
     if ((a.variant == kGemvStream || wide) &&
         StreamSupported(num_assign, experts, a.H, a.I, mma_ok, DeviceIsSm90(), MaxSmemPerBlock(),
-                        wide))
+                        wide)) {
+      *fused = a.combine_out != nullptr && StreamCombineSupported(a.T, kk, a.H);
       return LaunchGemvStream<T>(a.x, p1.assign, a.w_gate_up, a.w_down, a.shared_gate_up,
                                  a.shared_down, a.h, a.y, a.T, a.H, a.I, a.activation, wide,
-                                 stream);
+                                 *fused ? a.combine_w : nullptr,
+                                 *fused ? a.combine_out : nullptr, stream);
+    }
   }
   if (mma_ok) {
     auto ks_ok = [](int ks) { return ks == 1 || ks == 2 || ks == 4 || ks == 8; };
@@ -483,6 +494,22 @@ cudaError_t LaunchExpertGemv(const ExpertGemvArgs& a, cudaStream_t stream) {
   cudaError_t err = LaunchEx(gemv_generic_kernel<T, true>, g1, bitmap_smem, stream, false, p1);
   if (err != cudaSuccess) return err;
   return LaunchEx(gemv_generic_kernel<T, false>, g2, bitmap_smem, stream, pdl && g1.x > 0, p2);
+}
+
+template <typename T>
+cudaError_t LaunchExpertGemv(const ExpertGemvArgs& a, cudaStream_t stream) {
+  if ((a.combine_w == nullptr) != (a.combine_out == nullptr)) return cudaErrorInvalidValue;
+  bool fused = false;
+  cudaError_t err = LaunchExpertGemvKernels<T>(a, stream, &fused);
+  if (err != cudaSuccess || a.combine_out == nullptr || fused || a.T == 0 || a.H == 0) return err;
+  CombineArgs c;
+  c.y = a.y;
+  c.weights = a.combine_w;
+  c.out = a.combine_out;
+  c.T = a.T;
+  c.k = a.k + a.S;
+  c.H = a.H;
+  return LaunchCombine<T, float, T>(c, stream);
 }
 
 }  // namespace cuda

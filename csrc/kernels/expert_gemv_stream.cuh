@@ -40,6 +40,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 #include <cuda_runtime.h>
 
 #include "common/activation.cuh"
@@ -53,7 +54,9 @@ namespace cuda {
 constexpr int kStreamConsumerWarps = 8;
 constexpr int kStreamGroupWarps = 4;       // consumer warps per group (2 groups)
 constexpr int kStreamGroups = kStreamConsumerWarps / kStreamGroupWarps;
-constexpr int kStreamThreads = 32 * (kStreamConsumerWarps + 1);  // + 1 producer warp
+constexpr int kStreamProducerWarp = kStreamConsumerWarps;
+constexpr int kStreamPublisherWarp = kStreamConsumerWarps + 1;
+constexpr int kStreamThreads = 32 * (kStreamConsumerWarps + 2);  // + producer + publisher
 // Ring: kStreamStages slots per consumer group of kStreamCols columns (hidden size
 // under 4096) or kStreamColsWide (from 4096: expert_gemv variant 6, chosen by
 // heuristics.gemv_kernel_variant). scripts/stream_probe.cu, run s7-5, the kernel
@@ -116,10 +119,22 @@ constexpr bool kStreamRunsNarrow = false;
 constexpr int kStreamMaxAssign = 512;      // T * k
 constexpr int kStreamMaxExperts = 1024;
 constexpr int kStreamMaxSegments = kStreamMaxAssign + kStreamMaxAssign / 8;
+// Finished units a consumer group may hand to the publisher warp before it waits.
+constexpr int kStreamJobSlots = 4;
+// The fused combine (GemvStreamArgs::cw): one arrival counter per (token, 16-row tile
+// of y), and a bit mask of each token's valid slots.
+constexpr int kStreamMaxCombineTiles = 1 << 16;
+constexpr int kStreamMaxCombineSlots = 32;
 
 inline size_t StreamSmemBytes(int stages, int max_cols) {  // stages per group
   return static_cast<size_t>(kStreamGroups) * stages * kStreamRows * (max_cols * 2 + 64) +
-         (kStreamMaxAssign + kStreamMaxSegments) * sizeof(int);
+         (2 * kStreamMaxAssign + kStreamMaxSegments) * sizeof(int);
+}
+
+// The stream kernel can fuse the weighted combine for T tokens of kk slots, H hidden.
+inline bool StreamCombineSupported(int64_t T, int64_t kk, int64_t H) {
+  return kk >= 1 && kk <= kStreamMaxCombineSlots &&
+         T * ((H + kStreamRows - 1) / kStreamRows) <= kStreamMaxCombineTiles;
 }
 
 struct StreamPhase {
@@ -139,6 +154,10 @@ struct GemvStreamArgs {
   int num_assign = 0;            // T * kk (<= kStreamMaxAssign); token of a is a / kk
   int activation = kSilu;
   StreamPhase p1, p2;
+  // Fused combine (both set, or both null): out[t] = sum_j cw[t, j] * y[t, j], f32 in
+  // slot order, rounded once to T, as combine_kernel computes it from y.
+  const float* cw = nullptr;     // [T, kk] f32
+  void* cout = nullptr;          // [T, H]
 };
 
 // The work queue: the next unit to claim, phase-1 units finished per segment (2 per
@@ -146,6 +165,9 @@ struct GemvStreamArgs {
 __device__ unsigned int g_stream_next = 0;
 __device__ unsigned int g_stream_blocks_out = 0;
 __device__ unsigned int g_stream_seg_done[kStreamMaxSegments];
+// Fused combine: y rows of (token, 16-row tile) written so far; the unit that brings
+// the count to the token's valid slots sums the tile and sets the count back to 0.
+__device__ unsigned int g_stream_tile_cnt[kStreamMaxCombineTiles];
 
 // Optional timeline (scripts/stream_probe.cu builds with JAX_MOE_STREAM_TRACE):
 // per block, %globaltimer in ns at fixed events (0 entry, 1 prologue done, 2 / 3
@@ -536,6 +558,39 @@ __device__ __forceinline__ int read_slot_unit(const int* slot_unit, uint32_t s) 
   return __shfl_sync(0xffffffffu, u, 0);
 }
 
+// Finished units travel from the consumer groups to the publisher warp through
+// kStreamJobSlots slots per group: the unit number, a full barrier that the group's
+// 128 threads arrive on after their stores (release at block scope) and an empty
+// barrier the publisher arrives on when it is done with the slot.
+struct StreamJobs {
+  int* unit;
+  uint64_t* full;
+  uint64_t* empty;
+};
+
+// The group hands unit u (or the sentinel -1) to the publisher. Only thread 0 of the
+// group waits for a free slot: the slot's next full phase needs its arrival, so no
+// phase of the full barrier can complete before the publisher has taken the last.
+__device__ __forceinline__ void post_job(const StreamJobs& q, int group, int gtid, uint32_t& jn,
+                                         int u) {
+  const uint32_t s = group * kStreamJobSlots + jn % kStreamJobSlots;
+  if (gtid == 0) {
+    mbar_wait(smem_addr(&q.empty[s]), ((jn / kStreamJobSlots) & 1u) ^ 1u);
+    q.unit[s] = u;
+  }
+  mbar_arrive(smem_addr(&q.full[s]));
+  ++jn;
+}
+
+// Phase-1 units finished per segment that let its phase-2 units start: one per unit
+// from the publisher, or two (one per writing warp) with the consumers' own fence.
+#ifdef JAX_MOE_STREAM_P1_INLINE  // probe A/B: consumers publish h themselves
+constexpr bool kStreamP1Inline = true;
+#else
+constexpr bool kStreamP1Inline = false;
+#endif
+constexpr unsigned int kStreamSegDonePerUnit = kStreamP1Inline ? 2u : 1u;
+
 // One consumer group's loop: take units from the group's slots in order until the
 // sentinel. The B loads of the next unit are issued during the current unit's last
 // stage when its number is known (id barrier) and, for a phase-2 unit, its segment's
@@ -544,13 +599,15 @@ template <typename T, int NS, int MAXC, bool RUNS>
 __device__ void consume(const GemvStreamArgs& a, const int* segs, const int* sorted,
                             int tiles1, int tiles2, int n1, const StreamRing& r,
                             const int* slot_unit, uint64_t* id_bar,
-                            float (*red)[kStreamGroupWarps][kStreamRows][8], bool runs) {
+                            float (*red)[kStreamGroupWarps][kStreamRows][8], bool runs,
+                            const StreamJobs& q, uint32_t& jn) {
   constexpr int CPW = StreamGeom<MAXC>::kChunksPerWarp;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int group = warp / kStreamGroupWarps, gw = warp % kStreamGroupWarps;
   const int gtid = tid % (kStreamGroupWarps * 32);
   const int g = lane >> 2, c = lane & 3;
-  const unsigned int seg_target = 2u * static_cast<unsigned int>(tiles1);
+  const unsigned int seg_target = kStreamSegDonePerUnit * static_cast<unsigned int>(tiles1);
+  const bool fused = a.cw != nullptr;
   int parity = 0, ready = -1;  // ready: a segment whose h this thread saw complete
   uint32_t jj = 0;             // stages this group has taken
   auto peek = [&](uint32_t j) {  // blocking: only while this group holds no unit
@@ -658,11 +715,16 @@ __device__ void consume(const GemvStreamArgs& a, const int* segs, const int* sor
           }
           const int64_t asg = sorted[start + tok];
           out[asg * a.p1.rows + d.tile * 8 + row] = from_float<T>(activate(a.activation, gate) * up);
-          __threadfence();
+          if (kStreamP1Inline) __threadfence();
         }
-        __syncwarp();
-        if (lane == 0) atomicAdd(&g_stream_seg_done[d.seg], 1u);  // 2 per unit
+        if (kStreamP1Inline) {
+          __syncwarp();
+          if (lane == 0) atomicAdd(&g_stream_seg_done[d.seg], 1u);  // 2 per unit
+        }
       }
+      // The publisher makes h visible grid-wide (its release) and counts the unit:
+      // a gpu-scope fence here had stalled the writing warps at every phase-1 unit.
+      if (!kStreamP1Inline) post_job(q, group, gtid, jn, d.u);
     } else {
       T* out = static_cast<T*>(a.p2.out);
       const int row = gtid & 15, tok = gtid >> 4;
@@ -674,6 +736,7 @@ __device__ void consume(const GemvStreamArgs& a, const int* segs, const int* sor
         const int64_t asg = sorted[start + tok];
         out[asg * a.p2.rows + rr] = from_float<T>(v);
       }
+      if (fused) post_job(q, group, gtid, jn, d.u);  // the publisher may sum the tile
     }
     parity ^= 1;
     JM_STREAM_COUNT(tid == 0, 9);
@@ -693,6 +756,117 @@ __device__ void consume(const GemvStreamArgs& a, const int* segs, const int* sor
 }
 #endif
 
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+__device__ __forceinline__ void red_release_add_u32(unsigned int* p, unsigned int v) {
+  asm volatile("red.release.gpu.global.add.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+__device__ __forceinline__ unsigned int atom_acq_rel_add_u32(unsigned int* p, unsigned int v) {
+  unsigned int old;
+  asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v)
+               : "memory");
+  return old;
+}
+template <typename T>
+__device__ __forceinline__ float ld_cg_float(const T* p) {  // y is written in-kernel: L2
+  const unsigned short b = __ldcg(reinterpret_cast<const unsigned short*>(p));
+  if constexpr (sizeof(T) == 2 && std::is_same<T, bf16>::value) return __bfloat162float(__ushort_as_bfloat16(b));
+  else return __half2float(__ushort_as_half(b));
+}
+
+// out[t, rows of tile] = sum_j cw[t, j] * y[t, j, row], slot order, f32, each product
+// rounded before the add (combine_kernel's arithmetic); a slot outside the token's
+// valid mask reads no y and adds cw * 0, as combine does with the zero row.
+template <typename T>
+__device__ __forceinline__ void combine_tile(const GemvStreamArgs& a, int t, int tile, int row,
+                                             uint32_t mask) {
+  const int H = a.p2.rows, kk = a.assign.slots();
+  const int rr = tile * kStreamRows + row;
+  if (rr >= H) return;
+  const T* y = static_cast<const T*>(a.p2.out) + static_cast<int64_t>(t) * kk * H + rr;
+  const float* w = a.cw + static_cast<int64_t>(t) * kk;
+  float acc = 0.f;
+  for (int j0 = 0; j0 < kk; j0 += 8) {  // 8 loads in flight, then the sum in order
+    float v[8], wj[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const bool in = j0 + j < kk;
+      wj[j] = in ? __ldg(w + j0 + j) : 0.f;
+      v[j] = in && ((mask >> (j0 + j)) & 1u) ? ld_cg_float(y + static_cast<int64_t>(j0 + j) * H)
+                                             : 0.f;
+    }
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+      if (j0 + j < kk) acc = __fadd_rn(acc, __fmul_rn(wj[j], v[j]));
+  }
+  static_cast<T*>(a.cout)[static_cast<int64_t>(t) * H + rr] = from_float<T>(acc);
+}
+
+// The publisher warp: takes the groups' finished units in order (polling both groups)
+// until both sentinels. A phase-1 unit: one release-add to its segment's count (the
+// consumers' h stores were acquired through the job barrier, and the release carries
+// them). A phase-2 unit (fused combine only): each of its tokens adds one to its
+// (token, tile) count; the token whose count reaches its valid slots is complete, and
+// the warp sums that tile into out (16 lanes per token, two tokens at a time).
+template <typename T, bool RUNS>
+__device__ void publish(const GemvStreamArgs& a, const int* segs, const int* sorted,
+                        const uint32_t* tok_mask, int tiles1, int tiles2, int n1,
+                        const StreamJobs& q, bool runs) {
+  const int lane = threadIdx.x & 31;
+  const int kk = a.assign.slots();
+  uint32_t j0 = 0u, j1 = 0u;
+  bool live0 = true, live1 = true;
+  while (live0 || live1) {
+    bool took = false;
+#pragma unroll
+    for (int grp = 0; grp < kStreamGroups; ++grp) {
+      if (!(grp ? live1 : live0)) continue;
+      const uint32_t jn = grp ? j1 : j0;
+      const uint32_t s = grp * kStreamJobSlots + jn % kStreamJobSlots;
+      const uint32_t ph = (jn / kStreamJobSlots) & 1u;
+      if (!__shfl_sync(0xffffffffu, mbar_test(smem_addr(&q.full[s]), ph), 0)) continue;
+      mbar_wait(smem_addr(&q.full[s]), ph);  // every lane acquires (completed: no wait)
+      int u = 0;
+      if (lane == 0) u = q.unit[s];  // lane 0 reads, and arrives on empty below
+      u = __shfl_sync(0xffffffffu, u, 0);
+      if (u < 0) {
+        if (grp) live1 = false; else live0 = false;
+      } else {
+        const StreamUnit d = decode_unit<RUNS>(u, n1, tiles1, tiles2, segs, runs);
+        if (d.p1) {
+          if (lane == 0) red_release_add_u32(&g_stream_seg_done[d.seg], 1u);
+        } else {
+          const int rec = segs[d.seg];
+          int t = 0;
+          bool last = false;
+          if (lane < seg_tokens(rec)) {
+            t = sorted[seg_start(rec) + lane] / kk;
+            unsigned int* cnt = &g_stream_tile_cnt[t * tiles2 + d.tile];
+            last = atom_acq_rel_add_u32(cnt, 1u) + 1u == static_cast<unsigned int>(__popc(tok_mask[t]));
+            if (last) *cnt = 0u;  // no more arrivals for it in this call
+          }
+          uint32_t lm = __ballot_sync(0xffffffffu, last);
+          __syncwarp();  // the acquiring lanes' order, for the other lanes' y loads
+          while (lm) {
+            const int la = __ffs(lm) - 1;
+            lm &= lm - 1;
+            const int lb = lm ? __ffs(lm) - 1 : -1;
+            if (lb >= 0) lm &= lm - 1;
+            const int src = lane < 16 ? la : lb;
+            const int tt = __shfl_sync(0xffffffffu, t, src < 0 ? 0 : src);
+            if (src >= 0) combine_tile<T>(a, tt, d.tile, lane & 15, tok_mask[tt]);
+          }
+        }
+      }
+      __syncwarp();
+      if (lane == 0) mbar_arrive(smem_addr(&q.empty[s]));
+      if (grp) j1 = jn + 1; else j0 = jn + 1;
+      took = true;
+    }
+    if (!took) __nanosleep(64);
+  }
+}
+#endif
+
 template <typename T, int NS, int MAXC, bool RUNS>
 __global__ void __launch_bounds__(kStreamThreads)
 gemv_stream_kernel(GemvStreamArgs a) {
@@ -704,9 +878,15 @@ gemv_stream_kernel(GemvStreamArgs a) {
   __shared__ int slot_unit[kStreamGroups * NS];
   __shared__ float red[2 * kStreamGroups][kStreamGroupWarps][kStreamRows][8];
   __shared__ int s_segments, s_valid, s_multi;  // s_multi: an expert of > 8 assignments
+  __shared__ int job_unit[kStreamGroups * kStreamJobSlots];
+  __shared__ __align__(8) uint64_t job_full[kStreamGroups * kStreamJobSlots];
+  __shared__ __align__(8) uint64_t job_empty[kStreamGroups * kStreamJobSlots];
   unsigned char* ring = smem;
   int* sorted = reinterpret_cast<int*>(smem + kRingBytes);  // assignments by expert
   int* segs = sorted + kStreamMaxAssign;
+  // Fused combine: bit j of tok_mask[t] set when slot j of token t has a valid expert.
+  uint32_t* tok_mask = reinterpret_cast<uint32_t*>(segs + kStreamMaxSegments);
+  const bool fused = a.cw != nullptr;
   // Prologue scratch, aliased on the ring (no copy is issued before it is done).
   int* cnt = reinterpret_cast<int*>(ring);
   int* cursor = cnt + kStreamMaxExperts;
@@ -727,9 +907,17 @@ gemv_stream_kernel(GemvStreamArgs a) {
     mbar_init(smem_addr(&empty_bar[tid]), kStreamGroupWarps);
     mbar_init(smem_addr(&id_bar[tid]), 1);
   }
+  if (tid < kStreamGroups * kStreamJobSlots) {
+    mbar_init(smem_addr(&job_full[tid]), kStreamGroupWarps * 32);
+    mbar_init(smem_addr(&job_empty[tid]), 1);
+  }
   const bool small = n <= 32;
-  if (!small)
+  const int kk = a.assign.slots();
+  if (!small) {
     for (int e = tid; e < E; e += blockDim.x) cnt[e] = 0;
+    if (fused)
+      for (int t = tid; t * kk < n; t += blockDim.x) tok_mask[t] = 0u;
+  }
   // Launched with programmatic stream serialization: ids and x come from the
   // previous kernel; nothing above reads global memory.
   pdl_wait_prerequisites();
@@ -754,6 +942,8 @@ gemv_stream_kernel(GemvStreamArgs a) {
       }
       const uint32_t valid = __ballot_sync(0xffffffffu, ok);
       const uint32_t bad = __ballot_sync(0xffffffffu, !ok && lane < n);
+      if (fused && lane < n && lane % kk == 0)  // kk <= 32 when fused
+        tok_mask[lane / kk] = (valid >> lane) & (kk == 32 ? 0xffffffffu : (1u << kk) - 1u);
       if (ok) sorted[pos + __popc(peers & lt)] = lane;
       if (!ok && lane < n) sorted[__popc(valid) + __popc(bad & lt)] = lane;
       if (leader)
@@ -768,7 +958,10 @@ gemv_stream_kernel(GemvStreamArgs a) {
     __syncthreads();
     for (int i = tid; i < n; i += blockDim.x) {
       const int e = a.assign.expert(i);
-      if (e >= 0 && e < E) atomicAdd(&cnt[e], 1);
+      if (e >= 0 && e < E) {
+        atomicAdd(&cnt[e], 1);
+        if (fused) atomicOr(&tok_mask[i / kk], 1u << (i % kk));
+      }
     }
     __syncthreads();
     if (warp == 0) {  // exclusive scans of counts and of segments per expert
@@ -835,13 +1028,18 @@ gemv_stream_kernel(GemvStreamArgs a) {
   const int n2 = s_segments * tiles2;
   const bool runs = RUNS && s_multi != 0;
   const StreamRing r{smem_addr(ring), full_bar, empty_bar};
+  const StreamJobs q{job_unit, job_full, job_empty};
 
-  if (warp == kStreamConsumerWarps) {  // producer warp
+  if (warp == kStreamProducerWarp) {
     produce<T, NS, MAXC, RUNS>(a, segs, tiles1, tiles2, n1, n1 + n2, r, slot_unit, id_bar,
                                l2_evict_first_policy(), runs);
     JM_STREAM_TRACE(lane == 0, 5);
+  } else if (warp == kStreamPublisherWarp) {
+    publish<T, RUNS>(a, segs, sorted, tok_mask, tiles1, tiles2, n1, q, runs);
   } else {
     // ids outside [0, E): zero y rows; each block zeroes its share of the columns.
+    // With the combine fused, a token without any valid slot gets its out row here
+    // (no unit counts it): sum_j cw[t, j] * 0, as combine computes it.
     T* y = static_cast<T*>(a.p2.out);
     const int H = a.p2.rows;
     const int r0 = static_cast<int>(static_cast<int64_t>(b) * H / G);
@@ -850,9 +1048,17 @@ gemv_stream_kernel(GemvStreamArgs a) {
       const int i = sorted[j];
       for (int rr = r0 + tid; rr < r1; rr += kStreamConsumerWarps * 32)
         y[static_cast<int64_t>(i) * H + rr] = from_float<T>(0.f);
+      if (fused && i % kk == 0 && tok_mask[i / kk] == 0u) {
+        float acc = 0.f;
+        for (int jj = 0; jj < kk; ++jj) acc = __fadd_rn(acc, __fmul_rn(__ldg(a.cw + i + jj), 0.f));
+        for (int rr = r0 + tid; rr < r1; rr += kStreamConsumerWarps * 32)
+          static_cast<T*>(a.cout)[static_cast<int64_t>(i / kk) * H + rr] = from_float<T>(acc);
+      }
     }
+    uint32_t jn = 0u;  // units handed to the publisher
     consume<T, NS, MAXC, RUNS>(a, segs, sorted, tiles1, tiles2, n1, r, slot_unit, id_bar, red,
-                               runs);
+                               runs, q, jn);
+    post_job(q, warp / kStreamGroupWarps, tid % (kStreamGroupWarps * 32), jn, -1);
     JM_STREAM_TRACE(tid == 0 || tid == 128, tid == 0 ? 2 : 3);
   }
   __syncthreads();
@@ -926,17 +1132,24 @@ cudaError_t LaunchGemvStreamNS(const GemvStreamArgs& a, int sms, cudaStream_t st
 
 // wide: slots of kStreamColsWide columns (variant 6), else kStreamCols.
 // assign: the assignments (routed ids, then assign.num_shared shared experts per token).
+// cw, cout: the fused combine (StreamCombineSupported), or both null.
 template <typename T>
 cudaError_t LaunchGemvStream(const void* x, const GemvAssign& assign, const void* w_gate_up,
                              const void* w_down, const void* shared_gate_up,
                              const void* shared_down, void* h, void* y, int64_t T_, int64_t H,
-                             int64_t I, int activation, bool wide, cudaStream_t stream) {
+                             int64_t I, int activation, bool wide, const float* cw, void* cout,
+                             cudaStream_t stream) {
+  if ((cw == nullptr) != (cout == nullptr) ||
+      (cw != nullptr && !StreamCombineSupported(T_, assign.slots(), H)))
+    return cudaErrorInvalidValue;
   const int sms = CurrentDeviceAttr<cudaDevAttrMultiProcessorCount>(0);
   if (sms <= 0) return cudaErrorInvalidDevice;
   GemvStreamArgs a;
   a.assign = assign;
   a.num_assign = static_cast<int>(T_ * assign.slots());
   a.activation = activation;
+  a.cw = cw;
+  a.cout = cout;
   a.p1.src = x;  a.p1.w = w_gate_up;  a.p1.w_shared = shared_gate_up;  a.p1.out = h;
   a.p1.rows = static_cast<int>(I);  a.p1.K = static_cast<int>(H);
   a.p2.src = h;  a.p2.w = w_down;  a.p2.w_shared = shared_down;  a.p2.out = y;
