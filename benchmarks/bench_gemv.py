@@ -44,8 +44,11 @@ def parse_config(spec: str) -> dict:
   """'auto' -> {} (every choice left to jax_moe.heuristics, as a user gets it);
   '4' -> kernel variant 4 (0 is the CUDA launcher's own default, the register
   kernel); '4:gu8:d4:nt2' also sets k_split_gate_up, k_split_down and token_tiles
-  (expert_gemv's private _config)."""
-  if spec == "auto":
+  (expert_gemv's private _config). A leading 'f' ('f', 'f5') times
+  expert_gemv_combine, the fused call, instead of expert_gemv then combine."""
+  fused = spec.startswith("f")
+  spec = spec[1:] if fused else spec
+  if spec == "auto" or (fused and spec == ""):
     return {}
   names = dict(gu="k_split_gate_up", d="k_split_down", nt="token_tiles")
   parts = spec.split(":")
@@ -90,6 +93,9 @@ def run(out_dir, shapes, tokens, quick=False, variants=("4",), xla=True, xla_tok
       x0 = sets[0][0]
 
       def ours(x, ids, w, a, b, variant="0"):
+        if variant.startswith("f"):
+          return jax_moe.expert_gemv_combine(x, ids, w, a, b, activation=act,
+                                             _config=parse_config(variant))
         y = jax_moe.expert_gemv(x, ids, a, b, activation=act, _config=parse_config(variant))
         return _combine(y, w)
 
