@@ -45,15 +45,21 @@ def parse_config(spec: str) -> dict:
   '4' -> kernel variant 4 (0 is the CUDA launcher's own default, the register
   kernel); '4:gu8:d4:nt2' also sets k_split_gate_up, k_split_down and token_tiles
   (expert_gemv's private _config). A leading 'f' ('f', 'f5') times
-  expert_gemv_combine, the fused call, instead of expert_gemv then combine."""
+  expert_gemv_combine, the one call, instead of expert_gemv then combine: 'fk' with
+  the sum inside the stream kernel, 'fc' with combine's kernel after it, 'f' as
+  heuristics.gemv_combine_in_kernel chooses."""
   fused = spec.startswith("f")
   spec = spec[1:] if fused else spec
+  extra = {}
+  if fused and spec[:1] in ("k", "c"):
+    extra = dict(combine_in_kernel=spec[0] == "k")
+    spec = spec[1:]
   if spec == "auto" or (fused and spec == ""):
-    return {}
+    return extra
   names = dict(gu="k_split_gate_up", d="k_split_down", nt="token_tiles")
   parts = spec.split(":")
   try:
-    cfg = dict(kernel_variant=int(parts[0]))
+    cfg = dict(extra, kernel_variant=int(parts[0]))
     for p in parts[1:]:
       key = p.rstrip("0123456789")
       cfg[names[key]] = int(p[len(key):])

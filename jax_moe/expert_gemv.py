@@ -48,7 +48,11 @@ def _abstract_eval(x, ids, w_gate_up, w_down, shared_gate_up, shared_down, weigh
   T, H = x.shape
   kk = ids.shape[1] + shared_gate_up.shape[0]  # routed slots, then the shared experts
   I = w_down.shape[2]
-  # weights: f32 [T, kk] when combine, else a [0, kk] placeholder; out likewise.
+  # combine: 0 none, 1 combine's kernel after the experts, 2 in the stream kernel where
+  # it can (heuristics.gemv_combine_in_kernel). weights: f32 [T, kk] when combine,
+  # else a [0, kk] placeholder; out likewise.
+  if combine not in (0, 1, 2):
+    raise ValueError(f"expert_gemv: combine must be 0, 1 or 2, got {combine!r}")
   if weights.dtype != np.float32 or weights.shape != ((T if combine else 0), kk):
     raise ValueError(f"expert_gemv: combine weights must be float32 "
                      f"{((T if combine else 0), kk)}, got {weights.dtype} {weights.shape}")
@@ -65,7 +69,7 @@ def _ffi_attrs(params):
               k_split_gate_up=np.int64(params["k_split_gate_up"]),
               k_split_down=np.int64(params["k_split_down"]),
               kernel_variant=np.int64(params["kernel_variant"]),
-              combine=np.int64(bool(params["combine"])))
+              combine=np.int64(params["combine"]))
 
 
 def _fallback(x, ids, w_gate_up, w_down, shared_gate_up, shared_down, weights, *, activation,
@@ -139,7 +143,7 @@ def expert_gemv(x, ids, w_gate_up, w_down, *, activation="silu", shared_gate_up=
                shared_down, _config)
   kk = c["k"] + c["S"]
   y, _, _ = expert_gemv_p.bind(*c["operands"], jnp.zeros((0, kk), jnp.float32),
-                               activation=activation, combine=False, **c["config"])
+                               activation=activation, combine=0, **c["config"])
   return y.reshape(c["lead"] + (kk, c["H"]))
 
 
@@ -155,11 +159,16 @@ def expert_gemv_combine(x, ids, weights, w_gate_up, w_down, *, activation="silu"
   Returns:
     out [..., H] in x's dtype: sum over the k routed slots of weights * y, then the S
     shared slots with weight 1, accumulated in f32 in slot order (as combine) and
-    rounded once. On GPU the stream kernel (expert_gemv variants 5/6) sums each
-    (token, 16-row tile) as soon as its last slot is written, in the same launch;
-    other variants run combine's kernel after the experts.
+    rounded once. On GPU combine's kernel runs after the experts, or the stream
+    kernel (expert_gemv variants 5/6) sums each (token, 16-row tile) in its own
+    launch as soon as the tile's last slot is written, where
+    heuristics.gemv_combine_in_kernel says so; the result is the same bitwise.
+
+  `_config` as expert_gemv's, plus combine_in_kernel (bool) over the heuristic.
   """
   fn = "expert_gemv_combine"
+  _config = dict(_config or {})
+  in_kernel = _config.pop("combine_in_kernel", None)
   c = _prepare(fn, x, ids, w_gate_up, w_down, activation, shared_gate_up, shared_down, _config)
   weights = jnp.asarray(weights)
   k, S, H = c["k"], c["S"], c["H"]
@@ -172,8 +181,10 @@ def expert_gemv_combine(x, ids, weights, w_gate_up, w_down, *, activation="silu"
   w = weights.reshape(-1, k).astype(jnp.float32)  # exact for bf16/f16
   if S:
     w = jnp.concatenate([w, jnp.ones((w.shape[0], S), jnp.float32)], axis=1)
-  _, _, out = expert_gemv_p.bind(*c["operands"], w, activation=activation, combine=True,
-                                 **c["config"])
+  if in_kernel is None:
+    in_kernel = heuristics.gemv_combine_in_kernel(w.shape[0], k + S, H)
+  _, _, out = expert_gemv_p.bind(*c["operands"], w, activation=activation,
+                                 combine=2 if in_kernel else 1, **c["config"])
   return out.reshape(c["lead"] + (H,))
 
 

@@ -201,6 +201,20 @@ def gemv_k_split(rows: int, reduce_len: int, gated: bool = False) -> int:
   return 8 if reduce_len // 8 >= 256 else 4
 
 
+# expert_gemv_combine: the weighted sum inside the stream kernel (its publisher warp
+# sums each (token, 16-row tile) once the tile's slots are written) or combine's own
+# kernel after the experts. Not yet measured with the batched publisher (s11-1, one
+# unit at a time: slower everywhere but Mixtral); placeholder until s11-2.
+GEMV_COMBINE_IN_KERNEL_MAX_TOKENS = 64
+
+
+def gemv_combine_in_kernel(num_tokens: int, slots: int, hidden: int) -> bool:
+  """True: expert_gemv_combine sums inside the stream kernel (when the kernel runs
+  and takes the size: at most 32 slots and 65536 (token, tile) counters)."""
+  del slots, hidden
+  return num_tokens <= GEMV_COMBINE_IN_KERNEL_MAX_TOKENS
+
+
 # ---- moe_block ---------------------------------------------------------------
 
 # moe_block "auto": expert_gemv or the grouped path.

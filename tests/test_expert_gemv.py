@@ -256,7 +256,7 @@ def test_handler_revalidates():
   no_w = jnp.zeros((0, ids.shape[1]), jnp.float32)
   bind = jax.jit(lambda *a: expert_gemv_p.bind(*a, activation="silu", token_tiles=1,
                                                k_split_gate_up=1, k_split_down=1,
-                                               kernel_variant=0, combine=False))
+                                               kernel_variant=0, combine=0))
   with pytest.raises(Exception, match="w_down must be"):
     bind(x, ids, wgu, wd_bad, no_sgu, no_sd, no_w)[0].block_until_ready()
   wd = jnp.ones((4, 16, 4), jnp.float32)

@@ -25,12 +25,14 @@ def _weights(r, T, k):
   return jnp.asarray(jax.nn.softmax(jnp.asarray(r.normal(size=(T, k)), jnp.float32), -1))
 
 
-def _check(x, ids, w, wgu, wd, sgu=None, sd=None, variant=None, runs=2):
+def _check(x, ids, w, wgu, wd, sgu=None, sd=None, variant=None, runs=2, in_kernel=True):
   """Fused out vs the reference and, bitwise, vs the two-call form; repeated runs
-  bitwise equal. Returns out as f32 numpy."""
+  bitwise equal. in_kernel: the sum inside the stream kernel (True), combine's own
+  kernel after it (False) or the heuristic's choice (None). Returns out (f32 numpy)."""
   cfg = None if variant is None else dict(kernel_variant=variant)
+  fcfg = dict(cfg or {}, **({} if in_kernel is None else dict(combine_in_kernel=in_kernel)))
   shared = dict(shared_gate_up=sgu, shared_down=sd)
-  fused = jax.jit(lambda *a: jax_moe.expert_gemv_combine(*a, **shared, _config=cfg))
+  fused = jax.jit(lambda *a: jax_moe.expert_gemv_combine(*a, **shared, _config=fcfg))
   outs = []
   for _ in range(runs):
     poison_device_memory()
@@ -63,8 +65,9 @@ def _check(x, ids, w, wgu, wd, sgu=None, sd=None, variant=None, runs=2):
     (64, 128, 64, 64, 8, 0, jnp.bfloat16),  # 512 assignments: the prologue's long path
     (4, 64, 48, 16, 4, 0, jnp.float32),     # f32: not the stream kernel on GPU
 ])
-@pytest.mark.parametrize("variant", [None, 4, 5, 6])
-def test_matches_reference_and_two_calls(platform, T, H, I, E, k, S, dtype, variant):
+@pytest.mark.parametrize("variant,in_kernel", [(None, None), (4, True), (5, True), (6, True),
+                                               (5, False), (6, False)])
+def test_matches_reference_and_two_calls(platform, T, H, I, E, k, S, dtype, variant, in_kernel):
   r = rng()
   x = jnp.asarray(r.normal(size=(T, H)), dtype)
   wgu, wd = make_weights(r, E, H, I, dtype)
@@ -72,7 +75,7 @@ def test_matches_reference_and_two_calls(platform, T, H, I, E, k, S, dtype, vari
   ids = distinct_ids(r, T, k, E)
   ids[0, 0] = -1                 # dropped slots contribute weight * 0
   ids[T - 1, k - 1] = E
-  _check(x, jnp.asarray(ids), _weights(r, T, k), wgu, wd, sgu, sd, variant)
+  _check(x, jnp.asarray(ids), _weights(r, T, k), wgu, wd, sgu, sd, variant, in_kernel=in_kernel)
 
 
 @pytest.mark.parametrize("variant", [5, 6])
@@ -129,7 +132,8 @@ def test_model_shapes_gpu(platform, shape, T):
   wgu = (jax.random.normal(key, (E, 2 * I, H), jnp.float32) / np.sqrt(H)).astype(jnp.bfloat16)
   wd = (jax.random.normal(jax.random.fold_in(key, 1), (E, H, I), jnp.float32)
         / np.sqrt(I)).astype(jnp.bfloat16)
-  _check(x, jnp.asarray(distinct_ids(r, T, k, E)), _weights(r, T, k), wgu, wd)
+  _check(x, jnp.asarray(distinct_ids(r, T, k, E)), _weights(r, T, k), wgu, wd, in_kernel=None)
+  _check(x, jnp.asarray(distinct_ids(r, T, k, E)), _weights(r, T, k), wgu, wd, in_kernel=True)
 
 
 def test_leading_dims_vmap_scan(platform):
@@ -212,8 +216,10 @@ def test_primitive_checks_weights():
   kw = dict(activation="silu", token_tiles=1, k_split_gate_up=1, k_split_down=1,
             kernel_variant=0)
   with pytest.raises(ValueError, match="combine weights must be float32"):
-    expert_gemv_p.bind(x, ids, wgu, wd, *no_s, jnp.ones((2, 3), jnp.float32), combine=True, **kw)
+    expert_gemv_p.bind(x, ids, wgu, wd, *no_s, jnp.ones((2, 3), jnp.float32), combine=1, **kw)
   with pytest.raises(ValueError, match="combine weights must be float32"):
-    expert_gemv_p.bind(x, ids, wgu, wd, *no_s, jnp.ones((2, 2), jnp.float16), combine=True, **kw)
+    expert_gemv_p.bind(x, ids, wgu, wd, *no_s, jnp.ones((2, 2), jnp.float16), combine=2, **kw)
   with pytest.raises(ValueError, match="combine weights must be float32"):
-    expert_gemv_p.bind(x, ids, wgu, wd, *no_s, jnp.ones((2, 2), jnp.float32), combine=False, **kw)
+    expert_gemv_p.bind(x, ids, wgu, wd, *no_s, jnp.ones((2, 2), jnp.float32), combine=0, **kw)
+  with pytest.raises(ValueError, match="combine must be 0, 1 or 2"):
+    expert_gemv_p.bind(x, ids, wgu, wd, *no_s, jnp.ones((2, 2), jnp.float32), combine=3, **kw)

@@ -53,6 +53,7 @@ static ffi::Error ExpertGemvCudaHandler(cudaStream_t stream, ffi::AnyBuffer x, f
   if (combine) {
     a.combine_w = reinterpret_cast<const float*>(weights.untyped_data());
     a.combine_out = out->untyped_data();
+    a.combine_in_kernel = combine == 2;
   }
   return JM_DISPATCH_FLOAT(x.element_type(), float, bf16, f16, [&] {
     return CudaStatus(cuda::LaunchExpertGemv<scalar_t>(a, stream), "expert_gemv kernel launch");
@@ -69,10 +70,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Arg<ffi::AnyBuffer>()   // w_down [E, H, I]
         .Arg<ffi::AnyBuffer>()   // shared_gate_up [S, 2I, H] (S may be 0)
         .Arg<ffi::AnyBuffer>()   // shared_down [S, H, I]
-        .Arg<ffi::AnyBuffer>()   // weights f32 [T, k + S] (combine), else [0, k + S]
+        .Arg<ffi::AnyBuffer>()   // weights f32 [T, k + S] (combine 1, 2), else [0, k + S]
         .Ret<ffi::AnyBuffer>()   // y [T, k + S, H]
         .Ret<ffi::AnyBuffer>()   // h [T * (k + S), I] activated intermediate (scratch)
-        .Ret<ffi::AnyBuffer>()   // out [T, H] weighted sum of y (combine), else [0, H]
+        .Ret<ffi::AnyBuffer>()   // out [T, H] weighted sum of y (combine 1, 2), else [0, H]
         .Attr<int64_t>("activation")
         .Attr<int64_t>("token_tiles")
         .Attr<int64_t>("k_split_gate_up")

@@ -53,12 +53,13 @@ inline ffi::Error ValidateExpertGemv(const ffi::AnyBuffer& x, const ffi::AnyBuff
   return ffi::Error::Success();
 }
 
-// The optional fused combine: weights f32 [T, k + S] and out [T, H] in x's dtype when
-// combine is set; otherwise they are placeholders and are not touched.
+// The optional combine (0: none, 1: combine's kernel after the experts, 2: inside the
+// stream kernel where it takes it): weights f32 [T, k + S] and out [T, H] in x's
+// dtype; with 0 they are placeholders and are not touched.
 inline ffi::Error ValidateGemvCombine(const GemvShapes& s, const ffi::AnyBuffer& x,
                                       const ffi::AnyBuffer& weights, const ffi::AnyBuffer& out,
                                       int64_t combine) {
-  JM_REQUIRE(combine == 0 || combine == 1, "expert_gemv: combine must be 0 or 1");
+  JM_REQUIRE(combine >= 0 && combine <= 2, "expert_gemv: combine must be 0, 1 or 2");
   if (!combine) return ffi::Error::Success();
   JM_REQUIRE(weights.element_type() == ffi::DataType::F32 && Rank(weights) == 2 &&
                  Dim(weights, 0) == s.T && Dim(weights, 1) == s.k + s.S,

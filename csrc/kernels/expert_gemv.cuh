@@ -403,6 +403,7 @@ struct ExpertGemvArgs {
   // does it in its own launch (StreamCombineSupported); other paths launch combine.
   const float* combine_w = nullptr;  // [T, k+S] f32
   void* combine_out = nullptr;
+  bool combine_in_kernel = true;     // false: always combine's own launch
 };
 
 inline int MaxSmemPerBlock() {
@@ -465,7 +466,8 @@ cudaError_t LaunchExpertGemvKernels(const ExpertGemvArgs& a, cudaStream_t stream
     if ((a.variant == kGemvStream || wide) &&
         StreamSupported(num_assign, experts, a.H, a.I, mma_ok, DeviceIsSm90(), MaxSmemPerBlock(),
                         wide)) {
-      *fused = a.combine_out != nullptr && StreamCombineSupported(a.T, kk, a.H);
+      *fused = a.combine_out != nullptr && a.combine_in_kernel &&
+               StreamCombineSupported(a.T, kk, a.H);
       return LaunchGemvStream<T>(a.x, p1.assign, a.w_gate_up, a.w_down, a.shared_gate_up,
                                  a.shared_down, a.h, a.y, a.T, a.H, a.I, a.activation, wide,
                                  *fused ? a.combine_w : nullptr,
