@@ -203,14 +203,22 @@ def gemv_k_split(rows: int, reduce_len: int, gated: bool = False) -> int:
 
 # expert_gemv_combine: the weighted sum inside the stream kernel (its publisher warp
 # sums each (token, 16-row tile) once the tile's slots are written) or combine's own
-# kernel after the experts. Not yet measured with the batched publisher (s11-1, one
-# unit at a time: slower everywhere but Mixtral); placeholder until s11-2.
-GEMV_COMBINE_IN_KERNEL_MAX_TOKENS = 64
+# kernel launched after the experts from the same FFI call. Measured on H100
+# (bench_gemv, run s11-2, us, two calls (expert_gemv, combine) / one call, sum in the
+# kernel / one call, combine's kernel): Gemma-4 T=1 44.9 / 47.0 / 44.1, T=8 225.9 /
+# 227.9 / 222.2, T=64 528.2 / 576.0 / 530.1; Qwen3 T=1 38.6 / 42.3 / 37.7, T=64 412.7
+# / 450.9 / 408.7; Mixtral T=8 820.1 / 805.5 / 806.8; DeepSeek-V3 T=1 244.1 / 246.9 /
+# 245.7. The in-kernel sum loses: each (token, tile) costs the publisher an atomic
+# and an L2 round trip, the tail waits for its last batch, and the job slots fill
+# (run s11-1, one job at a time: Gemma-4 T=64 686 us). Combine's own launch from the
+# same call is what moe_block gains (one custom call fewer). 0: never in the kernel.
+GEMV_COMBINE_IN_KERNEL_MAX_TOKENS = 0
 
 
 def gemv_combine_in_kernel(num_tokens: int, slots: int, hidden: int) -> bool:
   """True: expert_gemv_combine sums inside the stream kernel (when the kernel runs
-  and takes the size: at most 32 slots and 65536 (token, tile) counters)."""
+  and takes the size: at most 32 slots and 65536 (token, tile) counters); False:
+  combine's kernel after the experts, launched by the same FFI call."""
   del slots, hidden
   return num_tokens <= GEMV_COMBINE_IN_KERNEL_MAX_TOKENS
 

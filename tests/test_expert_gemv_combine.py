@@ -223,3 +223,14 @@ def test_primitive_checks_weights():
     expert_gemv_p.bind(x, ids, wgu, wd, *no_s, jnp.ones((2, 2), jnp.float32), combine=0, **kw)
   with pytest.raises(ValueError, match="combine must be 0, 1 or 2"):
     expert_gemv_p.bind(x, ids, wgu, wd, *no_s, jnp.ones((2, 2), jnp.float32), combine=3, **kw)
+
+
+def test_combine_in_kernel_heuristic(monkeypatch):
+  """The sum inside the stream kernel lost to combine's own launch (s11-2), so the
+  heuristic never picks it; the limit it reads is GEMV_COMBINE_IN_KERNEL_MAX_TOKENS."""
+  from jax_moe import heuristics
+  assert heuristics.GEMV_COMBINE_IN_KERNEL_MAX_TOKENS == 0
+  assert not heuristics.gemv_combine_in_kernel(1, 8, 2816)
+  monkeypatch.setattr(heuristics, "GEMV_COMBINE_IN_KERNEL_MAX_TOKENS", 8)
+  assert heuristics.gemv_combine_in_kernel(8, 8, 2816)
+  assert not heuristics.gemv_combine_in_kernel(9, 8, 2816)
