@@ -25,6 +25,12 @@
 //     mma.cuh), run mma.sync with the segment's <= 8 tokens as B, keep f32 partial
 //     sums in registers across a unit's stages and add the 4 warps' partials in a
 //     fixed order: deterministic, no atomics on results;
+//   * a publisher warp takes each group's finished units from a small job ring: for a
+//     phase-1 unit it makes the group's h stores visible grid-wide and counts the unit
+//     (one release-add per unit; the consumers' own gpu-scope fence had stalled the
+//     writing warps); with the combine fused (GemvStreamArgs::cw, off by default:
+//     heuristics.gemv_combine_in_kernel) it also sums each (token, 16-row tile) of y
+//     whose slots are all written;
 //   * a phase-2 unit reads h of its segment: its consumers wait until the segment's
 //     phase-1 units are counted done (per-segment counters, release/acquire). Every
 //     phase-1 unit is claimed before any phase-2 unit and consumers take units in
