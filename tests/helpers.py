@@ -166,3 +166,17 @@ def moe_inputs(r, shape, T, dtype, *, min_gap=2e-5):
       shared_gate_up=w((S, 2 * Is, H), H) if S else None,
       shared_down=w((S, H, Is), Is) if S else None)
   return jnp.asarray(x, dtype), params
+
+
+def make_weights(r: np.random.Generator, E: int, H: int, I: int, dtype):
+  """Expert weights [E, 2I, H] and [E, H, I] scaled so gate/up/down outputs are O(1)
+  for x ~ N(0, 1)."""
+  wgu = jnp.asarray(r.normal(size=(E, 2 * I, H)) / np.sqrt(H), dtype)
+  wd = jnp.asarray(r.normal(size=(E, H, I)) / np.sqrt(I), dtype)
+  return wgu, wd
+
+
+def distinct_ids(r: np.random.Generator, T: int, k: int, E: int) -> np.ndarray:
+  """int32 [T, k] expert ids, k distinct per token."""
+  return np.stack([r.choice(E, size=k, replace=False) for _ in range(T)]).astype(np.int32) \
+      if T else np.zeros((0, k), np.int32)

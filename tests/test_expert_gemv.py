@@ -12,22 +12,10 @@ import pytest
 import jax_moe
 from jax_moe import reference
 from jax_moe.shapes import SHAPES
-from helpers import assert_close, poison_device_memory, rng
+from helpers import assert_close, distinct_ids, make_weights, poison_device_memory, rng
 
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
 dtype_id = lambda d: jnp.dtype(d).name  # noqa: E731
-
-
-def make_weights(r, E, H, I, dtype):
-  """Weights scaled so gate/up/down outputs are O(1) for x ~ N(0, 1)."""
-  wgu = jnp.asarray(r.normal(size=(E, 2 * I, H)) / np.sqrt(H), dtype)
-  wd = jnp.asarray(r.normal(size=(E, H, I)) / np.sqrt(I), dtype)
-  return wgu, wd
-
-
-def distinct_ids(r, T, k, E):
-  return np.stack([r.choice(E, size=k, replace=False) for _ in range(T)]).astype(np.int32) \
-      if T else np.zeros((0, k), np.int32)
 
 
 def run_and_check(x, ids, wgu, wd, activation="silu", factor=1.0, config=None):

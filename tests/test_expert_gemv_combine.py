@@ -17,8 +17,7 @@ import pytest
 
 import jax_moe
 from jax_moe import reference
-from helpers import assert_close, poison_device_memory, rng
-from test_expert_gemv import distinct_ids, make_weights
+from helpers import assert_close, distinct_ids, make_weights, poison_device_memory, rng
 
 
 def _weights(r, T, k):
