@@ -91,11 +91,12 @@ for dtype, T, H, I, E, k in [(jnp.bfloat16, 1, 256, 128, 16, 4), (jnp.float16, 1
   # the weighted sum in the same call (the stream kernel's publisher warp sums tiles)
   w = jnp.asarray(r.normal(size=(T, k)), jnp.float32)
   ref_out = reference.combine(ref, w)
-  for variant in (0, 5, 6):
+  for variant, in_kernel in ((0, False), (5, False), (5, True), (6, True)):
     out = jax_moe.expert_gemv_combine(x, ids, w, wgu, wd, activation="gelu_tanh",
-                                      _config=dict(kernel_variant=variant))
-    check(f"expert_gemv_combine v{variant} {jnp.dtype(dtype).name} T={T} H={H} I={I}", out,
-          ref_out, 2e-2)
+                                      _config=dict(kernel_variant=variant,
+                                                   combine_in_kernel=in_kernel))
+    check(f"expert_gemv_combine v{variant}{' in kernel' if in_kernel else ''} "
+          f"{jnp.dtype(dtype).name} T={T} H={H} I={I}", out, ref_out, 2e-2)
   # two shared experts in the same call (slots k, k + 1; fuzzed routed ids beside them)
   sgu = jnp.asarray(r.normal(size=(2, 2 * I, H)) / np.sqrt(H), dtype)
   sd = jnp.asarray(r.normal(size=(2, H, I)) / np.sqrt(I), dtype)
