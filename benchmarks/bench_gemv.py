@@ -1,7 +1,8 @@
 """Benchmark the decode experts: jax_moe.expert_gemv + combine against the best
 XLA-native formulations (gather the selected experts' weights; sort + ragged_dot)
 and the HBM floor, all in one run. Each is timed as a chain of layers inside a
-jitted loop (harness.time_chain): x -> combine(expert_gemv(x, ids_l, ...), w_l).
+jitted loop (harness.time_chain): x -> combine(expert_gemv(x, ids_l, ...), w_l), as
+two calls (variant specs without f) and as one (expert_gemv_combine, specs with f).
 
 floor = bytes of the distinct experts' weights the routing selects / read bandwidth
 measured in the same run (a streaming reduction over 1 GiB sets).
@@ -154,10 +155,11 @@ if __name__ == "__main__":
   ap.add_argument("--quick", action="store_true")
   ap.add_argument("--shapes", default="gemma4,qwen3,mixtral,deepseek_v3")
   ap.add_argument("--tokens", default="1,2,4,8,16,32,64")
-  ap.add_argument("--variants", default="auto",
+  ap.add_argument("--variants", default="auto,f",
                   help="kernel configs to time, e.g. auto,4 or 1,3,4 or 4:gu8:d8:nt1 (auto: "
                        "the heuristics' choice; else a kernel variant of "
-                       "csrc/kernels/expert_gemv.cuh, k-splits of gate_up/down, token tiles)")
+                       "csrc/kernels/expert_gemv.cuh, k-splits of gate_up/down, token tiles); "
+                       "a leading f (f, f5, fk, fc) times expert_gemv_combine, one call")
   ap.add_argument("--no-xla", action="store_true", help="skip the XLA baselines")
   ap.add_argument("--xla-tokens", default=None, help="time the XLA baselines only at these T")
   a = ap.parse_args()
