@@ -17,11 +17,16 @@ import harness  # noqa: E402
 def test_gemv_config_specs():
   assert bench_gemv.parse_config("4") == dict(kernel_variant=4)
   assert bench_gemv.parse_config("auto") == {}
+  # a leading f: expert_gemv_combine (k: sum in the stream kernel, c: combine's kernel)
+  assert bench_gemv.parse_config("f") == {} and bench_gemv.parse_config("f6") == dict(
+      kernel_variant=6)
+  assert bench_gemv.parse_config("fk") == dict(combine_in_kernel=True)
+  assert bench_gemv.parse_config("fc5") == dict(combine_in_kernel=False, kernel_variant=5)
   assert bench_gemv.parse_config("1:gu4:d8:nt2") == dict(
       kernel_variant=1, k_split_gate_up=4, k_split_down=8, token_tiles=2)
 
 
-@pytest.mark.parametrize("spec", ["x", "4:zz2", "4:gu", ""])
+@pytest.mark.parametrize("spec", ["x", "4:zz2", "4:gu", "", "fx", "fk:gu"])
 def test_gemv_bad_config_spec(spec):
   with pytest.raises(ValueError, match="--variants"):
     bench_gemv.parse_config(spec)
