@@ -183,6 +183,8 @@ def expert_gemv_combine(x, ids, weights, w_gate_up, w_down, *, activation="silu"
     w = jnp.concatenate([w, jnp.ones((w.shape[0], S), jnp.float32)], axis=1)
   if in_kernel is None:
     in_kernel = heuristics.gemv_combine_in_kernel(w.shape[0], k + S, H)
+  elif not isinstance(in_kernel, (bool, np.bool_)):
+    raise TypeError(f"{fn}: _config combine_in_kernel must be a bool, got {in_kernel!r}")
   _, _, out = expert_gemv_p.bind(*c["operands"], w, activation=activation,
                                  combine=2 if in_kernel else 1, **c["config"])
   return out.reshape(c["lead"] + (H,))

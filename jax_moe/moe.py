@@ -9,7 +9,7 @@ has x's dtype and shape.
 
 config.implementation picks the experts' path:
   "gemv"       jax_moe.expert_gemv_combine (decode-size T): the experts and the
-               weighted sum in one call (one launch on GPU's stream kernel).
+               weighted sum in one call (one custom call on GPU).
   "grouped"    a large-batch path behind one function, _grouped_experts, that a
                tensor-core grouped-matmul kernel can replace; today it is one of
                several XLA formulations (config.grouped_method).
@@ -652,20 +652,15 @@ def moe_block(x, params: MoEParams, config: MoEConfig):
                        **_route_kwargs(params, config))
   S = config.num_shared_experts
   routed_dtype = jnp.float32 if S else x.dtype  # shared rows add to the f32 sum
-  if impl == "gemv" and S and heuristics.moe_fold_shared(
-      T, config.num_experts, config.top_k, S, H, I, params.shared_gate_up.shape[1] // 2):
-    # One expert_gemv call for routed and shared experts (slots k .. k + S - 1, weight
-    # 1): combine's f32 sum runs over the routed slots, then the shared ones, as the
-    # unfolded path adds them, with the same single rounding.
+  fold = bool(S) and heuristics.moe_fold_shared(
+      T, config.num_experts, config.top_k, S, H, I, params.shared_gate_up.shape[1] // 2)
+  if impl == "gemv" and (fold or not S):
+    # Experts and weighted sum in one call. Folded shared experts are slots k .. k + S - 1
+    # of the same call (weight 1): the f32 sum runs over the routed slots, then the
+    # shared ones, as the unfolded path adds them, with the same single rounding.
+    shared = dict(shared_gate_up=params.shared_gate_up, shared_down=params.shared_down)
     out = expert_gemv_combine(x2, ids, weights, params.w_gate_up, params.w_down,
-                              activation=config.activation,
-                              shared_gate_up=params.shared_gate_up,
-                              shared_down=params.shared_down)
-    return out.reshape(lead + (H,))
-  if impl == "gemv" and not S:
-    # The weighted sum inside the experts' launch (the stream kernel): no combine launch.
-    out = expert_gemv_combine(x2, ids, weights, params.w_gate_up, params.w_down,
-                              activation=config.activation)
+                              activation=config.activation, **(shared if fold else {}))
     return out.reshape(lead + (H,))
   if impl == "gemv":
     y = expert_gemv(x2, ids, params.w_gate_up, params.w_down, activation=config.activation)

@@ -233,3 +233,29 @@ def test_combine_in_kernel_heuristic(monkeypatch):
   monkeypatch.setattr(heuristics, "GEMV_COMBINE_IN_KERNEL_MAX_TOKENS", 8)
   assert heuristics.gemv_combine_in_kernel(8, 8, 2816)
   assert not heuristics.gemv_combine_in_kernel(9, 8, 2816)
+
+
+def _combine_mode(cfg):
+  """The primitive's combine parameter that expert_gemv_combine binds for cfg."""
+  from jax_moe.expert_gemv import expert_gemv_p
+  x, ids, w, wgu, wd = _args()
+  jaxpr = jax.make_jaxpr(lambda *a: jax_moe.expert_gemv_combine(*a, _config=cfg))(
+      x, ids, w, wgu, wd)
+  (eqn,) = [e for e in jaxpr.jaxpr.eqns if e.primitive is expert_gemv_p]
+  return eqn.params["combine"]
+
+
+def test_combine_in_kernel_option(monkeypatch):
+  """_config combine_in_kernel reaches the primitive (2: in the stream kernel, 1:
+  combine's kernel after it) over the heuristic; a non-bool is refused by name."""
+  from jax_moe import heuristics
+  assert _combine_mode(dict(combine_in_kernel=True)) == 2
+  assert _combine_mode(dict(combine_in_kernel=False)) == 1
+  assert _combine_mode(None) == 1
+  monkeypatch.setattr(heuristics, "GEMV_COMBINE_IN_KERNEL_MAX_TOKENS", 64)
+  assert _combine_mode(None) == 2
+  assert _combine_mode(dict(combine_in_kernel=False)) == 1
+  with pytest.raises(TypeError, match="combine_in_kernel must be a bool"):
+    _combine_mode(dict(combine_in_kernel="yes"))
+  with pytest.raises(ValueError, match="unknown _config key"):
+    jax_moe.expert_gemv(*_args()[:2], *_args()[3:], _config=dict(combine_in_kernel=True))

@@ -399,11 +399,12 @@ struct ExpertGemvArgs {
   int k_split_down = 8;
   int variant = kGemvAuto;
   // Optional weighted combine of y (both set, or both null): out [T, H] in y's dtype
-  // = sum_j combine_w[t, j] * y[t, j], as combine.cuh computes it. The stream kernel
-  // does it in its own launch (StreamCombineSupported); other paths launch combine.
+  // = sum_j combine_w[t, j] * y[t, j], as combine.cuh computes it: combine's kernel
+  // after the experts, or, with combine_in_kernel, inside the stream kernel where it
+  // takes the size (StreamCombineSupported).
   const float* combine_w = nullptr;  // [T, k+S] f32
   void* combine_out = nullptr;
-  bool combine_in_kernel = true;     // false: always combine's own launch
+  bool combine_in_kernel = false;
 };
 
 inline int MaxSmemPerBlock() {
