@@ -26,6 +26,11 @@
 // Weights: every expert random (bf16, O(1) outputs); each timed call uses the next
 // of 32 random routings, so consecutive calls read mostly different experts.
 // Floor: distinct experts' weight bytes / read bandwidth of a 4 GiB reduction.
+// read_us / read_x: the same routings' distinct experts only read, by the simplest
+// good read kernel (read_pieces_kernel), launched the same way: what one launch pays
+// for ramp and tail on these bytes, with no work and no dependencies. graph_us /
+// graph_x / read_g_us: the same launches (64 at most) captured into a CUDA graph and
+// replayed, as XLA's command buffers run our custom calls.
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -50,6 +55,34 @@ __global__ void read_kernel(const uint4* p, size_t n, unsigned int* sink) {
        i += size_t(gridDim.x) * blockDim.x) {
     uint4 v = ldg_stream_v4(p + i);
     acc ^= v.x ^ v.y ^ v.z ^ v.w;
+  }
+  if (acc == 0x12345678u) atomicAdd(sink, 1u);
+}
+
+// The layer's bytes read by the simplest good kernel: npieces pieces of piece_words
+// 16-byte words each (a distinct expert's gate rows, up rows, down matrix: I*H each),
+// in 64 KiB tiles (8 independent 16-byte loads per thread), blocks striding over the
+// tiles. What one launch that only reads a routing's distinct experts takes: the
+// fixed part of the gap between the floor and the stream kernel (ramp, tail, launch).
+constexpr int kReadThreads = 512, kReadUnroll = 8;
+__global__ void __launch_bounds__(kReadThreads)
+read_pieces_kernel(const uint4* const* pieces, int npieces, size_t piece_words,
+                   unsigned int* sink) {
+  constexpr size_t kTile = size_t(kReadThreads) * kReadUnroll;
+  const size_t tiles_per_piece = (piece_words + kTile - 1) / kTile;
+  const size_t tiles = tiles_per_piece * npieces;
+  uint32_t acc = 0;
+  for (size_t t = blockIdx.x; t < tiles; t += gridDim.x) {
+    const uint4* p = pieces[t / tiles_per_piece];
+    const size_t base = (t % tiles_per_piece) * kTile + threadIdx.x;
+    uint4 v[kReadUnroll];
+#pragma unroll
+    for (int u = 0; u < kReadUnroll; ++u) {
+      const size_t w = base + size_t(u) * kReadThreads;
+      v[u] = w < piece_words ? ldg_stream_v4(p + w) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int u = 0; u < kReadUnroll; ++u) acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
   }
   if (acc == 0x12345678u) atomicAdd(sink, 1u);
 }
@@ -79,22 +112,52 @@ static const Ring kRings[] = {{kStreamStages, 0, -1}, {3, 1024, 0}, {4, 768, 0},
                               {3, 1024, 768}, {3, 1024, -1}, {kStreamStages, kStreamCols, 0}};
 constexpr int kNumRings = sizeof(kRings) / sizeof(kRings[0]);
 static int g_ring = 0;
+static cudaStream_t g_stream = 0;  // the stream launch() uses (graph capture)
 static void launch(const GemvStreamArgs& a, int sms) {
   constexpr bool kRN = kStreamRunsNarrow, kRW = kStreamRunsWide;  // the library's unit orders
   switch (g_ring) {
-    case 1: case 8: case 9: CK((LaunchGemvStreamNS<bf16, 3, 1024, kRW>(a, sms, 0))); break;
-    case 2: CK((LaunchGemvStreamNS<bf16, 4, 768, kRN>(a, sms, 0))); break;
-    case 3: CK((LaunchGemvStreamNS<bf16, 2, 768, kRN>(a, sms, 0))); break;
-    case 4: CK((LaunchGemvStreamNS<bf16, 6, 512, kRN>(a, sms, 0))); break;
-    case 5: CK((LaunchGemvStreamNS<bf16, 7, 384, kRN>(a, sms, 0))); break;
-    case 6: CK((LaunchGemvStreamNS<bf16, 3, 768, kRN>(a, sms, 0))); break;
-    case 7: CK((LaunchGemvStreamNS<bf16, 4, 512, kRN>(a, sms, 0))); break;
-    case 10: CK((LaunchGemvStreamNS<bf16, kStreamStages, kStreamCols, true>(a, sms, 0))); break;
+    case 1: case 8: case 9: CK((LaunchGemvStreamNS<bf16, 3, 1024, kRW>(a, sms, g_stream))); break;
+    case 2: CK((LaunchGemvStreamNS<bf16, 4, 768, kRN>(a, sms, g_stream))); break;
+    case 3: CK((LaunchGemvStreamNS<bf16, 2, 768, kRN>(a, sms, g_stream))); break;
+    case 4: CK((LaunchGemvStreamNS<bf16, 6, 512, kRN>(a, sms, g_stream))); break;
+    case 5: CK((LaunchGemvStreamNS<bf16, 7, 384, kRN>(a, sms, g_stream))); break;
+    case 6: CK((LaunchGemvStreamNS<bf16, 3, 768, kRN>(a, sms, g_stream))); break;
+    case 7: CK((LaunchGemvStreamNS<bf16, 4, 512, kRN>(a, sms, g_stream))); break;
+    case 10: CK((LaunchGemvStreamNS<bf16, kStreamStages, kStreamCols, true>(a, sms, g_stream))); break;
     default:
       if (a.p2.rows >= 4096)
-        CK((LaunchGemvStreamNS<bf16, kStreamStages, kStreamColsWide, kRW>(a, sms, 0)));
-      else CK((LaunchGemvStreamNS<bf16, kStreamStages, kStreamCols, kRN>(a, sms, 0)));
+        CK((LaunchGemvStreamNS<bf16, kStreamStages, kStreamColsWide, kRW>(a, sms, g_stream)));
+      else CK((LaunchGemvStreamNS<bf16, kStreamStages, kStreamCols, kRN>(a, sms, g_stream)));
   }
+}
+
+// us per launch of `body(i)` for i in [0, n), captured once into a CUDA graph on
+// stream st and replayed (median of 5 replays after one warm replay): the launches
+// as XLA's command buffers issue our custom calls, without host launch cost.
+template <typename F>
+static float graph_us(cudaStream_t st, int n, cudaEvent_t e0, cudaEvent_t e1, F body) {
+  cudaGraph_t g;
+  cudaGraphExec_t ge;
+  CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
+  for (int i = 0; i < n; ++i) body(i);
+  CK(cudaStreamEndCapture(st, &g));
+  CK(cudaGraphInstantiate(&ge, g, 0));
+  CK(cudaGraphLaunch(ge, st));
+  CK(cudaStreamSynchronize(st));
+  std::vector<float> us;
+  for (int r = 0; r < 5; ++r) {
+    CK(cudaEventRecord(e0, st));
+    CK(cudaGraphLaunch(ge, st));
+    CK(cudaEventRecord(e1, st));
+    CK(cudaEventSynchronize(e1));
+    float ms;
+    CK(cudaEventElapsedTime(&ms, e0, e1));
+    us.push_back(ms * 1e3f / n);
+  }
+  CK(cudaGraphExecDestroy(ge));
+  CK(cudaGraphDestroy(g));
+  std::sort(us.begin(), us.end());
+  return us[us.size() / 2];
 }
 
 #ifdef JAX_MOE_STREAM_TRACE
@@ -321,7 +384,8 @@ int main(int argc, char** argv) {
   printf("read bandwidth %.3f TB/s, %d SMs; ring %d: %d slots x %d columns per consumer group\n",
          bw * 1e-12, sms, g_ring, kRings[g_ring].slots, max_cols);
   if (zipf > 0) printf("skewed routings: Zipf exponent %.2f\n", zipf);
-  printf("%-12s %4s %9s %9s %7s %s %s\n", "shape", "T", "floor_us", "us", "x", "repeat",
+  printf("%-12s %4s %9s %9s %7s %9s %7s %9s %7s %9s %s %s\n", "shape", "T", "floor_us", "us",
+         "x", "read_us", "read_x", "graph_us", "graph_x", "read_g_us", "repeat",
          "experts/segments");
 
   std::mt19937 rng(1234);
@@ -382,6 +446,56 @@ int main(int argc, char** argv) {
       float ms;
       CK(cudaEventElapsedTime(&ms, e0, e1));
       const float us = ms * 1e3f / iters;
+      cudaStream_t st;
+      CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+      const int glaunches = std::min(iters, 64);
+      g_stream = st;
+      const float us_graph = graph_us(st, glaunches, e0, e1, [&](int i) {
+        a.assign.ids = dids + size_t(i % R) * n;
+        launch(a, sms);
+      });
+      g_stream = 0;
+      // The same routings' distinct experts read by read_pieces_kernel (3 pieces of
+      // I*H per expert), launched back to back like the stream kernel.
+      std::vector<const uint4*> hp;
+      std::vector<int> npieces(R);
+      const int maxp = 3 * std::min(S.E, n);
+      for (int r = 0; r < R; ++r) {
+        std::set<int> ex(ids.begin() + size_t(r) * n, ids.begin() + size_t(r + 1) * n);
+        npieces[r] = 3 * int(ex.size());
+        for (int e : ex) {
+          hp.push_back(reinterpret_cast<const uint4*>(wgu + size_t(e) * 2 * S.I * S.H));
+          hp.push_back(reinterpret_cast<const uint4*>(wgu + (size_t(e) * 2 + 1) * S.I * S.H));
+          hp.push_back(reinterpret_cast<const uint4*>(wd + size_t(e) * S.H * S.I));
+        }
+        hp.resize(size_t(r + 1) * maxp, hp.back());
+      }
+      const uint4** dp;
+      CK(cudaMalloc(&dp, hp.size() * sizeof(void*)));
+      CK(cudaMemcpy(dp, hp.data(), hp.size() * sizeof(void*), cudaMemcpyHostToDevice));
+      const size_t piece_words = size_t(S.I) * S.H * 2 / 16;
+      int read_blocks = 0;
+      CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&read_blocks, read_pieces_kernel,
+                                                       kReadThreads, 0));
+      read_blocks *= sms;
+      for (int it = 0; it < (quick ? 0 : 5); ++it)
+        read_pieces_kernel<<<read_blocks, kReadThreads>>>(dp + size_t(it % R) * maxp,
+                                                         npieces[it % R], piece_words, sink);
+      CK(cudaEventRecord(e0));
+      for (int it = 0; it < iters; ++it)
+        read_pieces_kernel<<<read_blocks, kReadThreads>>>(dp + size_t(it % R) * maxp,
+                                                         npieces[it % R], piece_words, sink);
+      CK(cudaEventRecord(e1));
+      CK(cudaEventSynchronize(e1));
+      CK(cudaGetLastError());
+      CK(cudaEventElapsedTime(&ms, e0, e1));
+      const float read_us = ms * 1e3f / iters;
+      const float read_graph = graph_us(st, glaunches, e0, e1, [&](int i) {
+        read_pieces_kernel<<<read_blocks, kReadThreads, 0, st>>>(dp + size_t(i % R) * maxp,
+                                                                npieces[i % R], piece_words, sink);
+      });
+      CK(cudaStreamDestroy(st));
+      CK(cudaFree(dp));
       // Repeat on a fresh routing with some ids out of range: every output written
       // (poisoned before), both calls bitwise equal.
       std::vector<int32_t> fz(n);
@@ -401,8 +515,9 @@ int main(int argc, char** argv) {
       for (size_t i = 0; i < hy.size(); ++i) poisoned += (hy2[i] == 0xffff);
       const bool same = hy == hy2 && poisoned == 0;
       const double floor_us = distinct * expert_bytes / bw * 1e6;
-      printf("%-12s %4d %9.1f %9.1f %7.3f %s %.1f/%.1f\n", S.name, T, floor_us, us, us / floor_us,
-             same ? "equal" : "DIFFER", distinct, segments);
+      printf("%-12s %4d %9.1f %9.1f %7.3f %9.1f %7.3f %9.1f %7.3f %9.1f %s %.1f/%.1f\n", S.name,
+             T, floor_us, us, us / floor_us, read_us, read_us / floor_us, us_graph,
+             us_graph / floor_us, read_graph, same ? "equal" : "DIFFER", distinct, segments);
       if (quick) { CK(cudaFree(dids)); continue; }
       // Timeline of one call, inputs as in the timed loop.
       CK(cudaMemcpy(dids, ids.data(), size_t(n) * 4, cudaMemcpyHostToDevice));

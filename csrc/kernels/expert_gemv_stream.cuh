@@ -11,7 +11,7 @@
 //     (segment, 8 gate + the matching 8 up rows) in phase 1 and (segment, 16 w_down
 //     rows) in phase 2, numbered phase 1 first, segments ascending (on the wide ring
 //     one expert's segments of the same rows adjacent: "run order", below);
-//   * blocks claim units one at a time from a global counter (a work queue), so
+//   * blocks claim units a few at a time from a global counter (a work queue), so
 //     blocks that ran ahead take more units and all finish together (the first
 //     version gave each block an equal share and waited grid-wide between the
 //     phases: the shares of 5 and 6 units, and the wait, cost 5-12%; RESULTS.md s4);
@@ -85,7 +85,22 @@ template <int MAXC> struct StreamGeom {
   static constexpr int kStageBytes = kStreamRows * kRowStride;
   static constexpr int kChunksPerWarp = MAXC / 32 / kStreamGroupWarps;
 };
-constexpr int kStreamClaim = 2;            // units per claim from the work queue
+// Units per claim from the work queue: kStreamClaim, but phase-2 units on the narrow
+// ring (one stage of 16 rows each, 22-24 KB on Gemma-4 / Qwen3) are claimed
+// kStreamClaimNarrow2 at a time, or kStreamClaimNarrow2Many when a block has at least
+// kStreamManyUnits2 of them on average: a two-unit claim there brought too few bytes
+// per atomic round trip. scripts/stream_probe.cu, run s12-6, the kernel alone, us,
+// phase-2 claims of 2 / 4 / 6 / 8 (two passes agreed within 0.4 us): Gemma-4 T=1
+// 41.9 / 41.5 / 42.5 / 44.5, T=2 73.1 / 71.9 / 71.9 / 72.6, T=8 218.6 / 214.3 / 213.7
+// / 212.9, T=64 536.5 / 522.0 / 517.5 / 514.7; Qwen3 T=1 37.7 / 36.6 / 38.8 / 41.3,
+// T=8 171.6 / 169.0 / 169.5 / 170.8, T=64 420.7 / 409.1 / 407.1 / 407.8 (T=8 has
+// 68 phase-2 units per block, T=64 170). On the wide ring (multi-stage units) claims
+// of 4 were slower: Mixtral T=16 914.0 / 936.1, DeepSeek-V3 T=16 2922.0 / 2928.1; and
+// phase-1 claims of 4 cost T=1 (Gemma-4 41.9 -> 44.9, Qwen3 37.7 -> 39.0).
+constexpr int kStreamClaim = 2;
+constexpr int kStreamClaimNarrow2 = 4;
+constexpr int kStreamClaimNarrow2Many = 6;
+constexpr int kStreamManyUnits2 = 128;
 // Near the end of the queue (fewer than this many units per block left) claims take
 // one unit: a claimed unit cannot move to a block that runs dry, so two-unit claims
 // at the end leave some blocks a unit behind the others (the tail). 0 disables it.
@@ -93,11 +108,24 @@ constexpr int kStreamClaim = 2;            // units per claim from the work queu
 // within 0.6): Gemma-4 T=1 39.6 / 39.4, T=8 215.5 / 212.4, T=64 524.2 / 517.1;
 // Mixtral T=1 239.7 / 236.7, T=8 833.2 / 831.9; DeepSeek-V3 within 0.5; but Qwen3
 // T=1 33.9 / 34.9 and T=2 55.3 / 56.1 (1 and 2 were no better there: 35.4, 35.3).
+// With the larger phase-2 claims of session 12, 8 (runs s12-13 and s12-14, the kernel
+// alone without the timeline's clock reads, us, 2 / 4 / 6 / 8 / 12 / 16, means of two
+// passes): Gemma-4 T=1 38.7 / 39.3 / 38.9 / 38.6 / 39.6 / 39.8, T=2 68.4 / 68.3 / 67.7
+// / 67.9 / 68.8 / 69.8, T=8 205.9 / 205.9 / 205.5 / 205.6 / 206.4 / 207.4, T=64 502.4
+// / 502.4 / 502.6 / 502.2 / 501.8 / 502.8; Qwen3 T=1 35.0 / 35.0 / 34.8 / 34.1 / 33.7
+// / 33.8, T=2 55.6 / 55.6 / 55.0 / 54.8 / 55.5 / 57.0, T=8 164.0 / 164.0 / 163.7 /
+// 162.8 / 163.0 / 163.6; Mixtral T=1 237.1 / 235.9 / 235.1 / 234.1 / 234.2 / 233.9;
+// DeepSeek-V3 within 0.6.
 // A one-unit claim leaves the producer one atomic round trip per unit, which a
-// one-stage unit does not cover; keeping two claims in flight is the next thing to try.
+// one-stage unit does not cover. Two claims in flight (the next but one issued before
+// the current units' copies) did not help: run s12-5, us, one / two in flight:
+// Gemma-4 T=1 41.9 / 43.7, T=64 538.6 / 540.1; Qwen3 T=1 37.9 / 40.2, T=64 421.9 /
+// 420.3; Mixtral T=1 237.4 / 244.6. Nor did handing each unit to the consumer group
+// with more free slots instead of alternating (run s12-4: Gemma-4 T=64 538.6 -> 636;
+// the groups' waits for a unit number grew fourfold).
 // (After the argument-struct change of s9-11 Qwen3 T=1 / 2 ran 34.0 / 55.0 with 4.)
 #ifndef JAX_MOE_STREAM_TAIL_UNITS_PER_BLOCK
-#define JAX_MOE_STREAM_TAIL_UNITS_PER_BLOCK 4
+#define JAX_MOE_STREAM_TAIL_UNITS_PER_BLOCK 8
 #endif
 constexpr int kStreamTailUnitsPerBlock = JAX_MOE_STREAM_TAIL_UNITS_PER_BLOCK;
 // Unit order per ring width (RUNS above). scripts/stream_probe.cu, run s10-2, the
@@ -464,6 +492,10 @@ __device__ void produce(const GemvStreamArgs& a, const int* segs, int tiles1, in
   // sort, was tried in s10: probe s10-4 Gemma-4 T=8 211.6 -> 209.2 us, T=64 521 -> 515,
   // but through JAX, s10-12, gemv + combine, us, two runs each, without / with:
   // Qwen3 T=1 38.1, 38.5 / 40.1, 40.3 and T=2 61.8, 62.4 / 63.1, 62.9. Not kept.)
+  const unsigned int claim2 =
+      MAXC >= kStreamColsWide ? kStreamClaim
+      : (ntot - n1) >= kStreamManyUnits2 * static_cast<int>(gridDim.x) ? kStreamClaimNarrow2Many
+                                                                       : kStreamClaimNarrow2;
   unsigned int claim = 0, size = kStreamClaim;  // lane 0: the claim in flight, its units
   if (lane == 0) claim = atomicAdd(&g_stream_next, size);
   for (int k = 0;;) {
@@ -471,7 +503,7 @@ __device__ void produce(const GemvStreamArgs& a, const int* segs, int tiles1, in
     const int n0 = static_cast<int>(__shfl_sync(0xffffffffu, size, 0));
     if (u0 >= ntot) break;
     if (lane == 0) {
-      size = ntot - (u0 + n0) > tail ? kStreamClaim : 1u;
+      size = ntot - (u0 + n0) > tail ? (u0 + n0 >= n1 ? claim2 : kStreamClaim) : 1u;
       claim = atomicAdd(&g_stream_next, size);
     }
     const int uend = min(u0 + n0, ntot);
@@ -907,6 +939,9 @@ gemv_stream_kernel(GemvStreamArgs a) {
   __shared__ __align__(8) uint64_t job_full[kStreamGroups * kStreamJobSlots];
   __shared__ __align__(8) uint64_t job_empty[kStreamGroups * kStreamJobSlots];
   unsigned char* ring = smem;
+  static_assert(kRingBytes >= (3 * kStreamMaxExperts + kStreamMaxAssign / 32 +
+                               kStreamMaxExperts * (kStreamMaxAssign / 32)) * 4,
+                "the prologue's scratch (cnt, cursor, seg_first, bit masks) lives on the ring");
   int* sorted = reinterpret_cast<int*>(smem + kRingBytes);  // assignments by expert
   int* segs = sorted + kStreamMaxAssign;
   // Fused combine: bit j of tok_mask[t] set when slot j of token t has a valid expert.
@@ -916,6 +951,14 @@ gemv_stream_kernel(GemvStreamArgs a) {
   int* cnt = reinterpret_cast<int*>(ring);
   int* cursor = cnt + kStreamMaxExperts;
   int* seg_first = cursor + kStreamMaxExperts;
+  // Each expert's assignments as a bit mask over the assignment numbers (nw words of
+  // 32), set with atomicOr (the same bits whatever the order), and each 32-assignment
+  // chunk's ids outside [0, E) as one word: the sorted lists are read off them in
+  // ascending order with no serial pass. (A warp stepping through the assignments
+  // 32 at a time, match_any and a cursor per step, took the prologue to 7.3 us at
+  // T*k = 512 in scripts/stream_probe.cu's timeline, run s12-3.)
+  uint32_t* bad_bits = reinterpret_cast<uint32_t*>(seg_first + kStreamMaxExperts);
+  uint32_t* exp_bits = bad_bits + kStreamMaxAssign / 32;
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int n = a.num_assign;
@@ -938,8 +981,10 @@ gemv_stream_kernel(GemvStreamArgs a) {
   }
   const bool small = n <= 32;
   const int kk = a.assign.slots();
+  const int nw = (n + 31) >> 5;  // words per expert mask
   if (!small) {
     for (int e = tid; e < E; e += blockDim.x) cnt[e] = 0;
+    for (int w = tid; w < E * nw; w += blockDim.x) exp_bits[w] = 0u;
     if (fused)
       for (int t = tid; t * kk < n; t += blockDim.x) tok_mask[t] = 0u;
   }
@@ -981,12 +1026,17 @@ gemv_stream_kernel(GemvStreamArgs a) {
     }
   } else {
     __syncthreads();
-    for (int i = tid; i < n; i += blockDim.x) {
-      const int e = a.assign.expert(i);
-      if (e >= 0 && e < E) {
+    for (int base = warp * 32; base < n; base += blockDim.x) {  // warp-uniform
+      const int i = base + lane;
+      const int e = i < n ? a.assign.expert(i) : -1;
+      const bool ok = e >= 0 && e < E;
+      if (ok) {
         atomicAdd(&cnt[e], 1);
+        atomicOr(&exp_bits[e * nw + (i >> 5)], 1u << lane);
         if (fused) atomicOr(&tok_mask[i / kk], 1u << (i % kk));
       }
+      const uint32_t bad = __ballot_sync(0xffffffffu, !ok && i < n);
+      if (lane == 0) bad_bits[base >> 5] = bad;
     }
     __syncthreads();
     if (warp == 0) {  // exclusive scans of counts and of segments per expert
@@ -1011,31 +1061,22 @@ gemv_stream_kernel(GemvStreamArgs a) {
       if (lane == 0) { s_segments = seg; s_valid = pos; s_multi = multi; }
     }
     __syncthreads();
+    // Every block must cut the same segments: each expert's assignments ascending,
+    // read off its mask; the invalid ones after all valid ones, ascending.
     for (int e = tid; e < E; e += blockDim.x) {
       const int c = cnt[e];
-      for (int j = 0; 8 * j < c; ++j)
-        segs[seg_first[e] + j] = seg_record(e, cursor[e], c, j);
+      if (c == 0) continue;
+      for (int j = 0; 8 * j < c; ++j) segs[seg_first[e] + j] = seg_record(e, cursor[e], c, j);
+      int pos = cursor[e];
+      for (int w = 0; w < nw; ++w)
+        for (uint32_t m = exp_bits[e * nw + w]; m != 0u; m &= m - 1u)
+          sorted[pos++] = 32 * w + (__ffs(m) - 1);
     }
-    __syncthreads();  // cursor is read above before it moves below
-    if (warp == 0) {
-      // Stable order (ascending assignment within an expert): every block must cut
-      // the same segments, so no atomics here. One warp, 32 assignments per step.
-      int nbad = s_valid;
-      for (int base = 0; base < n; base += 32) {
-        const int i = base + lane;
-        const int e = i < n ? a.assign.expert(i) : -1;
-        const bool ok = e >= 0 && e < E;
-        const uint32_t peers = __match_any_sync(0xffffffffu, ok ? e : -1);
-        const uint32_t lt = (1u << lane) - 1u;
-        const int before = __popc(peers & lt);
-        const uint32_t bad = __ballot_sync(0xffffffffu, !ok && i < n);
-        if (ok) sorted[cursor[e] + before] = i;
-        if (!ok && i < n) sorted[nbad + __popc(bad & lt)] = i;
-        nbad += __popc(bad);
-        __syncwarp();
-        if (ok && before == 0) cursor[e] += __popc(peers);
-        __syncwarp();
-      }
+    if (tid < nw) {
+      int pos = s_valid;
+      for (int w = 0; w < tid; ++w) pos += __popc(bad_bits[w]);
+      for (uint32_t m = bad_bits[tid]; m != 0u; m &= m - 1u)
+        sorted[pos++] = 32 * tid + (__ffs(m) - 1);
     }
   }
   asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
