@@ -115,7 +115,7 @@ constexpr int kStreamManyUnits2 = 128;
 // / 502.4 / 502.6 / 502.2 / 501.8 / 502.8; Qwen3 T=1 35.0 / 35.0 / 34.8 / 34.1 / 33.7
 // / 33.8, T=2 55.6 / 55.6 / 55.0 / 54.8 / 55.5 / 57.0, T=8 164.0 / 164.0 / 163.7 /
 // 162.8 / 163.0 / 163.6; Mixtral T=1 237.1 / 235.9 / 235.1 / 234.1 / 234.2 / 233.9;
-// DeepSeek-V3 within 0.6.
+// DeepSeek-V3 within 0.8.
 // A one-unit claim leaves the producer one atomic round trip per unit, which a
 // one-stage unit does not cover. Two claims in flight (the next but one issued before
 // the current units' copies) did not help: run s12-5, us, one / two in flight:
