@@ -1,12 +1,15 @@
 // Helpers shared by the standalone probes (scripts/stream_probe.cu,
-// scripts/route_probe.cu): CUDA error checks, a deterministic random fill, and
-// argument parsing that exits 2 naming the argument before any CUDA call.
+// scripts/route_probe.cu): CUDA error checks, a deterministic random fill, timing of
+// CUDA-graph replays, and argument parsing that exits 2 naming the argument before
+// any CUDA call.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
+#include <vector>
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -53,4 +56,35 @@ static int parse_int(const std::string& v, const char* what, int lo, int hi) {
     exit(2);
   }
   return static_cast<int>(x);
+}
+
+// us per launch of `body(i)` for i in [0, n), captured once into a CUDA graph on
+// stream st and replayed `reps` times after one warm replay, sorted ascending (the
+// median is [reps / 2]): the launches as XLA's command buffers issue our custom
+// calls, without the host's launch cost.
+template <typename F>
+static std::vector<float> graph_replay_us(cudaStream_t st, int n, int reps, cudaEvent_t e0,
+                                          cudaEvent_t e1, F body) {
+  cudaGraph_t g;
+  cudaGraphExec_t ge;
+  CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
+  for (int i = 0; i < n; ++i) body(i);
+  CK(cudaStreamEndCapture(st, &g));
+  CK(cudaGraphInstantiate(&ge, g, 0));
+  CK(cudaGraphLaunch(ge, st));
+  CK(cudaStreamSynchronize(st));
+  std::vector<float> us;
+  for (int r = 0; r < reps; ++r) {
+    CK(cudaEventRecord(e0, st));
+    CK(cudaGraphLaunch(ge, st));
+    CK(cudaEventRecord(e1, st));
+    CK(cudaEventSynchronize(e1));
+    float ms;
+    CK(cudaEventElapsedTime(&ms, e0, e1));
+    us.push_back(ms * 1e3f / n);
+  }
+  CK(cudaGraphExecDestroy(ge));
+  CK(cudaGraphDestroy(g));
+  std::sort(us.begin(), us.end());
+  return us;
 }

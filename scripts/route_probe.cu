@@ -251,28 +251,8 @@ int main(int argc, char** argv) {
         if (c.E > 256 && v.id >= 2) continue;
         for (int i = 0; i < 4; ++i) launch(i);  // warm-up, module load
         CK(cudaStreamSynchronize(st));
-        cudaGraph_t g;
-        cudaGraphExec_t ge;
-        CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
-        for (int i = 0; i < N; ++i) launch(i);
-        CK(cudaStreamEndCapture(st, &g));
-        CK(cudaGraphInstantiate(&ge, g, 0));
-        CK(cudaGraphLaunch(ge, st));
-        CK(cudaStreamSynchronize(st));
-        std::vector<float> us;
-        for (int r = 0; r < 15; ++r) {
-          CK(cudaEventRecord(e0, st));
-          CK(cudaGraphLaunch(ge, st));
-          CK(cudaEventRecord(e1, st));
-          CK(cudaEventSynchronize(e1));
-          float ms;
-          CK(cudaEventElapsedTime(&ms, e0, e1));
-          us.push_back(ms * 1e3f / N);
-        }
-        std::sort(us.begin(), us.end());
+        const std::vector<float> us = graph_replay_us(st, N, 15, e0, e1, launch);
         printf("  %-26s %7.2f us/launch (min %.2f)\n", v.name, us[us.size() / 2], us[0]);
-        CK(cudaGraphExecDestroy(ge));
-        CK(cudaGraphDestroy(g));
       }
       // Timeline of one launch of the full copy, after a cold-router launch.
       for (int i = 0; i < 3; ++i) {

@@ -131,35 +131,6 @@ static void launch(const GemvStreamArgs& a, int sms) {
   }
 }
 
-// us per launch of `body(i)` for i in [0, n), captured once into a CUDA graph on
-// stream st and replayed (median of 5 replays after one warm replay): the launches
-// as XLA's command buffers issue our custom calls, without host launch cost.
-template <typename F>
-static float graph_us(cudaStream_t st, int n, cudaEvent_t e0, cudaEvent_t e1, F body) {
-  cudaGraph_t g;
-  cudaGraphExec_t ge;
-  CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
-  for (int i = 0; i < n; ++i) body(i);
-  CK(cudaStreamEndCapture(st, &g));
-  CK(cudaGraphInstantiate(&ge, g, 0));
-  CK(cudaGraphLaunch(ge, st));
-  CK(cudaStreamSynchronize(st));
-  std::vector<float> us;
-  for (int r = 0; r < 5; ++r) {
-    CK(cudaEventRecord(e0, st));
-    CK(cudaGraphLaunch(ge, st));
-    CK(cudaEventRecord(e1, st));
-    CK(cudaEventSynchronize(e1));
-    float ms;
-    CK(cudaEventElapsedTime(&ms, e0, e1));
-    us.push_back(ms * 1e3f / n);
-  }
-  CK(cudaGraphExecDestroy(ge));
-  CK(cudaGraphDestroy(g));
-  std::sort(us.begin(), us.end());
-  return us[us.size() / 2];
-}
-
 #ifdef JAX_MOE_STREAM_TRACE
 static void trace_summary(const char* label, int G, float kernel_us) {
   static unsigned long long tr[1024][kStreamTraceEvents];
@@ -450,10 +421,10 @@ int main(int argc, char** argv) {
       CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
       const int glaunches = std::min(iters, 64);
       g_stream = st;
-      const float us_graph = graph_us(st, glaunches, e0, e1, [&](int i) {
+      const float us_graph = graph_replay_us(st, glaunches, 5, e0, e1, [&](int i) {
         a.assign.ids = dids + size_t(i % R) * n;
         launch(a, sms);
-      });
+      })[2];
       g_stream = 0;
       // The same routings' distinct experts read by read_pieces_kernel (3 pieces of
       // I*H per expert), launched back to back like the stream kernel.
@@ -490,10 +461,10 @@ int main(int argc, char** argv) {
       CK(cudaGetLastError());
       CK(cudaEventElapsedTime(&ms, e0, e1));
       const float read_us = ms * 1e3f / iters;
-      const float read_graph = graph_us(st, glaunches, e0, e1, [&](int i) {
+      const float read_graph = graph_replay_us(st, glaunches, 5, e0, e1, [&](int i) {
         read_pieces_kernel<<<read_blocks, kReadThreads, 0, st>>>(dp + size_t(i % R) * maxp,
                                                                 npieces[i % R], piece_words, sink);
-      });
+      })[2];
       CK(cudaStreamDestroy(st));
       CK(cudaFree(dp));
       // Repeat on a fresh routing with some ids out of range: every output written
