@@ -90,7 +90,7 @@ template <int MAXC> struct StreamGeom {
 // kStreamClaimNarrow2 at a time, or kStreamClaimNarrow2Many when a block has at least
 // kStreamManyUnits2 of them on average: a two-unit claim there brought too few bytes
 // per atomic round trip. scripts/stream_probe.cu, run s12-6, the kernel alone, us,
-// phase-2 claims of 2 / 4 / 6 / 8 (two passes agreed within 0.4 us): Gemma-4 T=1
+// phase-2 claims of 2 / 4 / 6 / 8 (two passes agreed within 1 us): Gemma-4 T=1
 // 41.9 / 41.5 / 42.5 / 44.5, T=2 73.1 / 71.9 / 71.9 / 72.6, T=8 218.6 / 214.3 / 213.7
 // / 212.9, T=64 536.5 / 522.0 / 517.5 / 514.7; Qwen3 T=1 37.7 / 36.6 / 38.8 / 41.3,
 // T=8 171.6 / 169.0 / 169.5 / 170.8, T=64 420.7 / 409.1 / 407.1 / 407.8 (T=8 has
@@ -121,7 +121,7 @@ constexpr int kStreamManyUnits2 = 128;
 // the current units' copies) did not help: run s12-5, us, one / two in flight:
 // Gemma-4 T=1 41.9 / 43.7, T=64 538.6 / 540.1; Qwen3 T=1 37.9 / 40.2, T=64 421.9 /
 // 420.3; Mixtral T=1 237.4 / 244.6. Nor did handing each unit to the consumer group
-// with more free slots instead of alternating (run s12-4: Gemma-4 T=64 538.6 -> 636;
+// with more free slots instead of alternating (run s12-4: Gemma-4 T=64 539.3 -> 635.9;
 // the groups' waits for a unit number grew fourfold).
 // (After the argument-struct change of s9-11 Qwen3 T=1 / 2 ran 34.0 / 55.0 with 4.)
 #ifndef JAX_MOE_STREAM_TAIL_UNITS_PER_BLOCK
