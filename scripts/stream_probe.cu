@@ -131,6 +131,28 @@ static void launch(const GemvStreamArgs& a, int sms) {
   }
 }
 
+// us per launch of body(i) for i in [0, iters), issued back to back on the default
+// stream after `warm` untimed launches.
+template <typename F>
+static float back_to_back_us(int warm, int iters, cudaEvent_t e0, cudaEvent_t e1, F body) {
+  for (int i = 0; i < warm; ++i) body(i);
+  CK(cudaEventRecord(e0));
+  for (int i = 0; i < iters; ++i) body(i);
+  CK(cudaEventRecord(e1));
+  CK(cudaEventSynchronize(e1));
+  CK(cudaGetLastError());
+  float ms;
+  CK(cudaEventElapsedTime(&ms, e0, e1));
+  return ms * 1e3f / iters;
+}
+
+// Median us per launch of n launches of body(i) replayed from a CUDA graph on st.
+template <typename F>
+static float graph_median_us(cudaStream_t st, int n, cudaEvent_t e0, cudaEvent_t e1, F body) {
+  const std::vector<float> us = graph_replay_us(st, n, 5, e0, e1, body);
+  return us[us.size() / 2];
+}
+
 #ifdef JAX_MOE_STREAM_TRACE
 static void trace_summary(const char* label, int G, float kernel_us) {
   static unsigned long long tr[1024][kStreamTraceEvents];
@@ -405,29 +427,20 @@ int main(int argc, char** argv) {
       StreamStageGeometry(a.p1.K, &a.p1.stage_cols, &a.p1.stages, run_cols);
       a.p2.src = h; a.p2.w = wd; a.p2.out = y; a.p2.rows = S.H; a.p2.K = S.I;
       StreamStageGeometry(a.p2.K, &a.p2.stage_cols, &a.p2.stages, run_cols);
-      for (int it = 0; it < (quick ? 0 : 5); ++it) { a.assign.ids = dids + size_t(it % R) * n; launch(a, sms); }
-      CK(cudaEventRecord(e0));
-      for (int it = 0; it < iters; ++it) {
-        a.assign.ids = dids + size_t(it % R) * n;
-        launch(a, sms);
-      }
-      CK(cudaEventRecord(e1));
-      CK(cudaEventSynchronize(e1));
-      CK(cudaGetLastError());
-      float ms;
-      CK(cudaEventElapsedTime(&ms, e0, e1));
-      const float us = ms * 1e3f / iters;
-      cudaStream_t st;
-      CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
-      const int glaunches = std::min(iters, 64);
-      g_stream = st;
-      const float us_graph = graph_replay_us(st, glaunches, 5, e0, e1, [&](int i) {
+      // Back to back on the default stream, then replayed from a CUDA graph on st.
+      auto run_stream = [&](int i) {
         a.assign.ids = dids + size_t(i % R) * n;
         launch(a, sms);
-      })[2];
+      };
+      const int warm = quick ? 0 : 5, glaunches = std::min(iters, 64);
+      const float us = back_to_back_us(warm, iters, e0, e1, run_stream);
+      cudaStream_t st;
+      CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+      g_stream = st;
+      const float us_graph = graph_median_us(st, glaunches, e0, e1, run_stream);
       g_stream = 0;
       // The same routings' distinct experts read by read_pieces_kernel (3 pieces of
-      // I*H per expert), launched back to back like the stream kernel.
+      // I*H per expert), timed the same two ways.
       std::vector<const uint4*> hp;
       std::vector<int> npieces(R);
       const int maxp = 3 * std::min(S.E, n);
@@ -449,22 +462,14 @@ int main(int argc, char** argv) {
       CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&read_blocks, read_pieces_kernel,
                                                        kReadThreads, 0));
       read_blocks *= sms;
-      for (int it = 0; it < (quick ? 0 : 5); ++it)
-        read_pieces_kernel<<<read_blocks, kReadThreads>>>(dp + size_t(it % R) * maxp,
-                                                         npieces[it % R], piece_words, sink);
-      CK(cudaEventRecord(e0));
-      for (int it = 0; it < iters; ++it)
-        read_pieces_kernel<<<read_blocks, kReadThreads>>>(dp + size_t(it % R) * maxp,
-                                                         npieces[it % R], piece_words, sink);
-      CK(cudaEventRecord(e1));
-      CK(cudaEventSynchronize(e1));
-      CK(cudaGetLastError());
-      CK(cudaEventElapsedTime(&ms, e0, e1));
-      const float read_us = ms * 1e3f / iters;
-      const float read_graph = graph_replay_us(st, glaunches, 5, e0, e1, [&](int i) {
-        read_pieces_kernel<<<read_blocks, kReadThreads, 0, st>>>(dp + size_t(i % R) * maxp,
-                                                                npieces[i % R], piece_words, sink);
-      })[2];
+      cudaStream_t read_st = 0;
+      auto run_read = [&](int i) {
+        read_pieces_kernel<<<read_blocks, kReadThreads, 0, read_st>>>(
+            dp + size_t(i % R) * maxp, npieces[i % R], piece_words, sink);
+      };
+      const float read_us = back_to_back_us(warm, iters, e0, e1, run_read);
+      read_st = st;
+      const float read_graph = graph_median_us(st, glaunches, e0, e1, run_read);
       CK(cudaStreamDestroy(st));
       CK(cudaFree(dp));
       // Repeat on a fresh routing with some ids out of range: every output written
@@ -494,12 +499,7 @@ int main(int argc, char** argv) {
       CK(cudaMemcpy(dids, ids.data(), size_t(n) * 4, cudaMemcpyHostToDevice));
       a.p2.out = y;
       CK(cudaDeviceSynchronize());
-      CK(cudaEventRecord(e0));
-      launch(a, sms);
-      CK(cudaEventRecord(e1));
-      CK(cudaEventSynchronize(e1));
-      CK(cudaEventElapsedTime(&ms, e0, e1));
-      trace_summary("", sms, ms * 1e3f);
+      trace_summary("", sms, back_to_back_us(0, 1, e0, e1, [&](int) { launch(a, sms); }));
       CK(cudaFree(dids));
     }
     CK(cudaFree(wgu)); CK(cudaFree(wd)); CK(cudaFree(x)); CK(cudaFree(h)); CK(cudaFree(y));
