@@ -30,7 +30,9 @@
 // good read kernel (read_pieces_kernel), launched the same way: what one launch pays
 // for ramp and tail on these bytes, with no work and no dependencies. graph_us /
 // graph_x / read_g_us: the same launches (64 at most) captured into a CUDA graph and
-// replayed, as XLA's command buffers run our custom calls.
+// replayed, as XLA's command buffers run our custom calls. lib_us / lib_x: the
+// library's launcher with the combine (LaunchExpertGemv, as expert_gemv_combine's FFI
+// call runs it: the stream kernel, then combine's kernel), back to back.
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -41,7 +43,7 @@
 #include <algorithm>
 #include <cmath>
 
-#include "kernels/expert_gemv_stream.cuh"
+#include "kernels/expert_gemv.cuh"  // the stream kernel, the library launcher, combine
 #include "probe_util.cuh"
 
 using namespace jax_moe;
@@ -377,9 +379,9 @@ int main(int argc, char** argv) {
   printf("read bandwidth %.3f TB/s, %d SMs; ring %d: %d slots x %d columns per consumer group\n",
          bw * 1e-12, sms, g_ring, kRings[g_ring].slots, max_cols);
   if (zipf > 0) printf("skewed routings: Zipf exponent %.2f\n", zipf);
-  printf("%-12s %4s %9s %9s %7s %9s %7s %9s %7s %9s %s %s\n", "shape", "T", "floor_us", "us",
-         "x", "read_us", "read_x", "graph_us", "graph_x", "read_g_us", "repeat",
-         "experts/segments");
+  printf("%-12s %4s %9s %9s %7s %9s %7s %9s %7s %9s %9s %7s %s %s\n", "shape", "T", "floor_us",
+         "us", "x", "read_us", "read_x", "graph_us", "graph_x", "read_g_us", "lib_us", "lib_x",
+         "repeat", "experts/segments");
 
   std::mt19937 rng(1234);
   for (const std::string& sn : shapes) {
@@ -395,6 +397,16 @@ int main(int argc, char** argv) {
     CK(cudaMalloc(&h, size_t(Tmax) * S.k * S.I * 2));
     CK(cudaMalloc(&y, size_t(Tmax) * S.k * S.H * 2));
     CK(cudaMalloc(&y2, size_t(Tmax) * S.k * S.H * 2));
+    bf16* cout;  // combine: out [T, H], weights cw [T, k] f32 (random, positive)
+    float* cw;
+    CK(cudaMalloc(&cout, size_t(Tmax) * S.H * 2));
+    CK(cudaMalloc(&cw, size_t(Tmax) * S.k * 4));
+    {
+      std::vector<float> hcw(size_t(Tmax) * S.k);
+      std::mt19937 wr(99);
+      for (float& v : hcw) v = 0.05f + (wr() % 1000) * 1e-3f;
+      CK(cudaMemcpy(cw, hcw.data(), hcw.size() * 4, cudaMemcpyHostToDevice));
+    }
     fill_bf16<<<4096, 256>>>(wgu, ngu, 11u, 2.0f / sqrtf(float(S.H)));
     fill_bf16<<<4096, 256>>>(wd, nd, 13u, 2.0f / sqrtf(float(S.I)));
     fill_bf16<<<256, 256>>>(x, size_t(Tmax) * S.H, 17u, 1.0f);
@@ -434,6 +446,18 @@ int main(int argc, char** argv) {
       };
       const int warm = quick ? 0 : 5, glaunches = std::min(iters, 64);
       const float us = back_to_back_us(warm, iters, e0, e1, run_stream);
+      // The library's launcher as expert_gemv_combine's FFI call runs it (the stream
+      // kernel of heuristics' ring, then combine's kernel with PDL), back to back.
+      ExpertGemvArgs la;
+      la.x = x; la.w_gate_up = wgu; la.w_down = wd; la.h = h; la.y = y;
+      la.T = T; la.k = S.k; la.H = S.H; la.I = S.I; la.E = S.E; la.activation = kSilu;
+      la.variant = S.H >= 4096 ? kGemvStreamWide : kGemvStream;
+      la.combine_w = cw; la.combine_out = cout;
+      auto run_lib = [&](int i) {
+        la.ids = dids + size_t(i % R) * n;
+        CK(LaunchExpertGemv<bf16>(la, 0));
+      };
+      const float lib_us = back_to_back_us(warm, iters, e0, e1, run_lib);
       cudaStream_t st;
       CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
       g_stream = st;
@@ -491,9 +515,10 @@ int main(int argc, char** argv) {
       for (size_t i = 0; i < hy.size(); ++i) poisoned += (hy2[i] == 0xffff);
       const bool same = hy == hy2 && poisoned == 0;
       const double floor_us = distinct * expert_bytes / bw * 1e6;
-      printf("%-12s %4d %9.1f %9.1f %7.3f %9.1f %7.3f %9.1f %7.3f %9.1f %s %.1f/%.1f\n", S.name,
-             T, floor_us, us, us / floor_us, read_us, read_us / floor_us, us_graph,
-             us_graph / floor_us, read_graph, same ? "equal" : "DIFFER", distinct, segments);
+      printf("%-12s %4d %9.1f %9.1f %7.3f %9.1f %7.3f %9.1f %7.3f %9.1f %9.1f %7.3f %s %.1f/%.1f\n",
+             S.name, T, floor_us, us, us / floor_us, read_us, read_us / floor_us, us_graph,
+             us_graph / floor_us, read_graph, lib_us, lib_us / floor_us,
+             same ? "equal" : "DIFFER", distinct, segments);
       if (quick) { CK(cudaFree(dids)); continue; }
       // Timeline of one call, inputs as in the timed loop.
       CK(cudaMemcpy(dids, ids.data(), size_t(n) * 4, cudaMemcpyHostToDevice));
@@ -503,7 +528,7 @@ int main(int argc, char** argv) {
       CK(cudaFree(dids));
     }
     CK(cudaFree(wgu)); CK(cudaFree(wd)); CK(cudaFree(x)); CK(cudaFree(h)); CK(cudaFree(y));
-    CK(cudaFree(y2));
+    CK(cudaFree(y2)); CK(cudaFree(cout)); CK(cudaFree(cw));
   }
   return 0;
 }
