@@ -304,6 +304,26 @@ def moe_fold_shared(num_tokens: int, num_experts: int, top_k: int, num_shared: i
   return expert_gemv_variant(num_tokens, num_experts, top_k, num_shared, hidden) in (5, 6)
 
 
+# Shared experts outside the routed call (more than MOE_FOLD_SHARED_MAX_TOKENS
+# tokens): expert_gemv on [T, S] ids, or two XLA matmuls (every token runs every
+# shared expert: a [T, H] x [H, S * 2I] GEMM reads the weights once at any T).
+# expert_gemv's register kernel (variant 4) serves GEMV_MAX_TOKENS_PER_PASS tokens per
+# weight pass, so above that it reads the shared weights twice or more:
+# scripts/trace_chain.py (run s13-8) timed its two kernels per layer at about 46 us
+# for T=16 and 116 us for T=64 on DeepSeek-V3's one shared expert (88 MB: 28.4 us at
+# 3.1 TB/s). bench_moe, DeepSeek-V3, moe_block auto, us per layer, shared experts by
+# expert_gemv / by matmuls, passes in the order gemv, matmul, matmul, gemv: run s13-9
+# T=16 2245.6, 2251.4 / 2249.7, 2270.6; T=64 4111.2, 4108.6 / 4017.5, 4031.2; run
+# s13-10 T=32 3125.5, 3119.8 / 3140.0, 3133.5. So expert_gemv while one pass serves
+# every token, matmuls beyond.
+MOE_SHARED_GEMV_MAX_TOKENS = GEMV_MAX_TOKENS_PER_PASS
+
+
+def moe_shared_dense(num_tokens: int) -> bool:
+  """Whether moe_block's gemv path runs unfolded shared experts as XLA matmuls."""
+  return num_tokens > MOE_SHARED_GEMV_MAX_TOKENS
+
+
 # Grouped path formulations (all XLA today; see moe._grouped_experts):
 #   "gather":     copies each assignment's expert weights, then batched GEMVs. Moves
 #                 about 3x the bytes of T*k experts (read, write, read back).

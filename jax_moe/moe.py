@@ -586,10 +586,11 @@ def _shared_rows(x, params, config, impl):
   if impl == "reference":
     ids = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (T, S))
     return reference.expert_gemv(x, ids, sgu, sd, activation=config.activation)
-  if impl == "gemv":
+  if impl == "gemv" and not heuristics.moe_shared_dense(T):
     ids = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (T, S))
     return expert_gemv(x, ids, sgu, sd, activation=config.activation)
-  # Large batch: every token runs every shared expert, so plain matmuls.
+  # Large batch (and the gemv path above MOE_SHARED_GEMV_MAX_TOKENS): every token
+  # runs every shared expert, so plain matmuls.
   _, two_is, H = sgu.shape
   prec = _precision(x.dtype)
   gu = jnp.dot(x, sgu.reshape(S * two_is, H).T, precision=prec,

@@ -3,7 +3,7 @@
 # run the GPU tests, run compute-sanitizer over a small run of every kernel, and run
 # the benchmarks. Writes logs, JSON and tables under OUT_DIR.
 #
-#   scripts/gpu_check.sh OUT_DIR [build] [test] [sanitize] [profile] [bench] [bench-quick]
+#   scripts/gpu_check.sh OUT_DIR [build] [test] [sanitize] [profile] [trace] [bench] [bench-quick]
 # With no stage names, runs all four full stages. Each stage appends a line to
 # OUT_DIR/summary.txt; the script exits non-zero if any stage failed.
 # Narrowing a call (device time is short), all optional:
@@ -13,6 +13,7 @@
 #   SANITIZE_TIMEOUT=300    seconds per sanitizer tool (default 600)
 #   BENCHES="bench_route bench_gemv"   which benchmarks the bench stage runs
 #   BENCH_ROUTE_ARGS, BENCH_COMBINE_ARGS, BENCH_GEMV_ARGS, BENCH_MOE_ARGS: extra args
+#   TRACE_ARGS="--shapes gemma4 --tokens 1"   arguments of scripts/trace_chain.py
 set -u
 OUT=${1:?usage: gpu_check.sh OUT_DIR [stages...]}
 shift
@@ -90,6 +91,16 @@ if has profile; then
     $PY scripts/ncu_table.py "$OUT/ncu.csv" "$OUT/profile_manifest.json" "$OUT/ncu.json" \
       >"$OUT/bench_ncu.log" 2>&1 && note "ncu profile: ok" ||
     { tail -20 "$OUT/ncu.err"; note "ncu profile: FAILED"; status=1; }
+fi
+
+if has trace; then
+  # Per-kernel durations and stream gaps of the decode chains (profiler trace).
+  # shellcheck disable=SC2086
+  if $PY scripts/trace_chain.py ${TRACE_ARGS:-} >"$OUT/trace_chain.log" 2>&1; then
+    note "trace_chain: ok"
+  else
+    tail -20 "$OUT/trace_chain.log"; note "trace_chain: FAILED"; status=1
+  fi
 fi
 
 run_bench() {  # name, args...

@@ -7,10 +7,11 @@ a profiler trace (jax.profiler, parsed with jax.profiler.ProfileData; no TensorB
 Chains (each layer's input is the previous layer's output, as in the benchmarks):
   moe   x <- rms(moe_block(x, params))        (benchmarks/bench_moe.py's loop)
   gemv  x <- expert_gemv_combine(x, ids_l, w_l, ...)   (benchmarks/bench_gemv.py's)
-For every kernel of one layer, in stream order from the experts kernel: its mean
-duration and the mean idle time on the stream before it starts (the previous
-kernel's end to its start), over the traced layers. "layer" is the mean time from
-one experts kernel's start to the next; "busy" the sum of kernel durations in it.
+For every kernel of one layer, in stream order from the routing kernel (the experts
+kernel in the gemv chain): its mean duration and the mean idle time on the stream
+before it starts (the previous kernel's end to its start), over the traced layers.
+"layer" is the mean time from one such kernel's start to the next; "busy" the sum of
+kernel durations in it.
 Layers with extra events (the loop's own, once per step) are counted apart. Absolute times
 come from the CUPTI timestamps of one traced run: for comparisons between kernels of
 one chain, not a replacement for the benchmarks' timed loops.
@@ -70,16 +71,22 @@ def short(name: str) -> str:
   return name.split("::")[-1][:40]
 
 
+# A layer's anchor: its routing kernel (one per moe_block layer, whatever path the
+# experts take: the shared experts may add a second experts kernel, the grouped path
+# none), or, in a chain without routing, its first experts kernel.
+ROUTE_KERNEL = re.compile(r"route_\w*kernel")
 EXPERTS_KERNEL = re.compile(r"gemv_stream_kernel|gemv_mma_kernel|gemv_generic_kernel")
 
 
 def layer_table(events):
-  """Cycles of the chain, each from one experts kernel (the first of the layer's
-  expert kernels) to the next: per position in the most common cycle, (name, mean
-  duration us, mean gap before us), that cycle's mean period and kernel time; and
-  the other cycles (those with extra events, e.g. the loop's own once per step)."""
-  anchors = [i for i, ev in enumerate(events) if EXPERTS_KERNEL.search(ev[2])]
-  anchors = [i for j, i in enumerate(anchors) if j == 0 or i > anchors[j - 1] + 1]
+  """Cycles of the chain, each from one anchor kernel (see ROUTE_KERNEL) to the next:
+  per position in the most common cycle, (name, mean duration us, mean gap before
+  us), that cycle's mean period and kernel time; and the other cycles (those with
+  extra events, e.g. the loop's own once per step)."""
+  anchors = [i for i, ev in enumerate(events) if ROUTE_KERNEL.search(ev[2])]
+  if len(anchors) < 3:
+    anchors = [i for i, ev in enumerate(events) if EXPERTS_KERNEL.search(ev[2])]
+    anchors = [i for j, i in enumerate(anchors) if j == 0 or i > anchors[j - 1] + 1]
   cycles = [events[anchors[j]:anchors[j + 1]] for j in range(1, len(anchors) - 1)]
   if not cycles:
     return [], 0.0, 0.0, 0, 0.0

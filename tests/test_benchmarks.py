@@ -260,3 +260,66 @@ def test_moe_no_fold_shared_flag(tmp_path, monkeypatch):
   assert bench_moe.main(args) == 0
   with open(tmp_path / "moe.json") as f:
     assert json.load(f)["heuristics"]["MOE_FOLD_SHARED_MAX_TOKENS"] == 8
+
+
+def _trace_chain():
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                  "scripts"))
+  import trace_chain
+  return trace_chain
+
+
+def test_trace_chain_layer_table():
+  """Cycles run from one routing kernel to the next; per position: mean duration and
+  the idle time before it; a cycle with an extra event (the loop's own, once per
+  step) is counted apart, with its extra time."""
+  tc = _trace_chain()
+  stream = "void jax_moe::cuda::gemv_stream_kernel<__nv_bfloat16, 3, 768, false>(GemvStreamArgs)"
+  layer = [(stream, 30.0, 0.5), ("combine_kernel<bf16>(CombineArgs, long, long)", 3.0, -1.0),
+           ("input_reduce_fusion_8", 2.0, 0.25), ("route_logits_kernel(RouteArgs)", 2.5, 0.125)]
+  events, t = [], 0.0
+  for step in range(4):
+    for _ in range(3):
+      for name, dur, gap in layer:
+        t += gap
+        events.append((t * 1e3, (t + dur) * 1e3, name))
+        t += dur
+    t += 1.0
+    events.append((t * 1e3, (t + 4.0) * 1e3, "memcpy_DtoH"))  # the loop's own
+    t += 4.0
+  rows, period, busy, n_other, extra = tc.layer_table(events)
+  assert [r[0] for r in rows] == ["route_logits_kernel", "gemv_stream_kernel",
+                                  "combine_kernel", "input_reduce_fusion_8"]
+  for (name, dur, gap), (_, want_dur, want_gap) in zip(rows, layer[3:] + layer[:3]):
+    assert dur == pytest.approx(want_dur) and gap == pytest.approx(want_gap)
+  assert period == pytest.approx(sum(d + g for _, d, g in layer))
+  assert busy == pytest.approx(37.5)
+  assert n_other == 3 and extra == pytest.approx(5.0)  # 1 us idle + the 4 us copy
+  assert tc.layer_table(events[:3]) == ([], 0.0, 0.0, 0, 0.0)  # no whole cycle
+  # With routing, the route kernel anchors the layer, even where a second experts
+  # kernel (unfolded shared experts) runs in it.
+  shared = "void jax_moe::cuda::gemv_mma_kernel<__nv_bfloat16, 1, true, 8, true>(P)"
+  layer = [("route_logits_kernel(RouteArgs)", 2.5, 0.25), (stream, 30.0, 0.125),
+           ("combine_kernel<float>(CombineArgs)", 3.0, -1.0), (shared, 4.0, 0.5)]
+  events, t = [], 0.0
+  for _ in range(5):
+    for name, dur, gap in layer:
+      t += gap
+      events.append((t * 1e3, (t + dur) * 1e3, name))
+      t += dur
+  rows, period, busy, n_other, extra = tc.layer_table(events)
+  assert [r[0] for r in rows] == ["route_logits_kernel", "gemv_stream_kernel",
+                                  "combine_kernel", "gemv_mma_kernel"]
+  assert period == pytest.approx(sum(d + g for _, d, g in layer)) and n_other == 0
+
+
+def test_trace_chain_without_gpu(capsys):
+  """On CPU the trace has no GPU stream (no events) and main() says so."""
+  import jax
+  import jax.numpy as jnp
+  tc = _trace_chain()
+  if jax.devices()[0].platform == "gpu":
+    pytest.skip("the CPU path")
+  assert tc.trace(jax.jit(lambda a: jnp.sin(a) * 2), (jnp.ones(8),), 1) == []
+  assert tc.main([]) == 0
+  assert "no GPU" in capsys.readouterr().out

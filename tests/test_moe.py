@@ -101,6 +101,26 @@ def test_shared_experts_folded(platform, monkeypatch, T, S, dtype):
                                 np.asarray(apart.astype(jnp.float32)))
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_shared_experts_dense_above_one_pass(platform, monkeypatch, dtype):
+  """Above MOE_SHARED_GEMV_MAX_TOKENS tokens the gemv path runs the shared experts as
+  matmuls (one expert_gemv call in the program, for the routed experts), at or below
+  it through a second expert_gemv call; both agree with the reference."""
+  shape = small("deepseek_v3", num_shared_experts=2, shared_intermediate=40)
+  config = config_for(shape, ("gemv", "auto"))
+  monkeypatch.setattr(heuristics, "MOE_SHARED_GEMV_MAX_TOKENS", 10)
+  for T, calls in [(10, 2), (11, 1)]:
+    x, params = moe_inputs(rng(), shape, T, dtype)
+    assert heuristics.moe_shared_dense(T) == (calls == 1)
+    jaxpr = str(jax.make_jaxpr(lambda a: moe_block(a, params, config))(x))
+    assert jaxpr.count("jax_moe_expert_gemv") == calls
+    assert ("dot_general" in jaxpr) == (calls == 1)
+    check(x, params, config)
+  monkeypatch.undo()
+  assert heuristics.MOE_SHARED_GEMV_MAX_TOKENS == heuristics.GEMV_MAX_TOKENS_PER_PASS
+  assert not heuristics.moe_shared_dense(32) and heuristics.moe_shared_dense(33)
+
+
 def test_fold_shared_heuristic():
   assert not heuristics.moe_fold_shared(1, 256, 8, 0, 7168, 2048, 0)      # no shared
   assert not heuristics.moe_fold_shared(1, 256, 8, 1, 7168, 2048, 1024)   # other I_s
