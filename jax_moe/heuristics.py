@@ -310,7 +310,7 @@ def moe_fold_shared(num_tokens: int, num_experts: int, top_k: int, num_shared: i
 # expert_gemv's register kernel (variant 4) serves GEMV_MAX_TOKENS_PER_PASS tokens per
 # weight pass, so above that it reads the shared weights twice or more:
 # scripts/trace_chain.py (run s13-8) timed its two kernels per layer at about 46 us
-# for T=16 and 116 us for T=64 on DeepSeek-V3's one shared expert (88 MB: 28.4 us at
+# for T=16 and 117 us for T=64 on DeepSeek-V3's one shared expert (88 MB: 28.4 us at
 # 3.1 TB/s). bench_moe, DeepSeek-V3, moe_block auto, us per layer, shared experts by
 # expert_gemv / by matmuls, passes in the order gemv, matmul, matmul, gemv: run s13-9
 # T=16 2245.6, 2251.4 / 2249.7, 2270.6; T=64 4111.2, 4108.6 / 4017.5, 4031.2; run
