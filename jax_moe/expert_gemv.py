@@ -160,9 +160,9 @@ def expert_gemv_combine(x, ids, weights, w_gate_up, w_down, *, activation="silu"
     out [..., H] in x's dtype: sum over the k routed slots of weights * y, then the S
     shared slots with weight 1, accumulated in f32 in slot order (as combine) and
     rounded once. On GPU combine's kernel runs after the experts, or the stream
-    kernel (expert_gemv variants 5/6) sums each (token, 16-row tile) in its own
-    launch as soon as the tile's last slot is written, where
-    heuristics.gemv_combine_in_kernel says so; the result is the same bitwise.
+    kernel (expert_gemv variants 5/6) sums in its own launch (its last block, once
+    every y row is written), where heuristics.gemv_combine_in_kernel says so; the
+    result is the same bitwise.
 
   `_config` as expert_gemv's, plus combine_in_kernel (bool) over the heuristic.
   """

@@ -201,26 +201,36 @@ def gemv_k_split(rows: int, reduce_len: int, gated: bool = False) -> int:
   return 8 if reduce_len // 8 >= 256 else 4
 
 
-# expert_gemv_combine: the weighted sum inside the stream kernel (its publisher warp
-# sums each (token, 16-row tile) once the tile's slots are written) or combine's own
-# kernel launched after the experts from the same FFI call. Measured on H100
-# (bench_gemv, run s11-2, us, two calls (expert_gemv, combine) / one call, sum in the
-# kernel / one call, combine's kernel): Gemma-4 T=1 44.9 / 47.0 / 44.1, T=8 225.9 /
-# 227.9 / 222.2, T=64 528.2 / 576.0 / 530.1; Qwen3 T=1 38.6 / 42.3 / 37.7, T=64 412.7
-# / 450.9 / 408.7; Mixtral T=8 820.1 / 805.5 / 806.8; DeepSeek-V3 T=1 244.1 / 246.9 /
-# 245.7. The in-kernel sum loses: each (token, tile) costs the publisher an atomic
-# and an L2 round trip, the tail waits for its last batch, and the job slots fill
-# (run s11-1, one job at a time: Gemma-4 T=64 686 us). Combine's own launch from the
-# same call is what moe_block gains (one custom call fewer). 0: never in the kernel.
-GEMV_COMBINE_IN_KERNEL_MAX_TOKENS = 0
+# expert_gemv_combine: the weighted sum inside the stream kernel or combine's own
+# kernel launched after the experts from the same FFI call. Inside the kernel the
+# last block out sums the whole [T, H] once every block's y is written (its 320
+# threads, 8 columns each per round, up to 8 slots' loads in flight), so it costs
+# about one L2 round trip per round of T * H / 8 vectors over 320 threads; combine's
+# kernel costs its launch and a tail of 1.6-4.7 us after ours (run s13-6).
+# scripts/stream_probe.cu, run s13-12, us, the library's launcher with combine's
+# kernel / with the sum in the last block (two passes agreed within 0.4 us, bitwise
+# equal outputs), rounds in brackets:
+#   Gemma-4 (H=2816) T=1 43.3 / 41.6 (2), T=2 72.9 / 71.7 (3), T=4 124.8 / 124.9 (5),
+#   T=8 212.9 / 217.9; Qwen3 (H=2048) T=1 36.9 / 34.7 (1), T=2 59.4 / 58.1 (2), T=4
+#   100.1 / 100.1 (4); Mixtral (H=4096, k=2) T=1 238.0 / 236.3 (2), T=2 406.3 / 406.2
+#   (4); DeepSeek-V3 (H=7168) T=1 238.4 / 237.8 (3), T=2 458.7 / 460.9 (6).
+# So the last block sums while T * H / 8 fits in GEMV_COMBINE_IN_KERNEL_MAX_ROUNDS
+# rounds and the slots in one group of 8 loads (k + S = 9, DeepSeek-V3's folded
+# shared expert, was not timed). (Session 11's version, in which the publisher warp
+# summed each (token, 16-row tile) as its slots completed, lost everywhere, run
+# s11-2: Gemma-4 T=1 47.0 against 44.1 us with combine's kernel.)
+GEMV_COMBINE_IN_KERNEL_MAX_ROUNDS = 3
+GEMV_COMBINE_IN_KERNEL_THREADS = 320     # the stream kernel's block (kStreamThreads)
+GEMV_COMBINE_IN_KERNEL_MAX_SLOTS = 8
 
 
 def gemv_combine_in_kernel(num_tokens: int, slots: int, hidden: int) -> bool:
-  """True: expert_gemv_combine sums inside the stream kernel (when the kernel runs
-  and takes the size: at most 32 slots and 65536 (token, tile) counters); False:
-  combine's kernel after the experts, launched by the same FFI call."""
-  del slots, hidden
-  return num_tokens <= GEMV_COMBINE_IN_KERNEL_MAX_TOKENS
+  """True: expert_gemv_combine sums inside the stream kernel (its last block, when
+  the stream kernel runs); False: combine's kernel after the experts, launched by the
+  same FFI call."""
+  vectors = num_tokens * (hidden // 8)
+  return (slots <= GEMV_COMBINE_IN_KERNEL_MAX_SLOTS and hidden % 8 == 0 and
+          vectors <= GEMV_COMBINE_IN_KERNEL_MAX_ROUNDS * GEMV_COMBINE_IN_KERNEL_THREADS)
 
 
 # ---- moe_block ---------------------------------------------------------------

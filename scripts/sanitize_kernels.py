@@ -88,7 +88,7 @@ for dtype, T, H, I, E, k in [(jnp.bfloat16, 1, 256, 128, 16, 4), (jnp.float16, 1
     y = jax_moe.expert_gemv(x, ids, wgu, wd, activation="gelu_tanh",
                             _config=dict(kernel_variant=variant))
     check(f"expert_gemv v{variant} {jnp.dtype(dtype).name} T={T} H={H} I={I}", y, ref, 2e-2)
-  # the weighted sum in the same call (the stream kernel's publisher warp sums tiles)
+  # the weighted sum in the same call (in kernel: the stream kernel's last block sums)
   w = jnp.asarray(r.normal(size=(T, k)), jnp.float32)
   ref_out = reference.combine(ref, w)
   for variant, in_kernel in ((0, False), (5, False), (5, True), (6, True)):

@@ -32,7 +32,8 @@
 // graph_x / read_g_us: the same launches (64 at most) captured into a CUDA graph and
 // replayed, as XLA's command buffers run our custom calls. lib_us / lib_x: the
 // library's launcher with the combine (LaunchExpertGemv, as expert_gemv_combine's FFI
-// call runs it: the stream kernel, then combine's kernel), back to back.
+// call runs it: the stream kernel, then combine's kernel), back to back; lib_in_us:
+// the same with the combine summed by the stream kernel's last block.
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -379,9 +380,9 @@ int main(int argc, char** argv) {
   printf("read bandwidth %.3f TB/s, %d SMs; ring %d: %d slots x %d columns per consumer group\n",
          bw * 1e-12, sms, g_ring, kRings[g_ring].slots, max_cols);
   if (zipf > 0) printf("skewed routings: Zipf exponent %.2f\n", zipf);
-  printf("%-12s %4s %9s %9s %7s %9s %7s %9s %7s %9s %9s %7s %s %s\n", "shape", "T", "floor_us",
-         "us", "x", "read_us", "read_x", "graph_us", "graph_x", "read_g_us", "lib_us", "lib_x",
-         "repeat", "experts/segments");
+  printf("%-12s %4s %9s %9s %7s %9s %7s %9s %7s %9s %9s %7s %9s %s %s\n", "shape", "T",
+         "floor_us", "us", "x", "read_us", "read_x", "graph_us", "graph_x", "read_g_us",
+         "lib_us", "lib_x", "lib_in_us", "repeat", "experts/segments");
 
   std::mt19937 rng(1234);
   for (const std::string& sn : shapes) {
@@ -458,6 +459,9 @@ int main(int argc, char** argv) {
         CK(LaunchExpertGemv<bf16>(la, 0));
       };
       const float lib_us = back_to_back_us(warm, iters, e0, e1, run_lib);
+      la.combine_in_kernel = true;  // the sum in the stream kernel's last block
+      const float lib_in_us = back_to_back_us(warm, iters, e0, e1, run_lib);
+      la.combine_in_kernel = false;
       cudaStream_t st;
       CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
       g_stream = st;
@@ -513,11 +517,26 @@ int main(int argc, char** argv) {
       CK(cudaMemcpy(hy2.data(), y2, ybytes, cudaMemcpyDeviceToHost));
       size_t poisoned = 0;
       for (size_t i = 0; i < hy.size(); ++i) poisoned += (hy2[i] == 0xffff);
-      const bool same = hy == hy2 && poisoned == 0;
+      // The combine, by combine's kernel and by the last block (out poisoned before
+      // each): the same bits.
+      const size_t obytes = size_t(T) * S.H * 2;
+      std::vector<uint16_t> ho(obytes / 2), ho2(obytes / 2);
+      la.ids = dids; la.y = y;
+      for (int in_kernel = 0; in_kernel < 2; ++in_kernel) {
+        CK(cudaMemset(cout, 0xff, obytes));
+        la.combine_in_kernel = in_kernel == 1;
+        CK(LaunchExpertGemv<bf16>(la, 0));
+        CK(cudaDeviceSynchronize());
+        CK(cudaMemcpy(in_kernel ? ho2.data() : ho.data(), cout, obytes, cudaMemcpyDeviceToHost));
+      }
+      la.combine_in_kernel = false;
+      for (size_t i = 0; i < ho.size(); ++i) poisoned += (ho2[i] == 0xffff);
+      const bool same = hy == hy2 && ho == ho2 && poisoned == 0;
       const double floor_us = distinct * expert_bytes / bw * 1e6;
-      printf("%-12s %4d %9.1f %9.1f %7.3f %9.1f %7.3f %9.1f %7.3f %9.1f %9.1f %7.3f %s %.1f/%.1f\n",
+      printf("%-12s %4d %9.1f %9.1f %7.3f %9.1f %7.3f %9.1f %7.3f %9.1f %9.1f %7.3f %9.1f %s "
+             "%.1f/%.1f\n",
              S.name, T, floor_us, us, us / floor_us, read_us, read_us / floor_us, us_graph,
-             us_graph / floor_us, read_graph, lib_us, lib_us / floor_us,
+             us_graph / floor_us, read_graph, lib_us, lib_us / floor_us, lib_in_us,
              same ? "equal" : "DIFFER", distinct, segments);
       if (quick) { CK(cudaFree(dids)); continue; }
       // Timeline of one call, inputs as in the timed loop.

@@ -225,14 +225,18 @@ def test_primitive_checks_weights():
 
 
 def test_combine_in_kernel_heuristic(monkeypatch):
-  """The sum inside the stream kernel lost to combine's own launch (s11-2), so the
-  heuristic never picks it; the limit it reads is GEMV_COMBINE_IN_KERNEL_MAX_TOKENS."""
+  """The last block sums while T * H / 8 vectors fit in GEMV_COMBINE_IN_KERNEL_MAX_ROUNDS
+  rounds of the block's threads and the slots in one load group (s13-12)."""
   from jax_moe import heuristics
-  assert heuristics.GEMV_COMBINE_IN_KERNEL_MAX_TOKENS == 0
+  assert heuristics.gemv_combine_in_kernel(1, 8, 2816)       # Gemma-4 T=1: 2 rounds
+  assert heuristics.gemv_combine_in_kernel(2, 8, 2816)       # 3 rounds
+  assert not heuristics.gemv_combine_in_kernel(4, 8, 2816)   # 5
+  assert heuristics.gemv_combine_in_kernel(1, 8, 7168)       # DeepSeek-V3 T=1: 3
+  assert not heuristics.gemv_combine_in_kernel(1, 9, 7168)   # its folded shared slot
+  assert not heuristics.gemv_combine_in_kernel(2, 2, 4096)   # Mixtral T=2: 4
+  assert not heuristics.gemv_combine_in_kernel(1, 8, 2820)   # H not a multiple of 8
+  monkeypatch.setattr(heuristics, "GEMV_COMBINE_IN_KERNEL_MAX_ROUNDS", 0)
   assert not heuristics.gemv_combine_in_kernel(1, 8, 2816)
-  monkeypatch.setattr(heuristics, "GEMV_COMBINE_IN_KERNEL_MAX_TOKENS", 8)
-  assert heuristics.gemv_combine_in_kernel(8, 8, 2816)
-  assert not heuristics.gemv_combine_in_kernel(9, 8, 2816)
 
 
 def _combine_mode(cfg):
@@ -251,8 +255,9 @@ def test_combine_in_kernel_option(monkeypatch):
   from jax_moe import heuristics
   assert _combine_mode(dict(combine_in_kernel=True)) == 2
   assert _combine_mode(dict(combine_in_kernel=False)) == 1
+  monkeypatch.setattr(heuristics, "GEMV_COMBINE_IN_KERNEL_MAX_ROUNDS", 0)
   assert _combine_mode(None) == 1
-  monkeypatch.setattr(heuristics, "GEMV_COMBINE_IN_KERNEL_MAX_TOKENS", 64)
+  monkeypatch.setattr(heuristics, "GEMV_COMBINE_IN_KERNEL_MAX_ROUNDS", 10 ** 6)
   assert _combine_mode(None) == 2
   assert _combine_mode(dict(combine_in_kernel=False)) == 1
   with pytest.raises(TypeError, match="combine_in_kernel must be a bool"):

@@ -28,9 +28,7 @@
 //   * a publisher warp takes each group's finished units from a small job ring: for a
 //     phase-1 unit it makes the group's h stores visible grid-wide and counts the unit
 //     (one release-add per unit; the consumers' own gpu-scope fence had stalled the
-//     writing warps); with the combine fused (GemvStreamArgs::cw, off by default:
-//     heuristics.gemv_combine_in_kernel) it also sums each (token, 16-row tile) of y
-//     whose slots are all written;
+//     writing warps);
 //   * a phase-2 unit reads h of its segment: its consumers wait until the segment's
 //     phase-1 units are counted done (per-segment counters, release/acquire). Every
 //     phase-1 unit is claimed before any phase-2 unit and consumers take units in
@@ -53,6 +51,7 @@
 #include "common/cuda_utils.cuh"
 #include "common/mma.cuh"
 #include "common/params.h"
+#include "kernels/combine.cuh"  // store_unit: the fused combine writes as combine does
 
 namespace jax_moe {
 namespace cuda {
@@ -155,20 +154,18 @@ constexpr int kStreamMaxExperts = 1024;
 constexpr int kStreamMaxSegments = kStreamMaxAssign + kStreamMaxAssign / 8;
 // Finished units a consumer group may hand to the publisher warp before it waits.
 constexpr int kStreamJobSlots = 4;
-// The fused combine (GemvStreamArgs::cw): one arrival counter per (token, 16-row tile
-// of y), and a bit mask of each token's valid slots.
-constexpr int kStreamMaxCombineTiles = 1 << 16;
+// The fused combine (GemvStreamArgs::cw): slots per token it takes.
 constexpr int kStreamMaxCombineSlots = 32;
 
 inline size_t StreamSmemBytes(int stages, int max_cols) {  // stages per group
   return static_cast<size_t>(kStreamGroups) * stages * kStreamRows * (max_cols * 2 + 64) +
-         (2 * kStreamMaxAssign + kStreamMaxSegments) * sizeof(int);
+         (kStreamMaxAssign + kStreamMaxSegments) * sizeof(int);
 }
 
-// The stream kernel can fuse the weighted combine for T tokens of kk slots, H hidden.
+// The stream kernel can fuse the weighted combine for T tokens of kk slots, H hidden
+// (H is a multiple of 8 wherever the stream kernel runs).
 inline bool StreamCombineSupported(int64_t T, int64_t kk, int64_t H) {
-  return kk >= 1 && kk <= kStreamMaxCombineSlots &&
-         T * ((H + kStreamRows - 1) / kStreamRows) <= kStreamMaxCombineTiles;
+  return T >= 0 && kk >= 1 && kk <= kStreamMaxCombineSlots && H % 8 == 0;
 }
 
 struct StreamPhase {
@@ -189,7 +186,8 @@ struct GemvStreamArgs {
   int activation = kSilu;
   StreamPhase p1, p2;
   // Fused combine (both set, or both null): out[t] = sum_j cw[t, j] * y[t, j], f32 in
-  // slot order, rounded once to T, as combine_kernel computes it from y.
+  // slot order, rounded once to T, as combine_kernel computes it from y, summed by
+  // the last block out once every block's y is written (combine_in_last_block).
   const float* cw = nullptr;     // [T, kk] f32
   void* cout = nullptr;          // [T, H]
 };
@@ -199,9 +197,6 @@ struct GemvStreamArgs {
 __device__ unsigned int g_stream_next = 0;
 __device__ unsigned int g_stream_blocks_out = 0;
 __device__ unsigned int g_stream_seg_done[kStreamMaxSegments];
-// Fused combine: y rows of (token, 16-row tile) written so far; the unit that brings
-// the count to the token's valid slots sums the tile and sets the count back to 0.
-__device__ unsigned int g_stream_tile_cnt[kStreamMaxCombineTiles];
 
 // Optional timeline (scripts/stream_probe.cu builds with JAX_MOE_STREAM_TRACE):
 // per block, %globaltimer in ns at fixed events (0 entry, 1 prologue done, 2 / 3
@@ -645,7 +640,6 @@ __device__ void consume(const GemvStreamArgs& a, const int* segs, const int* sor
   const int gtid = tid % (kStreamGroupWarps * 32);
   const int g = lane >> 2, c = lane & 3;
   const unsigned int seg_target = kStreamSegDonePerUnit * static_cast<unsigned int>(tiles1);
-  const bool fused = a.cw != nullptr;
   int parity = 0, ready = -1;  // ready: a segment whose h this thread saw complete
   uint32_t jj = 0;             // stages this group has taken
   auto peek = [&](uint32_t j) {  // blocking: only while this group holds no unit
@@ -774,7 +768,6 @@ __device__ void consume(const GemvStreamArgs& a, const int* segs, const int* sor
         const int64_t asg = sorted[start + tok];
         out[asg * a.p2.rows + rr] = from_float<T>(v);
       }
-      if (fused) post_job(q, group, gtid, jn, d.u);  // the publisher may sum the tile
     }
     parity ^= 1;
     JM_STREAM_COUNT(tid == 0, 9);
@@ -804,59 +797,54 @@ __device__ __forceinline__ unsigned int atom_acq_rel_add_u32(unsigned int* p, un
                : "memory");
   return old;
 }
+// The fused combine, run by the last block out once every block's y is written:
+// out[t] = sum_j cw[t, j] * y[t, j], 8 columns per thread (16-byte loads of y from
+// L2, up to 8 slots in flight), f32 in slot order with each product rounded before
+// the add, rounded once to T: combine_kernel's arithmetic on the same y (whose rows of
+// ids outside [0, E) are zeros), so the same bits. One block: meant for the few
+// tokens of decode (heuristics.gemv_combine_in_kernel), where combine's own kernel
+// costs its launch and a tail after ours.
 template <typename T>
-__device__ __forceinline__ float ld_cg_float(const T* p) {  // y is written in-kernel: L2
-  const unsigned short b = __ldcg(reinterpret_cast<const unsigned short*>(p));
-  if constexpr (sizeof(T) == 2 && std::is_same<T, bf16>::value) return __bfloat162float(__ushort_as_bfloat16(b));
-  else return __half2float(__ushort_as_half(b));
-}
-
-// out[t, rows of tile] = sum_j cw[t, j] * y[t, j, row], slot order, f32, each product
-// rounded before the add (combine_kernel's arithmetic); a slot outside the token's
-// valid mask reads no y and adds cw * 0, as combine does with the zero row.
-template <typename T>
-__device__ __forceinline__ void combine_tile(const GemvStreamArgs& a, int t, int tile, int row,
-                                             uint32_t mask) {
+__device__ void combine_in_last_block(const GemvStreamArgs& a) {
   const int H = a.p2.rows, kk = a.assign.slots();
-  const int rr = tile * kStreamRows + row;
-  if (rr >= H) return;
-  const T* y = static_cast<const T*>(a.p2.out) + static_cast<int64_t>(t) * kk * H + rr;
-  const float* w = a.cw + static_cast<int64_t>(t) * kk;
-  float acc = 0.f;
-  for (int j0 = 0; j0 < kk; j0 += 8) {  // 8 loads in flight, then the sum in order
-    float v[8], wj[8];
+  const int ntok = a.num_assign / kk, V = H / 8;
+  const T* y = static_cast<const T*>(a.p2.out);
+  for (int item = threadIdx.x; item < ntok * V; item += blockDim.x) {
+    const int t = item / V, v = item - t * V;
+    const T* yt = y + static_cast<int64_t>(t) * kk * H + 8 * v;
+    const float* wt = a.cw + static_cast<int64_t>(t) * kk;
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    for (int j0 = 0; j0 < kk; j0 += 8) {
+      uint4 r[8];
+      float wj[8];
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      const bool in = j0 + j < kk;
-      wj[j] = in ? __ldg(w + j0 + j) : 0.f;
-      v[j] = in && ((mask >> (j0 + j)) & 1u) ? ld_cg_float(y + static_cast<int64_t>(j0 + j) * H)
-                                             : 0.f;
+      for (int j = 0; j < 8; ++j) {
+        const bool in = j0 + j < kk;
+        wj[j] = in ? __ldg(wt + j0 + j) : 0.f;
+        r[j] = in ? ldg_cg_v4(yt + static_cast<int64_t>(j0 + j) * H) : make_uint4(0u, 0u, 0u, 0u);
+      }
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        if (j0 + j >= kk) continue;
+        float f[8];
+        Vec16<T>::unpack(r[j], f);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[e] = __fadd_rn(acc[e], __fmul_rn(wj[j], f[e]));
+      }
     }
-#pragma unroll
-    for (int j = 0; j < 8; ++j)
-      if (j0 + j < kk) acc = __fadd_rn(acc, __fmul_rn(wj[j], v[j]));
+    store_unit<T, 8>(static_cast<T*>(a.cout) + static_cast<int64_t>(t) * H + 8 * v, acc);
   }
-  static_cast<T*>(a.cout)[static_cast<int64_t>(t) * H + rr] = from_float<T>(acc);
 }
 
-// The publisher warp: takes the groups' finished units in order, up to
-// kStreamJobSlots of one group at a time (a batch: lane 8 * b + i serves token i of
-// the batch's job b), until both groups' sentinels. A phase-1 unit: one release-add to
-// its segment's count (the consumers' h stores were acquired through the job barrier
-// and the release carries them). A phase-2 unit (fused combine only): each of its
-// tokens adds one to its (token, tile) count; a token whose count reaches its valid
-// slots is complete, and the warp sums that tile into out (16 lanes per token, two
-// tokens at a time). Batching keeps one atomic round trip per batch instead of one
-// per unit (s11-1: one unit at a time, the publisher fell behind: Gemma-4 T=64 686 us
-// against 529 without the fused sum).
-template <typename T, bool RUNS>
-__device__ void publish(const GemvStreamArgs& a, const int* segs, const int* sorted,
-                        const uint32_t* tok_mask, int tiles1, int tiles2, int n1,
-                        const StreamJobs& q, bool runs) {
-  static_assert(kStreamJobSlots * 8 == 32, "a batch is one lane per (job, token)");
+// The publisher warp: takes the groups' finished phase-1 units in order, up to
+// kStreamJobSlots of one group at a time (lane b serves the batch's job b), until
+// both groups' sentinels. Each unit: one release-add to its segment's count (the
+// consumers' h stores were acquired through the job barrier and the release carries
+// them). Batching keeps the warp ahead of the groups (s11-1).
+template <bool RUNS>
+__device__ void publish(const int* segs, int tiles1, int tiles2, int n1, const StreamJobs& q,
+                        bool runs) {
   const int lane = threadIdx.x & 31;
-  const int kk = a.assign.slots();
-  const int jb = lane >> 3, tok = lane & 7;  // this lane's job in the batch, its token
   uint32_t j0 = 0u, j1 = 0u;
   bool live0 = true, live1 = true;
   int grp = 0, idle = 0;
@@ -876,49 +864,21 @@ __device__ void publish(const GemvStreamArgs& a, const int* segs, const int* sor
       continue;
     }
     idle = 0;
-    const uint32_t s = grp * kStreamJobSlots + (jn + jb) % kStreamJobSlots;
-    const bool mine = jb < nj;
+    const bool mine = lane < nj;
+    const uint32_t s = grp * kStreamJobSlots + (jn + lane) % kStreamJobSlots;
     int u = -1;
     if (mine) {
-      mbar_wait(smem_addr(&q.full[s]), ((jn + jb) / kStreamJobSlots) & 1u);  // acquire
-      if (tok == 0) u = q.unit[s];  // read by the lane that arrives on empty below
-    }
-    u = __shfl_sync(0xffffffffu, u, lane & ~7);
-    bool last = false;
-    int t = 0, tile = 0;
-    if (mine && u >= 0) {
-      const StreamUnit d = decode_unit<RUNS>(u, n1, tiles1, tiles2, segs, runs);
-      if (d.p1) {
-        if (tok == 0) red_release_add_u32(&g_stream_seg_done[d.seg], 1u);
-      } else {
-        const int rec = segs[d.seg];
-        if (tok < seg_tokens(rec)) {
-          t = sorted[seg_start(rec) + tok] / kk;
-          tile = d.tile;
-          unsigned int* cnt = &g_stream_tile_cnt[t * tiles2 + tile];
-          last = atom_acq_rel_add_u32(cnt, 1u) + 1u ==
-                 static_cast<unsigned int>(__popc(tok_mask[t]));
-          if (last) *cnt = 0u;  // no more arrivals for it in this call
-        }
+      mbar_wait(smem_addr(&q.full[s]), ((jn + lane) / kStreamJobSlots) & 1u);  // acquire
+      u = q.unit[s];  // read by the lane that arrives on empty below
+      if (u >= 0) {
+        const StreamUnit d = decode_unit<RUNS>(u, n1, tiles1, tiles2, segs, runs);
+        red_release_add_u32(&g_stream_seg_done[d.seg], 1u);
       }
     }
     if (__any_sync(0xffffffffu, mine && u < 0)) {  // the sentinel ends the group's jobs
       if (grp) live1 = false; else live0 = false;
     }
-    uint32_t lm = __ballot_sync(0xffffffffu, last);
-    __syncwarp();  // the acquiring lanes' order, for the other lanes' y loads
-    while (lm) {
-      const int la = __ffs(lm) - 1;
-      lm &= lm - 1;
-      const int lb = lm ? __ffs(lm) - 1 : -1;
-      if (lb >= 0) lm &= lm - 1;
-      const int src = lane < 16 ? la : lb;
-      const int tt = __shfl_sync(0xffffffffu, t, src < 0 ? 0 : src);
-      const int ti = __shfl_sync(0xffffffffu, tile, src < 0 ? 0 : src);
-      if (src >= 0) combine_tile<T>(a, tt, ti, lane & 15, tok_mask[tt]);
-    }
-    __syncwarp();
-    if (mine && tok == 0) mbar_arrive(smem_addr(&q.empty[s]));
+    if (mine) mbar_arrive(smem_addr(&q.empty[s]));
     if (grp) j1 = jn + nj; else j0 = jn + nj;
   }
 }
@@ -944,8 +904,6 @@ gemv_stream_kernel(GemvStreamArgs a) {
                 "the prologue's scratch (cnt, cursor, seg_first, bit masks) lives on the ring");
   int* sorted = reinterpret_cast<int*>(smem + kRingBytes);  // assignments by expert
   int* segs = sorted + kStreamMaxAssign;
-  // Fused combine: bit j of tok_mask[t] set when slot j of token t has a valid expert.
-  uint32_t* tok_mask = reinterpret_cast<uint32_t*>(segs + kStreamMaxSegments);
   const bool fused = a.cw != nullptr;
   // Prologue scratch, aliased on the ring (no copy is issued before it is done).
   int* cnt = reinterpret_cast<int*>(ring);
@@ -980,13 +938,10 @@ gemv_stream_kernel(GemvStreamArgs a) {
     mbar_init(smem_addr(&job_empty[tid]), 1);
   }
   const bool small = n <= 32;
-  const int kk = a.assign.slots();
   const int nw = (n + 31) >> 5;  // words per expert mask
   if (!small) {
     for (int e = tid; e < E; e += blockDim.x) cnt[e] = 0;
     for (int w = tid; w < E * nw; w += blockDim.x) exp_bits[w] = 0u;
-    if (fused)
-      for (int t = tid; t * kk < n; t += blockDim.x) tok_mask[t] = 0u;
   }
   // Launched with programmatic stream serialization: ids and x come from the
   // previous kernel; nothing above reads global memory.
@@ -1012,8 +967,6 @@ gemv_stream_kernel(GemvStreamArgs a) {
       }
       const uint32_t valid = __ballot_sync(0xffffffffu, ok);
       const uint32_t bad = __ballot_sync(0xffffffffu, !ok && lane < n);
-      if (fused && lane < n && lane % kk == 0)  // kk <= 32 when fused
-        tok_mask[lane / kk] = (valid >> lane) & (kk == 32 ? 0xffffffffu : (1u << kk) - 1u);
       if (ok) sorted[pos + __popc(peers & lt)] = lane;
       if (!ok && lane < n) sorted[__popc(valid) + __popc(bad & lt)] = lane;
       if (leader)
@@ -1033,7 +986,6 @@ gemv_stream_kernel(GemvStreamArgs a) {
       if (ok) {
         atomicAdd(&cnt[e], 1);
         atomicOr(&exp_bits[e * nw + (i >> 5)], 1u << lane);
-        if (fused) atomicOr(&tok_mask[i / kk], 1u << (i % kk));
       }
       const uint32_t bad = __ballot_sync(0xffffffffu, !ok && i < n);
       if (lane == 0) bad_bits[base >> 5] = bad;
@@ -1101,11 +1053,10 @@ gemv_stream_kernel(GemvStreamArgs a) {
                                l2_evict_first_policy(), runs);
     JM_STREAM_TRACE(lane == 0, 5);
   } else if (warp == kStreamPublisherWarp) {
-    publish<T, RUNS>(a, segs, sorted, tok_mask, tiles1, tiles2, n1, q, runs);
+    publish<RUNS>(segs, tiles1, tiles2, n1, q, runs);
   } else {
-    // ids outside [0, E): zero y rows; each block zeroes its share of the columns.
-    // With the combine fused, a token without any valid slot gets its out row here
-    // (no unit counts it): sum_j cw[t, j] * 0, as combine computes it.
+    // ids outside [0, E): zero y rows; each block zeroes its share of the columns
+    // (the fused combine sums them as combine does: cw * 0).
     T* y = static_cast<T*>(a.p2.out);
     const int H = a.p2.rows;
     const int r0 = static_cast<int>(static_cast<int64_t>(b) * H / G);
@@ -1114,12 +1065,6 @@ gemv_stream_kernel(GemvStreamArgs a) {
       const int i = sorted[j];
       for (int rr = r0 + tid; rr < r1; rr += kStreamConsumerWarps * 32)
         y[static_cast<int64_t>(i) * H + rr] = from_float<T>(0.f);
-      if (fused && i % kk == 0 && tok_mask[i / kk] == 0u) {
-        float acc = 0.f;
-        for (int jj = 0; jj < kk; ++jj) acc = __fadd_rn(acc, __fmul_rn(__ldg(a.cw + i + jj), 0.f));
-        for (int rr = r0 + tid; rr < r1; rr += kStreamConsumerWarps * 32)
-          static_cast<T*>(a.cout)[static_cast<int64_t>(i / kk) * H + rr] = from_float<T>(acc);
-      }
     }
     uint32_t jn = 0u;  // units handed to the publisher
     consume<T, NS, MAXC, RUNS>(a, segs, sorted, tiles1, tiles2, n1, r, slot_unit, id_bar, red,
@@ -1131,8 +1076,9 @@ gemv_stream_kernel(GemvStreamArgs a) {
   JM_STREAM_TRACE(tid == 0, 4);
   bool last = false;
   if (tid == 0) {
-    __threadfence();
+    __threadfence();  // this block's y (and h) before its arrival
     last = atomicAdd(&g_stream_blocks_out, 1u) == static_cast<unsigned int>(G) - 1u;
+    if (last) __threadfence();  // and every other block's y before the fused combine
   }
   // The flag travels in the barrier itself, no shared variable: compute-sanitizer
   // racecheck reported the shared flag written by thread 0 before a __syncthreads
@@ -1144,6 +1090,7 @@ gemv_stream_kernel(GemvStreamArgs a) {
       g_stream_blocks_out = 0u;
     }
     __threadfence();
+    if (fused) combine_in_last_block<T>(a);
   }
 #endif
 }
