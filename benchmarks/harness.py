@@ -62,18 +62,21 @@ def time_chain(step: Callable, x0, layer_args: Sequence[tuple], *, repeats: int 
   """
   layer_args = [tuple(a) for a in layer_args]
   L = len(layer_args)
+  return _time_loop_program(lambda n: chain_program(step, n), (x0, layer_args), L, repeats,
+                            target_seconds)
 
-  def make(n_iter):
-    @jax.jit
-    def run(x, args):
-      def body(i, x):
-        for a in args:
-          x = step(x, *a)
-        return x
-      return jax.lax.fori_loop(0, n_iter, body, x)
-    return run
 
-  return _time_loop_program(make, (x0, layer_args), L, repeats, target_seconds)
+def chain_program(step: Callable, n_iter: int):
+  """time_chain's jitted program: run(x, layer_args) -> x after n_iter loop steps of
+  x = step(x, *a) for each a in layer_args (scripts/trace_chain.py traces it too)."""
+  @jax.jit
+  def run(x, args):
+    def body(i, x):
+      for a in args:
+        x = step(x, *a)
+      return x
+    return jax.lax.fori_loop(0, n_iter, body, x)
+  return run
 
 
 def _time_loop_program(make: Callable, args: tuple, calls: int, repeats: int,

@@ -130,17 +130,6 @@ def trace(fn, args, steps):
   return kernel_events(paths[0])
 
 
-def chain_program(step, x0, layer_args, steps):
-  @jax.jit
-  def run(x, args):
-    def body(i, x):
-      for a in args:
-        x = step(x, *a)
-      return x
-    return jax.lax.fori_loop(0, steps, body, x)
-  return run, (x0, layer_args)
-
-
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--shapes", nargs="+", default=["gemma4", "qwen3"], choices=sorted(SHAPES))
@@ -173,8 +162,8 @@ def main(argv=None) -> int:
             layer_args.append((jnp.asarray(ids), w))
           step = lambda x, ids, w: jax_moe.expert_gemv_combine(  # noqa: E731
               x, ids, w, params.w_gate_up, params.w_down, activation=config.activation)
-        fn, args = chain_program(step, x0, layer_args, a.steps)
-        events = trace(fn, args, a.steps)
+        fn = harness.chain_program(step, a.steps)
+        events = trace(fn, (x0, layer_args), a.steps)
         rows, period, busy, n_other, extra = layer_table(events)
         print(f"\n{sname} T={T} chain={chain}: {len(events)} kernels traced, "
               f"{len(rows)} per layer; layer {period:.1f} us, kernels busy {busy:.1f} us; "
