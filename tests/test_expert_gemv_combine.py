@@ -2,10 +2,10 @@
 
 Against the reference (reference.combine of reference.expert_gemv, shared slots
 weighted 1) and bitwise against the two-call form combine(expert_gemv(...)), whose
-arithmetic it must keep: on GPU the stream kernel (variants 5 and 6) sums each
-(token, 16-row tile) inside its launch, the other variants and the cases the fused
-sum does not take (more than 32 slots, too many (token, tile) counters) run
-combine's kernel after the experts. Fresh random data, poisoned outputs, dropped
+arithmetic it must keep: on GPU the stream kernel (variants 5 and 6) sums in its
+own launch (its last block, once every y row is written), the other variants and the
+cases the fused sum does not take (more than 32 slots) run combine's kernel after
+the experts. Fresh random data, poisoned outputs, dropped
 ids, tokens without any valid slot, repeated experts, vmap, scan, bad input."""
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def test_awkward_routings(platform, variant):
 
 
 @pytest.mark.parametrize("T,k,H,I,E", [
-    (2, 32, 64, 16, 40),     # 32 slots: the widest valid-slot mask
+    (2, 32, 64, 16, 40),     # 32 slots: the most the fused sum takes
     (2, 33, 64, 16, 40),     # 33 slots: combine's kernel after the stream kernel
     (512, 1, 2064, 16, 2),   # 512 x 129 (token, tile) counters > 65536: likewise
 ])
