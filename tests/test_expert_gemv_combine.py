@@ -103,7 +103,7 @@ def test_awkward_routings(platform, variant):
 @pytest.mark.parametrize("T,k,H,I,E", [
     (2, 32, 64, 16, 40),     # 32 slots: the most the fused sum takes
     (2, 33, 64, 16, 40),     # 33 slots: combine's kernel after the stream kernel
-    (512, 1, 2064, 16, 2),   # 512 x 129 (token, tile) counters > 65536: likewise
+    (512, 1, 2064, 16, 2),   # 512 tokens: a long sum for the one block (correct, slow)
 ])
 def test_fused_limits(platform, T, k, H, I, E):
   r = rng()
