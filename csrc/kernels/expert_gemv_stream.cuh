@@ -44,7 +44,6 @@
 #pragma once
 
 #include <cstdint>
-#include <type_traits>
 #include <cuda_runtime.h>
 
 #include "common/activation.cuh"
@@ -790,12 +789,6 @@ __device__ void consume(const GemvStreamArgs& a, const int* segs, const int* sor
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 __device__ __forceinline__ void red_release_add_u32(unsigned int* p, unsigned int v) {
   asm volatile("red.release.gpu.global.add.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
-}
-__device__ __forceinline__ unsigned int atom_acq_rel_add_u32(unsigned int* p, unsigned int v) {
-  unsigned int old;
-  asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v)
-               : "memory");
-  return old;
 }
 // The fused combine, run by the last block out once every block's y is written:
 // out[t] = sum_j cw[t, j] * y[t, j], 8 columns per thread (16-byte loads of y from
