@@ -138,6 +138,11 @@ def main(argv=None) -> int:
   ap.add_argument("--layers", type=int, default=8, help="layer calls per loop step")
   ap.add_argument("--steps", type=int, default=20, help="loop steps traced")
   a = ap.parse_args(argv)
+  for name in ("layers", "steps"):
+    if getattr(a, name) < 1:
+      ap.error(f"--{name} must be at least 1, got {getattr(a, name)}")
+  if min(a.tokens) < 1:
+    ap.error(f"--tokens must be at least 1, got {min(a.tokens)}")
   if jax.devices()[0].platform != "gpu":
     print("trace_chain: no GPU (the trace reads CUDA kernel timestamps); nothing to do")
     return 0

@@ -323,3 +323,39 @@ def test_trace_chain_without_gpu(capsys):
   assert tc.trace(jax.jit(lambda a: jnp.sin(a) * 2), (jnp.ones(8),), 1) == []
   assert tc.main([]) == 0
   assert "no GPU" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--layers", "0"], "--layers must be at least 1"),
+    (["--steps", "-1"], "--steps must be at least 1"),
+    (["--tokens", "1", "0"], "--tokens must be at least 1"),
+    (["--shapes", "nope"], "--shapes"),
+    (["--chains", "other"], "--chains"),
+])
+def test_trace_chain_bad_args(capsys, args, match):
+  """Bad options are refused by name before any tracing (on CPU too)."""
+  tc = _trace_chain()
+  with pytest.raises(SystemExit) as e:
+    tc.main(args)
+  assert e.value.code == 2
+  assert match in capsys.readouterr().err
+
+
+def test_gpu_check_trace_stage(tmp_path):
+  """gpu_check.sh's trace stage runs scripts/trace_chain.py with TRACE_ARGS: a bad
+  argument fails the stage (and the script), a good one passes (no GPU: it says so)."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  script = os.path.join(root, "scripts", "gpu_check.sh")
+
+  def run(trace_args, out):
+    env = dict(os.environ, TRACE_ARGS=trace_args, PYTHON=sys.executable)
+    return subprocess.run(["bash", script, str(out), "trace"], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+  bad = run("--layers 0", tmp_path / "bad")
+  assert bad.returncode != 0
+  assert "trace_chain: FAILED" in (tmp_path / "bad" / "summary.txt").read_text()
+  assert "--layers must be at least 1" in (tmp_path / "bad" / "trace_chain.log").read_text()
+  good = run("--shapes gemma4 --tokens 1", tmp_path / "good")
+  assert good.returncode == 0, good.stdout + good.stderr
+  assert "trace_chain: ok" in (tmp_path / "good" / "summary.txt").read_text()
