@@ -106,8 +106,10 @@ GEMV_STREAM_MAX_ASSIGN = 512
 # they want fewer, wider stages; short rows want the smaller ring's shorter tail.
 GEMV_STREAM_WIDE_MIN_HIDDEN = 4096
 # Most assignments per expert, on average (T * k / E), that the stream kernel takes
-# (gemv_kernel_variant's docstring has the measurements).
+# (gemv_kernel_variant's docstring has the measurements): on the narrow ring, and on
+# the wide ring, which cuts segments of 16 assignments once an expert has more than 8.
 GEMV_STREAM_MAX_MEAN = 4
+GEMV_STREAM_MAX_MEAN_WIDE = 8
 
 
 def gemv_kernel_variant(num_tokens: int, num_experts: int, top_k: int,
@@ -129,12 +131,20 @@ def gemv_kernel_variant(num_tokens: int, num_experts: int, top_k: int,
   real routings on the wide shapes; on Mixtral it still lost to v4 at a mean of 8 and
   16 (run s10-6, gemv + combine, us, v4 / v6: T=32 1029.9 / 1051.3, T=64 1059.4 /
   1539.0), so GEMV_STREAM_MAX_MEAN stays 4.
+  Since session 14 the wide ring cuts segments of 16 when an expert has more than 8
+  assignments (csrc/kernels/expert_gemv_stream.cuh, kStreamWideGroups): one weight
+  pass for up to 16. bench_gemv, Mixtral, gemv + combine in one call, us, v4 / v6
+  (run s14-4): T=16 1239.4 / 941.7, T=32 1048.5 / 985.5, T=64 1060.8 / 1222.4. So
+  the wide ring takes a mean of up to GEMV_STREAM_MAX_MEAN_WIDE (8); moe_block's
+  gemv path follows (Mixtral T=32, run s14-4, us per layer: gemv 996.2, dense 1027.8).
   """
   if num_tokens * top_k > GEMV_STREAM_MAX_ASSIGN:
     return 4
-  if num_tokens * top_k > GEMV_STREAM_MAX_MEAN * num_experts:
+  wide = hidden >= GEMV_STREAM_WIDE_MIN_HIDDEN
+  max_mean = GEMV_STREAM_MAX_MEAN_WIDE if wide else GEMV_STREAM_MAX_MEAN
+  if num_tokens * top_k > max_mean * num_experts:
     return 4
-  return 6 if hidden >= GEMV_STREAM_WIDE_MIN_HIDDEN else 5
+  return 6 if wide else 5
 
 
 def expert_gemv_variant(num_tokens: int, num_experts: int, top_k: int, num_shared: int,
@@ -274,7 +284,8 @@ def moe_implementation(num_tokens: int, num_experts: int, top_k: int, hidden: in
   if gemv_kernel_variant(T, E, k, hidden) in (5, 6):
     # The stream kernel beat the dense path wherever it applies (run s4-2/s4-4,
     # gemv + combine vs the whole dense layer, us): Gemma-4 T=64 559 vs 618, Qwen3
-    # T=64 447 vs 500, Mixtral T=16 921 vs 987; DeepSeek-V3 stays gemv to T=512.
+    # T=64 447 vs 500, Mixtral T=16 921 vs 987; DeepSeek-V3 stays gemv to T=512;
+    # Mixtral T=32 (segments of 16, run s14-4, moe_block per layer) 996 vs 1028.
     return "gemv"
   frac = expected_expert_fraction(T, E, k)
   if frac <= MOE_GEMV_MAX_EXPERT_FRACTION or T <= 1:

@@ -220,14 +220,15 @@ static std::vector<int> draw_routing(int E, int k, int T, double zipf, std::mt19
 static int self_test() {
   std::mt19937 rng(99);
   int layouts = 0;
-  for (int trial = 0; trial < 300; ++trial) {
+  for (int trial = 0; trial < 600; ++trial) {
     const int E = 1 + int(rng() % 40);
+    const int S = trial % 2 ? 16 : 8;  // assignments per segment: narrow / wide ring
     std::vector<int> segs;
     int pos = 0;
     for (int e = 0; e < E; ++e) {
       const int pick = int(rng() % 10);
-      const int c = pick < 3 ? 0 : pick < 8 ? 1 + int(rng() % 8) : 9 + int(rng() % 150);
-      for (int j = 0; 8 * j < c; ++j) segs.push_back(seg_record(e, pos, c, j));
+      const int c = pick < 3 ? 0 : pick < 8 ? 1 + int(rng() % S) : S + 1 + int(rng() % 150);
+      for (int j = 0; S * j < c; ++j) segs.push_back(seg_record(e, pos, c, j, S));
       pos += c;
     }
     if (pos > kStreamMaxAssign || segs.empty()) continue;
@@ -265,7 +266,8 @@ static int self_test() {
     for (int i = 0; i < nseg; ++i) {
       const int rec = segs[size_t(i)], f = i - seg_run_pos(rec);
       if (f < 0 || f + seg_run_len(rec) > nseg || seg_expert(segs[size_t(f)]) != seg_expert(rec) ||
-          seg_run_pos(segs[size_t(f)]) != 0 || seg_tokens(rec) < 1 || seg_tokens(rec) > 8) {
+          seg_run_pos(segs[size_t(f)]) != 0 || seg_tokens(rec) < 1 || seg_tokens(rec) > S ||
+          seg_start(rec) != seg_start(segs[size_t(f)]) + S * seg_run_pos(rec)) {
         printf("self-test FAILED: segment record %d\n", i);
         return 1;
       }

@@ -284,13 +284,14 @@ def test_kernel_configs(platform, variant, k_split, token_tiles):
     (64, 128, 64, 1024, 8, jnp.bfloat16, False),  # the largest T*k and E it takes
     (100, 64, 32, 16, 8, jnp.bfloat16, False),    # T*k = 800 > 512: falls back to variant 4
     (40, 64, 24, 4, 2, jnp.bfloat16, "fuzz"),     # ids in [-3, E + 3): most dropped
+    (52, 64, 48, 4, 1, jnp.bfloat16, "edges"),    # experts of 16, 17, 8 and 9 assignments
 ])
 @pytest.mark.parametrize("variant", [5, 6])
 def test_stream_kernel(platform, T, H, I, E, k, dtype, hot, variant):
   """Variants 5 and 6 (csrc/kernels/expert_gemv_stream.cuh, ring slots of 768 and 1024
   columns; other platforms ignore them): ids with -1 and E (zero rows), segments of
-  <= 8 assignments and runs of up to 8 segments of one expert (the unit order),
-  stage tails; bitwise equal over repeated runs."""
+  <= 8 (v5) or <= 16 (v6) assignments and runs of up to 8 segments of one expert (the
+  unit order), stage tails; bitwise equal over repeated runs."""
   r = rng()
   x = jnp.asarray(r.normal(size=(T, H)), dtype)
   wgu, wd = make_weights(r, E, H, I, dtype)
@@ -301,6 +302,9 @@ def test_stream_kernel(platform, T, H, I, E, k, dtype, hot, variant):
     ids = np.stack([r.choice(E, size=k, replace=False, p=p / p.sum()) for _ in range(T)])
     ids = ids.astype(np.int32)
     assert np.bincount(ids.ravel(), minlength=E).max() > 16  # some runs of 3+ segments
+  elif hot == "edges":  # around both segment sizes (8 narrow ring, 16 wide ring)
+    ids = np.repeat(np.arange(4), [16, 17, 8, 9]).astype(np.int32)
+    ids = np.concatenate([[0], r.permutation(ids), [0]]).reshape(T, k).astype(np.int32)
   else:
     ids = np.full((T, k), 5, np.int32) if hot else distinct_ids(r, T, k, E)
   ids[0, 0] = -1
@@ -375,7 +379,8 @@ def test_kernel_variant_heuristic():
   v = heuristics.gemv_kernel_variant
   assert v(1, 128, 8, 2816) == 5 and v(1, 128, 8, 2048) == 5 and v(64, 128, 8, 2816) == 5
   assert v(1, 256, 8, 7168) == 6 and v(8, 8, 2, 4096) == 6 and v(64, 256, 8, 7168) == 6
-  assert v(32, 8, 2, 4096) == 4 and v(100, 16, 8, 7168) == 4  # v4 whatever the width
+  assert v(32, 8, 2, 4096) == 6 and v(33, 8, 2, 4096) == 4  # wide: mean 8, above 8
+  assert v(100, 16, 8, 7168) == 4  # mean 50
   assert v(1, 128, 8) == 5 and v(8, 128, 8) == 5 and v(1, 256, 8) == 5 and v(1, 8, 2) == 5
   assert v(64, 128, 8) == 5 and v(64, 256, 8) == 5 and v(16, 8, 2) == 5  # mean 4, 2, 4
   assert v(17, 8, 2) == 4 and v(32, 8, 2) == 4 and v(65, 128, 8) == 4   # mean above 4
@@ -384,14 +389,18 @@ def test_kernel_variant_heuristic():
 
 
 def test_kernel_variant_max_mean(monkeypatch):
-  """heuristics.GEMV_STREAM_MAX_MEAN is the limit the rule reads: raised to 8, Mixtral
-  T=32 (mean 8) takes the wide stream kernel; at its default it takes variant 4."""
+  """heuristics.GEMV_STREAM_MAX_MEAN (narrow ring) and GEMV_STREAM_MAX_MEAN_WIDE are
+  the limits the rule reads: Gemma-4-like T=32 with E=32 (mean 8) takes variant 4 at
+  the narrow default and variant 5 when raised to 8; Mixtral T=32 (mean 8) takes the
+  wide stream kernel at the wide default and variant 4 when it is lowered to 4."""
   from jax_moe import heuristics
-  assert heuristics.GEMV_STREAM_MAX_MEAN == 4
-  assert heuristics.gemv_kernel_variant(32, 8, 2, 4096) == 4
+  v = heuristics.gemv_kernel_variant
+  assert heuristics.GEMV_STREAM_MAX_MEAN == 4 and heuristics.GEMV_STREAM_MAX_MEAN_WIDE == 8
+  assert v(32, 32, 8, 2816) == 4 and v(32, 8, 2, 4096) == 6
   monkeypatch.setattr(heuristics, "GEMV_STREAM_MAX_MEAN", 8)
-  assert heuristics.gemv_kernel_variant(32, 8, 2, 4096) == 6
-  assert heuristics.gemv_kernel_variant(33, 8, 2, 4096) == 4
+  assert v(32, 32, 8, 2816) == 5 and v(33, 32, 8, 2816) == 4
+  monkeypatch.setattr(heuristics, "GEMV_STREAM_MAX_MEAN_WIDE", 4)
+  assert v(32, 8, 2, 4096) == 4 and v(16, 8, 2, 4096) == 6
 
 
 def test_token_tiles_heuristic():

@@ -148,6 +148,27 @@ constexpr bool kStreamRunsWide = false;
 constexpr bool kStreamRunsWide = true;
 #endif
 constexpr bool kStreamRunsNarrow = false;
+// Assignments per segment (the B columns of a unit's mma): 8, one m16n8 tile, on the
+// narrow ring. On the wide ring (kStreamWideGroups = 2), 16 as two groups of 8 tokens
+// that share each A fragment read from the ring, whenever some expert has more than
+// 8 assignments (the prologue decides; all blocks alike), else 8. With segments of 8
+// an expert of 9-16 assignments is two segments whose units each bring the expert's
+// rows into shared memory (the second copy from L2, paired: produce): Mixtral (E = 8,
+// k = 2) has about 8 assignments per expert at T = 32 and 16 at T = 64. Two groups'
+// B registers held a stage ahead spilled (168 registers at most for 320 threads), so
+// the two-group consumer loads B after each stage's mmas (kLateB). Probe run s14-3,
+// the kernel alone, us, segments of 8 / always 16 (late B) / always 16 with B a stage
+// ahead (spilling): Mixtral T=1 234.1 / 237.9 / 375.2, T=8 841.6 / 853.7 / 1325.5,
+// T=16 908.2 / 924.7 / 1461.2, T=32 1016.3 / 968.6 / 1562.2, T=64 1426.1 / 1214.5 /
+// 2146.3; DeepSeek-V3 T=1 234.1 / 235.0, T=16 2888.2 / 2901.7, T=64 6308.1 / 6391.8;
+// skewed (STREAM_PROBE_ZIPF=100) DeepSeek-V3 T=64 4634.3 / 4561.7, Mixtral T=64
+// 1495.0 / 1256.7. So 16 only where an expert needs it; 8 keeps the one-group
+// consumer with its early B loads.
+#ifndef JAX_MOE_STREAM_WIDE_SEG  // probe A/Bs: 8 (never 16) or 16
+#define JAX_MOE_STREAM_WIDE_SEG 16
+#endif
+constexpr int kStreamWideGroups = JAX_MOE_STREAM_WIDE_SEG / 8;
+static_assert(kStreamWideGroups == 1 || kStreamWideGroups == 2, "segments of 8 or 16");
 constexpr int kStreamMaxAssign = 512;      // T * k
 constexpr int kStreamMaxExperts = 1024;
 constexpr int kStreamMaxSegments = kStreamMaxAssign + kStreamMaxAssign / 8;
@@ -301,23 +322,23 @@ __device__ __forceinline__ void group_sync(int group) {  // one group's 4 warps
 // Segment records and the unit order are host-callable too: scripts/stream_probe.cu
 // --self-test checks the order on the host (tests/test_benchmarks.py, no GPU).
 // Segment record: expert (10 bits), first position in the sorted list (10 bits),
-// assignments - 1 (3 bits), the segment's place in its run (3 bits) and the run's
+// assignments - 1 (4 bits), the segment's place in its run (3 bits) and the run's
 // segments - 1 (3 bits). A run is up to kStreamRunSegments consecutive segments of
-// one expert (an expert with more than 8 assignments has several segments).
+// one expert (an expert with more assignments than a segment takes has several).
 constexpr int kStreamRunSegments = 8;
 __host__ __device__ __forceinline__ int seg_pack(int e, int start, int n, int run_pos, int run_len) {
-  return e | (start << 10) | ((n - 1) << 20) | (run_pos << 23) | ((run_len - 1) << 26);
+  return e | (start << 10) | ((n - 1) << 20) | (run_pos << 24) | ((run_len - 1) << 27);
 }
 __host__ __device__ __forceinline__ int seg_expert(int rec) { return rec & 1023; }
 __host__ __device__ __forceinline__ int seg_start(int rec) { return (rec >> 10) & 1023; }
-__host__ __device__ __forceinline__ int seg_tokens(int rec) { return ((rec >> 20) & 7) + 1; }
-__host__ __device__ __forceinline__ int seg_run_pos(int rec) { return (rec >> 23) & 7; }
-__host__ __device__ __forceinline__ int seg_run_len(int rec) { return ((rec >> 26) & 7) + 1; }
-// Segment j (0-based) of an expert with c assignments (segments of 8, runs of 8).
-__host__ __device__ __forceinline__ int seg_record(int e, int first_pos, int c, int j) {
-  const int nseg = (c + 7) >> 3;
+__host__ __device__ __forceinline__ int seg_tokens(int rec) { return ((rec >> 20) & 15) + 1; }
+__host__ __device__ __forceinline__ int seg_run_pos(int rec) { return (rec >> 24) & 7; }
+__host__ __device__ __forceinline__ int seg_run_len(int rec) { return ((rec >> 27) & 7) + 1; }
+// Segment j (0-based) of an expert with c assignments (segments of S <= 16, runs of 8).
+__host__ __device__ __forceinline__ int seg_record(int e, int first_pos, int c, int j, int S) {
+  const int nseg = (c + S - 1) / S;
   const int run0 = j - j % kStreamRunSegments;
-  return seg_pack(e, first_pos + 8 * j, min(8, c - 8 * j), j - run0,
+  return seg_pack(e, first_pos + S * j, min(S, c - S * j), j - run0,
                   min(kStreamRunSegments, nseg - run0));
 }
 
@@ -553,11 +574,11 @@ __device__ void produce(const GemvStreamArgs& a, const int* segs, int tiles1, in
   }
 }
 
-// B row of this lane for unit d (token g of its segment), or null.
+// B row of this lane for unit d (token g + 8 * nb of its segment), or null.
 template <typename T>
 __device__ __forceinline__ const T* b_row(const GemvStreamArgs& a, const StreamUnit& d,
-                                              const int* segs, const int* sorted) {
-  const int g = (threadIdx.x & 31) >> 2;
+                                              const int* segs, const int* sorted, int nb) {
+  const int g = ((threadIdx.x & 31) >> 2) + 8 * nb;
   const int seg = segs[d.seg];
   if (g >= seg_tokens(seg)) return nullptr;
   const int asg = sorted[seg_start(seg) + g];
@@ -615,30 +636,43 @@ __device__ __forceinline__ void post_job(const StreamJobs& q, int group, int gti
 }
 
 // Phase-1 units finished per segment that let its phase-2 units start: one per unit
-// from the publisher, or two (one per writing warp) with the consumers' own fence.
+// from the publisher, or one per writing warp (2 per group of 8 tokens) with the
+// consumers' own fence.
 #ifdef JAX_MOE_STREAM_P1_INLINE  // probe A/B: consumers publish h themselves
 constexpr bool kStreamP1Inline = true;
 #else
 constexpr bool kStreamP1Inline = false;
 #endif
-constexpr unsigned int kStreamSegDonePerUnit = kStreamP1Inline ? 2u : 1u;
+template <int NB>
+struct StreamSegDone {
+  static constexpr unsigned int kPerUnit = kStreamP1Inline ? 2u * NB : 1u;
+};
 
 // One consumer group's loop: take units from the group's slots in order until the
 // sentinel. The B loads of the next unit are issued during the current unit's last
 // stage when its number is known (id barrier) and, for a phase-2 unit, its segment's
-// h is ready; otherwise after the current unit's epilogue.
-template <typename T, int NS, int MAXC, bool RUNS>
+// h is ready; otherwise after the current unit's epilogue. NB: groups of 8 tokens per
+// segment; each A fragment read from the ring feeds NB mmas (a group of a segment
+// with fewer tokens is skipped: a warp-uniform branch).
+template <typename T, int NS, int MAXC, bool RUNS, int NB>
 __device__ void consume(const GemvStreamArgs& a, const int* segs, const int* sorted,
                             int tiles1, int tiles2, int n1, const StreamRing& r,
                             const int* slot_unit, uint64_t* id_bar,
-                            float (*red)[kStreamGroupWarps][kStreamRows][8], bool runs,
+                            float (*red)[kStreamGroupWarps][kStreamRows][8 * NB], bool runs,
                             const StreamJobs& q, uint32_t& jn) {
   constexpr int CPW = StreamGeom<MAXC>::kChunksPerWarp;
+  // Two sets of B registers for 16 tokens spilled (kStreamWideGroups): with NB > 1
+  // the B loads follow the mmas.
+#ifdef JAX_MOE_STREAM_LATE_B  // probe A/Bs: 0 or 1 for NB > 1
+  constexpr bool kLateB = NB > 1 && JAX_MOE_STREAM_LATE_B;
+#else
+  constexpr bool kLateB = NB > 1;
+#endif
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int group = warp / kStreamGroupWarps, gw = warp % kStreamGroupWarps;
   const int gtid = tid % (kStreamGroupWarps * 32);
   const int g = lane >> 2, c = lane & 3;
-  const unsigned int seg_target = kStreamSegDonePerUnit * static_cast<unsigned int>(tiles1);
+  const unsigned int seg_target = StreamSegDone<NB>::kPerUnit * static_cast<unsigned int>(tiles1);
   int parity = 0, ready = -1;  // ready: a segment whose h this thread saw complete
   uint32_t jj = 0;             // stages this group has taken
   auto peek = [&](uint32_t j) {  // blocking: only while this group holds no unit
@@ -646,12 +680,21 @@ __device__ void consume(const GemvStreamArgs& a, const int* segs, const int* sor
     mbar_wait(smem_addr(&id_bar[s]), (j / NS) & 1u);
     return read_slot_unit(slot_unit, s);
   };
+  uint4 bnext[NB][CPW];
+  const T* brow[NB];
+  auto load_b_all = [&](const StreamUnit& u, int st) {
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb) load_b_unit<T, MAXC>(a, u, brow[nb], st, bnext[nb]);
+  };
+  auto set_rows = [&](const StreamUnit& u) {
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb) brow[nb] = b_row<T>(a, u, segs, sorted, nb);
+  };
   StreamUnit d = decode_unit<RUNS>(peek(jj), n1, tiles1, tiles2, segs, runs);
   if (d.u < 0) return;
-  uint4 bnext[CPW];
-  const T* brow = b_row<T>(a, d, segs, sorted);
+  set_rows(d);
   if (!d.p1) { while (!seg_ready(d.seg, seg_target)) {} ready = d.seg; }
-  load_b_unit<T, MAXC>(a, d, brow, 0, bnext);
+  load_b_all(d, 0);
   for (;;) {
     const int stages = d.p1 ? a.p1.stages : a.p2.stages;
     const int stage_cols = d.p1 ? a.p1.stage_cols : a.p2.stage_cols;
@@ -660,7 +703,7 @@ __device__ void consume(const GemvStreamArgs& a, const int* segs, const int* sor
     const int start = seg_start(seg);
     const int ntok = seg_tokens(seg);
     const bool hi_ok = d.p1 || d.tile * kStreamRows + 8 + g < a.p2.rows;
-    float acc[4][4] = {};
+    float acc[NB][4][4] = {};
     StreamUnit dn;
     bool have_next = false, next_loaded = false;
     // A single-stage unit of the same phase and segment as this one reads the same
@@ -671,28 +714,38 @@ __device__ void consume(const GemvStreamArgs& a, const int* segs, const int* sor
     };
     for (int st = 0; st < stages; ++st) {
       const uint32_t j = jj++;
-      uint4 bv[CPW];
-#pragma unroll
-      for (int q = 0; q < CPW; ++q) bv[q] = bnext[q];
-      if (st + 1 < stages) {
-        load_b_unit<T, MAXC>(a, d, brow, st + 1, bnext);
-      } else if (__shfl_sync(0xffffffffu,  // lane 0's view: a warp-uniform branch
-                             mbar_test(smem_addr(&id_bar[group * NS + jj % NS]), (jj / NS) & 1u),
-                             0)) {
-        // Non-blocking here: waiting for the producer while holding a phase-1 unit
-        // could deadlock (the producer may wait on the other group, which may wait
-        // on this unit's segment).
-        dn = decode_unit<RUNS>(read_slot_unit(slot_unit, group * NS + jj % NS), n1, tiles1, tiles2,
-                               segs, runs);
-        have_next = true;
-        if (same_b(dn)) {
-          next_loaded = true;  // bnext still holds this stage's B: the same rows
-        } else if (dn.u >= 0 && (dn.p1 || dn.seg == ready || seg_ready(dn.seg, seg_target))) {
-          if (!dn.p1) ready = dn.seg;
-          brow = b_row<T>(a, dn, segs, sorted);
-          load_b_unit<T, MAXC>(a, dn, brow, 0, bnext);
-          next_loaded = true;
+      // B of the next stage, or of the next unit when its number is known.
+      auto prefetch = [&]() {
+        if (st + 1 < stages) {
+          load_b_all(d, st + 1);
+        } else if (__shfl_sync(0xffffffffu,  // lane 0's view: a warp-uniform branch
+                               mbar_test(smem_addr(&id_bar[group * NS + jj % NS]), (jj / NS) & 1u),
+                               0)) {
+          // Non-blocking here: waiting for the producer while holding a phase-1 unit
+          // could deadlock (the producer may wait on the other group, which may wait
+          // on this unit's segment).
+          dn = decode_unit<RUNS>(read_slot_unit(slot_unit, group * NS + jj % NS), n1, tiles1,
+                                 tiles2, segs, runs);
+          have_next = true;
+          if (same_b(dn)) {
+            next_loaded = true;  // bnext still holds this stage's B: the same rows
+          } else if (dn.u >= 0 && (dn.p1 || dn.seg == ready || seg_ready(dn.seg, seg_target))) {
+            if (!dn.p1) ready = dn.seg;
+            set_rows(dn);
+            load_b_all(dn, 0);
+            next_loaded = true;
+          }
         }
+      };
+      // kLateB: the mmas read bnext itself and the prefetch follows them (one set of
+      // B registers); else the prefetch is in flight during the mmas (two sets).
+      uint4 bv[NB][CPW];
+      if (!kLateB) {
+#pragma unroll
+        for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+          for (int q = 0; q < CPW; ++q) bv[nb][q] = bnext[nb][q];
+        prefetch();
       }
       const int cols = min(stage_cols, K - st * stage_cols);
       const int nch = (cols + 31) >> 5;
@@ -713,8 +766,14 @@ __device__ void consume(const GemvStreamArgs& a, const int* segs, const int* sor
           const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
           const uint4 lo = in ? lds_v4(p) : zero;
           const uint4 hi = (in && hi_ok) ? lds_v4(p + 8 * StreamGeom<MAXC>::kRowStride) : zero;
-          mma_m16n8k16<T>(acc[2 * (q & 1)], lo.x, hi.x, lo.y, hi.y, bv[q].x, bv[q].y);
-          mma_m16n8k16<T>(acc[2 * (q & 1) + 1], lo.z, hi.z, lo.w, hi.w, bv[q].z, bv[q].w);
+#pragma unroll
+          for (int nb = 0; nb < NB; ++nb) {
+            if (nb > 0 && ntok <= 8 * nb) break;  // no token in this group
+            float (*ac)[4] = acc[nb];
+            const uint4 b = kLateB ? bnext[nb][q] : bv[nb][q];
+            mma_m16n8k16<T>(ac[2 * (q & 1)], lo.x, hi.x, lo.y, hi.y, b.x, b.y);
+            mma_m16n8k16<T>(ac[2 * (q & 1) + 1], lo.z, hi.z, lo.w, hi.w, b.z, b.w);
+          }
         }
       }
       // One arrive per warp, after __syncwarp (which orders the warp's reads of the
@@ -724,18 +783,23 @@ __device__ void consume(const GemvStreamArgs& a, const int* segs, const int* sor
       // it but cost 4-5% at Qwen3 T=8 (bench_gemv A/B in one run, s5).
       __syncwarp();
       if (lane == 0) mbar_arrive(smem_addr(&r.empty[s]));
+      if (kLateB) prefetch();
     }
+    float (*rd)[kStreamRows][8 * NB] = red[2 * group + parity];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) acc[0][i] = (acc[0][i] + acc[1][i]) + (acc[2][i] + acc[3][i]);
-    float (*rd)[kStreamRows][8] = red[2 * group + parity];
-    rd[gw][g][2 * c] = acc[0][0];
-    rd[gw][g][2 * c + 1] = acc[0][1];
-    rd[gw][g + 8][2 * c] = acc[0][2];
-    rd[gw][g + 8][2 * c + 1] = acc[0][3];
+    for (int nb = 0; nb < NB; ++nb) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        acc[nb][0][i] = (acc[nb][0][i] + acc[nb][1][i]) + (acc[nb][2][i] + acc[nb][3][i]);
+      rd[gw][g][8 * nb + 2 * c] = acc[nb][0][0];
+      rd[gw][g][8 * nb + 2 * c + 1] = acc[nb][0][1];
+      rd[gw][g + 8][8 * nb + 2 * c] = acc[nb][0][2];
+      rd[gw][g + 8][8 * nb + 2 * c + 1] = acc[nb][0][3];
+    }
     group_sync(group);
     if (d.p1) {
       T* out = static_cast<T*>(a.p1.out);
-      if (gtid < 64) {  // warps 0 and 1 of the group: 8 rows x 8 tokens
+      if (gtid < 64 * NB) {  // 2 warps per group of 8 tokens: 8 rows x 8 tokens
         const int row = gtid & 7, tok = gtid >> 3;
         if (tok < ntok) {
           float gate = 0.f, up = 0.f;
@@ -750,7 +814,7 @@ __device__ void consume(const GemvStreamArgs& a, const int* segs, const int* sor
         }
         if (kStreamP1Inline) {
           __syncwarp();
-          if (lane == 0) atomicAdd(&g_stream_seg_done[d.seg], 1u);  // 2 per unit
+          if (lane == 0) atomicAdd(&g_stream_seg_done[d.seg], 1u);  // 2 per group of 8
         }
       }
       // The publisher makes h visible grid-wide (its release) and counts the unit:
@@ -758,9 +822,9 @@ __device__ void consume(const GemvStreamArgs& a, const int* segs, const int* sor
       if (!kStreamP1Inline) post_job(q, group, gtid, jn, d.u);
     } else {
       T* out = static_cast<T*>(a.p2.out);
-      const int row = gtid & 15, tok = gtid >> 4;
+      const int row = gtid & 15;
       const int rr = d.tile * kStreamRows + row;
-      if (tok < ntok && rr < a.p2.rows) {
+      for (int tok = gtid >> 4; tok < ntok && rr < a.p2.rows; tok += 8) {
         float v = 0.f;
 #pragma unroll
         for (int wv = 0; wv < kStreamGroupWarps; ++wv) v += rd[wv][row][tok];
@@ -775,12 +839,12 @@ __device__ void consume(const GemvStreamArgs& a, const int* segs, const int* sor
     const bool reuse = same_b(dn);
     d = dn;
     if (!next_loaded && !reuse) {
-      brow = b_row<T>(a, d, segs, sorted);
+      set_rows(d);
       if (!d.p1 && d.seg != ready) {
         JM_STREAM_TIMED(tid == 0, 8, while (!seg_ready(d.seg, seg_target)) {});
         ready = d.seg;
       }
-      load_b_unit<T, MAXC>(a, d, brow, 0, bnext);
+      load_b_all(d, 0);
     }
   }
 }
@@ -877,7 +941,10 @@ __device__ void publish(const int* segs, int tiles1, int tiles2, int n1, const S
 }
 #endif
 
-template <typename T, int NS, int MAXC, bool RUNS>
+// NB: at most NB groups of 8 tokens per segment. With NB = 2 the prologue cuts
+// segments of 16 when some expert has more than 8 assignments, else of 8 (every
+// block sees the same counts, so all choose alike).
+template <typename T, int NS, int MAXC, bool RUNS, int NB>
 __global__ void __launch_bounds__(kStreamThreads)
 gemv_stream_kernel(GemvStreamArgs a) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -886,8 +953,10 @@ gemv_stream_kernel(GemvStreamArgs a) {
   __shared__ __align__(8) uint64_t full_bar[kStreamGroups * NS], empty_bar[kStreamGroups * NS];
   __shared__ __align__(8) uint64_t id_bar[kStreamGroups * NS];
   __shared__ int slot_unit[kStreamGroups * NS];
-  __shared__ float red[2 * kStreamGroups][kStreamGroupWarps][kStreamRows][8];
-  __shared__ int s_segments, s_valid, s_multi;  // s_multi: an expert of > 8 assignments
+  __shared__ float red[2 * kStreamGroups * kStreamGroupWarps * kStreamRows * 8 * NB];
+  // s_multi: an expert of more assignments than a segment takes; s_seg_shift:
+  // log2 of the segment size (3: 8, 4: 16)
+  __shared__ int s_segments, s_valid, s_multi, s_seg_shift;
   __shared__ int job_unit[kStreamGroups * kStreamJobSlots];
   __shared__ __align__(8) uint64_t job_full[kStreamGroups * kStreamJobSlots];
   __shared__ __align__(8) uint64_t job_empty[kStreamGroups * kStreamJobSlots];
@@ -918,7 +987,7 @@ gemv_stream_kernel(GemvStreamArgs a) {
 #ifdef JAX_MOE_STREAM_TRACE
   if (tid < kStreamTraceEvents - 6) g_stream_trace[blockIdx.x][6 + tid] = 0ull;
 #endif
-  // ---- prologue: segments of <= 8 assignments per selected expert, ascending e ----
+  // ---- prologue: segments of <= S assignments per selected expert, ascending e ----
   // sorted[0, s_valid): valid assignments by expert, ascending within an expert;
   // sorted[s_valid, n): the assignments whose id is outside [0, E).
   if (tid < kStreamGroups * NS) {
@@ -951,24 +1020,28 @@ gemv_stream_kernel(GemvStreamArgs a) {
       const bool leader = ok && (peers & lt) == 0;
       const int key = leader ? e : 0x7fffffff;
       const int lc = leader ? c : 0;
+      const int sh = NB > 1 && __any_sync(0xffffffffu, leader && c > 8) ? 4 : 3;
+      const int S = 1 << sh;
       int pos = 0, spos = 0;
 #pragma unroll
       for (int j = 0; j < 32; ++j) {
         const int kj = __shfl_sync(0xffffffffu, key, j);
         const int cj = __shfl_sync(0xffffffffu, lc, j);
-        if (kj < e) { pos += cj; spos += (cj + 7) >> 3; }
+        if (kj < e) { pos += cj; spos += (cj + S - 1) >> sh; }
       }
       const uint32_t valid = __ballot_sync(0xffffffffu, ok);
       const uint32_t bad = __ballot_sync(0xffffffffu, !ok && lane < n);
       if (ok) sorted[pos + __popc(peers & lt)] = lane;
       if (!ok && lane < n) sorted[__popc(valid) + __popc(bad & lt)] = lane;
       if (leader)
-        for (int j = 0; 8 * j < c; ++j) segs[spos + j] = seg_record(e, pos, c, j);
-      int ns = leader ? (c + 7) >> 3 : 0;
+        for (int j = 0; S * j < c; ++j) segs[spos + j] = seg_record(e, pos, c, j, S);
+      int ns = leader ? (c + S - 1) >> sh : 0;
 #pragma unroll
       for (int o = 16; o > 0; o >>= 1) ns += __shfl_xor_sync(0xffffffffu, ns, o);
-      const bool multi = __any_sync(0xffffffffu, leader && c > 8);
-      if (lane == 0) { s_segments = ns; s_valid = __popc(valid); s_multi = multi; }
+      const bool multi = __any_sync(0xffffffffu, leader && c > S);
+      if (lane == 0) {
+        s_segments = ns; s_valid = __popc(valid); s_multi = multi; s_seg_shift = sh;
+      }
     }
   } else {
     __syncthreads();
@@ -985,13 +1058,19 @@ gemv_stream_kernel(GemvStreamArgs a) {
     }
     __syncthreads();
     if (warp == 0) {  // exclusive scans of counts and of segments per expert
+      bool big = false;  // an expert of more than 8 assignments
+      if (NB > 1)
+        for (int base = 0; base < E; base += 32)
+          big |= __any_sync(0xffffffffu, base + lane < E && cnt[base + lane] > 8);
+      const int sh = big ? 4 : 3;
+      const int S = 1 << sh;
       int pos = 0, seg = 0;
       bool multi = false;
       for (int base = 0; base < E; base += 32) {
         const int e = base + lane;
         const int c = e < E ? cnt[e] : 0;
-        const int s = (c + 7) >> 3;
-        multi |= __any_sync(0xffffffffu, c > 8);
+        const int s = (c + S - 1) >> sh;
+        multi |= __any_sync(0xffffffffu, c > S);
         int ic = c, is = s;
 #pragma unroll
         for (int o = 1; o < 32; o <<= 1) {
@@ -1003,15 +1082,16 @@ gemv_stream_kernel(GemvStreamArgs a) {
         pos += __shfl_sync(0xffffffffu, ic, 31);
         seg += __shfl_sync(0xffffffffu, is, 31);
       }
-      if (lane == 0) { s_segments = seg; s_valid = pos; s_multi = multi; }
+      if (lane == 0) { s_segments = seg; s_valid = pos; s_multi = multi; s_seg_shift = sh; }
     }
     __syncthreads();
+    const int S = 1 << s_seg_shift;
     // Every block must cut the same segments: each expert's assignments ascending,
     // read off its mask; the invalid ones after all valid ones, ascending.
     for (int e = tid; e < E; e += blockDim.x) {
       const int c = cnt[e];
       if (c == 0) continue;
-      for (int j = 0; 8 * j < c; ++j) segs[seg_first[e] + j] = seg_record(e, cursor[e], c, j);
+      for (int j = 0; S * j < c; ++j) segs[seg_first[e] + j] = seg_record(e, cursor[e], c, j, S);
       int pos = cursor[e];
       for (int w = 0; w < nw; ++w)
         for (uint32_t m = exp_bits[e * nw + w]; m != 0u; m &= m - 1u)
@@ -1060,8 +1140,16 @@ gemv_stream_kernel(GemvStreamArgs a) {
         y[static_cast<int64_t>(i) * H + rr] = from_float<T>(0.f);
     }
     uint32_t jn = 0u;  // units handed to the publisher
-    consume<T, NS, MAXC, RUNS>(a, segs, sorted, tiles1, tiles2, n1, r, slot_unit, id_bar, red,
-                               runs, q, jn);
+    // Segments of 16 take the two-group consumer; of 8, the one-group consumer, whose
+    // B loads run a stage ahead (kLateB).
+    if (NB > 1 && s_seg_shift == 4)
+      consume<T, NS, MAXC, RUNS, NB>(
+          a, segs, sorted, tiles1, tiles2, n1, r, slot_unit, id_bar,
+          reinterpret_cast<float (*)[kStreamGroupWarps][kStreamRows][8 * NB]>(red), runs, q, jn);
+    else
+      consume<T, NS, MAXC, RUNS, 1>(
+          a, segs, sorted, tiles1, tiles2, n1, r, slot_unit, id_bar,
+          reinterpret_cast<float (*)[kStreamGroupWarps][kStreamRows][8]>(red), runs, q, jn);
     post_job(q, warp / kStreamGroupWarps, tid % (kStreamGroupWarps * 32), jn, -1);
     JM_STREAM_TRACE(tid == 0 || tid == 128, tid == 0 ? 2 : 3);
   }
@@ -1098,8 +1186,9 @@ inline void StreamStageGeometry(int K, int* stage_cols, int* stages, int max_col
   *stages = (K + cols - 1) / cols;
 }
 
-// Static shared memory of the kernel (barriers, the groups' partial sums) is under this.
-constexpr int kStreamStaticSmemBound = 12 * 1024;
+// Static shared memory of the kernel (barriers, the groups' partial sums: 8 KB per
+// group of 8 tokens) is under this.
+constexpr int kStreamStaticSmemBound = 20 * 1024;
 
 // True when the stream kernel can run this problem: bf16/f16, H and I multiples of 8,
 // I > 0, T*k and E within the shared-memory lists, an sm_90+ device whose blocks may
@@ -1114,10 +1203,13 @@ inline bool StreamSupported(int64_t num_assign, int64_t E, int64_t H, int64_t I,
                  kStreamStaticSmemBound;
 }
 
-template <typename T, int NS, int MAXC, bool RUNS>
+// NB: groups of 8 tokens per segment; the wide ring (MAXC >= kStreamColsWide) takes
+// kStreamWideGroups, the narrow one 1 (see JAX_MOE_STREAM_WIDE_SEG).
+template <typename T, int NS, int MAXC, bool RUNS,
+          int NB = (MAXC >= kStreamColsWide ? kStreamWideGroups : 1)>
 cudaError_t LaunchGemvStreamNS(const GemvStreamArgs& a, int sms, cudaStream_t stream) {
   const size_t smem = StreamSmemBytes(NS, MAXC);
-  auto kern = gemv_stream_kernel<T, NS, MAXC, RUNS>;
+  auto kern = gemv_stream_kernel<T, NS, MAXC, RUNS, NB>;
   // The opt-in shared-memory size is a per-device property of the function: set it
   // once per device (this instantiation's flags), not on every call.
   static bool smem_set[64] = {};
