@@ -229,6 +229,10 @@ def gemv_k_split(rows: int, reduce_len: int, gated: bool = False) -> int:
 # shared expert, was not timed). (Session 11's version, in which the publisher warp
 # summed each (token, 16-row tile) as its slots completed, lost everywhere, run
 # s11-2: Gemma-4 T=1 47.0 against 44.1 us with combine's kernel.)
+# Through JAX (bench_gemv, run s14-1, us, combine's kernel / the last block's sum):
+# T=1 Gemma-4 45.1 / 44.5, Qwen3 38.9 / 37.8, Mixtral 244.7 / 243.9, DeepSeek-V3
+# (k=8, no shared expert) 243.7 / 244.7; T=2 Gemma-4 74.6 / 74.5, Qwen3 63.1 / 61.7.
+# In moe_block (bench_moe, T=1 and 2) the two were within the passes' spread.
 GEMV_COMBINE_IN_KERNEL_MAX_ROUNDS = 3
 GEMV_COMBINE_IN_KERNEL_THREADS = 320     # the stream kernel's block (kStreamThreads)
 GEMV_COMBINE_IN_KERNEL_MAX_SLOTS = 8
@@ -302,8 +306,10 @@ def moe_implementation(num_tokens: int, num_experts: int, top_k: int, hidden: in
 # Shared experts in the routed experts' expert_gemv call (slots k .. k + S - 1 of every
 # token) instead of a second call: one weight stream with one ramp and one tail, and
 # no separate f32 add. The stream kernel serves at most 8 assignments of an expert
-# per weight pass, and every token is an assignment of each shared expert, so up to
-# 8 tokens the shared weights are still read once; beyond that a separate call
+# per weight pass (16 on the wide ring since session 14, when an expert has more than
+# 8: folding at 9-16 tokens there was not timed), and every token is an assignment
+# of each shared expert, so up to 8 tokens the shared weights are still read once;
+# beyond that a separate call
 # (variant 4 serves 32 tokens per pass) reads them fewer times. Needs the shared
 # experts' intermediate size to equal the routed one's (one weight layout).
 # Measured on H100 (bench_moe, DeepSeek-V3, folded / --no-fold-shared in one call,

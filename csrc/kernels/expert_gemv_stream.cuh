@@ -7,7 +7,8 @@
 // bandwidth (ncu, RESULTS.md s2-B7): its bytes in flight are bounded by registers
 // and its row-tile grid does not divide evenly over the SMs. Design:
 //   * one block per SM, one launch; every block computes the same work list (the
-//     selected experts, split into segments of at most 8 assignments). Units are
+//     selected experts, split into segments of at most 8 assignments, or 16 on the
+//     wide ring when an expert has more than 8: kStreamWideGroups). Units are
 //     (segment, 8 gate + the matching 8 up rows) in phase 1 and (segment, 16 w_down
 //     rows) in phase 2, numbered phase 1 first, segments ascending (on the wide ring
 //     one expert's segments of the same rows adjacent: "run order", below);
@@ -22,9 +23,9 @@
 //   * two groups of 4 consumer warps take alternate units (each group has its own
 //     NS slots), so one group's end-of-unit work overlaps the other's stages. The 4
 //     warps of a group split each stage's 32-column chunks (the chunk layout of
-//     mma.cuh), run mma.sync with the segment's <= 8 tokens as B, keep f32 partial
-//     sums in registers across a unit's stages and add the 4 warps' partials in a
-//     fixed order: deterministic, no atomics on results;
+//     mma.cuh), run mma.sync with the segment's tokens as B (one or two groups of
+//     8), keep f32 partial sums in registers across a unit's stages and add the 4
+//     warps' partials in a fixed order: deterministic, no atomics on results;
 //   * a publisher warp takes each group's finished units from a small job ring: for a
 //     phase-1 unit it makes the group's h stores visible grid-wide and counts the unit
 //     (one release-add per unit; the consumers' own gpu-scope fence had stalled the
@@ -140,7 +141,7 @@ constexpr int kStreamTailUnitsPerBlock = JAX_MOE_STREAM_TAIL_UNITS_PER_BLOCK;
 // Qwen3 T=64 409.1 / 431.9, skewed 396.3 / 422.3; T <= 32 uniform within 0.5.
 // (Copies of a run's earlier units with L2::evict_normal instead of evict_first,
 // s10-4: DeepSeek-V3 T=16 / 64 -0.3% / -0.2%, Mixtral -1.0% / +0.6%; not kept.)
-// Without a run of two or more segments (no expert of more than 8 assignments) the
+// Without a run of two or more segments (no expert of more than one segment) the
 // two orders coincide and the kernel decodes segment-major (s10-7: within 0.3%).
 #ifdef JAX_MOE_STREAM_SEG_MAJOR  // probe A/Bs: segment-major everywhere
 constexpr bool kStreamRunsWide = false;
