@@ -366,7 +366,7 @@ def main(argv=None) -> int:
                   help="a layer slower than this per call is timed once, not repeated")
   ap.add_argument("--no-fold-shared", action="store_true",
                   help="run shared experts in their own expert_gemv call at every T "
-                       "(heuristics.MOE_FOLD_SHARED_MAX_TOKENS = 0), for an A/B")
+                       "(heuristics.MOE_FOLD_SHARED_MAX_TOKENS and _WIDE = 0), for an A/B")
   ap.add_argument("--peak-tflops", type=float, default=None,
                   help="for skip estimates only (default 400 on GPU, 0.2 on CPU)")
   args = ap.parse_args(argv)
@@ -374,6 +374,7 @@ def main(argv=None) -> int:
   platform = jax.devices()[0].platform
   if args.no_fold_shared:
     jax_moe.heuristics.MOE_FOLD_SHARED_MAX_TOKENS = 0
+    jax_moe.heuristics.MOE_FOLD_SHARED_MAX_TOKENS_WIDE = 0
   for name, full, quick in (("calls", 8, 4), ("repeats", 7, 3), ("max_copies", 16, 4)):
     if getattr(args, name) is None:
       setattr(args, name, quick if args.quick else full)
@@ -425,7 +426,9 @@ def main(argv=None) -> int:
                  heuristics=dict(
                      MOE_GEMV_MAX_EXPERT_FRACTION=jax_moe.heuristics.MOE_GEMV_MAX_EXPERT_FRACTION,
                      MOE_GEMV_MAX_TOKENS=jax_moe.heuristics.MOE_GEMV_MAX_TOKENS,
-                     MOE_FOLD_SHARED_MAX_TOKENS=jax_moe.heuristics.MOE_FOLD_SHARED_MAX_TOKENS),
+                     MOE_FOLD_SHARED_MAX_TOKENS=jax_moe.heuristics.MOE_FOLD_SHARED_MAX_TOKENS,
+                     MOE_FOLD_SHARED_MAX_TOKENS_WIDE=(
+                         jax_moe.heuristics.MOE_FOLD_SHARED_MAX_TOKENS_WIDE)),
                  rows=rows, summary=summary)
   harness.write_json(os.path.join(args.out, "moe.json"), payload)
   log(f"\nwrote {os.path.join(args.out, 'moe.json')}")

@@ -318,7 +318,14 @@ def moe_implementation(num_tokens: int, num_experts: int, top_k: int, hidden: in
 # pass (from L2 on the wide ring, whose run order puts its segments side by side):
 # with the fold up to 32 tokens, s10-4, us per layer (x floor), folded / not: T=16
 # 2243.7 (1.040) / 2260.0 (1.040), T=32 3200.1 (1.053) / 3150.0 (1.040).
+# Session 14: the wide ring cuts segments of 16 when an expert has more than 8
+# assignments, so there a folded shared expert is read once up to 16 tokens.
+# bench_moe, DeepSeek-V3 T=16, us per layer, fold up to 8 / up to 16, passes in the
+# order 8, 16, 16, 8 (run s14-10): 2308.2, 2248.6 / 2237.5, 2226.7 (the first pass
+# the slowest of all). So MOE_FOLD_SHARED_MAX_TOKENS_WIDE = 16 from
+# GEMV_STREAM_WIDE_MIN_HIDDEN.
 MOE_FOLD_SHARED_MAX_TOKENS = 8
+MOE_FOLD_SHARED_MAX_TOKENS_WIDE = 16
 
 
 def moe_fold_shared(num_tokens: int, num_experts: int, top_k: int, num_shared: int,
@@ -326,12 +333,13 @@ def moe_fold_shared(num_tokens: int, num_experts: int, top_k: int, num_shared: i
   """Whether moe_block's gemv path runs the shared experts inside the routed call."""
   if num_shared < 1 or shared_intermediate != intermediate:
     return False
-  if num_tokens > MOE_FOLD_SHARED_MAX_TOKENS:
+  wide = hidden >= GEMV_STREAM_WIDE_MIN_HIDDEN
+  if num_tokens > (MOE_FOLD_SHARED_MAX_TOKENS_WIDE if wide else MOE_FOLD_SHARED_MAX_TOKENS):
     return False
   return expert_gemv_variant(num_tokens, num_experts, top_k, num_shared, hidden) in (5, 6)
 
 
-# Shared experts outside the routed call (more than MOE_FOLD_SHARED_MAX_TOKENS
+# Shared experts outside the routed call (more than MOE_FOLD_SHARED_MAX_TOKENS[_WIDE]
 # tokens): expert_gemv on [T, S] ids, or two XLA matmuls (every token runs every
 # shared expert: a [T, H] x [H, S * 2I] GEMM reads the weights once at any T).
 # expert_gemv's register kernel (variant 4) serves GEMV_MAX_TOKENS_PER_PASS tokens per

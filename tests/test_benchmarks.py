@@ -244,22 +244,27 @@ def test_moe_floor_counts_the_timed_trajectory():
 
 
 def test_moe_no_fold_shared_flag(tmp_path, monkeypatch):
-  """--no-fold-shared sets heuristics.MOE_FOLD_SHARED_MAX_TOKENS to 0 for the run (the
-  separate shared-expert call at every T) and the JSON records it."""
+  """--no-fold-shared sets heuristics.MOE_FOLD_SHARED_MAX_TOKENS and its _WIDE twin to
+  0 for the run (the separate shared-expert call at every T) and the JSON records it."""
   import json
   import bench_moe
   from jax_moe import heuristics
   monkeypatch.setattr(heuristics, "MOE_FOLD_SHARED_MAX_TOKENS", 8)  # restored afterwards
+  monkeypatch.setattr(heuristics, "MOE_FOLD_SHARED_MAX_TOKENS_WIDE", 16)
   args = ["--out", str(tmp_path), "--quick", "--shapes", "deepseek_v3", "--tokens", "1",
           "--impls", "auto", "--repeats", "1", "--calls", "1", "--max-copies", "1"]
   assert bench_moe.main(args + ["--no-fold-shared"]) == 0
   assert heuristics.MOE_FOLD_SHARED_MAX_TOKENS == 0
+  assert heuristics.MOE_FOLD_SHARED_MAX_TOKENS_WIDE == 0
   with open(tmp_path / "moe.json") as f:
-    assert json.load(f)["heuristics"]["MOE_FOLD_SHARED_MAX_TOKENS"] == 0
+    h = json.load(f)["heuristics"]
+    assert h["MOE_FOLD_SHARED_MAX_TOKENS"] == 0 and h["MOE_FOLD_SHARED_MAX_TOKENS_WIDE"] == 0
   monkeypatch.setattr(heuristics, "MOE_FOLD_SHARED_MAX_TOKENS", 8)
+  monkeypatch.setattr(heuristics, "MOE_FOLD_SHARED_MAX_TOKENS_WIDE", 16)
   assert bench_moe.main(args) == 0
   with open(tmp_path / "moe.json") as f:
-    assert json.load(f)["heuristics"]["MOE_FOLD_SHARED_MAX_TOKENS"] == 8
+    h = json.load(f)["heuristics"]
+    assert h["MOE_FOLD_SHARED_MAX_TOKENS"] == 8 and h["MOE_FOLD_SHARED_MAX_TOKENS_WIDE"] == 16
 
 
 def _trace_chain():

@@ -94,6 +94,7 @@ def test_shared_experts_folded(platform, monkeypatch, T, S, dtype):
   assert calls == (1 if fold else 2)
   out = check(x, params, config)
   monkeypatch.setattr(heuristics, "MOE_FOLD_SHARED_MAX_TOKENS", 0)
+  monkeypatch.setattr(heuristics, "MOE_FOLD_SHARED_MAX_TOKENS_WIDE", 0)
   assert str(jax.make_jaxpr(lambda a: moe_block(a, params, config))(x)).count(
       "jax_moe_expert_gemv") == 2
   apart = jax.jit(moe_block)(x, params, config)
@@ -125,7 +126,10 @@ def test_fold_shared_heuristic():
   assert not heuristics.moe_fold_shared(1, 256, 8, 0, 7168, 2048, 0)      # no shared
   assert not heuristics.moe_fold_shared(1, 256, 8, 1, 7168, 2048, 1024)   # other I_s
   assert heuristics.moe_fold_shared(8, 256, 8, 1, 7168, 2048, 2048)       # DeepSeek-V3
-  assert not heuristics.moe_fold_shared(16, 256, 8, 1, 7168, 2048, 2048)  # 2 passes
+  assert heuristics.moe_fold_shared(16, 256, 8, 1, 7168, 2048, 2048)      # wide: segments of 16
+  assert not heuristics.moe_fold_shared(17, 256, 8, 1, 7168, 2048, 2048)  # 2 passes
+  assert heuristics.moe_fold_shared(8, 128, 8, 1, 2048, 768, 768)         # narrow ring
+  assert not heuristics.moe_fold_shared(9, 128, 8, 1, 2048, 768, 768)     # segments of 8
   assert not heuristics.moe_fold_shared(8, 8, 2, 8, 2048, 1024, 1024)     # not the stream kernel
   # the kernels see T * (k + S) assignments over E + S experts
   assert heuristics.expert_gemv_variant(8, 256, 8, 1, 7168) == 6
