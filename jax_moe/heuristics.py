@@ -112,6 +112,12 @@ GEMV_STREAM_MAX_MEAN = 4
 GEMV_STREAM_MAX_MEAN_WIDE = 8
 
 
+def stream_wide_ring(hidden: int) -> bool:
+  """Whether the stream kernel runs with the wide ring (variant 6: 1024-column slots,
+  segments of up to 16 assignments) for this hidden size."""
+  return hidden >= GEMV_STREAM_WIDE_MIN_HIDDEN
+
+
 def gemv_kernel_variant(num_tokens: int, num_experts: int, top_k: int,
                         hidden: int = 0) -> int:
   """The stream kernel (5, or 6 with wide slots from GEMV_STREAM_WIDE_MIN_HIDDEN) up
@@ -140,7 +146,7 @@ def gemv_kernel_variant(num_tokens: int, num_experts: int, top_k: int,
   """
   if num_tokens * top_k > GEMV_STREAM_MAX_ASSIGN:
     return 4
-  wide = hidden >= GEMV_STREAM_WIDE_MIN_HIDDEN
+  wide = stream_wide_ring(hidden)
   max_mean = GEMV_STREAM_MAX_MEAN_WIDE if wide else GEMV_STREAM_MAX_MEAN
   if num_tokens * top_k > max_mean * num_experts:
     return 4
@@ -307,9 +313,8 @@ def moe_implementation(num_tokens: int, num_experts: int, top_k: int, hidden: in
 # token) instead of a second call: one weight stream with one ramp and one tail, and
 # no separate f32 add. The stream kernel serves at most 8 assignments of an expert
 # per weight pass (16 on the wide ring since session 14, when an expert has more than
-# 8: folding at 9-16 tokens there was not timed), and every token is an assignment
-# of each shared expert, so up to 8 tokens the shared weights are still read once;
-# beyond that a separate call
+# 8), and every token is an assignment of each shared expert, so up to 8 tokens (16
+# on the wide ring) the shared weights are still read once; beyond that a separate call
 # (variant 4 serves 32 tokens per pass) reads them fewer times. Needs the shared
 # experts' intermediate size to equal the routed one's (one weight layout).
 # Measured on H100 (bench_moe, DeepSeek-V3, folded / --no-fold-shared in one call,
@@ -333,7 +338,7 @@ def moe_fold_shared(num_tokens: int, num_experts: int, top_k: int, num_shared: i
   """Whether moe_block's gemv path runs the shared experts inside the routed call."""
   if num_shared < 1 or shared_intermediate != intermediate:
     return False
-  wide = hidden >= GEMV_STREAM_WIDE_MIN_HIDDEN
+  wide = stream_wide_ring(hidden)
   if num_tokens > (MOE_FOLD_SHARED_MAX_TOKENS_WIDE if wide else MOE_FOLD_SHARED_MAX_TOKENS):
     return False
   return expert_gemv_variant(num_tokens, num_experts, top_k, num_shared, hidden) in (5, 6)

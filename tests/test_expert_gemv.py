@@ -305,7 +305,7 @@ def test_stream_kernel(platform, T, H, I, E, k, dtype, hot, variant):
     ids = ids.astype(np.int32)
     assert np.bincount(ids.ravel(), minlength=E).max() > 16  # some runs of 3+ segments
   elif hot == "edges":  # around both segment sizes (8 narrow ring, 16 wide ring)
-    ids = np.repeat(np.arange(4), [16, 17, 8, 9]).astype(np.int32)
+    ids = np.repeat(np.arange(4), [16, 17, 8, 9])
     ids = np.concatenate([[0], r.permutation(ids), [0]]).reshape(T, k).astype(np.int32)
   else:
     ids = np.full((T, k), 5, np.int32) if hot else distinct_ids(r, T, k, E)

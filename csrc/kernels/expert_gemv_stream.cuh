@@ -644,10 +644,6 @@ constexpr bool kStreamP1Inline = true;
 #else
 constexpr bool kStreamP1Inline = false;
 #endif
-template <int NB>
-struct StreamSegDone {
-  static constexpr unsigned int kPerUnit = kStreamP1Inline ? 2u * NB : 1u;
-};
 
 // One consumer group's loop: take units from the group's slots in order until the
 // sentinel. The B loads of the next unit are issued during the current unit's last
@@ -673,7 +669,8 @@ __device__ void consume(const GemvStreamArgs& a, const int* segs, const int* sor
   const int group = warp / kStreamGroupWarps, gw = warp % kStreamGroupWarps;
   const int gtid = tid % (kStreamGroupWarps * 32);
   const int g = lane >> 2, c = lane & 3;
-  const unsigned int seg_target = StreamSegDone<NB>::kPerUnit * static_cast<unsigned int>(tiles1);
+  const unsigned int seg_target =
+      (kStreamP1Inline ? 2u * NB : 1u) * static_cast<unsigned int>(tiles1);
   int parity = 0, ready = -1;  // ready: a segment whose h this thread saw complete
   uint32_t jj = 0;             // stages this group has taken
   auto peek = [&](uint32_t j) {  // blocking: only while this group holds no unit
