@@ -46,7 +46,7 @@ from jax_moe.shapes import SHAPES  # noqa: E402
 DEFAULT_SHAPES = ["gemma4", "qwen3", "mixtral", "deepseek_v3"]
 DEFAULT_TOKENS = [1, 2, 4, 8, 16, 32, 64, 512, 4096]
 QUICK_TOKENS = [1, 8, 128]
-METHODS = ["ragged_dot", "dense", "gather"]
+METHODS = ["ragged_dot", "dense", "gather", "capacity"]
 # Rows of the result, in table order. "auto" is the same program as the
 # implementation it resolves to, so its time is that row's (see "resolved").
 IMPLS = (["auto", "gemv"] + [f"grouped:{m}" for m in METHODS] + [f"xla:{m}" for m in METHODS])
@@ -94,12 +94,19 @@ def transient_bytes(impl: str, shape, T: int, itemsize: int) -> int:
     return T * k * 3 * H * I * itemsize
   if method == "dense":    # f32 gate/up of every expert, then every expert's output
     return T * E * (2 * I * 4 + I * itemsize + H * 4)
+  if method == "capacity":  # [E, C] rows of one token block at its largest bucket
+    h = moe_lib.heuristics
+    tb = h.moe_dense_token_block(T, E, H, I)
+    C = max(h.moe_capacity_buckets(min(T, tb), E, k), default=0)
+    return E * C * (H * itemsize + 2 * I * 4 + I * itemsize + H * 4)
   return T * k * (H * itemsize + 2 * I * 4 + I * itemsize + H * 4)
 
 
 def flops(impl: str, shape, T: int) -> float:
   E, k = shape.num_experts, shape.top_k
   per = 2 * 3 * shape.hidden * shape.intermediate
+  if impl.endswith("capacity"):  # the smallest bucket (uniform routing)
+    return E * min(moe_lib.heuristics.moe_capacity_buckets(T, E, k), default=T) * per
   return T * (E if impl.endswith("dense") else k) * per
 
 
@@ -131,12 +138,20 @@ def distinct_experts(ids, num_experts):
   return hit.sum()
 
 
-def input_distinct_experts(params, xs, config) -> float:
-  """Mean distinct experts over the input sets routed by `params` (not the timed
-  routings: the timed loop feeds each layer the previous layer's output)."""
+def input_routing_stats(params, xs, config) -> tuple[float, float]:
+  """Over the input sets routed by `params` (not the timed routings: the timed loop
+  feeds each layer the previous layer's output), the means of the distinct experts
+  and of the busiest expert's assignments over the mean T*k/E (the skew that the
+  grouped path's capacity must hold)."""
   route = jax.jit(lambda x: jax_moe.route(x, config.top_k, router_weight=params.router_weight,
                                           **moe_lib._route_kwargs(params, config))[1])
-  return float(np.mean([len(np.unique(np.asarray(route(x)))) for x in xs]))
+  distinct, busiest = [], []
+  for x in xs:
+    ids = np.asarray(route(x)).reshape(-1)
+    distinct.append(len(np.unique(ids)))
+    busiest.append(np.bincount(ids, minlength=config.num_experts).max()
+                   * config.num_experts / ids.size)
+  return float(np.mean(distinct)), float(np.mean(busiest))
 
 
 # Layer calls of the timed trajectory whose routing is recorded for the floor.
@@ -228,7 +243,7 @@ def bench_shape(shape, tokens, dtype, bw, l2, mem_budget, args, rows, log):
     xs = [harness.random_array(jax.random.fold_in(key, 1000 + i), (T, shape.hidden), dtype)
           for i in range(n_sets)]
     arg_sets = [(x, param_sets[i % copies]) for i, x in enumerate(xs)]
-    uniq_inputs = input_distinct_experts(params0, xs, config)
+    uniq_inputs, busiest = input_routing_stats(params0, xs, config)
     uniq = loop_distinct_experts(config, xs[0], param_sets, n_sets)
     fb = floor_bytes(shape, uniq, itemsize)
     floor_us = fb / bw * 1e6
@@ -236,6 +251,7 @@ def bench_shape(shape, tokens, dtype, bw, l2, mem_budget, args, rows, log):
     auto_as = "gemv" if resolved == "gemv" else f"grouped:{method}"
     base = dict(shape=shape.name, T=T, floor_us=floor_us, floor_bytes=fb,
                 distinct_experts=uniq, distinct_experts_inputs=uniq_inputs,
+                busiest_over_mean_inputs=busiest,
                 calls_per_program=n_sets)
     measured = {}
     start = len(rows)
@@ -279,7 +295,7 @@ def bench_shape(shape, tokens, dtype, bw, l2, mem_budget, args, rows, log):
       rows.insert(start, auto)
     parts = [f"{i}={measured[i]:.1f}" for i in IMPLS[1:] if i in measured]
     log(f"  T={T:5d}  floor {floor_us:8.1f} us ({uniq:.2f} experts in the loop, "
-        f"{uniq_inputs:.2f} on the inputs)  auto->{auto_as}  "
+        f"{uniq_inputs:.2f} on the inputs, busiest {busiest:.1f}x the mean)  auto->{auto_as}  "
         + "  ".join(parts))
 
 
@@ -320,7 +336,8 @@ def plot(rows, shapes, path, bw) -> str:
   styles = {"auto": dict(lw=2.5, color="C3"), "gemv": dict(ls="--", color="C1"),
             "grouped:ragged_dot": dict(color="C0"), "grouped:dense": dict(color="C2"),
             "grouped:gather": dict(color="C4"), "xla:ragged_dot": dict(ls=":", color="C0"),
-            "xla:dense": dict(ls=":", color="C2"), "xla:gather": dict(ls=":", color="C4")}
+            "xla:dense": dict(ls=":", color="C2"), "xla:gather": dict(ls=":", color="C4"),
+            "grouped:capacity": dict(color="C5"), "xla:capacity": dict(ls=":", color="C5")}
   for ax, name in zip(axes.flat, shapes):
     rs = [r for r in rows if r["shape"] == name]
     Ts = sorted({r["T"] for r in rs})

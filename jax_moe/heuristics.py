@@ -7,6 +7,8 @@ change them. Numbers marked "measured" come from benchmarks/ on one H100 SXM
 
 from __future__ import annotations
 
+import math
+
 # ---- route -------------------------------------------------------------------
 
 # Up to this many tokens the router matmul runs inside the routing launch; above it,
@@ -374,19 +376,66 @@ def moe_shared_dense(num_tokens: int) -> bool:
 #   "dense":      every expert on every token as two plain GEMMs, combine selects
 #                 the rows. E/k times the useful FLOPs, but no sort or gather and
 #                 full-size tensor-core tiles; in token blocks (below) for large T.
-# "dense" is the grouped default; "gather" only where T*k is far below E.
+#   "capacity":   sort assignments by expert, pad each expert's rows to a capacity
+#                 C that holds the busiest expert (buckets below), two batched
+#                 GEMMs over [E, C] rows: about E * C rows of work instead of E * T.
+# "capacity" from MOE_CAPACITY_MIN_TOKENS tokens, "dense" below, "gather" where T*k
+# is far below E. Measured on H100 (bench_moe, session 15, us per layer, dense /
+# capacity; run s15-8 unless marked): Gemma-4 T=128 683.8 / 742.3, T=256 865.4 /
+# 678.0, T=512 1506.1 / 760.6, T=4096 11149.2 (s15-7) / 1590.5; Qwen3 T=128 573.4 /
+# 526.3, T=256 714.7 / 544.3, T=512 1201.2 / 609.1, T=4096 9005.4 (s15-7) / 1304.3;
+# Mixtral T=128 1131.2 / 1081.3, T=256 1312.4 / 1144.5, T=512 2414.5 / 1231.7,
+# T=4096 17821.1 (s15-7) / 5378.7; DeepSeek-V3 T=128 8777.5 / 8766.3, T=256 10898.4
+# / 10056.6, T=512 19650.0 / 13484.0; and s15-7 (the first buckets) at T=64:
+# Gemma-4 605.9 / 663.8, Qwen3 482.9 / 497.6, Mixtral 1033.5 / 1070.6. Capacity
+# wins every shape from 256 (1.1-7x); at 128 it wins three of four by up to 8% and
+# loses Gemma-4 by 8%, so the rule starts at 256.
 # ragged_dot stays selectable (grouped_method="ragged_dot"), e.g. for CPU or for
 # devices where XLA lowers it to a real grouped GEMM.
 MOE_DENSE_MAX_BYTES = 8 << 30         # f32 intermediates per dense token block
+MOE_CAPACITY_MIN_TOKENS = 256
 
 
 def moe_grouped_method(num_tokens: int, num_experts: int, top_k: int, hidden: int,
                        intermediate: int) -> str:
-  """"gather" or "dense" for the grouped path."""
+  """"gather", "dense" or "capacity" for the grouped path."""
   del hidden, intermediate
   if 3 * num_tokens * top_k < num_experts:
     return "gather"
+  if num_tokens >= MOE_CAPACITY_MIN_TOKENS and moe_capacity_buckets(num_tokens, num_experts,
+                                                                     top_k):
+    return "capacity"
   return "dense"
+
+
+# "capacity": the assignments sorted by expert and each expert's rows padded to a
+# capacity C, then batched matmuls over [E, C] rows (moe._grouped_capacity). C must
+# hold the busiest expert, which only the routing knows, so the program carries one
+# branch per capacity bucket and picks at run time the smallest that fits; a routing
+# that fits none runs the dense formulation. Buckets: MOE_CAPACITY_FIRST times the
+# mean T*k/E, then doubling (so at most 2x the busiest expert's rows), rounded up to
+# MOE_CAPACITY_ALIGN rows, all below T (dense already does E * T rows). Real
+# routings are skewed (DeepSeek-V3's grouped routing on the benchmark's inputs left
+# 46 of 256 experts idle at T=4096), hence buckets far above the mean.
+MOE_CAPACITY_FIRST = 1.25
+MOE_CAPACITY_ALIGN = 16
+
+
+def moe_capacity_buckets(num_tokens: int, num_experts: int, top_k: int) -> tuple[int, ...]:
+  """Row capacities per expert of the "capacity" grouped method, ascending, each
+  below num_tokens (see MOE_CAPACITY_FIRST)."""
+  T, E, k = num_tokens, num_experts, top_k
+  if E < 1 or T < 1:
+    return ()
+  f = MOE_CAPACITY_FIRST * T * k / E
+  out = []
+  while True:
+    c = -(-math.ceil(f) // MOE_CAPACITY_ALIGN) * MOE_CAPACITY_ALIGN
+    if c >= T:
+      return tuple(out)
+    if not out or c > out[-1]:
+      out.append(c)
+    f *= 2
 
 
 def moe_dense_token_block(num_tokens: int, num_experts: int, hidden: int,

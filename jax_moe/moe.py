@@ -41,7 +41,7 @@ from jax_moe.expert_gemv import expert_gemv, expert_gemv_combine
 from jax_moe.route import route
 
 IMPLEMENTATIONS = ("auto", "gemv", "grouped", "reference")
-GROUPED_METHODS = ("auto", "ragged_dot", "dense", "gather")
+GROUPED_METHODS = ("auto", "ragged_dot", "dense", "gather", "capacity")
 
 
 # ---- configuration -------------------------------------------------------------
@@ -57,7 +57,7 @@ class MoEConfig:
   every token runs with weight 1 (DeepSeek/Qwen style). implementation: "auto" |
   "gemv" | "grouped" | "reference". grouped_method: the XLA formulation of the
   grouped path, "auto" (heuristics.moe_grouped_method) | "ragged_dot" | "dense" |
-  "gather".
+  "gather" | "capacity".
   """
   num_experts: int
   top_k: int
@@ -457,17 +457,29 @@ _RAGGED_DN = jax.lax.RaggedDotDimensionNumbers(
     lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
 
 
+def _sort_assignments(ids, E):
+  """Assignments sorted by expert (stable; ids outside [0, E) last): (order [N]
+  assignment numbers in sorted order, inv [N] sorted position of each assignment,
+  valid [N], expert of each sorted position [N] (E: invalid), counts [E], starts [E]
+  exclusive prefix of counts)."""
+  N = ids.size
+  flat = ids.reshape(N)
+  valid = (flat >= 0) & (flat < E)
+  key = jnp.where(valid, flat, E)
+  order = jnp.argsort(key, stable=True).astype(jnp.int32)
+  inv = jnp.zeros((N,), jnp.int32).at[order].set(jnp.arange(N, dtype=jnp.int32))
+  counts = jnp.bincount(key, length=E + 1)[:E].astype(jnp.int32)
+  starts = (jnp.cumsum(counts) - counts).astype(jnp.int32)
+  return order, inv, valid, key[order], counts, starts
+
+
 def _grouped_ragged_dot(x, ids, w_gate_up, w_down, activation):
   """Assignments sorted by expert, then two jax.lax.ragged_dot_general matmuls.
   Rows come out in sorted order; index is the inverse permutation."""
   T, k = ids.shape
   E = w_gate_up.shape[0]
-  N = T * k
-  flat = ids.reshape(N)
-  valid = (flat >= 0) & (flat < E)
-  key = jnp.where(valid, flat, E)  # dropped ids sort last and fall outside every group
-  order = jnp.argsort(key, stable=True).astype(jnp.int32)
-  sizes = jnp.bincount(key, length=E + 1)[:E].astype(jnp.int32)
+  # dropped ids sort last and fall outside every group
+  order, inv, valid, _, sizes, _ = _sort_assignments(ids, E)
   rows = x[order // k]
   prec = _precision(x.dtype)
   gu = jax.lax.ragged_dot_general(rows, w_gate_up, sizes, _RAGGED_DN, precision=prec,
@@ -475,9 +487,7 @@ def _grouped_ragged_dot(x, ids, w_gate_up, w_down, activation):
   h = _glu(gu, activation, x.dtype)
   y = jax.lax.ragged_dot_general(h, w_down, sizes, _RAGGED_DN, precision=prec,
                                  preferred_element_type=jnp.float32).astype(x.dtype)
-  inv = jnp.zeros((N,), jnp.int32).at[order].set(jnp.arange(N, dtype=jnp.int32))
-  index = jnp.where(valid, inv, -1).reshape(T, k)
-  return y, index
+  return y, jnp.where(valid, inv, -1).reshape(T, k)
 
 
 def _dense_block(x, w_gate_up, w_down, activation):
@@ -531,8 +541,81 @@ def _grouped_gather(x, ids, w_gate_up, w_down, activation):
   return y.reshape(T * k, H), index
 
 
+def _capacity_rows(x, k, order, expert_sorted, counts, starts, w_gate_up, w_down,
+                   activation, capacity):
+  """Each expert's assignments as rows [E, C] (C = capacity >= every count), two
+  batched matmuls over the experts, then the rows in sorted assignment order [N, H]."""
+  T, H = x.shape
+  E = w_gate_up.shape[0]
+  N = order.shape[0]
+  C = capacity
+  c = jnp.arange(C, dtype=jnp.int32)
+  pos = starts[:, None] + c[None, :]                       # sorted positions [E, C]
+  used = c[None, :] < counts[:, None]
+  tok = jnp.where(used, order[jnp.minimum(pos, N - 1)] // k, T)  # T: the zero row
+  rows = jnp.concatenate([x, jnp.zeros((1, H), x.dtype)])[tok]   # [E, C, H]
+  prec = _precision(x.dtype)
+  gu = jnp.einsum("ech,eoh->eco", rows, w_gate_up, precision=prec,
+                  preferred_element_type=jnp.float32)
+  h = _glu(gu, activation, x.dtype)
+  y = jnp.einsum("eci,ehi->ech", h, w_down, precision=prec,
+                 preferred_element_type=jnp.float32).astype(x.dtype)  # [E, C, H]
+  # sorted position p holds rank p - starts[e] of its expert e (< counts[e] <= C);
+  # the invalid assignments (sorted last) take any row: their index is -1
+  e = jnp.minimum(expert_sorted, E - 1)
+  src = e * C + jnp.clip(jnp.arange(N, dtype=jnp.int32) - starts[e], 0, C - 1)
+  return y.reshape(E * C, H)[src]
+
+
+def _capacity_block(x, ids, w_gate_up, w_down, activation):
+  """_grouped_capacity on one block of tokens: (rows [T*k, H] in sorted order, index)."""
+  T, k = ids.shape
+  E = w_gate_up.shape[0]
+  N = T * k
+  order, inv, valid, expert_sorted, counts, starts = _sort_assignments(ids, E)
+  buckets = heuristics.moe_capacity_buckets(T, E, k)
+
+  def capacity_branch(C):
+    return lambda: _capacity_rows(x, k, order, expert_sorted, counts, starts, w_gate_up,
+                                  w_down, activation, C)
+
+  def dense_branch():
+    rows, index = _grouped_dense(x, ids, w_gate_up, w_down, activation)
+    return rows[jnp.maximum(index.reshape(N)[order], 0)]
+
+  busiest = jnp.max(counts)
+  branch = jnp.sum(busiest > jnp.asarray(buckets, jnp.int32)) if buckets else jnp.int32(0)
+  y = jax.lax.switch(branch, [capacity_branch(C) for C in buckets] + [dense_branch])
+  return y, jnp.where(valid, inv, -1).reshape(T, k)
+
+
+def _grouped_capacity(x, ids, w_gate_up, w_down, activation):
+  """Assignments sorted by expert, each expert's rows padded to a capacity C, two
+  batched matmuls over [E, C] rows: about E * C rows of work instead of dense's
+  E * T. C is the smallest of heuristics.moe_capacity_buckets that holds the
+  busiest expert, chosen at run time (lax.switch over one static-shape branch per
+  bucket); when none does (a routing too skewed, or repeated ids), the dense
+  formulation. Above heuristics.moe_dense_token_block tokens, in token blocks of
+  that size (each block sorted on its own), which bounds the intermediates as for
+  dense. Rows come out in sorted order (per block); index is the inverse
+  permutation."""
+  T, k = ids.shape
+  E, two_i, H = w_gate_up.shape
+  tb = heuristics.moe_dense_token_block(T, E, H, two_i // 2)
+  if tb >= T:
+    return _capacity_block(x, ids, w_gate_up, w_down, activation)
+  nb = -(-T // tb)
+  xp = jnp.pad(x, ((0, nb * tb - T), (0, 0))).reshape(nb, tb, H)
+  ip = jnp.pad(ids, ((0, nb * tb - T), (0, 0)), constant_values=-1).reshape(nb, tb, k)
+  rows, index = jax.lax.map(
+      lambda a: _capacity_block(a[0], a[1], w_gate_up, w_down, activation), (xp, ip))
+  base = (jnp.arange(nb, dtype=jnp.int32) * (tb * k))[:, None, None]
+  index = jnp.where(index >= 0, index + base, -1).reshape(nb * tb, k)[:T]
+  return rows.reshape(nb * tb * k, H), index
+
+
 _GROUPED = {"ragged_dot": _grouped_ragged_dot, "dense": _grouped_dense,
-            "gather": _grouped_gather}
+            "gather": _grouped_gather, "capacity": _grouped_capacity}
 
 
 def _grouped_experts(x, ids, w_gate_up, w_down, activation, method):

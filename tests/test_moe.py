@@ -22,7 +22,7 @@ from helpers import assert_close, moe_inputs, rng, routing_hidden, selection_mar
 
 # (implementation, grouped_method)
 IMPLS = [("gemv", "auto"), ("grouped", "ragged_dot"), ("grouped", "dense"),
-         ("grouped", "gather"), ("auto", "auto")]
+         ("grouped", "gather"), ("grouped", "capacity"), ("auto", "auto")]
 impl_id = lambda p: p[0] if p[1] == "auto" else f"{p[0]}-{p[1]}"  # noqa: E731
 ROUTED = ["qwen3", "deepseek_v3", "gemma4", "mixtral"]
 
@@ -186,14 +186,94 @@ def test_auto_matches_measurements(name, gemv_at, grouped_at):
 
 
 def test_grouped_method_heuristic():
-  for T in (1, 2, 8, 64, 512, 4096):
-    for name in ("gemma4", "qwen3", "mixtral", "deepseek_v3"):
-      s = SHAPES[name]
-      assert heuristics.moe_grouped_method(T, s.num_experts, s.top_k, s.hidden,
-                                           s.intermediate) in ("dense", "gather")
+  """The measured rule (heuristics.moe_grouped_method): gather for few tokens, dense
+  up to 128 tokens, capacity from 256 on every benchmark shape."""
+  pick = lambda T, s: heuristics.moe_grouped_method(  # noqa: E731
+      T, s.num_experts, s.top_k, s.hidden, s.intermediate)
+  for name in ("gemma4", "qwen3", "mixtral", "deepseek_v3"):
+    s = SHAPES[name]
+    assert all(pick(T, s) in ("dense", "gather") for T in (1, 2, 8, 64, 128))
+    assert all(pick(T, s) == "capacity" for T in (256, 512, 1024, 4096))
   assert heuristics.moe_grouped_method(1, 128, 8, 2048, 768) == "gather"
-  assert heuristics.moe_grouped_method(512, 128, 8, 2048, 768) == "dense"
-  assert heuristics.moe_grouped_method(512, 8, 2, 4096, 14336) == "dense"
+  assert heuristics.moe_grouped_method(128, 128, 8, 2048, 768) == "dense"
+  assert heuristics.moe_grouped_method(512, 8, 2, 4096, 14336) == "capacity"
+  # no capacity below T: dense (E = 1 routes every token to the one expert)
+  assert heuristics.moe_capacity_buckets(512, 1, 1) == ()
+  assert heuristics.moe_grouped_method(512, 1, 1, 64, 64) == "dense"
+
+
+@pytest.mark.parametrize("T,E,k", [(4096, 256, 8), (512, 128, 8), (64, 8, 2), (40, 16, 4),
+                                   (3, 4, 2), (1, 8, 2), (0, 8, 2)])
+def test_capacity_buckets(T, E, k):
+  """Ascending multiples of MOE_CAPACITY_ALIGN below T: the first holds 1.25x the
+  mean assignments per expert, each next one about doubles (so the busiest expert
+  never gets more than ~2x its rows of padding), none at or above T."""
+  b = heuristics.moe_capacity_buckets(T, E, k)
+  align = heuristics.MOE_CAPACITY_ALIGN
+  assert all(c % align == 0 and 0 < c < T for c in b)
+  assert list(b) == sorted(set(b))
+  if b:
+    assert b[0] >= heuristics.MOE_CAPACITY_FIRST * T * k / E
+    assert all(c2 <= 2 * c1 + align for c1, c2 in zip(b, b[1:]))
+    assert 2 * b[-1] + align >= T  # the next bucket would not be below T
+  if T >= 256:
+    assert b  # the benchmark shapes all have buckets at prefill sizes
+
+
+def _grouped_capacity_vs_reference(ids, *, dtype=jnp.float32, T=48, H=64, I=48, E=8):
+  r = rng()
+  k = ids.shape[1]
+  x = jnp.asarray(r.standard_normal((T, H)), dtype)
+  wgu = jnp.asarray(r.standard_normal((E, 2 * I, H)) / np.sqrt(H), dtype)
+  wd = jnp.asarray(r.standard_normal((E, H, I)) / np.sqrt(I), dtype)
+  w = jnp.asarray(r.uniform(0.1, 1.0, (T, k)), jnp.float32)
+  ids = jnp.asarray(ids, jnp.int32)
+  out = jax.jit(moe_lib._grouped_op("silu", "capacity", jnp.dtype(dtype)))(x, ids, w, wgu, wd)
+  y = jax_moe.reference.expert_gemv(x, ids, wgu, wd, activation="silu")
+  ref = jax_moe.reference.combine(y, w, out_dtype=dtype)
+  assert out.shape == (T, H) and out.dtype == dtype
+  assert_close(out.astype(jnp.float32), ref.astype(jnp.float32), dtype)
+
+
+@pytest.mark.parametrize("busiest", ["first", "at_bucket", "over_bucket", "none_fits"])
+def test_capacity_every_branch(platform, busiest):
+  """Each run-time branch of the capacity method against the reference: the busiest
+  expert's count at the first bucket, exactly at a later bucket, one over a bucket
+  (the next one takes it), and over every bucket (the dense fallback; repeated ids
+  make an expert busier than T). Dropped ids (-1, E) included."""
+  T, k, E = 48, 2, 8
+  buckets = heuristics.moe_capacity_buckets(T, E, k)
+  assert buckets == (16, 32)  # the cases below are built for these
+  r = rng()
+  perm = r.permutation(E)  # balanced: every expert 12 times (the first bucket)
+  ids = np.stack([perm[np.arange(T) % E], perm[(np.arange(T) + 3) % E]], axis=1)
+  if busiest != "first":  # expert 0 in the first c tokens' slot 0, elsewhere not
+    c = {"at_bucket": 32, "over_bucket": 17, "none_fits": T}[busiest]
+    t = np.arange(T)  # the other experts balanced (at most 12 each), never 0
+    ids = perm[np.stack([1 + (t + 3) % (E - 1), 1 + t % (E - 1)], axis=1)]
+    ids[:c, 0] = perm[0]
+    if busiest == "none_fits":
+      ids[:4, 1] = perm[0]  # 52 assignments of one expert (> T: repeated ids)
+  counts = np.bincount(ids[(ids >= 0) & (ids < E)], minlength=E)
+  want = {"first": lambda n: n <= 16, "at_bucket": lambda n: n == 32,
+          "over_bucket": lambda n: n == 17, "none_fits": lambda n: n > T}[busiest]
+  assert want(counts.max())
+  ids[5, 1], ids[7, 0] = -1, E  # dropped
+  _grouped_capacity_vs_reference(ids, T=T, E=E)
+
+
+def test_capacity_token_blocks(platform, monkeypatch):
+  """Above moe_dense_token_block tokens the capacity method runs token blocks (the
+  last one padded), each sorted on its own: still the reference, dropped and
+  repeated ids included."""
+  monkeypatch.setattr(heuristics, "MOE_DENSE_MAX_BYTES", 4 * 8 * 96 * 20)
+  T, k, E = 44, 2, 8
+  assert heuristics.moe_dense_token_block(T, E, 64, 48) == 16  # 3 blocks, 4 pad tokens
+  r = rng()
+  ids = np.stack([r.permutation(E)[:k] for _ in range(T)])
+  ids[3, 0], ids[40, 1], ids[41] = -1, E, 5
+  _grouped_capacity_vs_reference(ids, T=T, E=E)
+  _grouped_capacity_vs_reference(ids, dtype=jnp.bfloat16, T=T, E=E)
 
 
 def test_dense_token_blocks(platform, monkeypatch):
