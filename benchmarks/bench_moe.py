@@ -322,7 +322,7 @@ def summarize(rows):
   return out
 
 
-def plot(rows, shapes, path, bw) -> str:
+def plot(rows, shapes, path, bw, device=None) -> str:
   try:
     import matplotlib
     matplotlib.use("Agg")
@@ -356,7 +356,7 @@ def plot(rows, shapes, path, bw) -> str:
   for ax in list(axes.flat)[n:]:
     ax.axis("off")
   axes.flat[0].legend(fontsize=7)
-  fig.suptitle(f"jax_moe moe_block, {harness.device_description()}, "
+  fig.suptitle(f"jax_moe moe_block, {device or harness.device_description()}, "
                f"read {bw / 1e9:.0f} GB/s")
   fig.tight_layout()
   fig.savefig(path, dpi=120)

@@ -57,7 +57,8 @@ def main(argv):
                           summary=summary))
   shapes = [n for n in bench_moe.DEFAULT_SHAPES if any(r["shape"] == n for r in rows)]
   print(bench_moe.plot([r for r in rows if r.get("us")], shapes,
-                       os.path.join(out_dir, "moe.png"), min(b for b in bws if b)))
+                       os.path.join(out_dir, "moe.png"), min(b for b in bws if b),
+                       device=" + ".join(sorted(d for d in devices if d)) or None))
   harness.print_table(summary, [("shape", "{}"), ("T", "{}"), ("floor_us", "{:.1f}"),
                                 ("auto_us", "{:.1f}"), ("auto_impl", "{}"),
                                 ("gemv_us", "{:.1f}"), ("grouped_us", "{:.1f}"),
