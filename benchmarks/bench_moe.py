@@ -63,11 +63,13 @@ def xla_native_block(x, params, config: MoEConfig, method: str):
                            correction_bias=params.correction_bias,
                            scaling_factor=config.scaling_factor,
                            expert_scale=params.expert_scale)
-  rows, index = moe_lib._grouped_experts(x, ids, params.w_gate_up, params.w_down,
-                                         config.activation, method)
-  T, k = ids.shape
-  y = rows.reshape(T, k, -1) if method == "gather" else rows[index]
-  out = jnp.einsum("tk,tkh->th", w, y.astype(jnp.float32))
+  def combine_fn(rows, w, index):
+    T, k = index.shape
+    y = rows.reshape(T, k, -1) if method == "gather" else rows[index]
+    return jnp.einsum("tk,tkh->th", w, y.astype(jnp.float32))
+
+  out = moe_lib._grouped_experts(x, ids, w, params.w_gate_up, params.w_down,
+                                 config.activation, method, combine_fn)
   if config.num_shared_experts:
     out = moe_lib._add_shared(out, moe_lib._shared_rows(x, params, config, "grouped"))
   return out.astype(x.dtype)

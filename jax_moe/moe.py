@@ -460,8 +460,7 @@ _RAGGED_DN = jax.lax.RaggedDotDimensionNumbers(
 def _sort_assignments(ids, E):
   """Assignments sorted by expert (stable; ids outside [0, E) last): (order [N]
   assignment numbers in sorted order, inv [N] sorted position of each assignment,
-  valid [N], expert of each sorted position [N] (E: invalid), counts [E], starts [E]
-  exclusive prefix of counts)."""
+  valid [N], counts [E], starts [E] exclusive prefix of counts)."""
   N = ids.size
   flat = ids.reshape(N)
   valid = (flat >= 0) & (flat < E)
@@ -470,7 +469,7 @@ def _sort_assignments(ids, E):
   inv = jnp.zeros((N,), jnp.int32).at[order].set(jnp.arange(N, dtype=jnp.int32))
   counts = jnp.bincount(key, length=E + 1)[:E].astype(jnp.int32)
   starts = (jnp.cumsum(counts) - counts).astype(jnp.int32)
-  return order, inv, valid, key[order], counts, starts
+  return order, inv, valid, counts, starts
 
 
 def _grouped_ragged_dot(x, ids, w_gate_up, w_down, activation):
@@ -479,7 +478,7 @@ def _grouped_ragged_dot(x, ids, w_gate_up, w_down, activation):
   T, k = ids.shape
   E = w_gate_up.shape[0]
   # dropped ids sort last and fall outside every group
-  order, inv, valid, _, sizes, _ = _sort_assignments(ids, E)
+  order, inv, valid, sizes, _ = _sort_assignments(ids, E)
   rows = x[order // k]
   prec = _precision(x.dtype)
   gu = jax.lax.ragged_dot_general(rows, w_gate_up, sizes, _RAGGED_DN, precision=prec,
@@ -541,15 +540,14 @@ def _grouped_gather(x, ids, w_gate_up, w_down, activation):
   return y.reshape(T * k, H), index
 
 
-def _capacity_rows(x, k, order, expert_sorted, counts, starts, w_gate_up, w_down,
-                   activation, capacity):
-  """Each expert's assignments as rows [E, C] (C = capacity >= every count), two
-  batched matmuls over the experts, then the rows in sorted assignment order [N, H]."""
+def _capacity_rows(x, k, order, counts, starts, w_gate_up, w_down, activation, capacity):
+  """Each expert's assignments as rows [E, C] (C = capacity >= every count; expert e's
+  row c is its assignment of rank c, sorted position starts[e] + c), two batched
+  matmuls over the experts: the outputs [E * C, H] in x's dtype."""
   T, H = x.shape
   E = w_gate_up.shape[0]
   N = order.shape[0]
-  C = capacity
-  c = jnp.arange(C, dtype=jnp.int32)
+  c = jnp.arange(capacity, dtype=jnp.int32)
   pos = starts[:, None] + c[None, :]                       # sorted positions [E, C]
   used = c[None, :] < counts[:, None]
   tok = jnp.where(used, order[jnp.minimum(pos, N - 1)] // k, T)  # T: the zero row
@@ -559,71 +557,76 @@ def _capacity_rows(x, k, order, expert_sorted, counts, starts, w_gate_up, w_down
                   preferred_element_type=jnp.float32)
   h = _glu(gu, activation, x.dtype)
   y = jnp.einsum("eci,ehi->ech", h, w_down, precision=prec,
-                 preferred_element_type=jnp.float32).astype(x.dtype)  # [E, C, H]
-  # sorted position p holds rank p - starts[e] of its expert e (< counts[e] <= C);
-  # the invalid assignments (sorted last) take any row: their index is -1
-  e = jnp.minimum(expert_sorted, E - 1)
-  src = e * C + jnp.clip(jnp.arange(N, dtype=jnp.int32) - starts[e], 0, C - 1)
-  return y.reshape(E * C, H)[src]
+                 preferred_element_type=jnp.float32).astype(x.dtype)
+  return y.reshape(E * capacity, H)
 
 
-def _capacity_block(x, ids, w_gate_up, w_down, activation):
-  """_grouped_capacity on one block of tokens: (rows [T*k, H] in sorted order, index)."""
+def _capacity_block(x, ids, weights, w_gate_up, w_down, activation, combine_fn):
+  """_grouped_capacity on one block of tokens: out [T, H] (combine_fn's result)."""
   T, k = ids.shape
   E = w_gate_up.shape[0]
-  N = T * k
-  order, inv, valid, expert_sorted, counts, starts = _sort_assignments(ids, E)
+  order, inv, valid, counts, starts = _sort_assignments(ids, E)
+  expert = jnp.where(valid, ids.reshape(-1), 0)
+  rank = inv - starts[expert]  # of a valid assignment among its expert's
   buckets = heuristics.moe_capacity_buckets(T, E, k)
 
   def capacity_branch(C):
-    return lambda: _capacity_rows(x, k, order, expert_sorted, counts, starts, w_gate_up,
-                                  w_down, activation, C)
+    def run():
+      rows = _capacity_rows(x, k, order, counts, starts, w_gate_up, w_down, activation, C)
+      index = jnp.where(valid, expert * C + rank, -1).reshape(T, k)
+      return combine_fn(rows, weights, index)
+    return run
 
   def dense_branch():
     rows, index = _grouped_dense(x, ids, w_gate_up, w_down, activation)
-    return rows[jnp.maximum(index.reshape(N)[order], 0)]
+    return combine_fn(rows, weights, index)
 
   busiest = jnp.max(counts)
   branch = jnp.sum(busiest > jnp.asarray(buckets, jnp.int32)) if buckets else jnp.int32(0)
-  y = jax.lax.switch(branch, [capacity_branch(C) for C in buckets] + [dense_branch])
-  return y, jnp.where(valid, inv, -1).reshape(T, k)
+  return jax.lax.switch(branch, [capacity_branch(C) for C in buckets] + [dense_branch])
 
 
-def _grouped_capacity(x, ids, w_gate_up, w_down, activation):
+def _grouped_capacity(x, ids, weights, w_gate_up, w_down, activation, combine_fn):
   """Assignments sorted by expert, each expert's rows padded to a capacity C, two
   batched matmuls over [E, C] rows: about E * C rows of work instead of dense's
   E * T. C is the smallest of heuristics.moe_capacity_buckets that holds the
   busiest expert, chosen at run time (lax.switch over one static-shape branch per
   bucket); when none does (a routing too skewed, or repeated ids), the dense
-  formulation. Above heuristics.moe_dense_token_block tokens, in token blocks of
-  that size (each block sorted on its own), which bounds the intermediates as for
-  dense. Rows come out in sorted order (per block); index is the inverse
-  permutation."""
+  formulation. Each branch runs combine_fn on its own rows (their number differs
+  per branch), so no branch copies its rows into a common layout. Above
+  heuristics.moe_dense_token_block tokens, in token blocks of that size (each block
+  sorted on its own), which bounds the intermediates as for dense."""
   T, k = ids.shape
   E, two_i, H = w_gate_up.shape
   tb = heuristics.moe_dense_token_block(T, E, H, two_i // 2)
   if tb >= T:
-    return _capacity_block(x, ids, w_gate_up, w_down, activation)
+    return _capacity_block(x, ids, weights, w_gate_up, w_down, activation, combine_fn)
   nb = -(-T // tb)
-  xp = jnp.pad(x, ((0, nb * tb - T), (0, 0))).reshape(nb, tb, H)
-  ip = jnp.pad(ids, ((0, nb * tb - T), (0, 0)), constant_values=-1).reshape(nb, tb, k)
-  rows, index = jax.lax.map(
-      lambda a: _capacity_block(a[0], a[1], w_gate_up, w_down, activation), (xp, ip))
-  base = (jnp.arange(nb, dtype=jnp.int32) * (tb * k))[:, None, None]
-  index = jnp.where(index >= 0, index + base, -1).reshape(nb * tb, k)[:T]
-  return rows.reshape(nb * tb * k, H), index
+  pad = ((0, nb * tb - T), (0, 0))
+  xp = jnp.pad(x, pad).reshape(nb, tb, H)
+  ip = jnp.pad(ids, pad, constant_values=-1).reshape(nb, tb, k)
+  wp = jnp.pad(weights, pad).reshape(nb, tb, k)
+  out = jax.lax.map(lambda a: _capacity_block(*a, w_gate_up, w_down, activation, combine_fn),
+                    (xp, ip, wp))
+  return out.reshape(nb * tb, out.shape[-1])[:T]
 
 
-_GROUPED = {"ragged_dot": _grouped_ragged_dot, "dense": _grouped_dense,
-            "gather": _grouped_gather, "capacity": _grouped_capacity}
+# Formulations that return (rows, index): rows [R, H] in x's dtype and index int32
+# [T, k] with rows[index[t, j]] = expert ids[t, j]'s MLP output for token t
+# (unweighted), index -1 for a dropped id.
+_GROUPED_ROWS = {"ragged_dot": _grouped_ragged_dot, "dense": _grouped_dense,
+                 "gather": _grouped_gather}
 
 
-def _grouped_experts(x, ids, w_gate_up, w_down, activation, method):
-  """The large-batch experts: (rows [N, H] in x's dtype, index int32 [T, k]) with
-  rows[index[t, j]] = expert ids[t, j]'s MLP output for token t (unweighted), and
-  index -1 for a dropped id. This is the one function a tensor-core grouped-matmul
-  kernel replaces."""
-  return _GROUPED[method](x, ids, w_gate_up, w_down, activation)
+def _grouped_experts(x, ids, weights, w_gate_up, w_down, activation, method, combine_fn):
+  """The large-batch experts and their weighted sum: combine_fn(rows, weights, index)
+  -> out [T, H], applied to the rows of the formulation `method` (jax_moe.combine in
+  moe_block; the benchmark's XLA-native layer passes a jnp sum). This is the one
+  function a tensor-core grouped-matmul kernel replaces."""
+  if method == "capacity":
+    return _grouped_capacity(x, ids, weights, w_gate_up, w_down, activation, combine_fn)
+  rows, index = _GROUPED_ROWS[method](x, ids, w_gate_up, w_down, activation)
+  return combine_fn(rows, weights, index)
 
 
 @functools.lru_cache(maxsize=None)
@@ -637,10 +640,13 @@ def _grouped_op(activation: str, method: str, out_dtype):
   (jax.checkpoint's batching did exactly that when only the experts were wrapped).
   """
 
+  def combine_fn(rows, weights, index):
+    return combine(rows, weights, index, out_dtype=out_dtype)
+
   @custom_vmap
   def op(x, ids, weights, w_gate_up, w_down):
-    rows, index = _grouped_experts(x, ids, w_gate_up, w_down, activation, method)
-    return combine(rows, weights, index, out_dtype=out_dtype)
+    return _grouped_experts(x, ids, weights, w_gate_up, w_down, activation, method,
+                            combine_fn)
 
   @op.def_vmap
   def _vmap_rule(axis_size, in_batched, x, ids, weights, w_gate_up, w_down):
