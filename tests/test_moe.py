@@ -55,7 +55,7 @@ def test_matches_reference(platform, name, impl):
   check(x, params, config_for(shape, impl))
 
 
-@pytest.mark.parametrize("impl", IMPLS[:4], ids=impl_id)
+@pytest.mark.parametrize("impl", IMPLS[:5], ids=impl_id)
 @pytest.mark.parametrize("name", ["qwen3", "deepseek_v3"])
 def test_matches_reference_bf16(platform, name, impl):
   shape = small(name)
@@ -313,7 +313,7 @@ def test_leading_dims_and_empty(platform, impl):
   assert empty.shape == (0, 4, shape.hidden)
 
 
-@pytest.mark.parametrize("impl", IMPLS[:4], ids=impl_id)
+@pytest.mark.parametrize("impl", IMPLS[:5], ids=impl_id)
 def test_vmap(platform, impl):
   shape = small("deepseek_v3")
   cfg = config_for(shape, impl)
@@ -330,7 +330,7 @@ def test_vmap(platform, impl):
   assert_close(out.reshape(12, -1), ref, jnp.float32)
 
 
-@pytest.mark.parametrize("impl", IMPLS[:4], ids=impl_id)
+@pytest.mark.parametrize("impl", IMPLS[:5], ids=impl_id)
 def test_checkpoint(platform, impl):
   shape = small("qwen3")
   cfg = config_for(shape, impl)
@@ -341,7 +341,7 @@ def test_checkpoint(platform, impl):
   assert_close(jax.jit(jax.vmap(f))(x.reshape(2, 4, -1)).reshape(8, -1), ref, jnp.float32)
 
 
-@pytest.mark.parametrize("impl", IMPLS[:4], ids=impl_id)
+@pytest.mark.parametrize("impl", IMPLS[:5], ids=impl_id)
 def test_scan_decode_loop(platform, impl):
   """32 decode steps in a lax.scan, each step's input built from the last output;
   every step's output checked against the reference on that step's input."""
@@ -369,7 +369,7 @@ def test_scan_decode_loop(platform, impl):
   assert_close(np.asarray(outs).reshape(ref.shape)[keep], np.asarray(ref)[keep], jnp.float32)
 
 
-@pytest.mark.parametrize("impl", IMPLS[:4], ids=impl_id)
+@pytest.mark.parametrize("impl", IMPLS[:5], ids=impl_id)
 def test_deterministic(platform, impl):
   shape = small("qwen3")
   cfg = config_for(shape, impl)
