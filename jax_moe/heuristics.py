@@ -271,7 +271,15 @@ def gemv_combine_in_kernel(num_tokens: int, slots: int, hidden: int) -> bool:
 # streams its passes at MOE_GEMV_BYTES_PER_S, times MOE_GEMV_BASE_OVERHEAD, times
 # the prologue's share (1 + MOE_GEMV_PROLOGUE_COST * T*k / H: each block scans T*k
 # ids for 16 rows of H columns; fitted to Gemma-4 and DeepSeek-V3 at T=64 and 512);
-# dense is the larger of all experts' bytes and its FLOPs.
+# dense is the larger of all experts' bytes and its FLOPs. The grouped path's
+# "capacity" method (from MOE_CAPACITY_MIN_TOKENS) beats dense, but this model still
+# prices the grouped path as dense. Session 15 (s15-8, us per layer, gemv / the
+# grouped method auto runs): Gemma-4 T=128 743.4 / 683.8 (dense), T=256 933.3 /
+# 678.0 (capacity): grouped, right; DeepSeek-V3 T=512 13214.4 / 13484.0: gemv,
+# right; but DeepSeek-V3 T=128 7487.1 / 8777.5 and T=256 8760.2 / 10056.6 go to the
+# grouped path, 15-17% slower. The model assumes uniform routing, and the
+# benchmark's DeepSeek-V3 routing is skewed (busiest expert ~13x the mean); left as
+# it is.
 MOE_GEMV_MAX_EXPERT_FRACTION = 0.89
 MOE_GEMV_MAX_TOKENS = 512
 MOE_GEMV_BYTES_PER_S = 2.6e12
