@@ -230,7 +230,14 @@ def bench_shape(shape, tokens, dtype, bw, l2, mem_budget, args, rows, log):
   config = MoEConfig.from_shape(shape)
   itemsize = jnp.dtype(dtype).itemsize
   key = jax.random.PRNGKey(0)
-  make = jax.jit(lambda k: moe_lib.example_params(k, shape, dtype))
+  def example(k):
+    p = moe_lib.example_params(k, shape, dtype)
+    if args.bias_scale is not None and p.correction_bias is not None:
+      p = p.replace(correction_bias=p.correction_bias
+                    * (args.bias_scale / moe_lib.EXAMPLE_BIAS_SCALE))
+    return p
+
+  make = jax.jit(example)
   params0 = jax.block_until_ready(make(key))
   wbytes = layer_weight_bytes(params0)
   copies = harness.rotation_count(wbytes, l2, max_sets=args.max_copies)
@@ -386,6 +393,10 @@ def main(argv=None) -> int:
   ap.add_argument("--no-fold-shared", action="store_true",
                   help="run shared experts in their own expert_gemv call at every T "
                        "(heuristics.MOE_FOLD_SHARED_MAX_TOKENS and _WIDE = 0), for an A/B")
+  ap.add_argument("--bias-scale", type=float, default=None,
+                  help="standard deviation of the random correction bias of shapes that "
+                       "have one (default moe.EXAMPLE_BIAS_SCALE; 0: no bias, near-uniform "
+                       "routing)")
   ap.add_argument("--peak-tflops", type=float, default=None,
                   help="for skip estimates only (default 400 on GPU, 0.2 on CPU)")
   args = ap.parse_args(argv)
@@ -441,6 +452,8 @@ def main(argv=None) -> int:
   summary = summarize(measured_rows)
   payload = dict(device=harness.device_description(), jax=jax.__version__, dtype=dtype.name,
                  read_bandwidth_Bps=bw, l2_bytes=l2, quick=args.quick,
+                 bias_scale=(moe_lib.EXAMPLE_BIAS_SCALE if args.bias_scale is None
+                             else args.bias_scale),
                  read_bandwidth_candidates_Bps=dict(harness.READ_BANDWIDTH_CANDIDATES),
                  heuristics=dict(
                      MOE_GEMV_MAX_EXPERT_FRACTION=jax_moe.heuristics.MOE_GEMV_MAX_EXPERT_FRACTION,

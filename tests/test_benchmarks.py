@@ -267,6 +267,23 @@ def test_moe_no_fold_shared_flag(tmp_path, monkeypatch):
     assert h["MOE_FOLD_SHARED_MAX_TOKENS"] == 8 and h["MOE_FOLD_SHARED_MAX_TOKENS_WIDE"] == 16
 
 
+def test_moe_bias_scale_flag(tmp_path):
+  """--bias-scale rescales the random correction bias (0: none): the routing's skew
+  that bench_moe prints drops, and the JSON records the scale."""
+  import json
+  import bench_moe
+  args = ["--out", str(tmp_path), "--quick", "--shapes", "deepseek_v3", "--tokens", "128",
+          "--impls", "auto", "--repeats", "1", "--calls", "1", "--max-copies", "1"]
+  busiest = {}
+  for scale in ("0", "0.5"):
+    assert bench_moe.main(args + ["--bias-scale", scale]) == 0
+    with open(tmp_path / "moe.json") as f:
+      d = json.load(f)
+    assert d["bias_scale"] == float(scale)
+    busiest[scale] = d["rows"][0]["busiest_over_mean_inputs"]
+  assert busiest["0"] < busiest["0.5"]
+
+
 def _trace_chain():
   sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                   "scripts"))
