@@ -568,15 +568,14 @@ def _capacity_rows(x, k, order, counts, starts, w_gate_up, w_down, activation, c
   return y.reshape(E * capacity, H)
 
 
-def _capacity_switch(x, ids, weights, w_gate_up, w_down, activation, combine_fn, buckets,
-                     fallback):
-  """The smallest capacity in `buckets` that holds the busiest expert, chosen at run
-  time (one lax.switch branch per bucket), else fallback(): out [T, H]."""
+def _capacity_block(x, ids, weights, w_gate_up, w_down, activation, combine_fn):
+  """_grouped_capacity on one block of tokens: out [T, H] (combine_fn's result)."""
   T, k = ids.shape
   E = w_gate_up.shape[0]
   order, inv, valid, counts, starts = _sort_assignments(ids, E)
   expert = jnp.where(valid, ids.reshape(-1), 0)
   rank = inv - starts[expert]  # of a valid assignment among its expert's
+  buckets = heuristics.moe_capacity_buckets(T, E, k)
 
   def capacity_branch(C):
     def run():
@@ -585,9 +584,13 @@ def _capacity_switch(x, ids, weights, w_gate_up, w_down, activation, combine_fn,
       return combine_fn(rows, weights, index)
     return run
 
+  def dense_branch():
+    rows, index = _grouped_dense(x, ids, w_gate_up, w_down, activation)
+    return combine_fn(rows, weights, index)
+
   busiest = jnp.max(counts)
   branch = jnp.sum(busiest > jnp.asarray(buckets, jnp.int32)) if buckets else jnp.int32(0)
-  return jax.lax.switch(branch, [capacity_branch(C) for C in buckets] + [fallback])
+  return jax.lax.switch(branch, [capacity_branch(C) for C in buckets] + [dense_branch])
 
 
 def _grouped_capacity(x, ids, weights, w_gate_up, w_down, activation, combine_fn):
@@ -595,38 +598,24 @@ def _grouped_capacity(x, ids, weights, w_gate_up, w_down, activation, combine_fn
   batched matmuls over [E, C] rows: about E * C rows of work instead of dense's
   E * T. C is the smallest of heuristics.moe_capacity_buckets that holds the
   busiest expert, chosen at run time (lax.switch over one static-shape branch per
-  bucket). Each branch runs combine_fn on its own rows (their number differs per
-  branch), so no branch copies its rows into a common layout.
-
-  Memory: a branch holds E * C rows, a dense token block E * tb
-  (heuristics.moe_dense_token_block), so buckets stay at or below tb. When no
-  bucket holds the busiest expert: with T <= tb the dense formulation; above, the
-  same method per token block of tb tokens (each block sorted on its own, with its
-  own buckets and dense fallback), which re-reads the weights once per block."""
+  bucket); when none does (a routing too skewed, or repeated ids), the dense
+  formulation. Each branch runs combine_fn on its own rows (their number differs
+  per branch), so no branch copies its rows into a common layout. Above
+  heuristics.moe_dense_token_block tokens, in token blocks of that size (each block
+  sorted on its own), which bounds the intermediates as for dense."""
   T, k = ids.shape
   E, two_i, H = w_gate_up.shape
   tb = heuristics.moe_dense_token_block(T, E, H, two_i // 2)
-  args = (x, ids, weights, w_gate_up, w_down, activation, combine_fn)
-
-  def dense():
-    rows, index = _grouped_dense(x, ids, w_gate_up, w_down, activation)
-    return combine_fn(rows, weights, index)
-
   if tb >= T:
-    return _capacity_switch(*args, heuristics.moe_capacity_buckets(T, E, k), dense)
-
-  def blocked():
-    nb = -(-T // tb)
-    pad = ((0, nb * tb - T), (0, 0))
-    xp = jnp.pad(x, pad).reshape(nb, tb, H)
-    ip = jnp.pad(ids, pad, constant_values=-1).reshape(nb, tb, k)
-    wp = jnp.pad(weights, pad).reshape(nb, tb, k)
-    out = jax.lax.map(lambda a: _grouped_capacity(*a, w_gate_up, w_down, activation,
-                                                  combine_fn), (xp, ip, wp))
-    return out.reshape(nb * tb, out.shape[-1])[:T]
-
-  buckets = tuple(c for c in heuristics.moe_capacity_buckets(T, E, k) if c <= tb)
-  return _capacity_switch(*args, buckets, blocked)
+    return _capacity_block(x, ids, weights, w_gate_up, w_down, activation, combine_fn)
+  nb = -(-T // tb)
+  pad = ((0, nb * tb - T), (0, 0))
+  xp = jnp.pad(x, pad).reshape(nb, tb, H)
+  ip = jnp.pad(ids, pad, constant_values=-1).reshape(nb, tb, k)
+  wp = jnp.pad(weights, pad).reshape(nb, tb, k)
+  out = jax.lax.map(lambda a: _capacity_block(*a, w_gate_up, w_down, activation, combine_fn),
+                    (xp, ip, wp))
+  return out.reshape(nb * tb, out.shape[-1])[:T]
 
 
 # Formulations that return (rows, index): rows [R, H] in x's dtype and index int32
