@@ -400,6 +400,8 @@ def main(argv=None) -> int:
   ap.add_argument("--peak-tflops", type=float, default=None,
                   help="for skip estimates only (default 400 on GPU, 0.2 on CPU)")
   args = ap.parse_args(argv)
+  if args.bias_scale is not None and not (np.isfinite(args.bias_scale) and args.bias_scale >= 0):
+    ap.error(f"--bias-scale must be a finite number >= 0, got {args.bias_scale!r}")
 
   platform = jax.devices()[0].platform
   if args.no_fold_shared:

@@ -422,9 +422,10 @@ def moe_grouped_method(num_tokens: int, num_experts: int, top_k: int, hidden: in
 # branch per capacity bucket and picks at run time the smallest that fits; a routing
 # that fits none runs the dense formulation. Buckets: MOE_CAPACITY_FIRST times the
 # mean T*k/E, then doubling (so at most 2x the busiest expert's rows), rounded up to
-# MOE_CAPACITY_ALIGN rows, all below T (dense already does E * T rows). Real
-# routings are skewed (DeepSeek-V3's grouped routing on the benchmark's inputs left
-# 46 of 256 experts idle at T=4096), hence buckets far above the mean.
+# MOE_CAPACITY_ALIGN rows, all below T (dense already does E * T rows). Buckets go
+# far above the mean because routings can be skewed: the benchmark's DeepSeek-V3
+# routing, with a random correction bias, gives its busiest expert 13.5x the mean at
+# T=4096 (RESULTS.md, session 15).
 MOE_CAPACITY_FIRST = 1.25
 MOE_CAPACITY_ALIGN = 16
 

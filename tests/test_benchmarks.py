@@ -284,6 +284,16 @@ def test_moe_bias_scale_flag(tmp_path):
   assert busiest["0"] < busiest["0.5"]
 
 
+@pytest.mark.parametrize("bad", ["-0.1", "nan", "inf"])
+def test_moe_bias_scale_refused(tmp_path, capsys, bad):
+  """A negative or non-finite --bias-scale is refused naming the option."""
+  import bench_moe
+  with pytest.raises(SystemExit) as e:
+    bench_moe.main(["--out", str(tmp_path), "--quick", "--bias-scale", bad])
+  assert e.value.code == 2
+  assert "--bias-scale" in capsys.readouterr().err
+
+
 def _trace_chain():
   sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                   "scripts"))

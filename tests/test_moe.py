@@ -202,6 +202,34 @@ def test_grouped_method_heuristic():
   assert heuristics.moe_grouped_method(512, 1, 1, 64, 64) == "dense"
 
 
+def test_capacity_method_is_the_one_traced():
+  """grouped_method="capacity" traces the capacity formulation (its run-time bucket
+  choice is a cond), and "auto" picks it at prefill sizes; "dense" has no cond."""
+  shape = small("qwen3")
+  x, params = moe_inputs(rng(), shape, 64, jnp.float32)
+  assert heuristics.moe_capacity_buckets(64, shape.num_experts, shape.top_k)  # > 1 branch
+
+  def prims(cfg, x):
+    return {str(e.primitive) for e in jax.make_jaxpr(
+        lambda x: moe_block(x, params, cfg))(x).eqns for e in _all_eqns(e)}
+
+  assert "cond" in prims(config_for(shape, ("grouped", "capacity")), x)
+  assert "cond" not in prims(config_for(shape, ("grouped", "dense")), x)
+  assert moe_lib.resolve(config_for(shape), 4096, shape.hidden, shape.intermediate) == (
+      "grouped", "capacity")
+
+
+def _all_eqns(eqn):
+  """eqn and every equation nested in its sub-jaxprs (pjit, custom_vmap, map, ...)."""
+  yield eqn
+  for v in eqn.params.values():
+    for sub in (v if isinstance(v, (list, tuple)) else [v]):
+      jaxpr = getattr(sub, "jaxpr", sub)
+      if hasattr(jaxpr, "eqns"):
+        for e in jaxpr.eqns:
+          yield from _all_eqns(e)
+
+
 @pytest.mark.parametrize("T,E,k", [(4096, 256, 8), (512, 128, 8), (64, 8, 2), (40, 16, 4),
                                    (3, 4, 2), (1, 8, 2), (0, 8, 2)])
 def test_capacity_buckets(T, E, k):
