@@ -79,7 +79,9 @@ def layer_fn(impl: str, config: MoEConfig):
   kind, _, method = impl.partition(":")
   if kind == "xla":
     return lambda x, p: xla_native_block(x, p, config, method)
-  if kind == "gemv":
+  if kind == "auto":  # timed as itself only where it resolves to "priced"
+    cfg = config.replace(implementation="auto")
+  elif kind == "gemv":
     cfg = config.replace(implementation="gemv")
   else:
     cfg = config.replace(implementation="grouped", grouped_method=method)
@@ -91,7 +93,7 @@ def layer_fn(impl: str, config: MoEConfig):
 def transient_bytes(impl: str, shape, T: int, itemsize: int) -> int:
   """Largest intermediate the formulation materializes (f32 where XLA keeps f32)."""
   H, I, E, k = shape.hidden, shape.intermediate, shape.num_experts, shape.top_k
-  method = impl.partition(":")[2]
+  method = "dense" if impl == "auto" else impl.partition(":")[2]  # auto: priced's largest
   if method == "gather":   # gathered gate_up + down weights per assignment
     return T * k * 3 * H * I * itemsize
   if method == "dense":    # f32 gate/up of every expert, then every expert's output
@@ -109,7 +111,7 @@ def flops(impl: str, shape, T: int) -> float:
   per = 2 * 3 * shape.hidden * shape.intermediate
   if impl.endswith("capacity"):  # the smallest bucket (uniform routing)
     return E * min(moe_lib.heuristics.moe_capacity_buckets(T, E, k), default=T) * per
-  return T * (E if impl.endswith("dense") else k) * per
+  return T * (E if impl.endswith("dense") or impl == "auto" else k) * per
 
 
 # ---- measurement ----------------------------------------------------------------------
@@ -140,20 +142,26 @@ def distinct_experts(ids, num_experts):
   return hit.sum()
 
 
-def input_routing_stats(params, xs, config) -> tuple[float, float]:
+def input_routing_stats(params, xs, config, priced_method=None):
   """Over the input sets routed by `params` (not the timed routings: the timed loop
   feeds each layer the previous layer's output), the means of the distinct experts
   and of the busiest expert's assignments over the mean T*k/E (the skew that the
-  grouped path's capacity must hold)."""
+  grouped path's capacity must hold), and with priced_method (moe_block's "priced"
+  auto over that grouped method) the branch it picks for each input set."""
   route = jax.jit(lambda x: jax_moe.route(x, config.top_k, router_weight=params.router_weight,
                                           **moe_lib._route_kwargs(params, config))[1])
-  distinct, busiest = [], []
+  H, I = params.hidden, params.intermediate
+  distinct, busiest, picks = [], [], []
   for x in xs:
-    ids = np.asarray(route(x)).reshape(-1)
+    ids_2d = route(x)
+    ids = np.asarray(ids_2d).reshape(-1)
     distinct.append(len(np.unique(ids)))
     busiest.append(np.bincount(ids, minlength=config.num_experts).max()
                    * config.num_experts / ids.size)
-  return float(np.mean(distinct)), float(np.mean(busiest))
+    if priced_method:
+      names, index = moe_lib._priced_plan(ids_2d, config.num_experts, H, I, priced_method)
+      picks.append(names[int(index)])
+  return float(np.mean(distinct)), float(np.mean(busiest)), picks
 
 
 # Layer calls of the timed trajectory whose routing is recorded for the floor.
@@ -252,19 +260,21 @@ def bench_shape(shape, tokens, dtype, bw, l2, mem_budget, args, rows, log):
     xs = [harness.random_array(jax.random.fold_in(key, 1000 + i), (T, shape.hidden), dtype)
           for i in range(n_sets)]
     arg_sets = [(x, param_sets[i % copies]) for i, x in enumerate(xs)]
-    uniq_inputs, busiest = input_routing_stats(params0, xs, config)
+    resolved, method = moe_lib.resolve(config, T, shape.hidden, shape.intermediate)
+    # "priced": auto picks gemv or a grouped branch per call, so it is timed as itself.
+    auto_as = {"gemv": "gemv", "priced": "auto"}.get(resolved, f"grouped:{method}")
+    uniq_inputs, busiest, picks = input_routing_stats(
+        params0, xs, config, method if resolved == "priced" else None)
     uniq = loop_distinct_experts(config, xs[0], param_sets, n_sets)
     fb = floor_bytes(shape, uniq, itemsize)
     floor_us = fb / bw * 1e6
-    resolved, method = moe_lib.resolve(config, T, shape.hidden, shape.intermediate)
-    auto_as = "gemv" if resolved == "gemv" else f"grouped:{method}"
     base = dict(shape=shape.name, T=T, floor_us=floor_us, floor_bytes=fb,
                 distinct_experts=uniq, distinct_experts_inputs=uniq_inputs,
                 busiest_over_mean_inputs=busiest,
                 calls_per_program=n_sets)
     measured = {}
     start = len(rows)
-    for impl in IMPLS[1:]:
+    for impl in (["auto"] if auto_as == "auto" else []) + IMPLS[1:]:
       row = dict(base, impl=impl)
       if impl not in args.impls and not (impl == auto_as and "auto" in args.impls):
         continue
@@ -294,7 +304,10 @@ def bench_shape(shape, tokens, dtype, bw, l2, mem_budget, args, rows, log):
         row["x_floor"] = row["us"] / floor_us
         measured[impl] = row["us"]
       rows.append(row)
-    if "auto" in args.impls:
+    if auto_as == "auto" and "auto" in args.impls:  # timed above, as itself
+      rows[start]["resolved"] = f"priced:{method}"
+      rows[start]["priced_picks_inputs"] = picks
+    elif "auto" in args.impls:
       auto = dict(base, impl="auto", resolved=auto_as)
       if auto_as in measured:
         auto["us"] = measured[auto_as]
@@ -302,9 +315,11 @@ def bench_shape(shape, tokens, dtype, bw, l2, mem_budget, args, rows, log):
       else:
         auto["skipped"] = f"resolves to {auto_as}, which was skipped"
       rows.insert(start, auto)
-    parts = [f"{i}={measured[i]:.1f}" for i in IMPLS[1:] if i in measured]
+    parts = [f"{i}={measured[i]:.1f}" for i in IMPLS if i in measured]
+    shown = (f"priced:{method} (picks {','.join(sorted(set(picks)))} on the inputs)"
+             if auto_as == "auto" else auto_as)
     log(f"  T={T:5d}  floor {floor_us:8.1f} us ({uniq:.2f} experts in the loop, "
-        f"{uniq_inputs:.2f} on the inputs, busiest {busiest:.1f}x the mean)  auto->{auto_as}  "
+        f"{uniq_inputs:.2f} on the inputs, busiest {busiest:.1f}x the mean)  auto->{shown}  "
         + "  ".join(parts))
 
 

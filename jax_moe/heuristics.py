@@ -272,20 +272,34 @@ def gemv_combine_in_kernel(num_tokens: int, slots: int, hidden: int) -> bool:
 # the prologue's share (1 + MOE_GEMV_PROLOGUE_COST * T*k / H: each block scans T*k
 # ids for 16 rows of H columns; fitted to Gemma-4 and DeepSeek-V3 at T=64 and 512);
 # dense is the larger of all experts' bytes and its FLOPs. The grouped path's
-# "capacity" method (from MOE_CAPACITY_MIN_TOKENS) beats dense, but this model still
-# prices the grouped path as dense. Session 15 (s15-8, us per layer, gemv / the
+# "capacity" method (from MOE_CAPACITY_MIN_TOKENS) beats dense, but the static model
+# (moe_expected_choice) prices the grouped path as dense. Session 15 (s15-8, us per layer, gemv / the
 # grouped method auto runs): Gemma-4 T=128 743.4 / 683.8 (dense), T=256 933.3 /
 # 678.0 (capacity): grouped, right; DeepSeek-V3 T=512 13214.4 / 13484.0: gemv,
 # right; but DeepSeek-V3 T=128 7487.1 / 8777.5 and T=256 8760.2 / 10056.6 go to the
 # grouped path, 15-17% slower. The model assumes uniform routing, and the
-# benchmark's DeepSeek-V3 routing is skewed (busiest expert ~13x the mean); left as
-# it is.
+# benchmark's DeepSeek-V3 routing is skewed (busiest expert ~13x the mean). Session
+# 16 replaced the static choice there with a run-time one ("priced", MOE_PRICED).
+# Session 16 refit both models to measured times, priced on each routing's own counts
+# (gemv: passes summed over the experts selected; grouped: the bucket that holds the
+# busiest expert; RESULTS.md, session 16). DeepSeek-V3 unless named, ms, measured /
+# model:
+#   gemv:     T=128 skewed 7.49 / 7.55, T=256 skewed 8.76 / 8.96, T=512 skewed 13.21 /
+#             13.52, T=512 near-uniform 13.91 / 13.74; Gemma-4 T=128 0.743 / 0.846.
+#   grouped:  capacity C=32 8.19 / 8.32, C=64 8.77 / 8.86, C=160 10.06 / 10.50, C=320
+#             13.48 / 13.22; dense T=128 8.78 / 9.95; Gemma-4 dense T=128 0.684 / 0.672.
+# Measured: s15-8 and s15-14; the counts are those of the benchmark's first input set
+# (its timed loop routes each layer's output, whose counts differ somewhat).
+# (Sessions 2-15 used BASE_OVERHEAD 1.1, PROLOGUE_COST 1.2 and max(bytes, FLOPs) at
+# 2.6e12 / 5.7e14, which overpriced gemv at T=512 by 15-20%.)
 MOE_GEMV_MAX_EXPERT_FRACTION = 0.89
 MOE_GEMV_MAX_TOKENS = 512
 MOE_GEMV_BYTES_PER_S = 2.6e12
-MOE_GEMV_BASE_OVERHEAD = 1.1
-MOE_GEMV_PROLOGUE_COST = 1.2
+MOE_GEMV_BASE_OVERHEAD = 1.2
+MOE_GEMV_PROLOGUE_COST = 0.56
+MOE_GROUPED_BYTES_PER_S = 2.9e12
 MOE_DENSE_FLOPS_PER_S = 5.7e14
+MOE_GROUPED_EXPOSED_FLOPS = 0.43
 
 
 def expected_expert_fraction(num_tokens: int, num_experts: int, top_k: int) -> float:
@@ -295,9 +309,44 @@ def expected_expert_fraction(num_tokens: int, num_experts: int, top_k: int) -> f
   return 1.0 - p_miss ** num_tokens
 
 
+def moe_expert_bytes(hidden: int, intermediate: int) -> int:
+  """One expert's gate/up and down weights in bf16 (what the model's rates were
+  measured on)."""
+  return 3 * hidden * intermediate * 2
+
+
+def moe_gemv_seconds(expert_passes, num_tokens: int, top_k: int, hidden: int,
+                     intermediate: int):
+  """Model time of expert_gemv outside the stream kernel: `expert_passes` weight
+  passes summed over the experts (an expert's pass serves gemv_tokens_per_pass of its
+  assignments), streamed at MOE_GEMV_BYTES_PER_S, times MOE_GEMV_BASE_OVERHEAD and the
+  prologue's share. expert_passes may be a traced jax scalar (moe._grouped_priced)."""
+  return (expert_passes * moe_expert_bytes(hidden, intermediate) / MOE_GEMV_BYTES_PER_S
+          * MOE_GEMV_BASE_OVERHEAD * (1 + MOE_GEMV_PROLOGUE_COST * num_tokens * top_k / hidden))
+
+
+def moe_grouped_seconds(rows_per_expert: int, num_experts: int, hidden: int,
+                        intermediate: int) -> float:
+  """Model time of the grouped path's matmuls over rows_per_expert rows of each
+  expert (dense: T; capacity: its bucket C): every expert's weights streamed at
+  MOE_GROUPED_BYTES_PER_S plus the share MOE_GROUPED_EXPOSED_FLOPS of the FLOPs' time
+  at MOE_DENSE_FLOPS_PER_S that the weight stream does not hide."""
+  E = num_experts
+  return (E * moe_expert_bytes(hidden, intermediate) / MOE_GROUPED_BYTES_PER_S
+          + MOE_GROUPED_EXPOSED_FLOPS * 2 * rows_per_expert * E * 3 * hidden * intermediate
+          / MOE_DENSE_FLOPS_PER_S)
+
+
+def gemv_tokens_per_pass(num_tokens: int, num_experts: int, top_k: int) -> int:
+  """Assignments of one expert that one weight pass of expert_gemv's register kernel
+  serves (8 per n-tile); a busier expert takes more passes."""
+  return 8 * gemv_token_tiles(num_tokens, num_experts, top_k)
+
+
 def moe_implementation(num_tokens: int, num_experts: int, top_k: int, hidden: int,
                        intermediate: int) -> str:
-  """"gemv" or "grouped" for moe_block's implementation="auto"."""
+  """"gemv", "grouped" or "priced" (chosen at run time, see MOE_PRICED) for
+  moe_block's implementation="auto"."""
   T, E, k = num_tokens, num_experts, top_k
   if T > MOE_GEMV_MAX_TOKENS:
     return "grouped"
@@ -310,13 +359,35 @@ def moe_implementation(num_tokens: int, num_experts: int, top_k: int, hidden: in
   frac = expected_expert_fraction(T, E, k)
   if frac <= MOE_GEMV_MAX_EXPERT_FRACTION or T <= 1:
     return "gemv"
-  expert_bytes = 3 * hidden * intermediate * 2
+  return "priced" if MOE_PRICED else moe_expected_choice(T, E, k, hidden, intermediate)
+
+
+def moe_expected_choice(num_tokens: int, num_experts: int, top_k: int, hidden: int,
+                        intermediate: int) -> str:
+  """The static model of sessions 2-15 ("gemv" or "grouped"): moe_gemv_seconds and
+  moe_grouped_seconds (dense rows) on a uniform routing's expected experts and
+  busiest expert."""
+  T, E, k = num_tokens, num_experts, top_k
   passes = max(1, -(-expected_busiest_expert(T, E, k) // GEMV_MAX_TOKENS_PER_PASS))
-  gemv_s = (passes * frac * E * expert_bytes / MOE_GEMV_BYTES_PER_S * MOE_GEMV_BASE_OVERHEAD
-            * (1 + MOE_GEMV_PROLOGUE_COST * T * k / hidden))
-  dense_s = max(E * expert_bytes / MOE_GEMV_BYTES_PER_S,
-                2 * T * E * 3 * hidden * intermediate / MOE_DENSE_FLOPS_PER_S)
-  return "gemv" if gemv_s < dense_s else "grouped"
+  gemv_s = moe_gemv_seconds(passes * expected_expert_fraction(T, E, k) * E, T, k, hidden,
+                            intermediate)
+  return "gemv" if gemv_s < moe_grouped_seconds(T, E, hidden, intermediate) else "grouped"
+
+
+# "priced" (session 16): between the stream kernel's reach and MOE_GEMV_MAX_TOKENS the
+# better of gemv and the grouped path depends on the routing, which only the run
+# knows. A skewed routing selects fewer experts (gemv reads fewer weights) but needs
+# a larger capacity (the grouped path computes more rows); a near-uniform one selects
+# every expert once per pass. Measured on H100 (us per layer, DeepSeek-V3): T=512 on
+# the benchmark's skewed routing (busiest expert ~13x the mean), gemv 13214.4 /
+# capacity 13484.0 (s15-8); on near-uniform routing (--bias-scale 0) gemv 13906.7 /
+# capacity 8192.0 (s15-14); T=128 and 256 skewed, gemv 7487.1 and 8760.2 against the
+# grouped path's 8777.5 and 10056.6 (s15-8). No static rule wins all of these. So
+# "auto" there builds both (moe._grouped_priced): the grouped method's run-time
+# branches (capacity buckets, dense) and gemv, and picks per call by the models above
+# fed with the routing's own counts: gemv's passes summed over the experts it
+# selects, the capacity of the smallest bucket that holds the busiest expert.
+MOE_PRICED = True
 
 
 # Shared experts in the routed experts' expert_gemv call (slots k .. k + S - 1 of every

@@ -430,17 +430,23 @@ def _check(x, params, config):
 
 def resolve(config: MoEConfig, num_tokens: int, hidden: int,
             intermediate: int) -> tuple[str, str | None]:
-  """(implementation, grouped method or None) that moe_block runs for this shape."""
+  """(implementation, grouped method or None) that moe_block runs for this shape.
+  implementation "priced" (from "auto", heuristics.MOE_PRICED) runs gemv or one of
+  the grouped method's branches, whichever is priced cheaper for each call's routing."""
   impl = config.implementation
   if impl == "auto":
     impl = heuristics.moe_implementation(num_tokens, config.num_experts, config.top_k,
                                          hidden, intermediate)
-  if impl != "grouped":
+  if impl not in ("grouped", "priced"):
     return impl, None
   method = config.grouped_method
   if method == "auto":
     method = heuristics.moe_grouped_method(num_tokens, config.num_experts, config.top_k,
                                            hidden, intermediate)
+  if impl == "priced" and method not in _PRICED_METHODS:  # e.g. grouped_method="ragged_dot"
+    impl = heuristics.moe_expected_choice(num_tokens, config.num_experts, config.top_k,
+                                          hidden, intermediate)
+    return (impl, method) if impl == "grouped" else (impl, None)
   return impl, method
 
 
@@ -464,6 +470,13 @@ _RAGGED_DN = jax.lax.RaggedDotDimensionNumbers(
     lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
 
 
+def _expert_counts(ids, E):
+  """Assignments per expert [E] int32 (ids outside [0, E) not counted)."""
+  flat = ids.reshape(-1)
+  key = jnp.where((flat >= 0) & (flat < E), flat, E)
+  return jnp.bincount(key, length=E + 1)[:E].astype(jnp.int32)
+
+
 def _sort_assignments(ids, E):
   """Assignments sorted by expert (stable; ids outside [0, E) last): (order [N]
   assignment numbers in sorted order, inv [N] sorted position of each assignment,
@@ -474,7 +487,7 @@ def _sort_assignments(ids, E):
   key = jnp.where(valid, flat, E)
   order = jnp.argsort(key, stable=True).astype(jnp.int32)
   inv = jnp.zeros((N,), jnp.int32).at[order].set(jnp.arange(N, dtype=jnp.int32))
-  counts = jnp.bincount(key, length=E + 1)[:E].astype(jnp.int32)
+  counts = _expert_counts(ids, E)
   starts = (jnp.cumsum(counts) - counts).astype(jnp.int32)
   return order, inv, valid, counts, starts
 
@@ -568,29 +581,39 @@ def _capacity_rows(x, k, order, counts, starts, w_gate_up, w_down, activation, c
   return y.reshape(E * capacity, H)
 
 
-def _capacity_block(x, ids, weights, w_gate_up, w_down, activation, combine_fn):
-  """_grouped_capacity on one block of tokens: out [T, H] (combine_fn's result)."""
+def _bucket_index(counts, buckets):
+  """Index of the smallest bucket that holds the busiest expert; len(buckets) when
+  none does."""
+  if not buckets:
+    return jnp.int32(0)
+  return jnp.sum(jnp.max(counts) > jnp.asarray(buckets, jnp.int32)).astype(jnp.int32)
+
+
+def _capacity_switch(x, ids, weights, w_gate_up, w_down, activation, combine_fn, buckets,
+                     fallback, extra=None, index=None):
+  """The smallest capacity in `buckets` that holds the busiest expert, chosen at run
+  time (one lax.switch branch per bucket), else fallback(): out [T, H]. extra: one
+  more branch (len(buckets) + 1), taken only when `index` (a traced branch number;
+  default _bucket_index) says so."""
   T, k = ids.shape
   E = w_gate_up.shape[0]
-  order, inv, valid, counts, starts = _sort_assignments(ids, E)
-  expert = jnp.where(valid, ids.reshape(-1), 0)
-  rank = inv - starts[expert]  # of a valid assignment among its expert's
-  buckets = heuristics.moe_capacity_buckets(T, E, k)
 
   def capacity_branch(C):
     def run():
+      order, inv, valid, counts, starts = _sort_assignments(ids, E)
+      expert = jnp.where(valid, ids.reshape(-1), 0)
+      rank = inv - starts[expert]  # of a valid assignment among its expert's
       rows = _capacity_rows(x, k, order, counts, starts, w_gate_up, w_down, activation, C)
       index = jnp.where(valid, expert * C + rank, -1).reshape(T, k)
       return combine_fn(rows, weights, index)
     return run
 
-  def dense_branch():
-    rows, index = _grouped_dense(x, ids, w_gate_up, w_down, activation)
-    return combine_fn(rows, weights, index)
-
-  busiest = jnp.max(counts)
-  branch = jnp.sum(busiest > jnp.asarray(buckets, jnp.int32)) if buckets else jnp.int32(0)
-  return jax.lax.switch(branch, [capacity_branch(C) for C in buckets] + [dense_branch])
+  branches = [capacity_branch(C) for C in buckets] + [fallback] + ([extra] if extra else [])
+  if len(branches) == 1:
+    return fallback()
+  if index is None:
+    index = _bucket_index(_expert_counts(ids, E), buckets)
+  return jax.lax.switch(index, branches)
 
 
 def _grouped_capacity(x, ids, weights, w_gate_up, w_down, activation, combine_fn):
@@ -598,24 +621,89 @@ def _grouped_capacity(x, ids, weights, w_gate_up, w_down, activation, combine_fn
   batched matmuls over [E, C] rows: about E * C rows of work instead of dense's
   E * T. C is the smallest of heuristics.moe_capacity_buckets that holds the
   busiest expert, chosen at run time (lax.switch over one static-shape branch per
-  bucket); when none does (a routing too skewed, or repeated ids), the dense
-  formulation. Each branch runs combine_fn on its own rows (their number differs
-  per branch), so no branch copies its rows into a common layout. Above
-  heuristics.moe_dense_token_block tokens, in token blocks of that size (each block
-  sorted on its own), which bounds the intermediates as for dense."""
+  bucket). Each branch runs combine_fn on its own rows (their number differs per
+  branch), so no branch copies its rows into a common layout.
+
+  Memory: a branch holds E * C rows, a dense token block E * tb
+  (heuristics.moe_dense_token_block), so buckets stay at or below tb. When no
+  bucket holds the busiest expert: with T <= tb the dense formulation; above, the
+  same method per token block of tb tokens (each block sorted on its own, with its
+  own buckets and dense fallback), which re-reads the weights once per block."""
   T, k = ids.shape
   E, two_i, H = w_gate_up.shape
   tb = heuristics.moe_dense_token_block(T, E, H, two_i // 2)
+  args = (x, ids, weights, w_gate_up, w_down, activation, combine_fn)
+
+  def dense():
+    rows, index = _grouped_dense(x, ids, w_gate_up, w_down, activation)
+    return combine_fn(rows, weights, index)
+
   if tb >= T:
-    return _capacity_block(x, ids, weights, w_gate_up, w_down, activation, combine_fn)
-  nb = -(-T // tb)
-  pad = ((0, nb * tb - T), (0, 0))
-  xp = jnp.pad(x, pad).reshape(nb, tb, H)
-  ip = jnp.pad(ids, pad, constant_values=-1).reshape(nb, tb, k)
-  wp = jnp.pad(weights, pad).reshape(nb, tb, k)
-  out = jax.lax.map(lambda a: _capacity_block(*a, w_gate_up, w_down, activation, combine_fn),
-                    (xp, ip, wp))
-  return out.reshape(nb * tb, out.shape[-1])[:T]
+    return _capacity_switch(*args, heuristics.moe_capacity_buckets(T, E, k), dense)
+
+  def blocked():
+    nb = -(-T // tb)
+    pad = ((0, nb * tb - T), (0, 0))
+    xp = jnp.pad(x, pad).reshape(nb, tb, H)
+    ip = jnp.pad(ids, pad, constant_values=-1).reshape(nb, tb, k)
+    wp = jnp.pad(weights, pad).reshape(nb, tb, k)
+    out = jax.lax.map(lambda a: _grouped_capacity(*a, w_gate_up, w_down, activation,
+                                                  combine_fn), (xp, ip, wp))
+    return out.reshape(nb * tb, out.shape[-1])[:T]
+
+  buckets = tuple(c for c in heuristics.moe_capacity_buckets(T, E, k) if c <= tb)
+  return _capacity_switch(*args, buckets, blocked)
+
+
+_PRICED_METHODS = ("dense", "capacity")
+
+
+def _priced_plan(ids, num_experts, hidden, intermediate, method):
+  """moe_block's "priced" auto for routing ids [T, k]: (branch names, the traced
+  index of the one to run). The branches are the grouped method's (one per capacity
+  bucket, then dense; dense alone for method "dense") and "gemv" last. The grouped
+  method's run-time pick (_bucket_index) is kept unless heuristics.moe_gemv_seconds
+  of this routing (weight passes summed over the experts it selects) is below its
+  heuristics.moe_grouped_seconds (rows: the bucket, or T for dense)."""
+  if method not in _PRICED_METHODS:
+    raise ValueError(f"priced: grouped method must be one of {_PRICED_METHODS}, got {method!r}")
+  T, k = ids.shape
+  E, H, I = num_experts, hidden, intermediate
+  buckets = heuristics.moe_capacity_buckets(T, E, k) if method == "capacity" else ()
+  names = tuple(f"capacity:{C}" for C in buckets) + ("dense", "gemv")
+  counts = _expert_counts(ids, E)
+  grouped = _bucket_index(counts, buckets)
+  grouped_s = jnp.asarray([heuristics.moe_grouped_seconds(r, E, H, I)
+                           for r in tuple(buckets) + (T,)], jnp.float32)[grouped]
+  per_pass = heuristics.gemv_tokens_per_pass(T, E, k)
+  passes = jnp.sum((counts + per_pass - 1) // per_pass).astype(jnp.float32)  # x bytes: no int32
+  gemv_s = jnp.asarray(heuristics.moe_gemv_seconds(passes, T, k, H, I), jnp.float32)
+  return names, jnp.where(gemv_s < grouped_s, jnp.int32(len(names) - 1), grouped)
+
+
+def _grouped_priced(x, ids, weights, w_gate_up, w_down, activation, combine_fn, method):
+  """moe_block's "priced" auto (heuristics.MOE_PRICED): the grouped method's
+  run-time branches and expert_gemv, one of them run per call (_priced_plan)."""
+  T, k = ids.shape
+  E, two_i, H = w_gate_up.shape
+  I = two_i // 2
+  names, index = _priced_plan(ids, E, H, I, method)
+  if heuristics.moe_dense_token_block(T, E, H, I) < T:
+    # Token blocks (only when vmap folded many calls into one): the grouped method alone.
+    return _grouped_experts(x, ids, weights, w_gate_up, w_down, activation, method, combine_fn)
+
+  def gemv():
+    y = expert_gemv(x, ids, w_gate_up, w_down, activation=activation)  # [T, k, H]
+    index = jnp.arange(T * k, dtype=jnp.int32).reshape(T, k)
+    return combine_fn(y.reshape(T * k, H), weights, index)
+
+  def dense():
+    rows, index = _grouped_dense(x, ids, w_gate_up, w_down, activation)
+    return combine_fn(rows, weights, index)
+
+  buckets = tuple(int(n.partition(":")[2]) for n in names if n.startswith("capacity:"))
+  return _capacity_switch(x, ids, weights, w_gate_up, w_down, activation, combine_fn,
+                          buckets, dense, extra=gemv, index=index)
 
 
 # Formulations that return (rows, index): rows [R, H] in x's dtype and index int32
@@ -632,6 +720,9 @@ def _grouped_experts(x, ids, weights, w_gate_up, w_down, activation, method, com
   function a tensor-core grouped-matmul kernel replaces."""
   if method == "capacity":
     return _grouped_capacity(x, ids, weights, w_gate_up, w_down, activation, combine_fn)
+  if method.startswith("priced:"):  # moe_block's "priced" auto over a grouped method
+    return _grouped_priced(x, ids, weights, w_gate_up, w_down, activation, combine_fn,
+                           method.partition(":")[2])
   rows, index = _GROUPED_ROWS[method](x, ids, w_gate_up, w_down, activation)
   return combine_fn(rows, weights, index)
 
@@ -762,9 +853,10 @@ def moe_block(x, params: MoEParams, config: MoEConfig):
   if impl == "gemv":
     y = expert_gemv(x2, ids, params.w_gate_up, params.w_down, activation=config.activation)
     out = combine(y, weights, out_dtype=routed_dtype)
-  else:
-    out = _grouped_op(config.activation, method, jnp.dtype(routed_dtype))(
-        x2, ids, weights, params.w_gate_up, params.w_down)
+  else:  # "grouped", or "priced": gemv or a grouped branch chosen at run time
+    out = _grouped_op(config.activation, f"priced:{method}" if impl == "priced" else method,
+                      jnp.dtype(routed_dtype))(x2, ids, weights, params.w_gate_up,
+                                               params.w_down)
   if S:
     out = _add_shared(out, _shared_rows(x2, params, config, impl)).astype(x.dtype)
   return out.reshape(lead + (H,))

@@ -284,6 +284,28 @@ def test_moe_bias_scale_flag(tmp_path):
   assert busiest["0"] < busiest["0.5"]
 
 
+def test_moe_priced_auto_timed_as_itself(tmp_path):
+  """Where auto resolves to "priced" (gemv or a grouped branch per call) bench_moe
+  times moe_block's auto program itself (no other row's time stands in for it) and
+  records the branch it picks for each input set."""
+  import json
+  import bench_moe
+  from jax_moe import moe as moe_lib
+  from jax_moe.shapes import SHAPES
+  shape = SHAPES["deepseek_v3"].small_stand_in()
+  assert moe_lib.resolve(moe_lib.MoEConfig.from_shape(shape), 128, shape.hidden,
+                         shape.intermediate) == ("priced", "dense")
+  args = ["--out", str(tmp_path), "--quick", "--shapes", "deepseek_v3", "--tokens", "128",
+          "--impls", "auto", "--repeats", "1", "--calls", "2", "--max-copies", "1"]
+  assert bench_moe.main(args) == 0
+  with open(tmp_path / "moe.json") as f:
+    rows = json.load(f)["rows"]
+  assert [r["impl"] for r in rows] == ["auto"]
+  assert rows[0]["resolved"] == "priced:dense" and rows[0]["us"] > 0
+  assert len(rows[0]["priced_picks_inputs"]) == rows[0]["calls_per_program"]
+  assert set(rows[0]["priced_picks_inputs"]) <= {"dense", "gemv"}
+
+
 @pytest.mark.parametrize("bad", ["-0.1", "nan", "inf"])
 def test_moe_bias_scale_refused(tmp_path, capsys, bad):
   """A negative or non-finite --bias-scale is refused naming the option."""

@@ -145,21 +145,25 @@ def test_float16(platform, impl):
   check(x, params, config_for(shape, impl))
 
 
-def test_auto_crossover(platform):
-  """auto follows heuristics.moe_implementation, and is right on both sides of the
-  switch: gemv at decode sizes, grouped once routing touches nearly every expert."""
+def test_auto_crossover(platform, monkeypatch):
+  """auto follows heuristics.moe_implementation: gemv at decode sizes, then "priced"
+  (gemv or the grouped path, picked per call) once routing touches nearly every
+  expert, and "grouped" with MOE_PRICED off; right on both sides of the switch."""
   shape = small("mixtral")
   cfg = config_for(shape)
   n = next(T for T in range(1, 4097)
            if heuristics.moe_implementation(T, shape.num_experts, shape.top_k, shape.hidden,
-                                            shape.intermediate) == "grouped")
+                                            shape.intermediate) != "gemv")
   assert n > 1
   assert moe_lib.resolve(cfg, n - 1, shape.hidden, shape.intermediate)[0] == "gemv"
-  impl, method = moe_lib.resolve(cfg, n, shape.hidden, shape.intermediate)
-  assert impl == "grouped" and method in ("dense", "gather")
+  assert moe_lib.resolve(cfg, n, shape.hidden, shape.intermediate) == ("priced", "dense")
   x, params = moe_inputs(rng(), shape, n, jnp.bfloat16)
   check(x, params, cfg)
   check(x[:n - 1], params, cfg)
+  monkeypatch.setattr(heuristics, "MOE_PRICED", False)
+  impl, method = moe_lib.resolve(cfg, n, shape.hidden, shape.intermediate)
+  assert impl == "grouped" and method in ("dense", "gather")
+  check(x, params, cfg)
 
 
 # (shape, largest T where gemv won, smallest T where dense won or None), on H100
@@ -168,7 +172,9 @@ def test_auto_crossover(platform):
 # gemv 1039 us), and 14 (s14-4: the wide ring's segments of 16 moved Mixtral T=32 to
 # gemv, 996.2 vs dense 1027.8 us; T=64 is still dense's: there expert_gemv takes the
 # register kernel, 1060.8 us for the experts alone in s14-4, against dense's whole
-# layer at 1038.4 in s12). The heuristic must agree with each measured side.
+# layer at 1038.4 in s12). The heuristic must agree with each measured side, where
+# "priced" (the choice made per call; test_priced_plan_matches_measurements) agrees
+# with both.
 MEASURED_CROSSOVERS = [("gemma4", 64, None), ("qwen3", 64, None), ("mixtral", 32, 64),
                        ("deepseek_v3", 512, None)]
 
@@ -179,10 +185,108 @@ def test_auto_matches_measurements(name, gemv_at, grouped_at):
   pick = lambda T: heuristics.moe_implementation(T, s.num_experts, s.top_k,  # noqa: E731
                                                    s.hidden, s.intermediate)
   measured = (1, 2, 4, 8, 16, 32, 64, 512)  # the T values bench_moe ran below 4096
-  assert all(pick(T) == "gemv" for T in measured if T <= gemv_at)
+  assert all(pick(T) in ("gemv", "priced") for T in measured if T <= gemv_at)
+  assert all(pick(T) == "gemv" for T in measured if T <= min(gemv_at, 64))
   if grouped_at is not None:
-    assert pick(grouped_at) == "grouped"
+    assert pick(grouped_at) in ("grouped", "priced")
   assert pick(4096) == "grouped"
+
+
+def _ids_with_counts(counts, T, k):
+  """ids [T, k] whose per-expert counts are `counts` (sum <= T * k; the rest -1)."""
+  flat = np.repeat(np.arange(len(counts)), counts).astype(np.int32)
+  assert flat.size <= T * k
+  return jnp.asarray(np.concatenate([flat, np.full(T * k - flat.size, -1, np.int32)])
+                     .reshape(T, k))
+
+
+def _skewed_counts(E, T, k, distinct, busiest):
+  """One expert with `busiest` assignments, the rest of T * k spread evenly over
+  distinct - 1 others."""
+  counts = np.zeros(E, np.int64)
+  counts[0] = busiest
+  rest = T * k - busiest
+  counts[1:distinct] = rest // (distinct - 1)
+  counts[1:1 + rest % (distinct - 1)] += 1
+  return counts
+
+
+# The branch that won on H100 (RESULTS.md sessions 15 and 16) for routings with the
+# benchmark's counts: DeepSeek-V3's skewed routing (random correction bias; distinct
+# experts and busiest expert's assignments of its first input set) and uniform ones.
+# us per layer, gemv / grouped: DeepSeek-V3 skewed T=128 7487.1 / dense 8777.5, T=256
+# 8760.2 / capacity 10056.6, T=512 13214.4 / 13484.0 (s15-8); near-uniform T=512
+# 13906.7 / 8192.0 (s15-14); Gemma-4 uniform T=128 743.4 / dense 683.8, T=256 933.3 /
+# capacity 678.0 (s15-8).
+PRICED_MEASURED = [("deepseek_v3", 128, (159, 53), "gemv"),
+                   ("deepseek_v3", 256, (177, 108), "gemv"),
+                   ("deepseek_v3", 512, (190, 216), "gemv"),
+                   ("deepseek_v3", 512, None, "capacity"),
+                   ("gemma4", 128, None, "dense"),
+                   ("gemma4", 256, None, "capacity")]
+
+
+@pytest.mark.parametrize("name,T,skew,winner", PRICED_MEASURED)
+def test_priced_plan_matches_measurements(name, T, skew, winner):
+  s = SHAPES[name]
+  E, k = s.num_experts, s.top_k
+  counts = (_skewed_counts(E, T, k, *skew) if skew else
+            np.full(E, T * k // E))  # uniform: every expert the mean
+  assert counts.sum() == T * k
+  impl, method = moe_lib.resolve(config_for(s), T, s.hidden, s.intermediate)
+  assert impl == "priced"
+  names, index = moe_lib._priced_plan(_ids_with_counts(counts, T, k), E, s.hidden,
+                                      s.intermediate, method)
+  picked = names[int(index)]
+  assert picked.partition(":")[0] == winner, (picked, names)
+  if winner == "capacity":  # the smallest bucket that holds the busiest expert
+    C = int(picked.partition(":")[2])
+    assert C >= counts.max() and all(c < counts.max() for c in
+                                     heuristics.moe_capacity_buckets(T, E, k) if c < C)
+
+
+@pytest.mark.parametrize("method", ["dense", "capacity"])
+@pytest.mark.parametrize("want", ["gemv", "grouped"])
+def test_priced_branches(platform, monkeypatch, method, want):
+  """Each branch of the priced choice against the reference, the pick forced
+  through the models' rates (and checked to be the branch run), dropped ids and a
+  busy expert included."""
+  T, k, E = 48, 2, 8
+  rate = 1e30 if want == "gemv" else 1e-30  # gemv priced free / never
+  monkeypatch.setattr(heuristics, "MOE_GEMV_BYTES_PER_S", rate)
+  r = rng()
+  ids = np.stack([r.permutation(E)[:k] for _ in range(T)])
+  ids[:20, 0] = 3  # expert 3 busier than the first bucket (16)
+  ids[:20, 1] = np.where(ids[:20, 1] == 3, 4, ids[:20, 1])
+  ids[5, 1], ids[7, 0] = -1, E  # dropped
+  names, index = moe_lib._priced_plan(jnp.asarray(ids, jnp.int32), E, 64, 48, method)
+  picked = names[int(index)]
+  if want == "gemv":
+    assert picked == "gemv"
+  else:
+    assert picked == ("capacity:32" if method == "capacity" else "dense"), picked
+  _grouped_capacity_vs_reference(ids, T=T, E=E, method=f"priced:{method}")
+
+
+def test_priced_traces_both(monkeypatch):
+  """moe_block's "priced" auto holds gemv and the grouped path in one run-time
+  switch: the jaxpr has a cond with expert_gemv inside; with MOE_PRICED off, no
+  expert_gemv (the static model picks the grouped path here)."""
+  shape = small("deepseek_v3")
+  T = 128
+  assert moe_lib.resolve(config_for(shape), T, shape.hidden, shape.intermediate) == (
+      "priced", "dense")
+  x, params = moe_inputs(rng(), shape, T, jnp.float32)
+
+  def prims():
+    return {str(e.primitive) for e in jax.make_jaxpr(
+        lambda x: moe_block(x, params, config_for(shape)))(x).eqns for e in _all_eqns(e)}
+
+  got = prims()
+  assert "cond" in got and any("expert_gemv" in p for p in got), got
+  monkeypatch.setattr(heuristics, "MOE_PRICED", False)
+  assert moe_lib.resolve(config_for(shape), T, shape.hidden, shape.intermediate)[0] == "grouped"
+  assert not any("expert_gemv" in p for p in prims())
 
 
 def test_grouped_method_heuristic():
@@ -248,7 +352,8 @@ def test_capacity_buckets(T, E, k):
     assert b  # the benchmark shapes all have buckets at prefill sizes
 
 
-def _grouped_capacity_vs_reference(ids, *, dtype=jnp.float32, T=48, H=64, I=48, E=8):
+def _grouped_capacity_vs_reference(ids, *, dtype=jnp.float32, T=48, H=64, I=48, E=8,
+                                   method="capacity"):
   r = rng()
   k = ids.shape[1]
   x = jnp.asarray(r.standard_normal((T, H)), dtype)
@@ -256,7 +361,7 @@ def _grouped_capacity_vs_reference(ids, *, dtype=jnp.float32, T=48, H=64, I=48, 
   wd = jnp.asarray(r.standard_normal((E, H, I)) / np.sqrt(I), dtype)
   w = jnp.asarray(r.uniform(0.1, 1.0, (T, k)), jnp.float32)
   ids = jnp.asarray(ids, jnp.int32)
-  out = jax.jit(moe_lib._grouped_op("silu", "capacity", jnp.dtype(dtype)))(x, ids, w, wgu, wd)
+  out = jax.jit(moe_lib._grouped_op("silu", method, jnp.dtype(dtype)))(x, ids, w, wgu, wd)
   y = jax_moe.reference.expert_gemv(x, ids, wgu, wd, activation="silu")
   ref = jax_moe.reference.combine(y, w, out_dtype=dtype)
   assert out.shape == (T, H) and out.dtype == dtype
@@ -290,16 +395,24 @@ def test_capacity_every_branch(platform, busiest):
   _grouped_capacity_vs_reference(ids, T=T, E=E)
 
 
-def test_capacity_token_blocks(platform, monkeypatch):
-  """Above moe_dense_token_block tokens the capacity method runs token blocks (the
-  last one padded), each sorted on its own: still the reference, dropped and
-  repeated ids included."""
+@pytest.mark.parametrize("busy", [False, True])
+def test_capacity_token_blocks(platform, monkeypatch, busy):
+  """Above moe_dense_token_block tokens (tb) the capacity method runs unblocked while
+  a bucket of at most tb rows holds the busiest expert, and token blocks otherwise
+  (the last one padded, each sorted on its own): both equal the reference, dropped
+  and repeated ids included."""
   monkeypatch.setattr(heuristics, "MOE_DENSE_MAX_BYTES", 4 * 8 * 96 * 20)
   T, k, E = 44, 2, 8
   assert heuristics.moe_dense_token_block(T, E, 64, 48) == 16  # 3 blocks, 4 pad tokens
+  assert heuristics.moe_capacity_buckets(T, E, k) == (16, 32)  # only 16 runs unblocked
   r = rng()
-  ids = np.stack([r.permutation(E)[:k] for _ in range(T)])
-  ids[3, 0], ids[40, 1], ids[41] = -1, E, 5
+  ids = np.stack([np.roll(np.arange(E), -(t % E))[:k] for t in range(T)])  # 11 each
+  ids = r.permutation(E)[ids]
+  ids[3, 0], ids[40, 1], ids[41] = -1, E, ids[41, 0]  # dropped and repeated
+  if busy:
+    ids[:20, 0] = ids[0, 1]  # one expert over 16: token blocks
+  counts = np.bincount(ids[(ids >= 0) & (ids < E)], minlength=E)
+  assert (counts.max() > 16) == busy
   _grouped_capacity_vs_reference(ids, T=T, E=E)
   _grouped_capacity_vs_reference(ids, dtype=jnp.bfloat16, T=T, E=E)
 
