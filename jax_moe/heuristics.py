@@ -359,7 +359,9 @@ def moe_implementation(num_tokens: int, num_experts: int, top_k: int, hidden: in
   frac = expected_expert_fraction(T, E, k)
   if frac <= MOE_GEMV_MAX_EXPERT_FRACTION or T <= 1:
     return "gemv"
-  return "priced" if MOE_PRICED else moe_expected_choice(T, E, k, hidden, intermediate)
+  if MOE_PRICED and moe_grouped_method(T, E, k, hidden, intermediate) == "capacity":
+    return "priced"
+  return moe_expected_choice(T, E, k, hidden, intermediate)
 
 
 def moe_expected_choice(num_tokens: int, num_experts: int, top_k: int, hidden: int,
@@ -387,6 +389,13 @@ def moe_expected_choice(num_tokens: int, num_experts: int, top_k: int, hidden: i
 # branches (capacity buckets, dense) and gemv, and picks per call by the models above
 # fed with the routing's own counts: gemv's passes summed over the experts it
 # selects, the capacity of the smallest bucket that holds the busiest expert.
+# Only where the grouped method is "capacity", whose run-time switch exists anyway:
+# over the dense method the switch itself cost 5-33 us per layer (bench_moe, T=128,
+# us, auto priced over dense / grouped:dense, two passes, run s16-3: Gemma-4
+# 713.1, 710.2 / 693.4, 688.4; Qwen3 602.9, 592.0 / 569.7, 567.9; Mixtral 1179.1,
+# 1165.9 / 1146.5, 1161.0); over capacity it cost nothing measurable (T=256, auto /
+# grouped:capacity: Gemma-4 685.7, 694.8 / 697.8, 690.7; Qwen3 579.1, 568.4 / 571.4,
+# 576.6). Elsewhere the static moe_expected_choice decides.
 MOE_PRICED = True
 
 
@@ -468,11 +477,20 @@ def moe_shared_dense(num_tokens: int) -> bool:
 # / 10056.6, T=512 19650.0 / 13484.0; and s15-7 (the first buckets) at T=64:
 # Gemma-4 605.9 / 663.8, Qwen3 482.9 / 497.6, Mixtral 1033.5 / 1070.6. Capacity
 # wins every shape from 256 (1.1-7x); at 128 it wins three of four by up to 8% and
-# loses Gemma-4 by 8%, so the rule starts at 256.
+# loses Gemma-4 by 8%, so session 15's rule started at 256.
 # ragged_dot stays selectable (grouped_method="ragged_dot"), e.g. for CPU or for
 # devices where XLA lowers it to a real grouped GEMM.
+# Session 16 (run s16-3, two passes, T=128, us per layer, dense / capacity): Gemma-4
+# 693.4, 688.4 / 661.2, 654.0; Qwen3 569.7, 567.9 / 534.9, 528.9; Mixtral 1146.5,
+# 1161.0 / 1090.8, 1091.7; DeepSeek-V3 near-uniform (s16-2) 8780.5 (auto, dense) /
+# 8029.6. Capacity now wins at 128 on every shape, so the rule starts at 128.
+# Session 15 had Gemma-4 at 128 the other way round (742.3 against 683.8, one pass),
+# with the sort outside the bucket switch; since session 16 each branch sorts on its
+# own. Whether that change or run-to-run spread moved it was not isolated. On the skewed DeepSeek-V3
+# routing dense was faster at 128 (9104.1 / 9369.8), where "priced" runs gemv anyway
+# (7414.8). At T=64 capacity lost (s15-7).
 MOE_DENSE_MAX_BYTES = 8 << 30         # f32 intermediates per dense token block
-MOE_CAPACITY_MIN_TOKENS = 256
+MOE_CAPACITY_MIN_TOKENS = 128
 
 
 def moe_grouped_method(num_tokens: int, num_experts: int, top_k: int, hidden: int,

@@ -290,20 +290,23 @@ def test_moe_priced_auto_timed_as_itself(tmp_path):
   records the branch it picks for each input set."""
   import json
   import bench_moe
+  import jax.numpy as jnp
   from jax_moe import moe as moe_lib
   from jax_moe.shapes import SHAPES
   shape = SHAPES["deepseek_v3"].small_stand_in()
   assert moe_lib.resolve(moe_lib.MoEConfig.from_shape(shape), 128, shape.hidden,
-                         shape.intermediate) == ("priced", "dense")
+                         shape.intermediate) == ("priced", "capacity")
   args = ["--out", str(tmp_path), "--quick", "--shapes", "deepseek_v3", "--tokens", "128",
           "--impls", "auto", "--repeats", "1", "--calls", "2", "--max-copies", "1"]
   assert bench_moe.main(args) == 0
   with open(tmp_path / "moe.json") as f:
     rows = json.load(f)["rows"]
   assert [r["impl"] for r in rows] == ["auto"]
-  assert rows[0]["resolved"] == "priced:dense" and rows[0]["us"] > 0
+  assert rows[0]["resolved"] == "priced:capacity" and rows[0]["us"] > 0
   assert len(rows[0]["priced_picks_inputs"]) == rows[0]["calls_per_program"]
-  assert set(rows[0]["priced_picks_inputs"]) <= {"dense", "gemv"}
+  names = moe_lib._priced_plan(jnp.zeros((128, shape.top_k), jnp.int32), shape.num_experts,
+                               shape.hidden, shape.intermediate, "capacity")[0]
+  assert set(rows[0]["priced_picks_inputs"]) <= set(names)
 
 
 @pytest.mark.parametrize("bad", ["-0.1", "nan", "inf"])

@@ -146,9 +146,10 @@ def test_float16(platform, impl):
 
 
 def test_auto_crossover(platform, monkeypatch):
-  """auto follows heuristics.moe_implementation: gemv at decode sizes, then "priced"
-  (gemv or the grouped path, picked per call) once routing touches nearly every
-  expert, and "grouped" with MOE_PRICED off; right on both sides of the switch."""
+  """auto follows heuristics.moe_implementation: gemv at decode sizes, the grouped
+  path once routing touches nearly every expert, "priced" (gemv or a grouped branch,
+  picked per call) where the grouped method is capacity, and "grouped" there with
+  MOE_PRICED off; right on both sides of each switch."""
   shape = small("mixtral")
   cfg = config_for(shape)
   n = next(T for T in range(1, 4097)
@@ -156,14 +157,17 @@ def test_auto_crossover(platform, monkeypatch):
                                             shape.intermediate) != "gemv")
   assert n > 1
   assert moe_lib.resolve(cfg, n - 1, shape.hidden, shape.intermediate)[0] == "gemv"
-  assert moe_lib.resolve(cfg, n, shape.hidden, shape.intermediate) == ("priced", "dense")
+  impl, method = moe_lib.resolve(cfg, n, shape.hidden, shape.intermediate)
+  assert impl == "grouped" and method in ("dense", "gather")  # below capacity: static
   x, params = moe_inputs(rng(), shape, n, jnp.bfloat16)
   check(x, params, cfg)
   check(x[:n - 1], params, cfg)
-  monkeypatch.setattr(heuristics, "MOE_PRICED", False)
-  impl, method = moe_lib.resolve(cfg, n, shape.hidden, shape.intermediate)
-  assert impl == "grouped" and method in ("dense", "gather")
+  m = heuristics.MOE_CAPACITY_MIN_TOKENS  # from here the choice is made per call
+  assert moe_lib.resolve(cfg, m, shape.hidden, shape.intermediate) == ("priced", "capacity")
+  x, params = moe_inputs(rng(), shape, m, jnp.bfloat16)
   check(x, params, cfg)
+  monkeypatch.setattr(heuristics, "MOE_PRICED", False)
+  assert moe_lib.resolve(cfg, m, shape.hidden, shape.intermediate) == ("grouped", "capacity")
 
 
 # (shape, largest T where gemv won, smallest T where dense won or None), on H100
@@ -216,13 +220,13 @@ def _skewed_counts(E, T, k, distinct, busiest):
 # experts and busiest expert's assignments of its first input set) and uniform ones.
 # us per layer, gemv / grouped: DeepSeek-V3 skewed T=128 7487.1 / dense 8777.5, T=256
 # 8760.2 / capacity 10056.6, T=512 13214.4 / 13484.0 (s15-8); near-uniform T=512
-# 13906.7 / 8192.0 (s15-14); Gemma-4 uniform T=128 743.4 / dense 683.8, T=256 933.3 /
-# capacity 678.0 (s15-8).
+# 13906.7 / 8192.0 (s15-14); Gemma-4 uniform T=128 743.4 / capacity 661.2 (s15-8,
+# s16-3), T=256 933.3 / capacity 678.0 (s15-8).
 PRICED_MEASURED = [("deepseek_v3", 128, (159, 53), "gemv"),
                    ("deepseek_v3", 256, (177, 108), "gemv"),
                    ("deepseek_v3", 512, (190, 216), "gemv"),
                    ("deepseek_v3", 512, None, "capacity"),
-                   ("gemma4", 128, None, "dense"),
+                   ("gemma4", 128, None, "capacity"),
                    ("gemma4", 256, None, "capacity")]
 
 
@@ -275,7 +279,7 @@ def test_priced_traces_both(monkeypatch):
   shape = small("deepseek_v3")
   T = 128
   assert moe_lib.resolve(config_for(shape), T, shape.hidden, shape.intermediate) == (
-      "priced", "dense")
+      "priced", "capacity")
   x, params = moe_inputs(rng(), shape, T, jnp.float32)
 
   def prims():
@@ -291,15 +295,15 @@ def test_priced_traces_both(monkeypatch):
 
 def test_grouped_method_heuristic():
   """The measured rule (heuristics.moe_grouped_method): gather for few tokens, dense
-  up to 128 tokens, capacity from 256 on every benchmark shape."""
+  up to 64 tokens, capacity from 128 on every benchmark shape."""
   pick = lambda T, s: heuristics.moe_grouped_method(  # noqa: E731
       T, s.num_experts, s.top_k, s.hidden, s.intermediate)
   for name in ("gemma4", "qwen3", "mixtral", "deepseek_v3"):
     s = SHAPES[name]
-    assert all(pick(T, s) in ("dense", "gather") for T in (1, 2, 8, 64, 128))
-    assert all(pick(T, s) == "capacity" for T in (256, 512, 1024, 4096))
+    assert all(pick(T, s) in ("dense", "gather") for T in (1, 2, 8, 64))
+    assert all(pick(T, s) == "capacity" for T in (128, 256, 512, 1024, 4096))
   assert heuristics.moe_grouped_method(1, 128, 8, 2048, 768) == "gather"
-  assert heuristics.moe_grouped_method(128, 128, 8, 2048, 768) == "dense"
+  assert heuristics.moe_grouped_method(64, 128, 8, 2048, 768) == "dense"
   assert heuristics.moe_grouped_method(512, 8, 2, 4096, 14336) == "capacity"
   # no capacity below T: dense (E = 1 routes every token to the one expert)
   assert heuristics.moe_capacity_buckets(512, 1, 1) == ()
