@@ -480,13 +480,14 @@ def moe_shared_dense(num_tokens: int) -> bool:
 # loses Gemma-4 by 8%, so session 15's rule started at 256.
 # ragged_dot stays selectable (grouped_method="ragged_dot"), e.g. for CPU or for
 # devices where XLA lowers it to a real grouped GEMM.
-# Session 16 (run s16-3, two passes, T=128, us per layer, dense / capacity): Gemma-4
-# 693.4, 688.4 / 661.2, 654.0; Qwen3 569.7, 567.9 / 534.9, 528.9; Mixtral 1146.5,
-# 1161.0 / 1090.8, 1091.7; DeepSeek-V3 near-uniform (s16-2) 8780.5 (auto, dense) /
-# 8029.6. Capacity now wins at 128 on every shape, so the rule starts at 128.
-# Session 15 had Gemma-4 at 128 the other way round (742.3 against 683.8, one pass),
-# with the sort outside the bucket switch; since session 16 each branch sorts on its
-# own. Whether that change or run-to-run spread moved it was not isolated. On the skewed DeepSeek-V3
+# Session 16 (T=128, us per layer, dense / capacity): run s16-3 (two passes, a
+# version that sorted inside each bucket branch) Gemma-4 693.4, 688.4 / 661.2, 654.0;
+# Qwen3 569.7, 567.9 / 534.9, 528.9; Mixtral 1146.5, 1161.0 / 1090.8, 1091.7;
+# DeepSeek-V3 near-uniform (s16-2) 8780.5 / 8029.6; and run s16-7 (final code, the
+# sort before the switch as in session 15; capacity as "auto") Gemma-4 682.8 / 647.7,
+# Qwen3 560.3 / 514.1, Mixtral 1144.5 / 1081.9. Capacity wins at 128 on every shape,
+# so the rule starts at 128. Session 15 had Gemma-4 at 128 the other way round (742.3
+# against 683.8, one pass, s15-8); s16-7 did not reproduce it. On the skewed DeepSeek-V3
 # routing dense was faster at 128 (9104.1 / 9369.8), where "priced" runs gemv anyway
 # (7414.8). At T=64 capacity lost (s15-7).
 MOE_DENSE_MAX_BYTES = 8 << 30         # f32 intermediates per dense token block

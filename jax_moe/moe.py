@@ -597,22 +597,29 @@ def _capacity_switch(x, ids, weights, w_gate_up, w_down, activation, combine_fn,
   default _bucket_index) says so."""
   T, k = ids.shape
   E = w_gate_up.shape[0]
+  if not buckets and extra is None:
+    return fallback()
+  # One sort before the switch, shared by the capacity branches. A version that sorted
+  # inside each branch was slower (run s16-6, T=512, us per layer, two passes,
+  # session 15's code with the sort outside / that version: moe_block Gemma-4 758.2,
+  # 756.4 / 768.1, 826.3; Qwen3 618.2, 609.8 / 631.4, 634.6; the XLA-native capacity
+  # layer, which shares this function, Gemma-4 741.4, 740.8 / 1263.6, 1255.7; Qwen3
+  # 620.2, 606.3 / 974.0, 983.8). With the sort back outside (run s16-7): moe_block
+  # Gemma-4 745.3, Qwen3 608.3; XLA-native 736.4, 602.3.
+  order, inv, valid, counts, starts = _sort_assignments(ids, E)
+  expert = jnp.where(valid, ids.reshape(-1), 0)
+  rank = inv - starts[expert]  # of a valid assignment among its expert's
 
   def capacity_branch(C):
     def run():
-      order, inv, valid, counts, starts = _sort_assignments(ids, E)
-      expert = jnp.where(valid, ids.reshape(-1), 0)
-      rank = inv - starts[expert]  # of a valid assignment among its expert's
       rows = _capacity_rows(x, k, order, counts, starts, w_gate_up, w_down, activation, C)
       index = jnp.where(valid, expert * C + rank, -1).reshape(T, k)
       return combine_fn(rows, weights, index)
     return run
 
   branches = [capacity_branch(C) for C in buckets] + [fallback] + ([extra] if extra else [])
-  if len(branches) == 1:
-    return fallback()
   if index is None:
-    index = _bucket_index(_expert_counts(ids, E), buckets)
+    index = _bucket_index(counts, buckets)
   return jax.lax.switch(index, branches)
 
 
