@@ -694,23 +694,23 @@ def _grouped_priced(x, ids, weights, w_gate_up, w_down, activation, combine_fn, 
   T, k = ids.shape
   E, two_i, H = w_gate_up.shape
   I = two_i // 2
-  names, index = _priced_plan(ids, E, H, I, method)
   if heuristics.moe_dense_token_block(T, E, H, I) < T:
     # Token blocks (only when vmap folded many calls into one): the grouped method alone.
     return _grouped_experts(x, ids, weights, w_gate_up, w_down, activation, method, combine_fn)
+  names, branch = _priced_plan(ids, E, H, I, method)
 
   def gemv():
     y = expert_gemv(x, ids, w_gate_up, w_down, activation=activation)  # [T, k, H]
-    index = jnp.arange(T * k, dtype=jnp.int32).reshape(T, k)
-    return combine_fn(y.reshape(T * k, H), weights, index)
+    rows_of = jnp.arange(T * k, dtype=jnp.int32).reshape(T, k)  # dropped ids: zero rows
+    return combine_fn(y.reshape(T * k, H), weights, rows_of)
 
   def dense():
-    rows, index = _grouped_dense(x, ids, w_gate_up, w_down, activation)
-    return combine_fn(rows, weights, index)
+    rows, rows_of = _grouped_dense(x, ids, w_gate_up, w_down, activation)
+    return combine_fn(rows, weights, rows_of)
 
   buckets = tuple(int(n.partition(":")[2]) for n in names if n.startswith("capacity:"))
   return _capacity_switch(x, ids, weights, w_gate_up, w_down, activation, combine_fn,
-                          buckets, dense, extra=gemv, index=index)
+                          buckets, dense, extra=gemv, index=branch)
 
 
 # Formulations that return (rows, index): rows [R, H] in x's dtype and index int32
