@@ -6,7 +6,9 @@ limit forces) into one JSON, one summary table and one plot.
 Rows are taken as measured (a later file's row replaces an earlier one for the same
 shape, T and implementation); "auto" rows are re-derived from the measured rows of the
 implementation that heuristics.moe_implementation picks today (the same program),
-so a heuristic changed after a run is reported as it now behaves.
+so a heuristic changed after a run is reported as it now behaves. Where auto is
+"priced" (gemv or a grouped branch chosen per call) it is its own program: its
+measured auto row is kept, and none is derived.
 """
 
 from __future__ import annotations
@@ -32,17 +34,23 @@ def main(argv):
       d = json.load(f)
     devices.add(d.get("device"))
     bws.append(d.get("read_bandwidth_Bps") or 0)
-    new = [r for r in d["rows"] if r.get("T") is not None and r["impl"] != "auto"]
+    new = [r for r in d["rows"] if r.get("T") is not None and (
+        r["impl"] != "auto" or str(r.get("resolved", "")).startswith("priced"))]
     keys = {(r["shape"], r["T"], r["impl"]) for r in new}
     rows = [r for r in rows if (r["shape"], r["T"], r["impl"]) not in keys] + new
   for key in sorted({(r["shape"], r["T"]) for r in rows}, key=lambda k: (k[0], k[1])):
     shape = SHAPES[key[0]]
     impl, method = moe_lib.resolve(MoEConfig.from_shape(shape), key[1], shape.hidden,
                                    shape.intermediate)
-    pick = "gemv" if impl == "gemv" else f"grouped:{method}"
-    src = next((r for r in rows if (r["shape"], r["T"]) == key and r["impl"] == pick), None)
+    pick = {"gemv": "gemv", "priced": f"priced:{method}"}.get(impl, f"grouped:{method}")
+    measured_auto = [r for r in rows if (r["shape"], r["T"]) == key and r["impl"] == "auto"]
+    rows = [r for r in rows if r not in measured_auto]
+    src = next((r for r in measured_auto if r.get("resolved") == pick), None)
+    if impl != "priced":
+      src = next((r for r in rows if (r["shape"], r["T"]) == key and r["impl"] == pick), None)
     auto = dict(shape=key[0], T=key[1], impl="auto", resolved=pick,
-                floor_us=next(r["floor_us"] for r in rows if (r["shape"], r["T"]) == key))
+                floor_us=next(r["floor_us"] for r in rows + measured_auto
+                              if (r["shape"], r["T"]) == key))
     if src and src.get("us"):
       auto.update(us=src["us"], x_floor=src["us"] / auto["floor_us"])
     else:

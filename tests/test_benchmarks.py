@@ -416,3 +416,35 @@ def test_gpu_check_trace_stage(tmp_path):
   good = run("--shapes gemma4 --tokens 1", tmp_path / "good")
   assert good.returncode == 0, good.stdout + good.stderr
   assert "trace_chain: ok" in (tmp_path / "good" / "summary.txt").read_text()
+
+
+def test_merge_moe_keeps_priced_auto(tmp_path):
+  """merge_moe derives "auto" from the row of the implementation it resolves to, but
+  a "priced" auto is its own program: its measured row is kept, not derived."""
+  import json
+  import merge_moe
+  from jax_moe import moe as moe_lib
+  from jax_moe.shapes import SHAPES
+  ds = SHAPES["deepseek_v3"]
+  assert moe_lib.resolve(moe_lib.MoEConfig.from_shape(ds), 128, ds.hidden,
+                         ds.intermediate) == ("priced", "capacity")
+  base = dict(floor_us=100.0)
+  run1 = dict(device="gpu:test", read_bandwidth_Bps=3e12, rows=[
+      dict(base, shape="deepseek_v3", T=128, impl="auto", resolved="priced:capacity", us=170.0),
+      dict(base, shape="deepseek_v3", T=128, impl="gemv", us=180.0)])
+  run2 = dict(device="gpu:test", read_bandwidth_Bps=3e12, rows=[
+      dict(base, shape="gemma4", T=1, impl="auto", resolved="gemv", us=999.0),
+      dict(base, shape="gemma4", T=1, impl="gemv", us=150.0)])
+  paths = []
+  for i, run in enumerate((run1, run2)):
+    paths.append(str(tmp_path / f"run{i}.json"))
+    with open(paths[-1], "w") as f:
+      json.dump(run, f)
+  assert merge_moe.main([str(tmp_path / "out"), *paths]) == 0
+  with open(tmp_path / "out" / "moe.json") as f:
+    rows = json.load(f)["rows"]
+  auto = {(r["shape"], r["T"]): r for r in rows if r["impl"] == "auto"}
+  assert len([r for r in rows if r["impl"] == "auto"]) == 2
+  assert auto[("deepseek_v3", 128)]["us"] == 170.0  # measured, not gemv's 180
+  assert auto[("deepseek_v3", 128)]["resolved"] == "priced:capacity"
+  assert auto[("gemma4", 1)]["us"] == 150.0  # derived from gemv's row
