@@ -78,7 +78,7 @@ def test_routing_variants(platform, impl, variant):
 
 @pytest.mark.parametrize("T,S,dtype", [(1, 1, jnp.bfloat16), (5, 2, jnp.float32),
                                        (8, 1, jnp.bfloat16), (9, 1, jnp.bfloat16)])
-def test_shared_experts_folded(platform, monkeypatch, T, S, dtype):
+def test_shared_experts_folded(platform, set_heuristic, T, S, dtype):
   """Up to MOE_FOLD_SHARED_MAX_TOKENS tokens, shared experts with the routed experts'
   I run in the routed expert_gemv call (one call in the program) and give bitwise the
   layer of the separate-call path; above it (T=9) the separate call stays."""
@@ -93,8 +93,8 @@ def test_shared_experts_folded(platform, monkeypatch, T, S, dtype):
       "jax_moe_expert_gemv")
   assert calls == (1 if fold else 2)
   out = check(x, params, config)
-  monkeypatch.setattr(heuristics, "MOE_FOLD_SHARED_MAX_TOKENS", 0)
-  monkeypatch.setattr(heuristics, "MOE_FOLD_SHARED_MAX_TOKENS_WIDE", 0)
+  set_heuristic("MOE_FOLD_SHARED_MAX_TOKENS", 0)
+  set_heuristic("MOE_FOLD_SHARED_MAX_TOKENS_WIDE", 0)
   assert str(jax.make_jaxpr(lambda a: moe_block(a, params, config))(x)).count(
       "jax_moe_expert_gemv") == 2
   apart = jax.jit(moe_block)(x, params, config)
@@ -103,13 +103,15 @@ def test_shared_experts_folded(platform, monkeypatch, T, S, dtype):
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_shared_experts_dense_above_one_pass(platform, monkeypatch, dtype):
+def test_shared_experts_dense_above_one_pass(platform, set_heuristic, dtype):
   """Above MOE_SHARED_GEMV_MAX_TOKENS tokens the gemv path runs the shared experts as
   matmuls (one expert_gemv call in the program, for the routed experts), at or below
   it through a second expert_gemv call; both agree with the reference."""
   shape = small("deepseek_v3", num_shared_experts=2, shared_intermediate=40)
   config = config_for(shape, ("gemv", "auto"))
-  monkeypatch.setattr(heuristics, "MOE_SHARED_GEMV_MAX_TOKENS", 10)
+  assert heuristics.MOE_SHARED_GEMV_MAX_TOKENS == heuristics.GEMV_MAX_TOKENS_PER_PASS
+  assert not heuristics.moe_shared_dense(32) and heuristics.moe_shared_dense(33)
+  set_heuristic("MOE_SHARED_GEMV_MAX_TOKENS", 10)
   for T, calls in [(10, 2), (11, 1)]:
     x, params = moe_inputs(rng(), shape, T, dtype)
     assert heuristics.moe_shared_dense(T) == (calls == 1)
@@ -117,9 +119,6 @@ def test_shared_experts_dense_above_one_pass(platform, monkeypatch, dtype):
     assert jaxpr.count("jax_moe_expert_gemv") == calls
     assert ("dot_general" in jaxpr) == (calls == 1)
     check(x, params, config)
-  monkeypatch.undo()
-  assert heuristics.MOE_SHARED_GEMV_MAX_TOKENS == heuristics.GEMV_MAX_TOKENS_PER_PASS
-  assert not heuristics.moe_shared_dense(32) and heuristics.moe_shared_dense(33)
 
 
 def test_fold_shared_heuristic():
@@ -145,7 +144,7 @@ def test_float16(platform, impl):
   check(x, params, config_for(shape, impl))
 
 
-def test_auto_crossover(platform, monkeypatch):
+def test_auto_crossover(platform, set_heuristic):
   """auto follows heuristics.moe_implementation: gemv at decode sizes, the grouped
   path once routing touches nearly every expert, "priced" (gemv or a grouped branch,
   picked per call) where the grouped method is capacity, and "grouped" there with
@@ -166,7 +165,7 @@ def test_auto_crossover(platform, monkeypatch):
   assert moe_lib.resolve(cfg, m, shape.hidden, shape.intermediate) == ("priced", "capacity")
   x, params = moe_inputs(rng(), shape, m, jnp.bfloat16)
   check(x, params, cfg)
-  monkeypatch.setattr(heuristics, "MOE_PRICED", False)
+  set_heuristic("MOE_PRICED", False)
   assert moe_lib.resolve(cfg, m, shape.hidden, shape.intermediate) == ("grouped", "capacity")
 
 
@@ -251,13 +250,13 @@ def test_priced_plan_matches_measurements(name, T, skew, winner):
 
 @pytest.mark.parametrize("method", ["dense", "capacity"])
 @pytest.mark.parametrize("want", ["gemv", "grouped"])
-def test_priced_branches(platform, monkeypatch, method, want):
+def test_priced_branches(platform, set_heuristic, method, want):
   """Each branch of the priced choice against the reference, the pick forced
   through the models' rates (and checked to be the branch run), dropped ids and a
   busy expert included."""
   T, k, E = 48, 2, 8
   rate = 1e30 if want == "gemv" else 1e-30  # gemv priced free / never
-  monkeypatch.setattr(heuristics, "MOE_GEMV_BYTES_PER_S", rate)
+  set_heuristic("MOE_GEMV_BYTES_PER_S", rate)
   r = rng()
   ids = np.stack([r.permutation(E)[:k] for _ in range(T)])
   ids[:20, 0] = 3  # expert 3 busier than the first bucket (16)
@@ -272,7 +271,7 @@ def test_priced_branches(platform, monkeypatch, method, want):
   _grouped_capacity_vs_reference(ids, T=T, E=E, method=f"priced:{method}")
 
 
-def test_priced_traces_both(monkeypatch):
+def test_priced_traces_both(set_heuristic):
   """moe_block's "priced" auto holds gemv and the grouped path in one run-time
   switch: the jaxpr has a cond with expert_gemv inside; with MOE_PRICED off, no
   expert_gemv (the static model picks the grouped path here)."""
@@ -288,7 +287,7 @@ def test_priced_traces_both(monkeypatch):
 
   got = prims()
   assert "cond" in got and any("expert_gemv" in p for p in got), got
-  monkeypatch.setattr(heuristics, "MOE_PRICED", False)
+  set_heuristic("MOE_PRICED", False)
   assert moe_lib.resolve(config_for(shape), T, shape.hidden, shape.intermediate)[0] == "grouped"
   assert not any("expert_gemv" in p for p in prims())
 
@@ -400,12 +399,12 @@ def test_capacity_every_branch(platform, busiest):
 
 
 @pytest.mark.parametrize("busy", [False, True])
-def test_capacity_token_blocks(platform, monkeypatch, busy):
+def test_capacity_token_blocks(platform, set_heuristic, busy):
   """Above moe_dense_token_block tokens (tb) the capacity method runs unblocked while
   a bucket of at most tb rows holds the busiest expert, and token blocks otherwise
   (the last one padded, each sorted on its own): both equal the reference, dropped
   and repeated ids included."""
-  monkeypatch.setattr(heuristics, "MOE_DENSE_MAX_BYTES", 4 * 8 * 96 * 20)
+  set_heuristic("MOE_DENSE_MAX_BYTES", 4 * 8 * 96 * 20)
   T, k, E = 44, 2, 8
   assert heuristics.moe_dense_token_block(T, E, 64, 48) == 16  # 3 blocks, 4 pad tokens
   assert heuristics.moe_capacity_buckets(T, E, k) == (16, 32)  # only 16 runs unblocked
@@ -421,19 +420,19 @@ def test_capacity_token_blocks(platform, monkeypatch, busy):
   _grouped_capacity_vs_reference(ids, dtype=jnp.bfloat16, T=T, E=E)
 
 
-def test_dense_token_blocks(platform, monkeypatch):
+def test_dense_token_blocks(platform, set_heuristic):
   """The dense grouped path in several token blocks (the last one padded) equals the
   reference, dropped ids included."""
   shape = small("qwen3")
   x, params = moe_inputs(rng(), shape, 21, jnp.float32)
   per_token = 4 * shape.num_experts * max(2 * shape.intermediate, shape.hidden)
-  monkeypatch.setattr(heuristics, "MOE_DENSE_MAX_BYTES", 8 * per_token)
+  set_heuristic("MOE_DENSE_MAX_BYTES", 8 * per_token)
   assert heuristics.moe_dense_token_block(21, shape.num_experts, shape.hidden,
                                           shape.intermediate) == 8
   check(x, params, config_for(shape, ("grouped", "dense")))
   ids = jnp.asarray(rng().integers(-2, shape.num_experts + 2, size=(21, shape.top_k)), jnp.int32)
   rows, index = moe_lib._grouped_dense(x, ids, params.w_gate_up, params.w_down, "silu")
-  monkeypatch.setattr(heuristics, "MOE_DENSE_MAX_BYTES", 1 << 40)
+  set_heuristic("MOE_DENSE_MAX_BYTES", 1 << 40)
   ref_rows, ref_index = moe_lib._grouped_dense(x, ids, params.w_gate_up, params.w_down, "silu")
   np.testing.assert_array_equal(np.asarray(index) < 0, np.asarray(ref_index) < 0)
   ok = np.asarray(index) >= 0
@@ -473,6 +472,33 @@ def test_vmap(platform, impl):
   stacked = jax.tree.map(lambda a: jnp.stack([a, a]), params)
   out = jax.jit(jax.vmap(lambda x, p: moe_block(x, p, cfg)))(x.reshape(2, 6, -1), stacked)
   assert_close(out.reshape(12, -1), ref, jnp.float32)
+
+
+@pytest.mark.parametrize("want", ["gemv", "grouped"])
+def test_priced_transforms(platform, set_heuristic, want):
+  """moe_block's "priced" auto, each run-time branch forced through the gemv model's
+  rate, under jit, vmap (the batch folds into the tokens), jax.checkpoint and a
+  jitted lax.scan over input sets: all equal the reference."""
+  shape = small("deepseek_v3")
+  T = 128
+  cfg = config_for(shape)
+  assert moe_lib.resolve(cfg, T, shape.hidden, shape.intermediate)[0] == "priced"
+  set_heuristic("MOE_GEMV_BYTES_PER_S", 1e30 if want == "gemv" else 1e-30)
+  x, params = moe_inputs(rng(), shape, 3 * T, jnp.float32)
+  ids = jax_moe.route(x[:T], shape.top_k, router_weight=params.router_weight,
+                      **moe_lib._route_kwargs(params, cfg))[1]
+  names, index = moe_lib._priced_plan(ids, shape.num_experts, shape.hidden,
+                                      shape.intermediate, "capacity")
+  assert (names[int(index)] == "gemv") == (want == "gemv")
+  ref = reference_out(x, params, cfg)
+  f = lambda x: moe_block(x, params, cfg)  # noqa: E731
+  assert_close(jax.jit(f)(x[:T]), ref[:T], jnp.float32)
+  out = jax.jit(jax.vmap(f))(x[:2 * T].reshape(2, T, -1))
+  assert_close(out.reshape(2 * T, -1), ref[:2 * T], jnp.float32)
+  assert_close(jax.jit(jax.checkpoint(f))(x[T:2 * T]), ref[T:2 * T], jnp.float32)
+  _, outs = jax.jit(lambda xs: jax.lax.scan(lambda c, xi: (c, f(xi)), 0, xs))(
+      x.reshape(3, T, -1))
+  assert_close(outs.reshape(3 * T, -1), ref, jnp.float32)
 
 
 @pytest.mark.parametrize("impl", IMPLS[:5], ids=impl_id)
