@@ -396,6 +396,10 @@ def moe_expected_choice(num_tokens: int, num_experts: int, top_k: int, hidden: i
 # 1165.9 / 1146.5, 1161.0); over capacity it cost nothing measurable (T=256, auto /
 # grouped:capacity: Gemma-4 685.7, 694.8 / 697.8, 690.7; Qwen3 579.1, 568.4 / 571.4,
 # 576.6). Elsewhere the static moe_expected_choice decides.
+# What it bought (DeepSeek-V3, us per layer, auto / what session 15's rule ran, same
+# run; a version that sorted inside each capacity branch): skewed T=128 7414.8 /
+# dense 9104.1, T=256 8889.4 / capacity 11129.6, T=512 13317.2 / gemv 13369.4 (s16-1);
+# near-uniform T=512 8375.1 / gemv 14000.2 (s16-2).
 MOE_PRICED = True
 
 
