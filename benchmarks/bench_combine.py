@@ -137,6 +137,7 @@ def main(argv=None):
   p.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
   p.add_argument("--repeats", type=int, default=7)
   args = p.parse_args(argv)
+  harness.require_kernels("bench_combine")
   payload = run(args.quick, args.repeats)
   path = os.path.join(args.out, "combine.json")
   harness.write_json(path, payload)

@@ -163,6 +163,7 @@ if __name__ == "__main__":
   ap.add_argument("--no-xla", action="store_true", help="skip the XLA baselines")
   ap.add_argument("--xla-tokens", default=None, help="time the XLA baselines only at these T")
   a = ap.parse_args()
+  harness.require_kernels("bench_gemv")
   run(a.out, a.shapes.split(","), [int(t) for t in a.tokens.split(",")], a.quick,
       a.variants.split(","), not a.no_xla,
       None if a.xla_tokens is None else [int(t) for t in a.xla_tokens.split(",")])

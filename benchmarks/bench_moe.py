@@ -415,6 +415,7 @@ def main(argv=None) -> int:
   ap.add_argument("--peak-tflops", type=float, default=None,
                   help="for skip estimates only (default 400 on GPU, 0.2 on CPU)")
   args = ap.parse_args(argv)
+  harness.require_kernels("bench_moe")
   if args.bias_scale is not None and not (np.isfinite(args.bias_scale) and args.bias_scale >= 0):
     ap.error(f"--bias-scale must be a finite number >= 0, got {args.bias_scale!r}")
 

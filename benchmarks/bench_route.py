@@ -139,4 +139,5 @@ if __name__ == "__main__":
   ap.add_argument("--fused-splits", nargs="+", type=int, default=(),
                   help="extra fused columns with k_splits forced (A/B of the kernels)")
   a = ap.parse_args()
+  harness.require_kernels("bench_route")
   run(a.out, a.quick, a.tokens, a.cases, tuple(a.fused_splits))

@@ -29,6 +29,23 @@ def device_description() -> str:
   return f"{d.platform}:{getattr(d, 'device_kind', '?')}"
 
 
+def require_kernels(name: str) -> None:
+  """Exit (status 2) when the default device is a GPU but the CUDA extension is not
+  loaded: jax_moe's primitives would lower to their jnp fallbacks, and the run would
+  time those as ours (session 16's run s16-4 did exactly that on a fresh machine).
+  JAX_MOE_BENCH_ALLOW_FALLBACK=1 times the fallbacks on purpose."""
+  import jax_moe
+  if jax.devices()[0].platform != "gpu" or jax_moe.build_info()["cuda_targets"]:
+    return
+  if os.environ.get("JAX_MOE_BENCH_ALLOW_FALLBACK") == "1":
+    print(f"{name}: warning: no CUDA extension; timing the jnp fallbacks", file=sys.stderr)
+    return
+  raise SystemExit(f"{name}: the default device is a GPU but jax_moe's CUDA extension is not "
+                   f"loaded ({jax_moe.build_info()['errors'] or 'not built'}); build it first "
+                   f"(scripts/gpu_check.sh OUT build), or set JAX_MOE_BENCH_ALLOW_FALLBACK=1 to "
+                   f"time the jnp fallbacks")
+
+
 def _block(tree):
   jax.tree.map(lambda a: a.block_until_ready(), tree)
 

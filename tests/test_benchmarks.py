@@ -448,3 +448,28 @@ def test_merge_moe_keeps_priced_auto(tmp_path):
   assert auto[("deepseek_v3", 128)]["us"] == 170.0  # measured, not gemv's 180
   assert auto[("deepseek_v3", 128)]["resolved"] == "priced:capacity"
   assert auto[("gemma4", 1)]["us"] == 150.0  # derived from gemv's row
+
+
+def test_benchmarks_refuse_fallbacks_on_gpu(monkeypatch, capsys):
+  """On a GPU without jax_moe's CUDA extension the benchmarks exit instead of timing
+  the jnp fallbacks as ours (run s16-4 did); JAX_MOE_BENCH_ALLOW_FALLBACK=1 allows it.
+  With the extension, or on CPU, they run."""
+  import types
+  import jax
+  import jax_moe
+  gpu = [types.SimpleNamespace(platform="gpu", device_kind="fake")]
+  info = dict(jax_moe.build_info(), cuda_targets=[], errors={})
+  monkeypatch.setattr(jax, "devices", lambda *a: gpu)
+  monkeypatch.setattr(jax_moe, "build_info", lambda: info)
+  monkeypatch.delenv("JAX_MOE_BENCH_ALLOW_FALLBACK", raising=False)
+  with pytest.raises(SystemExit, match="bench_x: .*CUDA extension is not loaded"):
+    harness.require_kernels("bench_x")
+  monkeypatch.setenv("JAX_MOE_BENCH_ALLOW_FALLBACK", "1")
+  harness.require_kernels("bench_x")
+  assert "timing the jnp fallbacks" in capsys.readouterr().err
+  monkeypatch.delenv("JAX_MOE_BENCH_ALLOW_FALLBACK")
+  info["cuda_targets"] = ["jax_moe_route"]
+  harness.require_kernels("bench_x")  # built: runs
+  monkeypatch.setattr(jax, "devices", lambda *a: [types.SimpleNamespace(platform="cpu")])
+  info["cuda_targets"] = []
+  harness.require_kernels("bench_x")  # CPU: the CPU handlers are ours
