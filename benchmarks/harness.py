@@ -35,13 +35,14 @@ def require_kernels(name: str) -> None:
   time those as ours (session 16's run s16-4 did exactly that on a fresh machine).
   JAX_MOE_BENCH_ALLOW_FALLBACK=1 times the fallbacks on purpose."""
   import jax_moe
-  if jax.devices()[0].platform != "gpu" or jax_moe.build_info()["cuda_targets"]:
+  info = jax_moe.build_info()
+  if jax.devices()[0].platform != "gpu" or info["cuda_targets"]:
     return
   if os.environ.get("JAX_MOE_BENCH_ALLOW_FALLBACK") == "1":
     print(f"{name}: warning: no CUDA extension; timing the jnp fallbacks", file=sys.stderr)
     return
   raise SystemExit(f"{name}: the default device is a GPU but jax_moe's CUDA extension is not "
-                   f"loaded ({jax_moe.build_info()['errors'] or 'not built'}); build it first "
+                   f"loaded ({info['errors'] or 'not built'}); build it first "
                    f"(scripts/gpu_check.sh OUT build), or set JAX_MOE_BENCH_ALLOW_FALLBACK=1 to "
                    f"time the jnp fallbacks")
 

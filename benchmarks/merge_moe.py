@@ -45,8 +45,9 @@ def main(argv):
     pick = {"gemv": "gemv", "priced": f"priced:{method}"}.get(impl, f"grouped:{method}")
     measured_auto = [r for r in rows if (r["shape"], r["T"]) == key and r["impl"] == "auto"]
     rows = [r for r in rows if r not in measured_auto]
-    src = next((r for r in measured_auto if r.get("resolved") == pick), None)
-    if impl != "priced":
+    if impl == "priced":  # its own program: only a measured auto row stands for it
+      src = next((r for r in measured_auto if r.get("resolved") == pick), None)
+    else:
       src = next((r for r in rows if (r["shape"], r["T"]) == key and r["impl"] == pick), None)
     auto = dict(shape=key[0], T=key[1], impl="auto", resolved=pick,
                 floor_us=next(r["floor_us"] for r in rows + measured_auto

@@ -581,6 +581,13 @@ def _capacity_rows(x, k, order, counts, starts, w_gate_up, w_down, activation, c
   return y.reshape(E * capacity, H)
 
 
+def _dense_combined(x, ids, weights, w_gate_up, w_down, activation, combine_fn):
+  """The dense formulation and its weighted sum: out [T, H] (the capacity switch's
+  fallback)."""
+  rows, index = _grouped_dense(x, ids, w_gate_up, w_down, activation)
+  return combine_fn(rows, weights, index)
+
+
 def _bucket_index(counts, buckets):
   """Index of the smallest bucket that holds the busiest expert; len(buckets) when
   none does."""
@@ -640,13 +647,9 @@ def _grouped_capacity(x, ids, weights, w_gate_up, w_down, activation, combine_fn
   E, two_i, H = w_gate_up.shape
   tb = heuristics.moe_dense_token_block(T, E, H, two_i // 2)
   args = (x, ids, weights, w_gate_up, w_down, activation, combine_fn)
-
-  def dense():
-    rows, index = _grouped_dense(x, ids, w_gate_up, w_down, activation)
-    return combine_fn(rows, weights, index)
-
   if tb >= T:
-    return _capacity_switch(*args, heuristics.moe_capacity_buckets(T, E, k), dense)
+    return _capacity_switch(*args, heuristics.moe_capacity_buckets(T, E, k),
+                            lambda: _dense_combined(*args))
 
   def blocked():
     nb = -(-T // tb)
@@ -665,6 +668,16 @@ def _grouped_capacity(x, ids, weights, w_gate_up, w_down, activation, combine_fn
 _PRICED_METHODS = ("dense", "capacity")
 
 
+def _priced_buckets(num_tokens, num_experts, top_k, method):
+  """The capacity buckets among the priced branches: the capacity method's, none for
+  dense."""
+  if method not in _PRICED_METHODS:
+    raise ValueError(f"priced: grouped method must be one of {_PRICED_METHODS}, got {method!r}")
+  if method == "dense":
+    return ()
+  return heuristics.moe_capacity_buckets(num_tokens, num_experts, top_k)
+
+
 def _priced_plan(ids, num_experts, hidden, intermediate, method):
   """moe_block's "priced" auto for routing ids [T, k]: (branch names, the traced
   index of the one to run). The branches are the grouped method's (one per capacity
@@ -672,11 +685,9 @@ def _priced_plan(ids, num_experts, hidden, intermediate, method):
   method's run-time pick (_bucket_index) is kept unless heuristics.moe_gemv_seconds
   of this routing (weight passes summed over the experts it selects) is below its
   heuristics.moe_grouped_seconds (rows: the bucket, or T for dense)."""
-  if method not in _PRICED_METHODS:
-    raise ValueError(f"priced: grouped method must be one of {_PRICED_METHODS}, got {method!r}")
   T, k = ids.shape
   E, H, I = num_experts, hidden, intermediate
-  buckets = heuristics.moe_capacity_buckets(T, E, k) if method == "capacity" else ()
+  buckets = _priced_buckets(T, E, k, method)
   names = tuple(f"capacity:{C}" for C in buckets) + ("dense", "gemv")
   counts = _expert_counts(ids, E)
   grouped = _bucket_index(counts, buckets)
@@ -697,20 +708,16 @@ def _grouped_priced(x, ids, weights, w_gate_up, w_down, activation, combine_fn, 
   if heuristics.moe_dense_token_block(T, E, H, I) < T:
     # Token blocks (only when vmap folded many calls into one): the grouped method alone.
     return _grouped_experts(x, ids, weights, w_gate_up, w_down, activation, method, combine_fn)
-  names, branch = _priced_plan(ids, E, H, I, method)
+  _, branch = _priced_plan(ids, E, H, I, method)
+  args = (x, ids, weights, w_gate_up, w_down, activation, combine_fn)
 
   def gemv():
     y = expert_gemv(x, ids, w_gate_up, w_down, activation=activation)  # [T, k, H]
     rows_of = jnp.arange(T * k, dtype=jnp.int32).reshape(T, k)  # dropped ids: zero rows
     return combine_fn(y.reshape(T * k, H), weights, rows_of)
 
-  def dense():
-    rows, rows_of = _grouped_dense(x, ids, w_gate_up, w_down, activation)
-    return combine_fn(rows, weights, rows_of)
-
-  buckets = tuple(int(n.partition(":")[2]) for n in names if n.startswith("capacity:"))
-  return _capacity_switch(x, ids, weights, w_gate_up, w_down, activation, combine_fn,
-                          buckets, dense, extra=gemv, index=branch)
+  return _capacity_switch(*args, _priced_buckets(T, E, k, method),
+                          lambda: _dense_combined(*args), extra=gemv, index=branch)
 
 
 # Formulations that return (rows, index): rows [R, H] in x's dtype and index int32
