@@ -35,10 +35,13 @@ def require_kernels(name: str) -> None:
   time those as ours (session 16's run s16-4 did exactly that on a fresh machine).
   JAX_MOE_BENCH_ALLOW_FALLBACK=1 times the fallbacks on purpose."""
   import jax_moe
+  allow = os.environ.get("JAX_MOE_BENCH_ALLOW_FALLBACK", "0")
+  if allow not in ("0", "1"):
+    raise SystemExit(f"{name}: JAX_MOE_BENCH_ALLOW_FALLBACK must be 0 or 1, got {allow!r}")
   info = jax_moe.build_info()
   if jax.devices()[0].platform != "gpu" or info["cuda_targets"]:
     return
-  if os.environ.get("JAX_MOE_BENCH_ALLOW_FALLBACK") == "1":
+  if allow == "1":
     print(f"{name}: warning: no CUDA extension; timing the jnp fallbacks", file=sys.stderr)
     return
   raise SystemExit(f"{name}: the default device is a GPU but jax_moe's CUDA extension is not "

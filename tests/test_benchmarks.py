@@ -473,3 +473,7 @@ def test_benchmarks_refuse_fallbacks_on_gpu(monkeypatch, capsys):
   monkeypatch.setattr(jax, "devices", lambda *a: [types.SimpleNamespace(platform="cpu")])
   info["cuda_targets"] = []
   harness.require_kernels("bench_x")  # CPU: the CPU handlers are ours
+  for bad in ("yes", "true", ""):  # refused by name, on any device
+    monkeypatch.setenv("JAX_MOE_BENCH_ALLOW_FALLBACK", bad)
+    with pytest.raises(SystemExit, match="JAX_MOE_BENCH_ALLOW_FALLBACK must be 0 or 1"):
+      harness.require_kernels("bench_x")
