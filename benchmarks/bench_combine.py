@@ -4,17 +4,24 @@ device's measured copy (and read) bandwidth.
   python benchmarks/bench_combine.py --out DIR [--quick]
 
 Dense form, y [T, k, H] bf16, weights f32 [T, k]:
-  ours       jax_moe.combine(y, w)
+  ours       jax_moe.combine(y, w) as a user gets it: on CUDA XLA's fusion of the same
+             sum up to heuristics.COMBINE_XLA_MAX_BYTES of y, the kernel above
+  kernel     the same with the kernel at every size
   xla_f32    einsum("tkh,tk->th", y.astype(f32), w).astype(bf16)   (same math as ours)
   xla_bf16   (y * w[..., None].astype(bf16)).sum(1)                 (bf16 products)
 Index form, rows [T*k, H] in a random (expert-sorted-like) order, index [T, k]:
-  ours_idx   jax_moe.combine(rows, w, index)
+  ours_idx / kernel_idx   jax_moe.combine(rows, w, index), as above
   xla_gather einsum("tkh,tk->th", rows[index].astype(f32), w).astype(bf16)
 
 Bytes per call = T*k*H*2 read + T*H*2 written (+ weights and index, counted too).
-Each timing is a jitted loop over distinct input sets (harness.time_loop, net of
-the tiny fusion that chains the calls), so consecutive calls read different memory
-(enough sets to exceed twice the L2 at small T). Prints a table and writes DIR/combine.json.
+Each timing is a jitted loop over distinct input sets (harness.time_loop), so
+consecutive calls read different memory (enough sets to exceed twice the L2 at
+small T). The calls are chained through a tiny fusion of the weights, which XLA
+fuses into its own formulations and into ours where ours lowers to XLA. "ours" and
+the XLA columns are raw loop times (that fusion included, as it is for XLA);
+"kernel" is also given net of it ("kernel_net", the kernel's own time, as in runs
+before session 17). The verdict columns compare ours (raw) with the faster XLA
+formulation (raw). Prints a table and writes DIR/combine.json.
 
 On CPU (or with --quick) it runs tiny sizes: a smoke test of the script, not a
 measurement.
@@ -23,6 +30,8 @@ measurement.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import os
 import sys
 
@@ -33,14 +42,25 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 
 import jax_moe  # noqa: E402
-from jax_moe import _device  # noqa: E402
+from jax_moe import _device, heuristics  # noqa: E402
 
-FULL = dict(shapes=[(7168, 8), (2816, 8)], tokens=[1, 64, 1024, 8192])
+FULL = dict(shapes=[(7168, 8), (2816, 8)], tokens=[1, 4, 16, 64, 128, 256, 1024, 8192])
 QUICK = dict(shapes=[(256, 8), (72, 4)], tokens=[1, 16])
 
 MAX_SET_BYTES = 6 << 30   # device memory for the rotated input sets of one config
 MIN_SETS_SMALL = 8        # distinct sets when a set is small (launch-latency bound)
 MIN_SETS_LARGE = 2        # when one set is much larger than L2
+
+
+@contextlib.contextmanager
+def kernel_at_every_size():
+  """combine's CUDA kernel at every size (traces made inside use it)."""
+  old = heuristics.COMBINE_XLA_MAX_BYTES
+  heuristics.COMBINE_XLA_MAX_BYTES = -1
+  try:
+    yield
+  finally:
+    heuristics.COMBINE_XLA_MAX_BYTES = old
 
 
 def xla_f32(y, w):
@@ -100,24 +120,38 @@ def run(quick: bool, repeats: int):
       sets = make_sets(jax.random.fold_in(key, T * 100003 + H), n, T, k, H, dtype)
       dense = [(y, w) for y, w, _, _ in sets]
       indexed = [(r, w, i) for _, w, r, i in sets]
-      t_ours = harness.time_loop(jax_moe.combine, dense, repeats=repeats)
-      t_f32 = harness.time_loop(xla_f32, dense, repeats=repeats, net=False)
-      t_bf16 = harness.time_loop(xla_bf16, dense, repeats=repeats, net=False)
-      t_idx = harness.time_loop(jax_moe.combine, indexed, repeats=repeats)
-      t_gather = harness.time_loop(xla_gather, indexed, repeats=repeats, net=False)
+      loop = functools.partial(harness.time_loop, repeats=repeats, net=False)
+      t_ours = loop(jax_moe.combine, dense)
+      t_idx = loop(jax_moe.combine, indexed)
+      with kernel_at_every_size():
+        t_kern = loop(jax_moe.combine, dense)
+        t_kern_net = harness.time_loop(jax_moe.combine, dense, repeats=repeats)
+        t_kern_idx = loop(jax_moe.combine, indexed)
+      t_f32 = loop(xla_f32, dense)
+      t_bf16 = loop(xla_bf16, dense)
+      t_gather = loop(xla_gather, indexed)
       del sets, dense, indexed
       t_xla = min(t_f32, t_bf16)
+      itemsize_w = 4
       row = dict(
           shape=f"H={H},k={k}", H=H, k=k, T=T, sets=n, bytes=nbytes,
-          us_ours=t_ours * 1e6, us_xla_f32=t_f32 * 1e6, us_xla_bf16=t_bf16 * 1e6,
-          speedup=t_xla / t_ours, GBps_ours=nbytes / t_ours / 1e9,
+          lowering=("cpu" if platform != "gpu" else
+                    "kernel" if heuristics.combine_uses_kernel(T, k, H, itemsize) else "xla"),
+          us_ours=t_ours * 1e6, us_kernel=t_kern * 1e6, us_kernel_net=t_kern_net * 1e6,
+          us_xla_f32=t_f32 * 1e6, us_xla_bf16=t_bf16 * 1e6,
+          ours_vs_xla=t_ours / t_xla, GBps_ours=nbytes / t_ours / 1e9,
           pct_copy=100 * nbytes / t_ours / copy_bw,
-          us_ours_idx=t_idx * 1e6, us_xla_gather=t_gather * 1e6,
-          speedup_idx=t_gather / t_idx, pct_copy_idx=100 * (nbytes + T * k * 4) / t_idx / copy_bw,
+          pct_copy_kernel_net=100 * nbytes / max(t_kern_net, 1e-12) / copy_bw,
+          us_ours_idx=t_idx * 1e6, us_kernel_idx=t_kern_idx * 1e6,
+          us_xla_gather=t_gather * 1e6, ours_vs_xla_idx=t_idx / t_gather,
+          pct_copy_idx=100 * (nbytes + T * k * itemsize_w) / t_idx / copy_bw,
       )
       rows_out.append(row)
-      print(f"  H={H} k={k} T={T}: ours {row['us_ours']:.1f} us ({row['pct_copy']:.0f}% of copy), "
-            f"XLA {t_xla * 1e6:.1f} us, index form {row['us_ours_idx']:.1f} us", flush=True)
+      print(f"  H={H} k={k} T={T}: ours ({row['lowering']}) {row['us_ours']:.1f} us "
+            f"({row['pct_copy']:.0f}% of copy), kernel {row['us_kernel']:.1f} "
+            f"(net {row['us_kernel_net']:.1f}), XLA {t_xla * 1e6:.1f} us; index form ours "
+            f"{row['us_ours_idx']:.1f}, kernel {row['us_kernel_idx']:.1f}, XLA gather "
+            f"{row['us_xla_gather']:.1f}", flush=True)
   print()
   harness.print_table(rows_out, COLS)
   return dict(device=harness.device_description(), platform=platform, quick=quick,
@@ -125,10 +159,12 @@ def run(quick: bool, repeats: int):
               rows=rows_out)
 
 
-COLS = [("shape", "{}"), ("T", "{}"), ("sets", "{}"), ("us_ours", "{:.1f}"),
-        ("us_xla_f32", "{:.1f}"), ("us_xla_bf16", "{:.1f}"), ("speedup", "{:.2f}x"),
-        ("GBps_ours", "{:.1f}"), ("pct_copy", "{:.0f}%"), ("us_ours_idx", "{:.1f}"),
-        ("us_xla_gather", "{:.1f}"), ("speedup_idx", "{:.2f}x"), ("pct_copy_idx", "{:.0f}%")]
+COLS = [("shape", "{}"), ("T", "{}"), ("lowering", "{}"), ("us_ours", "{:.1f}"),
+        ("us_kernel", "{:.1f}"), ("us_kernel_net", "{:.1f}"), ("us_xla_f32", "{:.1f}"),
+        ("us_xla_bf16", "{:.1f}"), ("ours_vs_xla", "{:.2f}x"), ("pct_copy", "{:.0f}%"),
+        ("pct_copy_kernel_net", "{:.0f}%"), ("us_ours_idx", "{:.1f}"),
+        ("us_kernel_idx", "{:.1f}"), ("us_xla_gather", "{:.1f}"),
+        ("ours_vs_xla_idx", "{:.2f}x"), ("pct_copy_idx", "{:.0f}%")]
 
 
 def main(argv=None):

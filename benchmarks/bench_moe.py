@@ -49,21 +49,28 @@ QUICK_TOKENS = [1, 8, 128]
 METHODS = ["ragged_dot", "dense", "gather", "capacity"]
 # Rows of the result, in table order. "auto" is the same program as the
 # implementation it resolves to, so its time is that row's (see "resolved").
-IMPLS = (["auto", "gemv"] + [f"grouped:{m}" for m in METHODS] + [f"xla:{m}" for m in METHODS])
+IMPLS = (["auto", "gemv"] + [f"grouped:{m}" for m in METHODS] + [f"xla:{m}" for m in METHODS]
+         + ["xla+route:capacity", "xla+combine:capacity"])
+# xla+route / xla+combine: the XLA-native capacity layer with only our route, or only
+# our combine, swapped in: they split ours-vs-XLA differences at prefill by piece.
 
 
 # ---- the XLA-native layer ---------------------------------------------------------
 
-def xla_native_block(x, params, config: MoEConfig, method: str):
-  """The layer as plain JAX (default precision), experts by `method`."""
-  logits = jnp.dot(x, params.router_weight.T, preferred_element_type=jnp.float32)
-  w, ids = reference.route(logits, config.top_k, scoring=config.scoring,
-                           renormalize=config.renormalize, num_groups=config.num_groups,
-                           top_groups=config.top_groups, group_score=config.group_score,
-                           correction_bias=params.correction_bias,
-                           scaling_factor=config.scaling_factor,
-                           expert_scale=params.expert_scale)
+def xla_native_block(x, params, config: MoEConfig, method: str, our_route=False,
+                     our_combine=False):
+  """The layer as plain JAX (default precision), experts by `method`; our_route /
+  our_combine swap in jax_moe.route / jax_moe.combine for that piece alone."""
+  kw = moe_lib._route_kwargs(params, config)
+  if our_route:
+    w, ids = jax_moe.route(x, config.top_k, router_weight=params.router_weight, **kw)
+  else:
+    logits = jnp.dot(x, params.router_weight.T, preferred_element_type=jnp.float32)
+    w, ids = reference.route(logits, config.top_k, **kw)
+
   def combine_fn(rows, w, index):
+    if our_combine:
+      return jax_moe.combine(rows, w, index, out_dtype=jnp.float32)
     T, k = index.shape
     y = rows.reshape(T, k, -1) if method == "gather" else rows[index]
     return jnp.einsum("tk,tkh->th", w, y.astype(jnp.float32))
@@ -77,8 +84,9 @@ def xla_native_block(x, params, config: MoEConfig, method: str):
 
 def layer_fn(impl: str, config: MoEConfig):
   kind, _, method = impl.partition(":")
-  if kind == "xla":
-    return lambda x, p: xla_native_block(x, p, config, method)
+  if kind.startswith("xla"):
+    return lambda x, p: xla_native_block(x, p, config, method, our_route=kind == "xla+route",
+                                         our_combine=kind == "xla+combine")
   if kind == "auto":  # timed as itself only where it resolves to "priced"
     cfg = config.replace(implementation="auto")
   elif kind == "gemv":
@@ -333,7 +341,7 @@ def summarize(rows):
     by = {r["impl"]: r for r in rs}
     t = lambda i: by.get(i, {}).get("us")  # noqa: E731
     grouped = [(t(i), i.split(":")[1]) for i in IMPLS if i.startswith("grouped") and t(i)]
-    xla = [(t(i), i.split(":")[1]) for i in IMPLS if i.startswith("xla") and t(i)]
+    xla = [(t(i), i.split(":")[1]) for i in IMPLS if i.startswith("xla:") and t(i)]
     g = min(grouped) if grouped else (None, "-")
     b = min(xla) if xla else (None, "-")
     auto = t("auto")
@@ -395,8 +403,9 @@ def main(argv=None) -> int:
   ap.add_argument("--quick", action="store_true",
                   help="small stand-ins of the shapes, a few T (CPU smoke test)")
   ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-  ap.add_argument("--impls", nargs="+", default=IMPLS, choices=IMPLS,
-                  help="rows to time (auto times the implementation it resolves to)")
+  ap.add_argument("--impls", nargs="+", default=[i for i in IMPLS if "+" not in i],
+                  choices=IMPLS, help="rows to time (auto times the implementation it "
+                  "resolves to; the xla+ rows only when named)")
   ap.add_argument("--calls", type=int, default=None,
                   help="distinct inputs per timed program, halved above T=64 (default 8; "
                        "4 with --quick)")

@@ -1,5 +1,9 @@
 """jax_moe.combine: the weighted sum of each token's k expert outputs, one launch.
 
+On CUDA, sizes below heuristics.COMBINE_XLA_MAX_BYTES lower to XLA's fusion of the
+same sum instead of the kernel (a custom call cannot fuse with its neighbours; at a
+few tokens its launch costs more than the work).
+
 out = combine(y, weights, index=None, *, out_dtype=None)
 
   index None:  y [..., k, H],  out[t] = sum_j weights[t, j] * y[t, j]
@@ -18,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.core import ShapedArray
 
-from jax_moe import reference
+from jax_moe import heuristics, reference
 from jax_moe._primitive import (batch_size, define_primitive, map_over_batch, move_to_front,
                                 register_batching, register_lowerings)
 from jax_moe._validate import FLOAT_DTYPES, check_float_dtype
@@ -46,7 +50,18 @@ def _fallback(y, weights, index, *, has_index, out_dtype):
   return [reference.combine(y, weights, index if has_index else None, out_dtype=out_dtype)]
 
 
-register_lowerings(combine_p, TARGET, ffi_attrs=_ffi_attrs, fallback=_fallback)
+def _cuda_uses_kernel(ctx, params) -> bool:
+  """The size rule of heuristics.combine_uses_kernel: below it XLA's fusion of the
+  same sum (the fallback) runs instead of the kernel, see heuristics.py."""
+  del params
+  w = ctx.avals_in[1]
+  y = ctx.avals_in[0]
+  T, k = w.shape
+  return heuristics.combine_uses_kernel(T, k, y.shape[-1], np.dtype(y.dtype).itemsize)
+
+
+register_lowerings(combine_p, TARGET, ffi_attrs=_ffi_attrs, fallback=_fallback,
+                   cuda_supported=_cuda_uses_kernel)
 
 
 def _batch_rule(args, dims, *, has_index, out_dtype):

@@ -255,6 +255,27 @@ def gemv_combine_in_kernel(num_tokens: int, slots: int, hidden: int) -> bool:
           vectors <= GEMV_COMBINE_IN_KERNEL_MAX_ROUNDS * GEMV_COMBINE_IN_KERNEL_THREADS)
 
 
+# ---- combine -----------------------------------------------------------------
+
+# jax_moe.combine on CUDA: its kernel, or XLA's fusion of the same sum (reference.
+# combine: f32 products added in slot order, dropped indices masked). A custom call
+# is a kernel of its own; XLA cannot fuse it with the op that feeds its weights or
+# with the op that reads its output, so at small sizes the launch costs more than
+# the kernel can save. Measured on H100 (bench_combine, run s6-2, k=8, bf16, us,
+# our kernel net of the chaining fusion / XLA's fused einsum with it): H=7168 T=1
+# 2.5 / 1.4, T=64 5.4 / 5.6; H=2816 T=1 2.8 / 1.3, T=64 4.2 / 3.1; index form
+# H=2816 T=64 4.6 / 3.6, H=7168 T=64 5.2 / 5.9. From T=1024 both run at the copy
+# rate. So XLA's fusion while y's rows read are at most COMBINE_XLA_MAX_BYTES (the
+# wins sit at <= 2.9 MB, the losses from 7.3 MB); the kernel above. The CPU handler
+# is used on CPU at every size. Set it to -1 to run the kernel at every size.
+COMBINE_XLA_MAX_BYTES = 4 << 20
+
+
+def combine_uses_kernel(num_tokens: int, top_k: int, hidden: int, itemsize: int) -> bool:
+  """True: jax_moe.combine runs its CUDA kernel; False: XLA's fusion (reference)."""
+  return num_tokens * top_k * hidden * itemsize > COMBINE_XLA_MAX_BYTES
+
+
 # ---- moe_block ---------------------------------------------------------------
 
 # moe_block "auto": expert_gemv or the grouped path.

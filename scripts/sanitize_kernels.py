@@ -21,6 +21,9 @@ from jax_moe import heuristics, reference
 from jax_moe.route import route_p
 
 e0 = jnp.zeros((0,), jnp.float32)
+# combine's kernel at every size (small combines otherwise lower to XLA's fusion:
+# heuristics.COMBINE_XLA_MAX_BYTES), so that the small cases here run the kernel.
+heuristics.COMBINE_XLA_MAX_BYTES = -1
 
 r = np.random.default_rng(0)
 failures = []

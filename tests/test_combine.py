@@ -1,7 +1,11 @@
 """jax_moe.combine against reference.combine on fresh random inputs: every dtype of
 y, weights and out, awkward H (vector and scalar paths), k from 1 to 32, T = 0;
 index with duplicates, out-of-range entries and expert-sorted rows; leading dims,
-vmap (fold rules), scan, determinism; every bad-input error."""
+vmap (fold rules), scan, determinism; every bad-input error.
+
+On CUDA, small combines lower to XLA's fusion (heuristics.COMBINE_XLA_MAX_BYTES).
+This module runs the kernel at every size (the `kernel_at_every_size` fixture), and
+the tests under "small sizes on CUDA" check that lowering and the switch itself."""
 
 from __future__ import annotations
 
@@ -15,10 +19,23 @@ import pytest
 import jax_moe
 from jax_moe import reference
 from jax_moe.combine import combine_p
+from conftest import clear_traces, gpu_available
 from helpers import assert_close, poison_device_memory, rng
+from jax_moe import heuristics
 
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
 name = lambda d: jnp.dtype(d).name  # noqa: E731
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernel_at_every_size():
+  """The kernel at every size on CUDA, so that these tests test it (see the module
+  docstring); restored, with traces dropped, after the module."""
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(heuristics, "COMBINE_XLA_MAX_BYTES", -1)
+    clear_traces()
+    yield
+  clear_traces()
 
 
 def normal(r, shape, dtype):
@@ -349,3 +366,79 @@ def test_handler_revalidates(args, has_index, match):
   f = jax.jit(lambda *a: combine_p.bind(*a, has_index=has_index, out_dtype=jnp.dtype("float32")))
   with pytest.raises(Exception, match=match):
     f(*args)[0].block_until_ready()
+
+
+# ---- small sizes on CUDA: XLA's fusion instead of the kernel ------------------------
+
+def test_uses_kernel_rule(set_heuristic):
+  """y's bytes read against COMBINE_XLA_MAX_BYTES; -1 means the kernel always."""
+  set_heuristic("COMBINE_XLA_MAX_BYTES", 4 << 20)
+  assert not heuristics.combine_uses_kernel(1, 8, 7168, 2)
+  assert not heuristics.combine_uses_kernel(256, 8, 1024, 2)      # exactly 4 MiB
+  assert heuristics.combine_uses_kernel(257, 8, 1024, 2)
+  assert heuristics.combine_uses_kernel(129, 8, 1024, 4)
+  set_heuristic("COMBINE_XLA_MAX_BYTES", -1)
+  assert heuristics.combine_uses_kernel(0, 8, 64, 2)
+
+
+def _custom_calls(f, *args):
+  return jax.jit(f).lower(*args).as_text().count("jax_moe_combine")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("has_index", [False, True])
+def test_small_lowering_switch(set_heuristic, has_index):
+  """On CUDA: no custom call at or below the threshold, the kernel above it; both
+  agree with the reference."""
+  if not gpu_available():
+    pytest.skip("no GPU")
+  r = rng()
+  T, k, H = 3, 8, 256
+  w = weights(r, (T, k))
+  if has_index:
+    y, index = normal(r, (40, H), jnp.bfloat16), bad_index(r, T, k, 40)
+  else:
+    y, index = normal(r, (T, k, H), jnp.bfloat16), None
+  f = lambda y, w: jax_moe.combine(y, w, index)  # noqa: E731
+  with jax.default_device(jax.devices("gpu")[0]):
+    set_heuristic("COMBINE_XLA_MAX_BYTES", T * k * H * 2)
+    assert _custom_calls(f, y, w) == 0
+    check(y, w, index)
+    set_heuristic("COMBINE_XLA_MAX_BYTES", T * k * H * 2 - 1)
+    assert _custom_calls(f, y, w) == 1
+    check(y, w, index)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=name)
+def test_small_lowering_numerics(set_heuristic, dtype):
+  """XLA's fusion on CUDA: every dtype, out-of-range indices, vmap, scan, and
+  bitwise-equal repeated runs."""
+  if not gpu_available():
+    pytest.skip("no GPU")
+  set_heuristic("COMBINE_XLA_MAX_BYTES", 1 << 40)
+  r = rng()
+  T, k, N, H = 5, 8, 30, 72
+  with jax.default_device(jax.devices("gpu")[0]):
+    y, w = normal(r, (N, H), dtype), weights(r, (T, k))
+    index = bad_index(r, T, k, N)
+    assert _custom_calls(lambda y, w: jax_moe.combine(y, w, index), y, w) == 0
+    out = check(y, w, index, out_dtype=jnp.float32)
+    for _ in range(3):
+      np.testing.assert_array_equal(np.asarray(_ours(y, w, index, jnp.float32)),
+                                    np.asarray(out))
+    dense = normal(r, (2, T, k, H), dtype)
+    wb = weights(r, (2, T, k))
+    got = jax.jit(jax.vmap(jax_moe.combine))(dense, wb)
+    for b in range(2):
+      assert_close(np.asarray(got[b], np.float32),
+                   np.asarray(_ref(dense[b], wb[b], None, None), np.float32), dtype)
+
+    def body(c, xs):
+      yd, wd = xs
+      o = jax_moe.combine(yd, wd)
+      return c + o.astype(jnp.float32).sum(), o
+    _, outs = jax.jit(lambda xs: jax.lax.scan(body, jnp.float32(0), xs))((dense, wb))
+    for b in range(2):
+      assert_close(np.asarray(outs[b], np.float32),
+                   np.asarray(_ref(dense[b], wb[b], None, None), np.float32), dtype)
