@@ -7,10 +7,11 @@ Dense form, y [T, k, H] bf16, weights f32 [T, k]:
   ours       jax_moe.combine(y, w) as a user gets it: on CUDA XLA's fusion of the same
              sum up to heuristics.COMBINE_XLA_MAX_BYTES of y, the kernel above
   kernel     the same with the kernel at every size
+  fusion     the same with XLA's fusion (reference.combine, slot order) at every size
   xla_f32    einsum("tkh,tk->th", y.astype(f32), w).astype(bf16)   (same math as ours)
   xla_bf16   (y * w[..., None].astype(bf16)).sum(1)                 (bf16 products)
 Index form, rows [T*k, H] in a random (expert-sorted-like) order, index [T, k]:
-  ours_idx / kernel_idx   jax_moe.combine(rows, w, index), as above
+  ours_idx / kernel_idx / fusion_idx   jax_moe.combine(rows, w, index), as above
   xla_gather einsum("tkh,tk->th", rows[index].astype(f32), w).astype(bf16)
 
 Bytes per call = T*k*H*2 read + T*H*2 written (+ weights and index, counted too).
@@ -53,10 +54,11 @@ MIN_SETS_LARGE = 2        # when one set is much larger than L2
 
 
 @contextlib.contextmanager
-def kernel_at_every_size():
-  """combine's CUDA kernel at every size (traces made inside use it)."""
+def combine_threshold(max_bytes):
+  """heuristics.COMBINE_XLA_MAX_BYTES for the traces made inside: -1 runs combine's
+  CUDA kernel at every size, a huge value XLA's fusion at every size."""
   old = heuristics.COMBINE_XLA_MAX_BYTES
-  heuristics.COMBINE_XLA_MAX_BYTES = -1
+  heuristics.COMBINE_XLA_MAX_BYTES = max_bytes
   try:
     yield
   finally:
@@ -123,10 +125,13 @@ def run(quick: bool, repeats: int):
       loop = functools.partial(harness.time_loop, repeats=repeats, net=False)
       t_ours = loop(jax_moe.combine, dense)
       t_idx = loop(jax_moe.combine, indexed)
-      with kernel_at_every_size():
+      with combine_threshold(-1):
         t_kern = loop(jax_moe.combine, dense)
         t_kern_net = harness.time_loop(jax_moe.combine, dense, repeats=repeats)
         t_kern_idx = loop(jax_moe.combine, indexed)
+      with combine_threshold(1 << 62):
+        t_fusion = loop(jax_moe.combine, dense)
+        t_fusion_idx = loop(jax_moe.combine, indexed)
       t_f32 = loop(xla_f32, dense)
       t_bf16 = loop(xla_bf16, dense)
       t_gather = loop(xla_gather, indexed)
@@ -138,6 +143,7 @@ def run(quick: bool, repeats: int):
           lowering=("cpu" if platform != "gpu" else
                     "kernel" if heuristics.combine_uses_kernel(T, k, H, itemsize) else "xla"),
           us_ours=t_ours * 1e6, us_kernel=t_kern * 1e6, us_kernel_net=t_kern_net * 1e6,
+          us_fusion=t_fusion * 1e6, us_fusion_idx=t_fusion_idx * 1e6,
           us_xla_f32=t_f32 * 1e6, us_xla_bf16=t_bf16 * 1e6,
           ours_vs_xla=t_ours / t_xla, GBps_ours=nbytes / t_ours / 1e9,
           pct_copy=100 * nbytes / t_ours / copy_bw,
@@ -160,10 +166,11 @@ def run(quick: bool, repeats: int):
 
 
 COLS = [("shape", "{}"), ("T", "{}"), ("lowering", "{}"), ("us_ours", "{:.1f}"),
-        ("us_kernel", "{:.1f}"), ("us_kernel_net", "{:.1f}"), ("us_xla_f32", "{:.1f}"),
+        ("us_kernel", "{:.1f}"), ("us_kernel_net", "{:.1f}"), ("us_fusion", "{:.1f}"),
+        ("us_xla_f32", "{:.1f}"),
         ("us_xla_bf16", "{:.1f}"), ("ours_vs_xla", "{:.2f}x"), ("pct_copy", "{:.0f}%"),
         ("pct_copy_kernel_net", "{:.0f}%"), ("us_ours_idx", "{:.1f}"),
-        ("us_kernel_idx", "{:.1f}"), ("us_xla_gather", "{:.1f}"),
+        ("us_kernel_idx", "{:.1f}"), ("us_fusion_idx", "{:.1f}"), ("us_xla_gather", "{:.1f}"),
         ("ours_vs_xla_idx", "{:.2f}x"), ("pct_copy_idx", "{:.0f}%")]
 
 

@@ -1,0 +1,78 @@
+"""Probe: which XLA formulation of combine's sum is fastest at small sizes on this GPU,
+and which of them add in slot order (bitwise equal to reference.combine's k-ordered
+sum)? Times each with harness.time_loop (raw: the chaining fusion fused where XLA can)
+and writes each loop's optimized HLO fusion count.
+
+  python scripts/combine_xla_probe.py OUT_DIR
+"""
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "benchmarks"))
+import harness  # noqa: E402
+
+from jax_moe import reference  # noqa: E402
+
+out_dir = sys.argv[1] if len(sys.argv) > 1 else "."
+os.makedirs(out_dir, exist_ok=True)
+f32 = jnp.float32
+
+
+def ref_unrolled(y, w):
+  return reference.combine(y, w)
+
+
+def reduce_sum(y, w):
+  return jnp.sum(y.astype(f32) * w[..., None], axis=1).astype(y.dtype)
+
+
+def einsum_f32(y, w):
+  return jnp.einsum("tkh,tk->th", y.astype(f32), w).astype(y.dtype)
+
+
+def bf16_sum(y, w):
+  return (y * w[..., None].astype(y.dtype)).sum(1)
+
+
+def unrolled_first(y, w):  # acc starts at slot 0's product (no zeros)
+  acc = w[:, 0, None] * y[:, 0].astype(f32)
+  for j in range(1, y.shape[1]):
+    acc = acc + w[:, j, None] * y[:, j].astype(f32)
+  return acc.astype(y.dtype)
+
+
+def fori_k(y, w):  # slot loop as fori_loop (sequential by construction)
+  def body(j, acc):
+    return acc + w[:, j, None] * jax.lax.dynamic_index_in_dim(y, j, 1, False).astype(f32)
+  return jax.lax.fori_loop(0, y.shape[1], body, jnp.zeros((y.shape[0], y.shape[2]), f32)
+                           ).astype(y.dtype)
+
+
+FORMS = dict(ref_unrolled=ref_unrolled, reduce_sum=reduce_sum, einsum_f32=einsum_f32,
+             bf16_sum=bf16_sum, unrolled_first=unrolled_first, fori_k=fori_k)
+TOKENS = (1, 4) if jax.devices()[0].platform == "cpu" else (1, 4, 16, 64, 128)
+r = np.random.default_rng(0)
+print("H T " + " ".join(FORMS) + "   (us, raw loop time)   | bitwise equal to ref_unrolled")
+for H in (7168, 2816):
+  for T in TOKENS:
+    k = 8
+    sets = [(jnp.asarray(r.normal(size=(T, k, H)), jnp.bfloat16),
+             jnp.asarray(r.uniform(0.05, 1, size=(T, k)), f32)) for _ in range(16)]
+    times, eq = [], []
+    want = np.asarray(jax.jit(ref_unrolled)(*sets[0]).astype(f32))
+    for name, fn in FORMS.items():
+      times.append(harness.time_loop(fn, sets, net=False, repeats=5) * 1e6)
+      got = np.asarray(jax.jit(fn)(*sets[0]).astype(f32))
+      eq.append("=" if np.array_equal(got, want) else "x")
+      if T == 1:
+        prog = harness.loop_program(fn, sets[:4], 1, 10)
+        txt = prog.lower(harness.loop_init(fn, sets[:4]), sets[:4]).compile().as_text()
+        with open(os.path.join(out_dir, f"combine_{name}_H{H}.hlo.txt"), "w") as f:
+          f.write(txt)
+    print(f"{H} {T} " + " ".join(f"{t:.2f}" for t in times) + "   | " + " ".join(eq),
+          flush=True)
