@@ -258,17 +258,26 @@ def gemv_combine_in_kernel(num_tokens: int, slots: int, hidden: int) -> bool:
 # ---- combine -----------------------------------------------------------------
 
 # jax_moe.combine on CUDA: its kernel, or XLA's fusion of the same sum (reference.
-# combine: f32 products added in slot order, dropped indices masked). A custom call
-# is a kernel of its own; XLA cannot fuse it with the op that feeds its weights or
-# with the op that reads its output, so at small sizes the launch costs more than
-# the kernel can save. Measured on H100 (bench_combine, run s6-2, k=8, bf16, us,
-# our kernel net of the chaining fusion / XLA's fused einsum with it): H=7168 T=1
-# 2.5 / 1.4, T=64 5.4 / 5.6; H=2816 T=1 2.8 / 1.3, T=64 4.2 / 3.1; index form
-# H=2816 T=64 4.6 / 3.6, H=7168 T=64 5.2 / 5.9. From T=1024 both run at the copy
-# rate. So XLA's fusion while y's rows read are at most COMBINE_XLA_MAX_BYTES (the
-# wins sit at <= 2.9 MB, the losses from 7.3 MB); the kernel above. The CPU handler
-# is used on CPU at every size. Set it to -1 to run the kernel at every size.
-COMBINE_XLA_MAX_BYTES = 4 << 20
+# combine: f32 products added in slot order, dropped indices masked). A custom call is a kernel of its own: XLA cannot
+# fuse it with the op that feeds its weights or the op that reads its output, and
+# XLA's fusion of this sum streams as fast as the kernel. Measured (bench_combine,
+# k=8, bf16, us, raw loop times: ours as a user gets it, with the chaining fusion
+# that XLA fuses and our custom call cannot):
+#   run s17-4 (H200), kernel / XLA's fusion, dense form then index form:
+#     H=7168 T=1 3.9 / 1.4, 4.2 / 2.1; T=64 5.9 / 4.5, 6.1 / 5.5; T=256 13.0 / 10.4,
+#     13.7 / 12.6; T=1024 37.6 / 33.4, 39.3 / 36.3; T=8192 255.9 / 250.1, 270.4 / 280.1
+#     H=2816 T=1 4.0 / 1.3, 4.1 / 2.0; T=64 4.8 / 3.7, 5.7 / 4.3; T=1024 17.7 / 14.9,
+#     19.1 / 16.6; T=8192 105.2 / 99.9, 111.9 / 108.6
+#   The kernel wins one point: the index form at 939 MB of rows (H=7168 T=8192), by
+#   3.5%; the fusion wins every other, up to 369 MB (H=2816 T=8192). Even net of the
+#   chaining fusion, the kernel's own time is no better from T=256 (H=7168 T=1024:
+#   35.4 against the fusion's 33.4 raw).
+#   run s17-1 (H100), kernel against the fusion where it ran (4 MiB threshold): H=7168
+#     T=1 4.0 / 1.8, T=16 4.9 / 3.4; H=2816 T=64 5.1 / 3.7.
+# So XLA's fusion while y's rows read are at most COMBINE_XLA_MAX_BYTES, the kernel
+# above. The CPU handler runs on CPU at every size. -1 runs the kernel at every size
+# (the kernel's tests, sanitizer and profiler runs set it).
+COMBINE_XLA_MAX_BYTES = 512 << 20
 
 
 def combine_uses_kernel(num_tokens: int, top_k: int, hidden: int, itemsize: int) -> bool:

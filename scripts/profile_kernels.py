@@ -22,7 +22,7 @@ from jax_moe.shapes import SHAPES
 
 quick = "--quick" in sys.argv
 # combine's kernel at every size (small combines otherwise lower to XLA's fusion:
-# heuristics.COMBINE_XLA_MAX_BYTES), so that the small cases here run the kernel.
+# heuristics.COMBINE_XLA_MAX_BYTES), so that the cases here run the kernel.
 heuristics.COMBINE_XLA_MAX_BYTES = -1
 manifest = []
 r = np.random.default_rng(0)

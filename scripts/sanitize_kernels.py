@@ -22,7 +22,7 @@ from jax_moe.route import route_p
 
 e0 = jnp.zeros((0,), jnp.float32)
 # combine's kernel at every size (small combines otherwise lower to XLA's fusion:
-# heuristics.COMBINE_XLA_MAX_BYTES), so that the small cases here run the kernel.
+# heuristics.COMBINE_XLA_MAX_BYTES), so that the cases here run the kernel.
 heuristics.COMBINE_XLA_MAX_BYTES = -1
 
 r = np.random.default_rng(0)

@@ -3,9 +3,9 @@ y, weights and out, awkward H (vector and scalar paths), k from 1 to 32, T = 0;
 index with duplicates, out-of-range entries and expert-sorted rows; leading dims,
 vmap (fold rules), scan, determinism; every bad-input error.
 
-On CUDA, small combines lower to XLA's fusion (heuristics.COMBINE_XLA_MAX_BYTES).
-This module runs the kernel at every size (the `kernel_at_every_size` fixture), and
-the tests under "small sizes on CUDA" check that lowering and the switch itself."""
+On CUDA, combines up to heuristics.COMBINE_XLA_MAX_BYTES lower to XLA's fusion. This
+module runs the kernel at every size (the `kernel_at_every_size` fixture), and the
+tests under "XLA's fusion on CUDA" check that lowering and the switch itself."""
 
 from __future__ import annotations
 
@@ -368,7 +368,7 @@ def test_handler_revalidates(args, has_index, match):
     f(*args)[0].block_until_ready()
 
 
-# ---- small sizes on CUDA: XLA's fusion instead of the kernel ------------------------
+# ---- XLA's fusion on CUDA instead of the kernel --------------------------------------
 
 def test_uses_kernel_rule(set_heuristic):
   """y's bytes read against COMBINE_XLA_MAX_BYTES; -1 means the kernel always."""
