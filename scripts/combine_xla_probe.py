@@ -55,17 +55,83 @@ def fori_k(y, w):  # slot loop as fori_loop (sequential by construction)
 
 FORMS = dict(ref_unrolled=ref_unrolled, reduce_sum=reduce_sum, einsum_f32=einsum_f32,
              bf16_sum=bf16_sum, unrolled_first=unrolled_first, fori_k=fori_k)
-TOKENS = (1, 4) if jax.devices()[0].platform == "cpu" else (1, 4, 16, 64, 128)
+
+
+# Index form: rows [N, H], index [T, k]; an index outside [0, N) must contribute
+# nothing (xla_gather clamps instead: the benchmark's baseline, not our semantics).
+def idx_ref(rows, w, index):
+  return reference.combine(rows, w, index)
+
+
+def idx_xla_gather(rows, w, index):
+  return jnp.einsum("tkh,tk->th", rows[index].astype(f32), w).astype(rows.dtype)
+
+
+def idx_take_fill_unrolled(rows, w, index):  # gather with fill for out-of-range
+  g = jnp.take(rows, index, axis=0, mode="fill", fill_value=0).astype(f32)
+  acc = w[:, 0, None] * g[:, 0]
+  for j in range(1, index.shape[1]):
+    acc = acc + w[:, j, None] * g[:, j]
+  return acc.astype(rows.dtype)
+
+
+def idx_take_fill_einsum(rows, w, index):
+  g = jnp.take(rows, index, axis=0, mode="fill", fill_value=0).astype(f32)
+  return jnp.einsum("tkh,tk->th", g, w).astype(rows.dtype)
+
+
+def idx_per_slot(rows, w, index):  # one [T, H] gather per slot, masked product
+  N = rows.shape[0]
+  acc = None
+  for j in range(index.shape[1]):
+    i = index[:, j]
+    ok = (i >= 0) & (i < N)
+    term = jnp.where(ok[:, None], w[:, j, None] * rows[jnp.clip(i, 0, N - 1)].astype(f32), 0.0)
+    acc = term if acc is None else acc + term
+  return acc.astype(rows.dtype)
+
+
+IDX_FORMS = dict(idx_ref=idx_ref, idx_xla_gather=idx_xla_gather,
+                 idx_take_fill_unrolled=idx_take_fill_unrolled,
+                 idx_take_fill_einsum=idx_take_fill_einsum, idx_per_slot=idx_per_slot)
+TOKENS = (1, 4) if jax.devices()[0].platform == "cpu" else (1, 4, 16, 64, 128, 256)
+if os.environ.get("PROBE_TOKENS"):  # a shorter run: PROBE_TOKENS=1,16,64
+  TOKENS = tuple(int(t) for t in os.environ["PROBE_TOKENS"].split(","))
+SETS = int(os.environ.get("PROBE_SETS", "16"))
 r = np.random.default_rng(0)
 print("H T " + " ".join(FORMS) + "   (us, raw loop time)   | bitwise equal to ref_unrolled")
 for H in (7168, 2816):
   for T in TOKENS:
     k = 8
     sets = [(jnp.asarray(r.normal(size=(T, k, H)), jnp.bfloat16),
-             jnp.asarray(r.uniform(0.05, 1, size=(T, k)), f32)) for _ in range(16)]
+             jnp.asarray(r.uniform(0.05, 1, size=(T, k)), f32)) for _ in range(SETS)]
     times, eq = [], []
     want = np.asarray(jax.jit(ref_unrolled)(*sets[0]).astype(f32))
     for name, fn in FORMS.items():
+      times.append(harness.time_loop(fn, sets, net=False, repeats=5) * 1e6)
+      got = np.asarray(jax.jit(fn)(*sets[0]).astype(f32))
+      eq.append("=" if np.array_equal(got, want) else "x")
+      if T == 1:
+        prog = harness.loop_program(fn, sets[:4], 1, 10)
+        txt = prog.lower(harness.loop_init(fn, sets[:4]), sets[:4]).compile().as_text()
+        with open(os.path.join(out_dir, f"combine_{name}_H{H}.hlo.txt"), "w") as f:
+          f.write(txt)
+    print(f"{H} {T} " + " ".join(f"{t:.2f}" for t in times) + "   | " + " ".join(eq),
+          flush=True)
+
+print("index form: H T " + " ".join(IDX_FORMS) + "   (us, raw)   | bitwise equal to idx_ref")
+for H in (7168, 2816):
+  for T in TOKENS:
+    k = 8
+    N = T * k
+    sets = []
+    for _ in range(SETS):
+      index = r.permutation(N).astype(np.int32).reshape(T, k)
+      sets.append((jnp.asarray(r.normal(size=(N, H)), jnp.bfloat16),
+                   jnp.asarray(r.uniform(0.05, 1, size=(T, k)), f32), jnp.asarray(index)))
+    times, eq = [], []
+    want = np.asarray(jax.jit(idx_ref)(*sets[0]).astype(f32))
+    for name, fn in IDX_FORMS.items():
       times.append(harness.time_loop(fn, sets, net=False, repeats=5) * 1e6)
       got = np.asarray(jax.jit(fn)(*sets[0]).astype(f32))
       eq.append("=" if np.array_equal(got, want) else "x")
