@@ -95,50 +95,67 @@ IDX_FORMS = dict(idx_ref=idx_ref, idx_xla_gather=idx_xla_gather,
                  idx_take_fill_unrolled=idx_take_fill_unrolled,
                  idx_take_fill_einsum=idx_take_fill_einsum, idx_per_slot=idx_per_slot)
 TOKENS = (1, 4) if jax.devices()[0].platform == "cpu" else (1, 4, 16, 64, 128, 256)
-if os.environ.get("PROBE_TOKENS"):  # a shorter run: PROBE_TOKENS=1,16,64
+if os.environ.get("PROBE_TOKENS"):  # a shorter run: PROBE_TOKENS=1,16,1024
   TOKENS = tuple(int(t) for t in os.environ["PROBE_TOKENS"].split(","))
-SETS = int(os.environ.get("PROBE_SETS", "16"))
-r = np.random.default_rng(0)
-print("H T " + " ".join(FORMS) + "   (us, raw loop time)   | bitwise equal to ref_unrolled")
-for H in (7168, 2816):
-  for T in TOKENS:
-    k = 8
-    sets = [(jnp.asarray(r.normal(size=(T, k, H)), jnp.bfloat16),
-             jnp.asarray(r.uniform(0.05, 1, size=(T, k)), f32)) for _ in range(SETS)]
-    times, eq = [], []
-    want = np.asarray(jax.jit(ref_unrolled)(*sets[0]).astype(f32))
-    for name, fn in FORMS.items():
-      times.append(harness.time_loop(fn, sets, net=False, repeats=5) * 1e6)
-      got = np.asarray(jax.jit(fn)(*sets[0]).astype(f32))
-      eq.append("=" if np.array_equal(got, want) else "x")
-      if T == 1:
-        prog = harness.loop_program(fn, sets[:4], 1, 10)
-        txt = prog.lower(harness.loop_init(fn, sets[:4]), sets[:4]).compile().as_text()
-        with open(os.path.join(out_dir, f"combine_{name}_H{H}.hlo.txt"), "w") as f:
-          f.write(txt)
-    print(f"{H} {T} " + " ".join(f"{t:.2f}" for t in times) + "   | " + " ".join(eq),
-          flush=True)
+MIN_SETS = int(os.environ.get("PROBE_SETS", "16"))  # distinct input sets, small sizes
+if os.environ.get("PROBE_FORMS"):  # a subset of the formulations, by name
+  keep = set(os.environ["PROBE_FORMS"].split(","))
+  FORMS = {n: f for n, f in FORMS.items() if n in keep}
+  IDX_FORMS = {n: f for n, f in IDX_FORMS.items() if n in keep}
+on_gpu = jax.devices()[0].platform == "gpu"
+l2 = 50 << 20
+if on_gpu:
+  from jax_moe import _device
+  l2 = _device.l2_bytes() or l2
+copy_bw = harness.measure_copy_bandwidth((2 << 30) if on_gpu else (16 << 20))
+print(f"device {harness.device_description()}  copy {copy_bw / 1e9:.0f} GB/s (read + written)")
 
-print("index form: H T " + " ".join(IDX_FORMS) + "   (us, raw)   | bitwise equal to idx_ref")
-for H in (7168, 2816):
-  for T in TOKENS:
-    k = 8
-    N = T * k
-    sets = []
-    for _ in range(SETS):
-      index = r.permutation(N).astype(np.int32).reshape(T, k)
-      sets.append((jnp.asarray(r.normal(size=(N, H)), jnp.bfloat16),
-                   jnp.asarray(r.uniform(0.05, 1, size=(T, k)), f32), jnp.asarray(index)))
-    times, eq = [], []
-    want = np.asarray(jax.jit(idx_ref)(*sets[0]).astype(f32))
-    for name, fn in IDX_FORMS.items():
-      times.append(harness.time_loop(fn, sets, net=False, repeats=5) * 1e6)
-      got = np.asarray(jax.jit(fn)(*sets[0]).astype(f32))
-      eq.append("=" if np.array_equal(got, want) else "x")
-      if T == 1:
-        prog = harness.loop_program(fn, sets[:4], 1, 10)
-        txt = prog.lower(harness.loop_init(fn, sets[:4]), sets[:4]).compile().as_text()
-        with open(os.path.join(out_dir, f"combine_{name}_H{H}.hlo.txt"), "w") as f:
-          f.write(txt)
-    print(f"{H} {T} " + " ".join(f"{t:.2f}" for t in times) + "   | " + " ".join(eq),
-          flush=True)
+
+def make_sets(T, H, k, indexed):
+  """Device-drawn random sets, enough that one loop's inputs exceed twice the L2
+  (at least MIN_SETS while that fits in 4 GiB): the timed calls read DRAM, not L2."""
+  set_bytes = T * k * H * 2
+  n = max(harness.rotation_count(set_bytes, l2, max_sets=32), 2)
+  if set_bytes * MIN_SETS <= (4 << 30):
+    n = max(n, MIN_SETS)
+  sets = []
+  for i in range(n):
+    ky, kw, kp = jax.random.split(jax.random.PRNGKey(T * 7919 + H * 31 + i), 3)
+    w = jax.random.uniform(kw, (T, k), f32, 0.05, 1.0)
+    if indexed:
+      rows = jax.random.normal(ky, (T * k, H), jnp.bfloat16)
+      index = jax.random.permutation(kp, T * k).astype(jnp.int32).reshape(T, k)
+      sets.append((rows, w, index))
+    else:
+      sets.append((jax.random.normal(ky, (T, k, H), jnp.bfloat16), w))
+  return sets
+
+
+def probe(forms, indexed):
+  ref = "idx_ref" if indexed else "ref_unrolled"
+  print(("index form" if indexed else "dense form") + ": H T sets " + " ".join(forms) +
+        f"   (us, raw loop time)   | bitwise equal to {ref}   | % of copy bandwidth")
+  for H in (7168, 2816):
+    for T in TOKENS:
+      k = 8
+      sets = make_sets(T, H, k, indexed)
+      nbytes = T * k * H * 2 + T * H * 2 + T * k * 4 * (2 if indexed else 1)
+      want = np.asarray(jax.jit(idx_ref if indexed else ref_unrolled)(*sets[0]).astype(f32))
+      times, eq = [], []
+      for name, fn in forms.items():
+        times.append(harness.time_loop(fn, sets, net=False, repeats=5) * 1e6)
+        got = np.asarray(jax.jit(fn)(*sets[0]).astype(f32))
+        eq.append("=" if np.array_equal(got, want) else "x")
+        if T == 1:
+          prog = harness.loop_program(fn, sets[:4], 1, 10)
+          txt = prog.lower(harness.loop_init(fn, sets[:4]), sets[:4]).compile().as_text()
+          with open(os.path.join(out_dir, f"combine_{name}_H{H}.hlo.txt"), "w") as f:
+            f.write(txt)
+      pct = [100 * nbytes / (t * 1e-6) / copy_bw for t in times]
+      print(f"{H} {T} {len(sets)} " + " ".join(f"{t:.2f}" for t in times) + "   | " +
+            " ".join(eq) + "   | " + " ".join(f"{p:.0f}" for p in pct), flush=True)
+      del sets
+
+
+probe(FORMS, False)
+probe(IDX_FORMS, True)
