@@ -1,9 +1,11 @@
 """jax_moe.combine: the weighted sum of each token's k expert outputs, one launch.
 
 On CUDA, up to heuristics.COMBINE_XLA_MAX_BYTES of rows it lowers to XLA's fusion of
-the same slot-ordered sum instead of the kernel: a custom call cannot fuse with its
+the same f32 sum instead of the kernel: a custom call cannot fuse with its
 neighbours, and XLA's fusion of this sum streams as fast as the kernel (measured,
-see heuristics.py). The kernel runs above that, and on CPU the CPU handler.
+see heuristics.py). The dense form's fusion is a reduction over the slots
+(heuristics.combine_xla_reduce), the index form's the slot-ordered chain of adds.
+The kernel runs above that size, and on CPU the CPU handler.
 
 out = combine(y, weights, index=None, *, out_dtype=None)
 
@@ -48,6 +50,14 @@ def _ffi_attrs(params):
 
 
 def _fallback(y, weights, index, *, has_index, out_dtype):
+  """XLA's fusion of the sum: on CUDA up to COMBINE_XLA_MAX_BYTES, and on platforms
+  without a handler. The dense form up to COMBINE_XLA_REDUCE_MAX_K slots is a
+  reduction over the slot axis (faster than the chain of adds at small T and, as
+  measured on H100, bitwise equal to it: heuristics.combine_xla_reduce); otherwise
+  reference.combine's slot-ordered chain."""
+  if not has_index and heuristics.combine_xla_reduce(weights.shape[-1]):
+    products = y.astype(jnp.float32) * weights.astype(jnp.float32)[..., None]
+    return [jnp.sum(products, axis=-2).astype(out_dtype)]
   return [reference.combine(y, weights, index if has_index else None, out_dtype=out_dtype)]
 
 

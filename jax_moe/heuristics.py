@@ -285,6 +285,25 @@ def combine_uses_kernel(num_tokens: int, top_k: int, hidden: int, itemsize: int)
   return num_tokens * top_k * hidden * itemsize > COMBINE_XLA_MAX_BYTES
 
 
+# How XLA's fusion writes the dense form's sum: a reduction over the slot axis
+# (jnp.sum of the f32 products) or the slot-ordered chain of adds (reference.combine).
+# Run s18-1 (H100, scripts/combine_xla_probe.py, k=8, bf16, raw loop time, us, chain /
+# reduction): H=7168 T=1 1.47 / 1.21, T=16 3.38 / 2.63, T=1024 47.32 / 47.83; H=2816
+# T=1 1.53 / 1.07, T=16 2.20 / 1.44, T=1024 20.10 / 20.66. The reduction was bitwise
+# equal to the slot-ordered chain at every one of those points (XLA's emitter adds a
+# short slot axis in one thread, in order), and faster up to T=16 by 18-35%; at
+# T=1024 both stream at the copy rate (within 3%). Only k = 8 was measured, so the
+# reduction is used up to COMBINE_XLA_REDUCE_MAX_K slots and the chain above it,
+# where a longer slot axis might be split across threads and added as a tree. The
+# index form keeps the chain: its reduction was not timed.
+COMBINE_XLA_REDUCE_MAX_K = 8
+
+
+def combine_xla_reduce(top_k: int) -> bool:
+  """True: XLA's fusion of combine's dense form is a reduction over the slots."""
+  return top_k <= COMBINE_XLA_REDUCE_MAX_K
+
+
 # ---- moe_block ---------------------------------------------------------------
 
 # moe_block "auto": expert_gemv or the grouped path.

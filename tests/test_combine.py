@@ -442,3 +442,50 @@ def test_small_lowering_numerics(set_heuristic, dtype):
     for b in range(2):
       assert_close(np.asarray(outs[b], np.float32),
                    np.asarray(_ref(dense[b], wb[b], None, None), np.float32), dtype)
+
+
+@pytest.mark.parametrize("k", [0, 1, 2, 8, 9, 32])
+@pytest.mark.parametrize("dtype", DTYPES, ids=name)
+def test_xla_fusion_formulation(k, dtype):
+  """The fusion that runs on CUDA at small sizes (combine._fallback), run here on the
+  CPU: a reduction over the slots for the dense form up to COMBINE_XLA_REDUCE_MAX_K
+  slots, the slot-ordered chain above that and for the index form; every one
+  agrees with the reference."""
+  from jax_moe.combine import _fallback as xla_fusion
+  r = rng()
+  T, H, N = 6, 40, 23
+  w = weights(r, (T, k))
+  y = normal(r, (T, k, H), dtype)
+  rows, index = normal(r, (N, H), dtype), bad_index(r, T, k, N)
+  for out_dtype in (jnp.float32, jnp.dtype(dtype)):
+    dense = functools.partial(xla_fusion, has_index=False, out_dtype=out_dtype)
+    jaxpr = str(jax.make_jaxpr(dense)(y, w, jnp.zeros((0, 0), jnp.int32)))
+    assert ("reduce_sum" in jaxpr) == (k <= heuristics.COMBINE_XLA_REDUCE_MAX_K), jaxpr
+    (got,) = jax.jit(dense)(y, w, jnp.zeros((0, 0), jnp.int32))
+    assert got.dtype == out_dtype and got.shape == (T, H)
+    assert_close(np.asarray(got, np.float32),
+                 np.asarray(_ref(y, w, None, out_dtype), np.float32), out_dtype)
+    indexed = functools.partial(xla_fusion, has_index=True, out_dtype=out_dtype)
+    assert "reduce_sum" not in str(jax.make_jaxpr(indexed)(rows, w, index))
+    (got,) = jax.jit(indexed)(rows, w, index)
+    np.testing.assert_array_equal(np.asarray(got, np.float32),
+                                  np.asarray(_ref(rows, w, index, out_dtype), np.float32))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,H", [(1, 7168), (16, 2816), (37, 72), (5, 1000)])
+def test_small_lowering_reduce_bitwise(set_heuristic, T, H):
+  """On CUDA the dense form's reduction (k = 8, as measured in run s18-1) gives the
+  bits of the slot-ordered sum: XLA's emitter adds the slots in order in one thread.
+  If an XLA update changes that, this fails and COMBINE_XLA_REDUCE_MAX_K must drop."""
+  if not gpu_available():
+    pytest.skip("no GPU")
+  set_heuristic("COMBINE_XLA_MAX_BYTES", 1 << 40)
+  r = rng()
+  k = 8
+  with jax.default_device(jax.devices("gpu")[0]):
+    y, w = normal(r, (T, k, H), jnp.bfloat16), weights(r, (T, k))
+    assert _custom_calls(lambda y, w: jax_moe.combine(y, w), y, w) == 0
+    for out_dtype in (jnp.float32, jnp.bfloat16):
+      np.testing.assert_array_equal(np.asarray(_ours(y, w, None, out_dtype), np.float32),
+                                    np.asarray(_ref(y, w, None, out_dtype), np.float32))
