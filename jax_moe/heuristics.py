@@ -290,11 +290,13 @@ def combine_uses_kernel(num_tokens: int, top_k: int, hidden: int, itemsize: int)
 # Run s18-1 (H100, scripts/combine_xla_probe.py, k=8, bf16, raw loop time, us, chain /
 # reduction): H=7168 T=1 1.47 / 1.21, T=16 3.38 / 2.63, T=1024 47.32 / 47.83; H=2816
 # T=1 1.53 / 1.07, T=16 2.20 / 1.44, T=1024 20.10 / 20.66. The reduction was bitwise
-# equal to the slot-ordered chain at every one of those points (XLA's emitter adds a
-# short slot axis in one thread, in order), and faster up to T=16 by 18-35%; at
-# T=1024 both stream at the copy rate (within 3%). Only k = 8 was measured, so the
-# reduction is used up to COMBINE_XLA_REDUCE_MAX_K slots and the chain above it,
-# where a longer slot axis might be split across threads and added as a tree. The
+# equal to the slot-ordered chain at every one of those points, and faster up to T=16
+# by 18-35%; at T=1024 both stream at the copy rate (within 3%). Why equal: XLA's GPU
+# compiler emits a column reduction over fewer than 32 rows with its elemental
+# emitter (IsUnnestedReductionFasterThanElemental in XLA's reduction utilities), one
+# thread per output adding the rows in order from the init value. A longer slot axis
+# may get the tiled emitter, which adds as a tree. Only k = 8 was measured, so the
+# reduction is used up to COMBINE_XLA_REDUCE_MAX_K slots and the chain above it. The
 # index form keeps the chain: its reduction was not timed.
 COMBINE_XLA_REDUCE_MAX_K = 8
 

@@ -473,16 +473,18 @@ def test_xla_fusion_formulation(k, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("T,H", [(1, 7168), (16, 2816), (37, 72), (5, 1000)])
-def test_small_lowering_reduce_bitwise(set_heuristic, T, H):
-  """On CUDA the dense form's reduction (k = 8, as measured in run s18-1) gives the
-  bits of the slot-ordered sum: XLA's emitter adds the slots in order in one thread.
-  If an XLA update changes that, this fails and COMBINE_XLA_REDUCE_MAX_K must drop."""
+@pytest.mark.parametrize("T,H,k", [(1, 7168, 8), (16, 2816, 8), (37, 72, 8), (5, 1000, 8),
+                                   (3, 2816, 1), (9, 256, 2), (4, 512, 6)])
+def test_small_lowering_reduce_bitwise(set_heuristic, T, H, k):
+  """On CUDA the dense form's reduction (k = 8 measured in run s18-1) gives the bits
+  of the slot-ordered sum: XLA's elemental emitter adds the slots in order in one
+  thread (heuristics.py). If an XLA update changes that, this fails and
+  COMBINE_XLA_REDUCE_MAX_K must drop (the fused expert_gemv_combine promises the
+  bits of the two-call form)."""
   if not gpu_available():
     pytest.skip("no GPU")
   set_heuristic("COMBINE_XLA_MAX_BYTES", 1 << 40)
   r = rng()
-  k = 8
   with jax.default_device(jax.devices("gpu")[0]):
     y, w = normal(r, (T, k, H), jnp.bfloat16), weights(r, (T, k))
     assert _custom_calls(lambda y, w: jax_moe.combine(y, w), y, w) == 0
