@@ -3,7 +3,7 @@
 # run the GPU tests, run compute-sanitizer over a small run of every kernel, and run
 # the benchmarks. Writes logs, JSON and tables under OUT_DIR.
 #
-#   scripts/gpu_check.sh OUT_DIR [build] [test] [sanitize] [profile] [trace] [bench] [bench-quick]
+#   scripts/gpu_check.sh OUT_DIR [build] [test] [sanitize] [profile] [trace] [bench] [bench-quick] [combine-probe]
 # With no stage names, runs all four full stages. Each stage appends a line to
 # OUT_DIR/summary.txt; the script exits non-zero if any stage failed.
 # Narrowing a call (device time is short), all optional:
@@ -14,6 +14,8 @@
 #   BENCHES="bench_route bench_gemv"   which benchmarks the bench stage runs
 #   BENCH_ROUTE_ARGS, BENCH_COMBINE_ARGS, BENCH_GEMV_ARGS, BENCH_MOE_ARGS: extra args
 #   TRACE_ARGS="--shapes gemma4 --tokens 1"   arguments of scripts/trace_chain.py
+#   PROBE_TOKENS, PROBE_FORMS, PROBE_SETS     scripts/combine_xla_probe.py (combine-probe
+#                           stage: XLA formulations of combine's sum, no extension needed)
 set -u
 OUT=${1:?usage: gpu_check.sh OUT_DIR [stages...]}
 shift
@@ -100,6 +102,14 @@ if has trace; then
     note "trace_chain: ok"
   else
     tail -20 "$OUT/trace_chain.log"; note "trace_chain: FAILED"; status=1
+  fi
+fi
+
+if has combine-probe; then
+  if $PY scripts/combine_xla_probe.py "$OUT/combine_probe_hlo" >"$OUT/combine_probe.log" 2>&1; then
+    note "combine_xla_probe: ok"; grep -v -i warn "$OUT/combine_probe.log"
+  else
+    tail -20 "$OUT/combine_probe.log"; note "combine_xla_probe: FAILED"; status=1
   fi
 fi
 

@@ -418,6 +418,32 @@ def test_gpu_check_trace_stage(tmp_path):
   assert "trace_chain: ok" in (tmp_path / "good" / "summary.txt").read_text()
 
 
+def test_gpu_check_combine_probe_stage(tmp_path):
+  """gpu_check.sh's combine-probe stage runs scripts/combine_xla_probe.py with the
+  PROBE_* variables (here on the CPU, tiny): its table and bitwise column reach the
+  log; a bad PROBE_TOKENS fails the stage and the script."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  script = os.path.join(root, "scripts", "gpu_check.sh")
+
+  def run(tokens, out):
+    env = dict(os.environ, PYTHON=sys.executable, PROBE_TOKENS=tokens, PROBE_SETS="2",
+               PROBE_FORMS="ref_unrolled,reduce_sum,idx_ref,idx_mask_reduce")
+    return subprocess.run(["bash", script, str(out), "combine-probe"], capture_output=True,
+                          text=True, env=env, timeout=600)
+
+  good = run("1", tmp_path / "good")
+  assert good.returncode == 0, good.stdout + good.stderr
+  assert "combine_xla_probe: ok" in (tmp_path / "good" / "summary.txt").read_text()
+  log = (tmp_path / "good" / "combine_probe.log").read_text()
+  assert "dense form: H T sets ref_unrolled reduce_sum" in log
+  assert "index form: H T sets idx_ref idx_mask_reduce" in log
+  rows = [l for l in log.splitlines() if l.startswith(("7168 1 ", "2816 1 "))]
+  assert len(rows) == 4 and all("| =" in l for l in rows), log  # each form vs itself
+  bad = run("one", tmp_path / "bad")
+  assert bad.returncode != 0
+  assert "combine_xla_probe: FAILED" in (tmp_path / "bad" / "summary.txt").read_text()
+
+
 def test_merge_moe_keeps_priced_auto(tmp_path):
   """merge_moe derives "auto" from the row of the implementation it resolves to, but
   a "priced" auto is its own program: its measured row is kept, not derived."""
