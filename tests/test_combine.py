@@ -129,6 +129,27 @@ def test_exact_small():
   np.testing.assert_array_equal(np.asarray(jax_moe.combine(y[0], w, idx)), [[1.5, 2.0]])
 
 
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16], ids=name)
+def test_every_16_bit_value(dtype):
+  """The CPU handlers' 16-bit to f32 conversion (csrc/common/cpu_types.h), through
+  combine with weight 1 and an f32 output: every one of the 65536 bit patterns
+  (normals, subnormals, zeros, infinities) gives numpy's conversion exactly; NaNs stay
+  NaN. (The f16 conversion was rewritten branch-free in session 18.)"""
+  bits = np.arange(1 << 16, dtype=np.uint16)
+  vals = bits.view(np.float16) if dtype == jnp.float16 else None
+  y = jax.lax.bitcast_convert_type(jnp.asarray(bits), dtype).reshape(256, 1, 256)
+  want = (vals.astype(np.float32) if vals is not None
+          else (bits.astype(np.uint32) << 16).view(np.float32)).reshape(256, 256)
+  w = jnp.ones((256, 1), jnp.float32)
+  got = np.asarray(jax.jit(lambda y, w: jax_moe.combine(y, w, out_dtype=jnp.float32))(y, w))
+  # XLA's CPU threads flush f32 denormals to zero in arithmetic (bf16's subnormals are
+  # f32 denormals; f16's are f32 normals), so 1 * y is 0 for those.
+  want = np.where(np.abs(want) < np.finfo(np.float32).tiny, np.float32(0), want)
+  nan = np.isnan(want)
+  np.testing.assert_array_equal(np.isnan(got), nan)
+  np.testing.assert_array_equal(got[~nan], want[~nan])  # -0 == +0 here: 0 + 1 * -0 is +0
+
+
 def test_k_zero(platform):
   """No slots: out is zeros (an empty sum)."""
   r = rng()

@@ -165,6 +165,35 @@ def test_deterministic(platform):
     np.testing.assert_array_equal(np.asarray(f(x, ids, wgu, wd).astype(jnp.float32)), y0)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16],
+                         ids=lambda d: jnp.dtype(d).name)
+def test_cpu_grouping_independent(dtype):
+  """The CPU handler groups the assignments by expert and spreads the experts over
+  XLA's intra-op threads (csrc/common/parallel.h): uneven loads (one expert takes
+  every token, 60 others one or two), dropped ids, repeated runs bitwise equal, and
+  each token's rows bitwise equal to a call with that token alone, so neither the
+  grouping nor the threads change a result."""
+  r = rng()
+  T, H, I, E, k = 40, 72, 40, 64, 3
+  x = jnp.asarray(r.normal(size=(T, H)), dtype)
+  wgu, wd = make_weights(r, E, H, I, dtype)
+  ids = np.stack([np.concatenate([[0], r.choice(np.arange(1, E), k - 1, replace=False)])
+                  for _ in range(T)]).astype(np.int32)
+  ids[3, 1], ids[7, 2] = -1, E  # dropped: zero rows
+  ids = jnp.asarray(ids)
+  with jax.default_device(jax.devices("cpu")[0]):
+    f = jax.jit(jax_moe.expert_gemv)
+    y0 = np.asarray(f(x, ids, wgu, wd).astype(jnp.float32))
+    for _ in range(5):
+      np.testing.assert_array_equal(np.asarray(f(x, ids, wgu, wd).astype(jnp.float32)), y0)
+    for t in (0, 3, 7, 39):
+      one = np.asarray(f(x[t:t + 1], ids[t:t + 1], wgu, wd).astype(jnp.float32))
+      np.testing.assert_array_equal(one[0], y0[t])
+    assert not y0[3, 1].any() and not y0[7, 2].any()
+    ref = np.asarray(reference.expert_gemv(x, ids, wgu, wd).astype(jnp.float32))
+    assert_close(y0, ref, dtype)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name,T", [(n, T) for n in ("gemma4", "qwen3", "mixtral", "deepseek_v3")
                                     for T in (1, 3, 8)] + [("mixtral", 32)])

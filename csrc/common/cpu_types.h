@@ -20,26 +20,24 @@ inline float ToFloat(bf16_t v) {
   return f;
 }
 
+// Written as selects, not branches, so that the CPU handlers' conversion loops (every
+// weight element they read goes through here) vectorize: the exponent is rebiased in
+// place, inf/NaN get the rest of the bias, and a subnormal is renormalized by one
+// exact float subtraction of 2^-14 (bitwise the same results as the bit-by-bit
+// normalization it replaces, for all 65536 inputs).
 inline float ToFloat(f16_t v) {
   const uint32_t h = v.bits;
-  const uint32_t sign = (h & 0x8000u) << 16;
-  uint32_t exp = (h >> 10) & 0x1f;
-  uint32_t man = h & 0x3ffu;
-  uint32_t u;
-  if (exp == 0) {
-    if (man == 0) {
-      u = sign;
-    } else {  // subnormal: normalize
-      int e = -1;
-      do { man <<= 1; ++e; } while ((man & 0x400u) == 0);
-      u = sign | (static_cast<uint32_t>(127 - 15 - e) << 23) | ((man & 0x3ffu) << 13);
-    }
-  } else if (exp == 0x1f) {
-    u = sign | 0x7f800000u | (man << 13);
-  } else {
-    u = sign | ((exp + 127 - 15) << 23) | (man << 13);
-  }
+  const uint32_t mag = (h & 0x7fffu) << 13;   // exponent and mantissa in f32 position
+  const uint32_t exp = mag & 0x0f800000u;
+  const uint32_t special = 0u - static_cast<uint32_t>(exp == 0x0f800000u);  // inf / NaN
+  const uint32_t tiny = 0u - static_cast<uint32_t>(exp == 0);               // zero / subnormal
+  const uint32_t o = mag + 0x38000000u + (special & 0x38000000u) + (tiny & 0x00800000u);
   float f;
+  std::memcpy(&f, &o, 4);
+  const float renorm = f - 6.103515625e-05f;   // exact for a subnormal: man * 2^-24
+  uint32_t r;
+  std::memcpy(&r, &renorm, 4);
+  const uint32_t u = ((tiny & r) | (~tiny & o)) | ((h & 0x8000u) << 16);
   std::memcpy(&f, &u, 4);
   return f;
 }

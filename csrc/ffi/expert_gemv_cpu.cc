@@ -1,6 +1,7 @@
 // jax_moe_expert_gemv on the CPU platform: decode -> validate -> dispatch dtype -> run.
 #include "common/cpu_types.h"
 #include "common/ffi_helpers.h"
+#include "common/parallel.h"
 #include "cpu/combine.h"
 #include "cpu/expert_gemv.h"
 #include "ffi/expert_gemv_validate.h"
@@ -14,7 +15,7 @@ static ffi::Error ExpertGemvCpuHandler(ffi::AnyBuffer x, ffi::AnyBuffer ids, ffi
                                        ffi::Result<ffi::AnyBuffer> out, int64_t activation,
                                        int64_t token_tiles, int64_t k_split_gate_up,
                                        int64_t k_split_down, int64_t kernel_variant,
-                                       int64_t combine) {
+                                       int64_t combine, ffi::ThreadPool pool) {
   (void)h;  // the CPU version keeps the intermediate in a local buffer
   (void)token_tiles;
   (void)k_split_gate_up;
@@ -24,6 +25,13 @@ static ffi::Error ExpertGemvCpuHandler(ffi::AnyBuffer x, ffi::AnyBuffer ids, ffi
   JM_RETURN_IF_ERROR(ValidateExpertGemv(x, ids, wgu, wd, sgu, sd, *y, activation, &s));
   JM_RETURN_IF_ERROR(ValidateGemvCombine(s, x, weights, *out, combine));
   const int32_t* idp = reinterpret_cast<const int32_t*>(ids.untyped_data());
+  // The selected experts spread over XLA's intra-op threads (common/parallel.h): a
+  // decode layer on the CPU is bound by reading the experts' weights, which one
+  // thread does not saturate.
+  const int64_t helpers = pool.num_threads();
+  auto run = [&pool, helpers](int64_t n, auto&& fn) {
+    ParallelFor(n, helpers, [&pool](auto task) { pool.Schedule(std::move(task)); }, fn);
+  };
   return JM_DISPATCH_FLOAT(x.element_type(), float, bf16_t, f16_t, [&] {
     cpu::ExpertGemvImpl<scalar_t>(
         reinterpret_cast<const scalar_t*>(x.untyped_data()), idp,
@@ -31,7 +39,7 @@ static ffi::Error ExpertGemvCpuHandler(ffi::AnyBuffer x, ffi::AnyBuffer ids, ffi
         reinterpret_cast<const scalar_t*>(wd.untyped_data()),
         reinterpret_cast<const scalar_t*>(sgu.untyped_data()),
         reinterpret_cast<const scalar_t*>(sd.untyped_data()), s.T, s.k, s.S, s.H, s.I, s.E,
-        static_cast<int>(activation), reinterpret_cast<scalar_t*>(y->untyped_data()));
+        static_cast<int>(activation), reinterpret_cast<scalar_t*>(y->untyped_data()), run);
     if (combine)
       cpu::CombineImpl<scalar_t, float, scalar_t>(
           reinterpret_cast<const scalar_t*>(y->untyped_data()),
@@ -59,6 +67,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Attr<int64_t>("k_split_gate_up")
         .Attr<int64_t>("k_split_down")
         .Attr<int64_t>("kernel_variant")
-        .Attr<int64_t>("combine"));
+        .Attr<int64_t>("combine")
+        .Ctx<ffi::ThreadPool>());
 
 }  // namespace jax_moe
