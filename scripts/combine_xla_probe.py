@@ -101,12 +101,32 @@ def idx_mask_reduce(rows, w, index):  # masked gather, then a reduction over the
 IDX_FORMS = dict(idx_ref=idx_ref, idx_mask_reduce=idx_mask_reduce, idx_xla_gather=idx_xla_gather,
                  idx_take_fill_unrolled=idx_take_fill_unrolled,
                  idx_take_fill_einsum=idx_take_fill_einsum, idx_per_slot=idx_per_slot)
+
+
+def env_ints(name, default):
+  """Positive integers from a comma-separated environment variable, or default."""
+  text = os.environ.get(name)
+  if not text:
+    return default
+  try:
+    vals = tuple(int(v) for v in text.split(","))
+  except ValueError:
+    vals = ()
+  if not vals or min(vals) < 1:
+    raise SystemExit(f"combine_xla_probe: {name} must be positive integers separated by "
+                     f"commas, got {text!r}")
+  return vals
+
+
 TOKENS = (1, 4) if jax.devices()[0].platform == "cpu" else (1, 4, 16, 64, 128, 256)
-if os.environ.get("PROBE_TOKENS"):  # a shorter run: PROBE_TOKENS=1,16,1024
-  TOKENS = tuple(int(t) for t in os.environ["PROBE_TOKENS"].split(","))
-MIN_SETS = int(os.environ.get("PROBE_SETS", "16"))  # distinct input sets, small sizes
+TOKENS = env_ints("PROBE_TOKENS", TOKENS)  # a shorter run: PROBE_TOKENS=1,16,1024
+(MIN_SETS,) = env_ints("PROBE_SETS", (16,))[:1]  # distinct input sets, small sizes
 if os.environ.get("PROBE_FORMS"):  # a subset of the formulations, by name
   keep = set(os.environ["PROBE_FORMS"].split(","))
+  unknown = sorted(keep - set(FORMS) - set(IDX_FORMS))
+  if unknown:
+    raise SystemExit(f"combine_xla_probe: PROBE_FORMS names unknown formulations {unknown}; "
+                     f"known: {sorted(FORMS) + sorted(IDX_FORMS)}")
   FORMS = {n: f for n, f in FORMS.items() if n in keep}
   IDX_FORMS = {n: f for n, f in IDX_FORMS.items() if n in keep}
 on_gpu = jax.devices()[0].platform == "gpu"

@@ -421,13 +421,14 @@ def test_gpu_check_trace_stage(tmp_path):
 def test_gpu_check_combine_probe_stage(tmp_path):
   """gpu_check.sh's combine-probe stage runs scripts/combine_xla_probe.py with the
   PROBE_* variables (here on the CPU, tiny): its table and bitwise column reach the
-  log; a bad PROBE_TOKENS fails the stage and the script."""
+  log; a bad PROBE_TOKENS / PROBE_SETS / PROBE_FORMS fails the stage and the script
+  with an error that names the variable."""
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   script = os.path.join(root, "scripts", "gpu_check.sh")
 
-  def run(tokens, out):
-    env = dict(os.environ, PYTHON=sys.executable, PROBE_TOKENS=tokens, PROBE_SETS="2",
-               PROBE_FORMS="ref_unrolled,reduce_sum,idx_ref,idx_mask_reduce")
+  def run(tokens, out, sets="2", forms="ref_unrolled,reduce_sum,idx_ref,idx_mask_reduce"):
+    env = dict(os.environ, PYTHON=sys.executable, PROBE_TOKENS=tokens, PROBE_SETS=sets,
+               PROBE_FORMS=forms)
     return subprocess.run(["bash", script, str(out), "combine-probe"], capture_output=True,
                           text=True, env=env, timeout=600)
 
@@ -439,9 +440,15 @@ def test_gpu_check_combine_probe_stage(tmp_path):
   assert "index form: H T sets idx_ref idx_mask_reduce" in log
   rows = [l for l in log.splitlines() if l.startswith(("7168 1 ", "2816 1 "))]
   assert len(rows) == 4 and all("| =" in l for l in rows), log  # each form vs itself
-  bad = run("one", tmp_path / "bad")
-  assert bad.returncode != 0
-  assert "combine_xla_probe: FAILED" in (tmp_path / "bad" / "summary.txt").read_text()
+  for name, kw, match in [("tokens", dict(tokens="one"), "PROBE_TOKENS must be"),
+                          ("zero", dict(tokens="1,0"), "PROBE_TOKENS must be"),
+                          ("sets", dict(tokens="1", sets="x"), "PROBE_SETS must be"),
+                          ("forms", dict(tokens="1", forms="reduce_sum,nope"),
+                           "PROBE_FORMS names unknown formulations ['nope']")]:
+    bad = run(out=tmp_path / name, **kw)
+    assert bad.returncode != 0
+    assert "combine_xla_probe: FAILED" in (tmp_path / name / "summary.txt").read_text()
+    assert match in (tmp_path / name / "combine_probe.log").read_text()
 
 
 def test_merge_moe_keeps_priced_auto(tmp_path):

@@ -102,13 +102,14 @@ void ExpertGemvImpl(const T* x, const int32_t* ids, const T* w_gate_up, const T*
     const T* wg = (shared ? shared_gate_up : w_gate_up) + ew * 2 * I * H;
     const T* wd = (shared ? shared_down : w_down) + ew * H * I;
     std::vector<float> grow(H), urow(H), drow(I), h(n * I);
+    std::vector<const float*> xs(n);  // each assignment's token row of x
+    for (int64_t i = 0; i < n; ++i) xs[i] = xf.data() + (list[i] / slots) * H;
     for (int64_t r = 0; r < I; ++r) {
       RowToFloat(wg + r * H, H, grow.data());
       RowToFloat(wg + (I + r) * H, H, urow.data());
       for (int64_t i = 0; i < n; ++i) {
-        const float* xt = xf.data() + (list[i] / slots) * H;
-        const float g = Dot(grow.data(), xt, H);
-        const float u = Dot(urow.data(), xt, H);
+        const float g = Dot(grow.data(), xs[i], H);
+        const float u = Dot(urow.data(), xs[i], H);
         // Rounded to the storage type, as the CUDA kernels store the intermediate.
         h[i * I + r] = ToFloat(FromFloat<T>(Activate(activation, g) * u));
       }
