@@ -55,9 +55,11 @@ def _fallback(y, weights, index, *, has_index, out_dtype):
   reduction over the slot axis (faster than the chain of adds at small T and, as
   measured on H100, bitwise equal to it: heuristics.combine_xla_reduce); otherwise
   reference.combine's slot-ordered chain."""
-  if not has_index and heuristics.combine_xla_reduce(weights.shape[-1]):
-    products = y.astype(jnp.float32) * weights.astype(jnp.float32)[..., None]
-    return [jnp.sum(products, axis=-2).astype(out_dtype)]
+  if heuristics.combine_xla_reduce(weights.shape[-1], has_index):
+    rows = reference.gather_rows(y, index) if has_index else y.astype(jnp.float32)
+    products = rows * weights.astype(jnp.float32)[..., None]
+    out = jnp.sum(products, axis=-2)  # [T, 1] when the index form has no rows
+    return [jnp.broadcast_to(out, weights.shape[:-1] + y.shape[-1:]).astype(out_dtype)]
   return [reference.combine(y, weights, index if has_index else None, out_dtype=out_dtype)]
 
 

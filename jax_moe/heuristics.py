@@ -296,14 +296,20 @@ def combine_uses_kernel(num_tokens: int, top_k: int, hidden: int, itemsize: int)
 # emitter (IsUnnestedReductionFasterThanElemental in XLA's reduction utilities), one
 # thread per output adding the rows in order from the init value. A longer slot axis
 # may get the tiled emitter, which adds as a tree. Only k = 8 was measured, so the
-# reduction is used up to COMBINE_XLA_REDUCE_MAX_K slots and the chain above it. The
-# index form keeps the chain: its reduction was not timed.
+# reduction is used up to COMBINE_XLA_REDUCE_MAX_K slots and the chain above it.
 COMBINE_XLA_REDUCE_MAX_K = 8
+# The index form (rows gathered through the index, out-of-range slots masked to
+# zero) as the same reduction over the masked products: True once measured faster
+# than its chain and bitwise equal to it (scripts/combine_xla_probe.py, forms
+# idx_ref / idx_mask_reduce; tests/test_combine.py::test_small_lowering_reduce_bitwise).
+COMBINE_XLA_INDEX_REDUCE = False
 
 
-def combine_xla_reduce(top_k: int) -> bool:
-  """True: XLA's fusion of combine's dense form is a reduction over the slots."""
-  return top_k <= COMBINE_XLA_REDUCE_MAX_K
+def combine_xla_reduce(top_k: int, indexed: bool = False) -> bool:
+  """True: XLA's fusion of combine's sum is a reduction over the slots (the dense
+  form up to COMBINE_XLA_REDUCE_MAX_K slots; the index form also needs
+  COMBINE_XLA_INDEX_REDUCE)."""
+  return top_k <= COMBINE_XLA_REDUCE_MAX_K and (COMBINE_XLA_INDEX_REDUCE or not indexed)
 
 
 # ---- moe_block ---------------------------------------------------------------

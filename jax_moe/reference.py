@@ -102,17 +102,22 @@ def expert_gemv(x, ids, w_gate_up, w_down, *, activation="silu", shared_gate_up=
   return y.reshape(T, k, H).astype(x.dtype)
 
 
+def gather_rows(y, index):
+  """y[index] in f32 for y [N, H], index [T, k]: [T, k, H], zero where the index is
+  outside [0, N) (never read there: the gather's index is clamped). [T, k, 1] of
+  zeros when N == 0."""
+  N = y.shape[0]
+  if N == 0:
+    return jnp.zeros(index.shape + (1,), jnp.float32)
+  valid = (index >= 0) & (index < N)
+  return jnp.where(valid[..., None], y[jnp.clip(index, 0, N - 1)].astype(jnp.float32), 0.0)
+
+
 def combine(y, weights, index=None, *, out_dtype=None):
   """out[t] = sum_k weights[t, k] * y[t, k] (or y[index[t, k]]), f32, in k order."""
   out_dtype = y.dtype if out_dtype is None else jnp.dtype(out_dtype)
   w = weights.astype(jnp.float32)
-  if index is None:
-    rows = y.astype(jnp.float32)  # [T, k, H]
-  else:
-    N = y.shape[0]
-    valid = (index >= 0) & (index < N)
-    rows = jnp.where(valid[..., None], y[jnp.clip(index, 0, max(N - 1, 0))].astype(jnp.float32)
-                     if N > 0 else 0.0, 0.0)
+  rows = y.astype(jnp.float32) if index is None else gather_rows(y, index)  # [T, k, H]
   T, k = w.shape
   acc = jnp.zeros((T, y.shape[-1]), jnp.float32)  # rows is [T, k, 1] when N == 0
   for j in range(k):

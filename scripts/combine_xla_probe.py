@@ -98,7 +98,12 @@ def idx_mask_reduce(rows, w, index):  # masked gather, then a reduction over the
   return jnp.sum(g * w[..., None], axis=1).astype(rows.dtype)
 
 
-IDX_FORMS = dict(idx_ref=idx_ref, idx_mask_reduce=idx_mask_reduce, idx_xla_gather=idx_xla_gather,
+def idx_fill_reduce(rows, w, index):  # gather with fill for out-of-range, then a reduction
+  g = jnp.take(rows, index, axis=0, mode="fill", fill_value=0).astype(f32)
+  return jnp.sum(g * w[..., None], axis=1).astype(rows.dtype)
+
+
+IDX_FORMS = dict(idx_ref=idx_ref, idx_mask_reduce=idx_mask_reduce, idx_fill_reduce=idx_fill_reduce, idx_xla_gather=idx_xla_gather,
                  idx_take_fill_unrolled=idx_take_fill_unrolled,
                  idx_take_fill_einsum=idx_take_fill_einsum, idx_per_slot=idx_per_slot)
 

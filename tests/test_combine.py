@@ -465,14 +465,17 @@ def test_small_lowering_numerics(set_heuristic, dtype):
                    np.asarray(_ref(dense[b], wb[b], None, None), np.float32), dtype)
 
 
+@pytest.mark.parametrize("index_reduce", [False, True], ids=["idx_chain", "idx_reduce"])
 @pytest.mark.parametrize("k", [0, 1, 2, 8, 9, 32])
 @pytest.mark.parametrize("dtype", DTYPES, ids=name)
-def test_xla_fusion_formulation(k, dtype):
+def test_xla_fusion_formulation(set_heuristic, k, dtype, index_reduce):
   """The fusion that runs on CUDA at small sizes (combine._fallback), run here on the
   CPU: a reduction over the slots for the dense form up to COMBINE_XLA_REDUCE_MAX_K
-  slots, the slot-ordered chain above that and for the index form; every one
-  agrees with the reference."""
+  slots (and for the index form where COMBINE_XLA_INDEX_REDUCE says), the
+  slot-ordered chain otherwise; every one agrees with the reference, and the index
+  form's out-of-range slots contribute nothing."""
   from jax_moe.combine import _fallback as xla_fusion
+  set_heuristic("COMBINE_XLA_INDEX_REDUCE", index_reduce)
   r = rng()
   T, H, N = 6, 40, 23
   w = weights(r, (T, k))
@@ -487,28 +490,45 @@ def test_xla_fusion_formulation(k, dtype):
     assert_close(np.asarray(got, np.float32),
                  np.asarray(_ref(y, w, None, out_dtype), np.float32), out_dtype)
     indexed = functools.partial(xla_fusion, has_index=True, out_dtype=out_dtype)
-    assert "reduce_sum" not in str(jax.make_jaxpr(indexed)(rows, w, index))
+    jaxpr = str(jax.make_jaxpr(indexed)(rows, w, index))
+    assert ("reduce_sum" in jaxpr) == (index_reduce and k <= heuristics.COMBINE_XLA_REDUCE_MAX_K)
     (got,) = jax.jit(indexed)(rows, w, index)
-    np.testing.assert_array_equal(np.asarray(got, np.float32),
-                                  np.asarray(_ref(rows, w, index, out_dtype), np.float32))
+    assert got.dtype == out_dtype and got.shape == (T, H)
+    if index_reduce:  # the CPU's reduction may add in another order than the chain
+      assert_close(np.asarray(got, np.float32),
+                   np.asarray(_ref(rows, w, index, out_dtype), np.float32), out_dtype)
+    else:
+      np.testing.assert_array_equal(np.asarray(got, np.float32),
+                                    np.asarray(_ref(rows, w, index, out_dtype), np.float32))
+    # no rows at all: every slot is out of range, the sum is zero
+    (got,) = jax.jit(indexed)(rows[:0], w, index)
+    assert got.shape == (T, H)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.zeros((T, H), np.float32))
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("has_index", [False, True], ids=["dense", "index"])
 @pytest.mark.parametrize("T,H,k", [(1, 7168, 8), (16, 2816, 8), (37, 72, 8), (5, 1000, 8),
                                    (3, 2816, 1), (9, 256, 2), (4, 512, 6)])
-def test_small_lowering_reduce_bitwise(set_heuristic, T, H, k):
-  """On CUDA the dense form's reduction (k = 8 measured in run s18-1) gives the bits
-  of the slot-ordered sum: XLA's elemental emitter adds the slots in order in one
-  thread (heuristics.py). If an XLA update changes that, this fails and
+def test_small_lowering_reduce_bitwise(set_heuristic, T, H, k, has_index):
+  """On CUDA the reduction over the slots (k = 8 measured in runs s18-1 and s19-1)
+  gives the bits of the slot-ordered sum: XLA's elemental emitter adds the slots in
+  order in one thread (heuristics.py). If an XLA update changes that, this fails and
   COMBINE_XLA_REDUCE_MAX_K must drop (the fused expert_gemv_combine promises the
-  bits of the two-call form)."""
+  bits of the two-call form). The index form is checked with the reduction forced
+  on (COMBINE_XLA_INDEX_REDUCE), out-of-range indices included."""
   if not gpu_available():
     pytest.skip("no GPU")
   set_heuristic("COMBINE_XLA_MAX_BYTES", 1 << 40)
+  set_heuristic("COMBINE_XLA_INDEX_REDUCE", True)
   r = rng()
   with jax.default_device(jax.devices("gpu")[0]):
-    y, w = normal(r, (T, k, H), jnp.bfloat16), weights(r, (T, k))
-    assert _custom_calls(lambda y, w: jax_moe.combine(y, w), y, w) == 0
+    w = weights(r, (T, k))
+    if has_index:
+      y, index = normal(r, (T * k + 5, H), jnp.bfloat16), bad_index(r, T, k, T * k + 5)
+    else:
+      y, index = normal(r, (T, k, H), jnp.bfloat16), None
+    assert _custom_calls(lambda y, w: jax_moe.combine(y, w, index), y, w) == 0
     for out_dtype in (jnp.float32, jnp.bfloat16):
-      np.testing.assert_array_equal(np.asarray(_ours(y, w, None, out_dtype), np.float32),
-                                    np.asarray(_ref(y, w, None, out_dtype), np.float32))
+      np.testing.assert_array_equal(np.asarray(_ours(y, w, index, out_dtype), np.float32),
+                                    np.asarray(_ref(y, w, index, out_dtype), np.float32))
