@@ -106,7 +106,8 @@ if has trace; then
 fi
 
 if has combine-probe; then
-  if $PY scripts/combine_xla_probe.py "$OUT/combine_probe_hlo" >"$OUT/combine_probe.log" 2>&1; then
+  # PROBE_HLO_DIR: where the compiled HLO goes (many files; default under OUT_DIR)
+  if $PY scripts/combine_xla_probe.py "${PROBE_HLO_DIR:-$OUT/combine_probe_hlo}" >"$OUT/combine_probe.log" 2>&1; then
     note "combine_xla_probe: ok"; grep -v -i warn "$OUT/combine_probe.log"
   else
     tail -20 "$OUT/combine_probe.log"; note "combine_xla_probe: FAILED"; status=1
