@@ -3,8 +3,9 @@
 On CUDA, up to heuristics.COMBINE_XLA_MAX_BYTES of rows it lowers to XLA's fusion of
 the same f32 sum instead of the kernel: a custom call cannot fuse with its
 neighbours, and XLA's fusion of this sum streams as fast as the kernel (measured,
-see heuristics.py). The dense form's fusion is a reduction over the slots
-(heuristics.combine_xla_reduce), the index form's the slot-ordered chain of adds.
+see heuristics.py). Up to a few MiB of rows that fusion is a reduction over the
+slots, above it the slot-ordered chain of adds (heuristics.combine_xla_reduce; the
+two give the same bits).
 The kernel runs above that size, and on CPU the CPU handler.
 
 out = combine(y, weights, index=None, *, out_dtype=None)
@@ -51,11 +52,13 @@ def _ffi_attrs(params):
 
 def _fallback(y, weights, index, *, has_index, out_dtype):
   """XLA's fusion of the sum: on CUDA up to COMBINE_XLA_MAX_BYTES, and on platforms
-  without a handler. The dense form up to COMBINE_XLA_REDUCE_MAX_K slots is a
-  reduction over the slot axis (faster than the chain of adds at small T and, as
-  measured on H100, bitwise equal to it: heuristics.combine_xla_reduce); otherwise
-  reference.combine's slot-ordered chain."""
-  if heuristics.combine_xla_reduce(weights.shape[-1], has_index):
+  without a handler. Either form, up to COMBINE_XLA_REDUCE_MAX_K slots and
+  COMBINE_XLA_REDUCE_MAX_BYTES of rows, is a reduction over the slot axis (the index
+  form's rows gathered with out-of-range slots masked to zero): faster than the chain
+  of adds at small T and, as measured on H100, bitwise equal to it
+  (heuristics.combine_xla_reduce). Otherwise reference.combine's slot-ordered chain."""
+  T, k = weights.shape
+  if heuristics.combine_xla_reduce(T, k, y.shape[-1], np.dtype(y.dtype).itemsize):
     rows = reference.gather_rows(y, index) if has_index else y.astype(jnp.float32)
     products = rows * weights.astype(jnp.float32)[..., None]
     out = jnp.sum(products, axis=-2)  # [T, 1] when the index form has no rows

@@ -285,31 +285,39 @@ def combine_uses_kernel(num_tokens: int, top_k: int, hidden: int, itemsize: int)
   return num_tokens * top_k * hidden * itemsize > COMBINE_XLA_MAX_BYTES
 
 
-# How XLA's fusion writes the dense form's sum: a reduction over the slot axis
-# (jnp.sum of the f32 products) or the slot-ordered chain of adds (reference.combine).
-# Run s18-1 (H100, scripts/combine_xla_probe.py, k=8, bf16, raw loop time, us, chain /
-# reduction): H=7168 T=1 1.47 / 1.21, T=16 3.38 / 2.63, T=1024 47.32 / 47.83; H=2816
-# T=1 1.53 / 1.07, T=16 2.20 / 1.44, T=1024 20.10 / 20.66. The reduction was bitwise
-# equal to the slot-ordered chain at every one of those points, and faster up to T=16
-# by 18-35%; at T=1024 both stream at the copy rate (within 3%). Why equal: XLA's GPU
-# compiler emits a column reduction over fewer than 32 rows with its elemental
-# emitter (IsUnnestedReductionFasterThanElemental in XLA's reduction utilities), one
-# thread per output adding the rows in order from the init value. A longer slot axis
-# may get the tiled emitter, which adds as a tree. Only k = 8 was measured, so the
-# reduction is used up to COMBINE_XLA_REDUCE_MAX_K slots and the chain above it.
+# How XLA's fusion writes the sum: a reduction over the slot axis (jnp.sum of the f32
+# products; in the index form the rows gathered with out-of-range slots masked to
+# zero first) or the slot-ordered chain of adds (reference.combine).
+# Measured with scripts/combine_xla_probe.py (H100, k=8, bf16, raw loop time, us,
+# chain / reduction; the index form's rows permuted, every index valid):
+#   run s18-1, dense:  H=7168 T=1 1.47 / 1.21, T=16 3.38 / 2.63, T=1024 47.32 / 47.83
+#                      H=2816 T=1 1.53 / 1.07, T=16 2.20 / 1.44, T=1024 20.10 / 20.66
+#   run s19-1, dense:  H=7168 T=1 1.44 / 1.00, T=16 3.34 / 2.47, T=1024 46.69 / 47.14
+#                      H=2816 T=1 1.26 / 1.01, T=16 1.97 / 1.61, T=1024 19.95 / 20.39
+#   run s19-1, index:  H=7168 T=1 2.07 / 1.40, T=16 3.99 / 3.39, T=1024 49.55 / 50.49
+#                      H=2816 T=1 1.71 / 1.53, T=16 2.15 / 1.68, T=1024 22.03 / 22.71
+#   (XLA's einsum(rows[index]), which clamps instead of masking, in s19-1: H=7168 T=1
+#   1.86, T=16 3.22; H=2816 T=1 1.71, T=16 1.87.)
+# The reduction was bitwise equal to the chain at every point, faster up to T=16
+# (1.75 MiB of rows at H=7168) by 10-31%, and 1-3% slower at T=1024 (46 MiB of rows
+# at H=2816), where both stream at the copy rate. Where between them it stops
+# winning was not measured, so the reduction is used up to COMBINE_XLA_REDUCE_MAX_BYTES
+# of rows (the largest measured win, rounded up) and the chain above.
+# Why equal: XLA's GPU compiler emits a column reduction over fewer than 32 rows with
+# its elemental emitter (IsUnnestedReductionFasterThanElemental in XLA's reduction
+# utilities), one thread per output adding the rows in order from the init value. A
+# longer slot axis may get the tiled emitter, which adds as a tree; only k = 8 was
+# measured, so the reduction is used up to COMBINE_XLA_REDUCE_MAX_K slots.
+# tests/test_combine.py::test_small_lowering_reduce_bitwise checks the bits on a GPU.
 COMBINE_XLA_REDUCE_MAX_K = 8
-# The index form (rows gathered through the index, out-of-range slots masked to
-# zero) as the same reduction over the masked products: True once measured faster
-# than its chain and bitwise equal to it (scripts/combine_xla_probe.py, forms
-# idx_ref / idx_mask_reduce; tests/test_combine.py::test_small_lowering_reduce_bitwise).
-COMBINE_XLA_INDEX_REDUCE = False
+COMBINE_XLA_REDUCE_MAX_BYTES = 2 << 20
 
 
-def combine_xla_reduce(top_k: int, indexed: bool = False) -> bool:
-  """True: XLA's fusion of combine's sum is a reduction over the slots (the dense
-  form up to COMBINE_XLA_REDUCE_MAX_K slots; the index form also needs
-  COMBINE_XLA_INDEX_REDUCE)."""
-  return top_k <= COMBINE_XLA_REDUCE_MAX_K and (COMBINE_XLA_INDEX_REDUCE or not indexed)
+def combine_xla_reduce(num_tokens: int, top_k: int, hidden: int, itemsize: int) -> bool:
+  """True: XLA's fusion of combine's sum (either form) is a reduction over the slots;
+  False: the slot-ordered chain of adds."""
+  return (top_k <= COMBINE_XLA_REDUCE_MAX_K and
+          num_tokens * top_k * hidden * itemsize <= COMBINE_XLA_REDUCE_MAX_BYTES)
 
 
 # ---- moe_block ---------------------------------------------------------------

@@ -465,17 +465,17 @@ def test_small_lowering_numerics(set_heuristic, dtype):
                    np.asarray(_ref(dense[b], wb[b], None, None), np.float32), dtype)
 
 
-@pytest.mark.parametrize("index_reduce", [False, True], ids=["idx_chain", "idx_reduce"])
+@pytest.mark.parametrize("max_bytes", [0, 2 << 20], ids=["chain", "reduce"])
 @pytest.mark.parametrize("k", [0, 1, 2, 8, 9, 32])
 @pytest.mark.parametrize("dtype", DTYPES, ids=name)
-def test_xla_fusion_formulation(set_heuristic, k, dtype, index_reduce):
+def test_xla_fusion_formulation(set_heuristic, k, dtype, max_bytes):
   """The fusion that runs on CUDA at small sizes (combine._fallback), run here on the
-  CPU: a reduction over the slots for the dense form up to COMBINE_XLA_REDUCE_MAX_K
-  slots (and for the index form where COMBINE_XLA_INDEX_REDUCE says), the
-  slot-ordered chain otherwise; every one agrees with the reference, and the index
-  form's out-of-range slots contribute nothing."""
+  CPU: a reduction over the slots (both forms) up to COMBINE_XLA_REDUCE_MAX_K slots
+  and COMBINE_XLA_REDUCE_MAX_BYTES of rows, the slot-ordered chain otherwise; every
+  one agrees with the reference, and the index form's out-of-range slots contribute
+  nothing."""
   from jax_moe.combine import _fallback as xla_fusion
-  set_heuristic("COMBINE_XLA_INDEX_REDUCE", index_reduce)
+  set_heuristic("COMBINE_XLA_REDUCE_MAX_BYTES", max_bytes)
   r = rng()
   T, H, N = 6, 40, 23
   w = weights(r, (T, k))
@@ -484,17 +484,18 @@ def test_xla_fusion_formulation(set_heuristic, k, dtype, index_reduce):
   for out_dtype in (jnp.float32, jnp.dtype(dtype)):
     dense = functools.partial(xla_fusion, has_index=False, out_dtype=out_dtype)
     jaxpr = str(jax.make_jaxpr(dense)(y, w, jnp.zeros((0, 0), jnp.int32)))
-    assert ("reduce_sum" in jaxpr) == (k <= heuristics.COMBINE_XLA_REDUCE_MAX_K), jaxpr
+    reduce = k <= heuristics.COMBINE_XLA_REDUCE_MAX_K and T * k * H * y.dtype.itemsize <= max_bytes
+    assert ("reduce_sum" in jaxpr) == reduce, jaxpr
     (got,) = jax.jit(dense)(y, w, jnp.zeros((0, 0), jnp.int32))
     assert got.dtype == out_dtype and got.shape == (T, H)
     assert_close(np.asarray(got, np.float32),
                  np.asarray(_ref(y, w, None, out_dtype), np.float32), out_dtype)
     indexed = functools.partial(xla_fusion, has_index=True, out_dtype=out_dtype)
     jaxpr = str(jax.make_jaxpr(indexed)(rows, w, index))
-    assert ("reduce_sum" in jaxpr) == (index_reduce and k <= heuristics.COMBINE_XLA_REDUCE_MAX_K)
+    assert ("reduce_sum" in jaxpr) == reduce, jaxpr
     (got,) = jax.jit(indexed)(rows, w, index)
     assert got.dtype == out_dtype and got.shape == (T, H)
-    if index_reduce:  # the CPU's reduction may add in another order than the chain
+    if reduce:  # the CPU's reduction may add in another order than the chain
       assert_close(np.asarray(got, np.float32),
                    np.asarray(_ref(rows, w, index, out_dtype), np.float32), out_dtype)
     else:
@@ -515,12 +516,12 @@ def test_small_lowering_reduce_bitwise(set_heuristic, T, H, k, has_index):
   gives the bits of the slot-ordered sum: XLA's elemental emitter adds the slots in
   order in one thread (heuristics.py). If an XLA update changes that, this fails and
   COMBINE_XLA_REDUCE_MAX_K must drop (the fused expert_gemv_combine promises the
-  bits of the two-call form). The index form is checked with the reduction forced
-  on (COMBINE_XLA_INDEX_REDUCE), out-of-range indices included."""
+  bits of the two-call form). The reduction is forced at every size here; the index
+  form's out-of-range indices included."""
   if not gpu_available():
     pytest.skip("no GPU")
   set_heuristic("COMBINE_XLA_MAX_BYTES", 1 << 40)
-  set_heuristic("COMBINE_XLA_INDEX_REDUCE", True)
+  set_heuristic("COMBINE_XLA_REDUCE_MAX_BYTES", 1 << 40)
   r = rng()
   with jax.default_device(jax.devices("gpu")[0]):
     w = weights(r, (T, k))
