@@ -299,7 +299,7 @@ def combine_uses_kernel(num_tokens: int, top_k: int, hidden: int, itemsize: int)
 #   (XLA's einsum(rows[index]), which clamps instead of masking, in s19-1: H=7168 T=1
 #   1.86, T=16 3.22; H=2816 T=1 1.71, T=16 1.87.)
 # The reduction was bitwise equal to the chain at every point, faster up to T=16
-# (1.75 MiB of rows at H=7168) by 10-31%, and 1-3% slower at T=1024 (46 MiB of rows
+# (1.75 MiB of rows at H=7168) by 11-32%, and 1-3% slower at T=1024 (46 MiB of rows
 # at H=2816), where both stream at the copy rate. Where between them it stops
 # winning was not measured, so the reduction is used up to COMBINE_XLA_REDUCE_MAX_BYTES
 # of rows (the largest measured win, rounded up) and the chain above.
