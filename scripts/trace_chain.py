@@ -3,9 +3,13 @@ a profiler trace (jax.profiler, parsed with jax.profiler.ProfileData; no TensorB
 
   PYTHONPATH=. python scripts/trace_chain.py [--shapes gemma4 qwen3] [--tokens 1 8]
                                              [--chains moe gemv] [--layers 8] [--steps 20]
+                                             [--impls auto grouped:capacity]
 
 Chains (each layer's input is the previous layer's output, as in the benchmarks):
-  moe   x <- rms(moe_block(x, params))        (benchmarks/bench_moe.py's loop)
+  moe   x <- rms(moe_block(x, params))        (benchmarks/bench_moe.py's loop), once per
+        --impls entry: "auto", "gemv", "grouped" or "grouped:METHOD" (MoEConfig's
+        implementation and grouped_method), e.g. to see what "auto"'s priced plan adds
+        to the capacity path at 128 tokens
   gemv  x <- expert_gemv_combine(x, ids_l, w_l, ...)   (benchmarks/bench_gemv.py's)
 For every kernel of one layer, in stream order from the routing kernel (the experts
 kernel in the gemv chain): its mean duration and the mean idle time on the stream
@@ -20,6 +24,7 @@ one chain, not a replacement for the benchmarks' timed loops.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import os
 import re
@@ -130,6 +135,17 @@ def trace(fn, args, steps):
   return kernel_events(paths[0])
 
 
+def impl_fields(impl: str) -> dict:
+  """MoEConfig fields for an --impls entry: "auto", "gemv", "grouped" or
+  "grouped:METHOD"."""
+  name, _, method = impl.partition(":")
+  if name not in ("auto", "gemv", "grouped") or (method and name != "grouped") or \
+      (method and method not in moe_lib.GROUPED_METHODS):
+    raise ValueError(f"--impls: unknown {impl!r}; auto, gemv, grouped or grouped:METHOD "
+                     f"with METHOD in {sorted(moe_lib.GROUPED_METHODS)}")
+  return dict(implementation=name, grouped_method=method or "auto")
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--shapes", nargs="+", default=["gemma4", "qwen3"], choices=sorted(SHAPES))
@@ -137,7 +153,13 @@ def main(argv=None) -> int:
   ap.add_argument("--chains", nargs="+", default=["moe", "gemv"], choices=["moe", "gemv"])
   ap.add_argument("--layers", type=int, default=8, help="layer calls per loop step")
   ap.add_argument("--steps", type=int, default=20, help="loop steps traced")
+  ap.add_argument("--impls", nargs="+", default=["auto"],
+                  help='moe chain: "auto", "gemv", "grouped" or "grouped:METHOD"')
   a = ap.parse_args(argv)
+  try:
+    impls = [(impl, impl_fields(impl)) for impl in a.impls]
+  except ValueError as e:
+    ap.error(str(e))
   for name in ("layers", "steps"):
     if getattr(a, name) < 1:
       ap.error(f"--{name} must be at least 1, got {getattr(a, name)}")
@@ -154,9 +176,12 @@ def main(argv=None) -> int:
     E, H, k = shape.num_experts, shape.hidden, shape.top_k
     for T in a.tokens:
       x0 = harness.random_array(jax.random.fold_in(key, T), (T, H), jnp.bfloat16)
-      for chain in a.chains:
+      runs = [("moe", impl, fields) for impl, fields in impls if "moe" in a.chains]
+      runs += [("gemv", "", None)] if "gemv" in a.chains else []
+      for chain, impl, fields in runs:
         if chain == "moe":
-          step = lambda x, p: _rms(moe_block(x, p, config), x.dtype)  # noqa: E731
+          cfg = dataclasses.replace(config, **fields)
+          step = lambda x, p, cfg=cfg: _rms(moe_block(x, p, cfg), x.dtype)  # noqa: E731
           layer_args = [(params,)] * a.layers
         else:
           rng = np.random.default_rng(T)
@@ -170,7 +195,8 @@ def main(argv=None) -> int:
         fn = harness.chain_program(step, a.steps)
         events = trace(fn, (x0, layer_args), a.steps)
         rows, period, busy, n_other, extra = layer_table(events)
-        print(f"\n{sname} T={T} chain={chain}: {len(events)} kernels traced, "
+        label = f"{chain} {impl}" if impl else chain
+        print(f"\n{sname} T={T} chain={label}: {len(events)} kernels traced, "
               f"{len(rows)} per layer; layer {period:.1f} us, kernels busy {busy:.1f} us; "
               f"{n_other} layers with other events (+{extra:.1f} us each)")
         print(f"  {'kernel':40s} {'us':>8s} {'gap_us':>8s}")

@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -382,12 +383,38 @@ def test_trace_chain_without_gpu(capsys):
   assert "no GPU" in capsys.readouterr().out
 
 
+def test_trace_chain_impl_fields():
+  """--impls entries become MoEConfig fields that MoEConfig accepts, and moe_block
+  runs under them (here on the CPU)."""
+  import dataclasses
+  import jax
+  import jax.numpy as jnp
+  from jax_moe import moe as moe_lib
+  tc = _trace_chain()
+  assert tc.impl_fields("auto") == dict(implementation="auto", grouped_method="auto")
+  assert tc.impl_fields("grouped:capacity") == dict(implementation="grouped",
+                                                    grouped_method="capacity")
+  from jax_moe.shapes import SHAPES
+  shape = SHAPES["tiny"]
+  params = moe_lib.example_params(jax.random.PRNGKey(0), shape, jnp.float32)
+  x = jax.random.normal(jax.random.PRNGKey(1), (4, shape.hidden), jnp.float32)
+  base = moe_lib.MoEConfig.from_shape(shape)
+  want = moe_lib.moe_block(x, params, dataclasses.replace(base, implementation="reference"))
+  for impl in ("auto", "gemv", "grouped:dense", "grouped:capacity"):
+    cfg = dataclasses.replace(base, **tc.impl_fields(impl))
+    np.testing.assert_allclose(np.asarray(moe_lib.moe_block(x, params, cfg)), np.asarray(want),
+                               rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("args,match", [
     (["--layers", "0"], "--layers must be at least 1"),
     (["--steps", "-1"], "--steps must be at least 1"),
     (["--tokens", "1", "0"], "--tokens must be at least 1"),
     (["--shapes", "nope"], "--shapes"),
     (["--chains", "other"], "--chains"),
+    (["--impls", "foo"], "--impls: unknown 'foo'"),
+    (["--impls", "auto", "grouped:nope"], "--impls: unknown 'grouped:nope'"),
+    (["--impls", "gemv:dense"], "--impls: unknown 'gemv:dense'"),
 ])
 def test_trace_chain_bad_args(capsys, args, match):
   """Bad options are refused by name before any tracing (on CPU too)."""
