@@ -3,10 +3,10 @@
 On CUDA, up to heuristics.COMBINE_XLA_MAX_BYTES of rows it lowers to XLA's fusion of
 the same f32 sum instead of the kernel: a custom call cannot fuse with its
 neighbours, and XLA's fusion of this sum streams as fast as the kernel (measured,
-see heuristics.py). Up to a few MiB of rows that fusion is a reduction over the
-slots, above it the slot-ordered chain of adds (heuristics.combine_xla_reduce; the
-two give the same bits).
-The kernel runs above that size, and on CPU the CPU handler.
+see heuristics.py). Up to COMBINE_XLA_REDUCE_MAX_BYTES of rows that fusion is a
+reduction over the slots, above it the slot-ordered chain of adds
+(heuristics.combine_xla_reduce; the two give the same bits). The kernel runs above
+COMBINE_XLA_MAX_BYTES, and on CPU the CPU handler.
 
 out = combine(y, weights, index=None, *, out_dtype=None)
 

@@ -91,10 +91,8 @@ def idx_per_slot(rows, w, index):  # one [T, H] gather per slot, masked product
   return acc.astype(rows.dtype)
 
 
-def idx_mask_reduce(rows, w, index):  # masked gather, then a reduction over the slots
-  N = rows.shape[0]
-  ok = (index >= 0) & (index < N)
-  g = jnp.where(ok[..., None], rows[jnp.clip(index, 0, N - 1)].astype(f32), 0.0)
+def idx_mask_reduce(rows, w, index):  # masked gather, then a reduction (the library's)
+  g = reference.gather_rows(rows, index)
   return jnp.sum(g * w[..., None], axis=1).astype(rows.dtype)
 
 
@@ -103,7 +101,8 @@ def idx_fill_reduce(rows, w, index):  # gather with fill for out-of-range, then 
   return jnp.sum(g * w[..., None], axis=1).astype(rows.dtype)
 
 
-IDX_FORMS = dict(idx_ref=idx_ref, idx_mask_reduce=idx_mask_reduce, idx_fill_reduce=idx_fill_reduce, idx_xla_gather=idx_xla_gather,
+IDX_FORMS = dict(idx_ref=idx_ref, idx_mask_reduce=idx_mask_reduce,
+                 idx_fill_reduce=idx_fill_reduce, idx_xla_gather=idx_xla_gather,
                  idx_take_fill_unrolled=idx_take_fill_unrolled,
                  idx_take_fill_einsum=idx_take_fill_einsum, idx_per_slot=idx_per_slot)
 

@@ -453,15 +453,22 @@ def test_gpu_check_combine_probe_stage(tmp_path):
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   script = os.path.join(root, "scripts", "gpu_check.sh")
 
-  def run(tokens, out, sets="2", forms="ref_unrolled,reduce_sum,idx_ref,idx_mask_reduce"):
-    env = dict(os.environ, PYTHON=sys.executable, PROBE_TOKENS=tokens, PROBE_SETS=sets,
-               PROBE_FORMS=forms)
+  def run(tokens, out, sets="2", forms="ref_unrolled,reduce_sum,idx_ref,idx_mask_reduce",
+          **extra):
+    env = {n: v for n, v in os.environ.items() if n != "PROBE_HLO_DIR"}
+    env.update(PYTHON=sys.executable, PROBE_TOKENS=tokens, PROBE_SETS=sets,
+               PROBE_FORMS=forms, **extra)
     return subprocess.run(["bash", script, str(out), "combine-probe"], capture_output=True,
                           text=True, env=env, timeout=600)
 
-  good = run("1", tmp_path / "good")
+  hlo = tmp_path / "hlo"  # PROBE_HLO_DIR: the compiled HLO (one file per form and H at T=1)
+  good = run("1", tmp_path / "good", PROBE_HLO_DIR=str(hlo))
   assert good.returncode == 0, good.stdout + good.stderr
   assert "combine_xla_probe: ok" in (tmp_path / "good" / "summary.txt").read_text()
+  assert sorted(p.name for p in hlo.iterdir()) == sorted(
+      f"combine_{f}_H{H}.hlo.txt" for f in ("ref_unrolled", "reduce_sum", "idx_ref",
+                                            "idx_mask_reduce") for H in (7168, 2816))
+  assert not (tmp_path / "good" / "combine_probe_hlo").exists()
   log = (tmp_path / "good" / "combine_probe.log").read_text()
   assert "dense form: H T sets ref_unrolled reduce_sum" in log
   assert "index form: H T sets idx_ref idx_mask_reduce" in log
