@@ -34,7 +34,7 @@ expert_gemv_p = define_primitive(TARGET)
 # Kernel configuration values the CUDA handler takes (csrc/kernels/expert_gemv.cuh);
 # the shape rule checks them on every platform, so a bad one fails at trace time.
 _CONFIG_CHOICES = dict(token_tiles=(1, 2, 4), k_split_gate_up=(1, 2, 4, 8),
-                       k_split_down=(1, 2, 4, 8), kernel_variant=(0, 1, 3, 4, 5, 6))
+                       k_split_down=(1, 2, 4, 8), kernel_variant=(0, 1, 3, 4, 5, 6, 7))
 
 
 def _abstract_eval(x, ids, w_gate_up, w_down, shared_gate_up, shared_down, weights, *,
@@ -56,7 +56,9 @@ def _abstract_eval(x, ids, w_gate_up, w_down, shared_gate_up, shared_down, weigh
   if weights.dtype != np.float32 or weights.shape != ((T if combine else 0), kk):
     raise ValueError(f"expert_gemv: combine weights must be float32 "
                      f"{((T if combine else 0), kk)}, got {weights.dtype} {weights.shape}")
-  return (ShapedArray((T, kk, H), x.dtype), ShapedArray((T * kk, I), x.dtype),
+  # h: the activated intermediate [T * kk, I], or variant 7's partials (_codes)
+  h_cols = _codes.gemv_scratch_cols(H, I, kernel_variant)
+  return (ShapedArray((T, kk, H), x.dtype), ShapedArray((T * kk, h_cols), x.dtype),
           ShapedArray((T if combine else 0, H), x.dtype))
 
 
@@ -73,12 +75,13 @@ def _ffi_attrs(params):
 
 
 def _fallback(x, ids, w_gate_up, w_down, shared_gate_up, shared_down, weights, *, activation,
-              combine, **_):
+              combine, kernel_variant, **_):
   S = shared_gate_up.shape[0]
   y = reference.expert_gemv(x, ids, w_gate_up, w_down, activation=activation,
                             shared_gate_up=shared_gate_up if S else None,
                             shared_down=shared_down if S else None)
-  h = jnp.zeros((y.shape[0] * y.shape[1], w_down.shape[2]), x.dtype)
+  h_cols = _codes.gemv_scratch_cols(x.shape[1], w_down.shape[2], kernel_variant)
+  h = jnp.zeros((y.shape[0] * y.shape[1], h_cols), x.dtype)
   out = (reference.combine(y, weights, out_dtype=x.dtype) if combine
          else jnp.zeros((0, x.shape[1]), x.dtype))
   return y, h, out

@@ -76,10 +76,13 @@ for E, H, T, dt in [(256, 7168, 1, jnp.bfloat16), (128, 2816, 16, jnp.bfloat16),
   check(f"route E={E} H={H} T={T}", w, w_ref, 1e-3)
 
 # expert_gemv: tensor-core path (NT = 1, 2, 4; K and row tails), generic path, the stream
-# kernel in both unit orders (v5 segment-major, v6 run order).
+# kernel in both unit orders (v5 segment-major, v6 run order), the split kernels (v7,
+# where I is a multiple of 32 and the dtype 16-bit; elsewhere v7 runs the stream kernel).
 for dtype, T, H, I, E, k in [(jnp.bfloat16, 1, 256, 128, 16, 4), (jnp.float16, 12, 72, 40, 8, 4),
                              (jnp.bfloat16, 40, 64, 24, 4, 2), (jnp.float32, 5, 36, 20, 8, 2),
                              (jnp.bfloat16, 3, 36, 20, 8, 3),
+                             # the split kernels (v7): H tail (72 = 9 vectors), 2 chunks of I
+                             (jnp.bfloat16, 3, 72, 64, 8, 4),
                              # ~70 valid ids on one expert: runs of 8 and 1 segments (v6)
                              (jnp.bfloat16, 250, 64, 24, 1, 2)] if "expert_gemv" in OPS else []:
   x = jnp.asarray(r.normal(size=(T, H)), dtype)
@@ -87,14 +90,14 @@ for dtype, T, H, I, E, k in [(jnp.bfloat16, 1, 256, 128, 16, 4), (jnp.float16, 1
   wgu = jnp.asarray(r.normal(size=(E, 2 * I, H)) / np.sqrt(H), dtype)
   wd = jnp.asarray(r.normal(size=(E, H, I)) / np.sqrt(I), dtype)
   ref = reference.expert_gemv(x, ids, wgu, wd, activation="gelu_tanh")
-  for variant in (0, 1, 5, 6):  # the default, the plain variant, the stream kernels
+  for variant in (0, 1, 5, 6, 7):  # the default, the plain variant, stream, split
     y = jax_moe.expert_gemv(x, ids, wgu, wd, activation="gelu_tanh",
                             _config=dict(kernel_variant=variant))
     check(f"expert_gemv v{variant} {jnp.dtype(dtype).name} T={T} H={H} I={I}", y, ref, 2e-2)
   # the weighted sum in the same call (in kernel: the stream kernel's last block sums)
   w = jnp.asarray(r.normal(size=(T, k)), jnp.float32)
   ref_out = reference.combine(ref, w)
-  for variant, in_kernel in ((0, False), (5, False), (5, True), (6, True)):
+  for variant, in_kernel in ((0, False), (5, False), (5, True), (6, True), (7, False)):
     out = jax_moe.expert_gemv_combine(x, ids, w, wgu, wd, activation="gelu_tanh",
                                       _config=dict(kernel_variant=variant,
                                                    combine_in_kernel=in_kernel))

@@ -21,10 +21,11 @@
 // the library's launcher with the combine (stream kernel + combine kernel, as
 // expert_gemv_combine runs it; lib_in_us: the sum in the stream kernel's last block,
 // the library's choice at T <= 2 on these shapes), read_pieces-like plain read of the distinct experts,
-// and the split kernels with C = 32 and 64 (_k_us: the experts kernel alone); floor = distinct experts' bytes / the
+// lib7_us: the library's split kernels (expert_gemv variant 7, C = kSplitChunk), and
+// this file's split kernels with C = 32 and 64 (_k_us: the experts kernel alone); floor = distinct experts' bytes / the
 // 4 GiB read rate. Checks each split output against the library's (max relative
-// error; the library rounds y to bf16 before the weighted sum, the split path does
-// not) and that two split runs agree bitwise with every output written (poisoned
+// error; the library's variants round y to bf16 before the weighted sum, this file's
+// split kernels do not) and that two runs of each agree bitwise with every output written (poisoned
 // before).
 #include <algorithm>
 #include <cmath>
@@ -44,10 +45,10 @@ using namespace jax_moe::cuda;
 
 const char* const kProbeName = "split_probe";
 
-constexpr int kSplitThreads = 256;
-constexpr int kSplitWarps = kSplitThreads / 32;
+constexpr int kProbeThreads = 256;
+constexpr int kProbeWarps = kProbeThreads / 32;
 
-__device__ __forceinline__ float dot8(const uint4& w, const uint4& v) {
+__device__ __forceinline__ float probe_dot8(const uint4& w, const uint4& v) {
   float a[8], b[8];
   Vec16<bf16>::unpack(w, a);
   Vec16<bf16>::unpack(v, b);
@@ -60,8 +61,8 @@ __device__ __forceinline__ float dot8(const uint4& w, const uint4& v) {
 // One block per (assignment, chunk): blockIdx.x = a * (I / C) + c. VPL: 16-byte
 // vectors of a gate/up row per lane (H <= 256 * VPL).
 template <int C, int VPL>
-__global__ void __launch_bounds__(kSplitThreads, 2)
-split_experts_kernel(const bf16* __restrict__ x, const int32_t* __restrict__ ids, int k, int E,
+__global__ void __launch_bounds__(kProbeThreads, 2)
+probe_split_kernel(const bf16* __restrict__ x, const int32_t* __restrict__ ids, int k, int E,
                      int H, int I, const bf16* __restrict__ wgu, const bf16* __restrict__ wd,
                      float* __restrict__ part) {
   pdl_launch_dependents();  // the sum's blocks may start waiting now
@@ -74,18 +75,18 @@ split_experts_kernel(const bf16* __restrict__ x, const int32_t* __restrict__ ids
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   float* out = part + (size_t(a) * nc + c) * H;
   if (e < 0 || e >= E) {  // a dropped id: a zero partial
-    for (int r = tid; r < H; r += kSplitThreads) out[r] = 0.f;
+    for (int r = tid; r < H; r += kProbeThreads) out[r] = 0.f;
     return;
   }
   const int nv = H / 8;  // 16-byte vectors per row
   const uint4* xv = reinterpret_cast<const uint4*>(x + size_t(a / k) * H);
-  for (int v = tid; v < nv; v += kSplitThreads) xs[v] = xv[v];
+  for (int v = tid; v < nv; v += kProbeThreads) xs[v] = xv[v];
   __syncthreads();
   // Phase A: 2C rows (C gate rows, then the matching C up rows), 2C / 8 per warp,
   // two at a time; lanes stride the row's vectors.
   const bf16* wg = wgu + (size_t(e) * 2 * I + size_t(c) * C) * H;
   const bf16* wu = wg + size_t(I) * H;
-  constexpr int kRowsPerWarp = 2 * C / kSplitWarps;
+  constexpr int kRowsPerWarp = 2 * C / kProbeWarps;
 #pragma unroll 1
   for (int q = 0; q < kRowsPerWarp; q += 2) {
     const int r0 = warp * kRowsPerWarp + q;  // rows r0, r0 + 1 of the 2C
@@ -106,8 +107,8 @@ split_experts_kernel(const bf16* __restrict__ x, const int32_t* __restrict__ ids
       const int v = lane + 32 * i;
       if (v < nv) {
         const uint4 xv4 = xs[v];
-        s0 += dot8(w0[i], xv4);
-        s1 += dot8(w1[i], xv4);
+        s0 += probe_dot8(w0[i], xv4);
+        s1 += probe_dot8(w1[i], xv4);
       }
     }
     s0 = warp_sum(s0);
@@ -128,11 +129,11 @@ split_experts_kernel(const bf16* __restrict__ x, const int32_t* __restrict__ ids
 #pragma unroll
   for (int i = 0; i < C; ++i) hreg[i] = hs[i];
 #pragma unroll 1
-  for (int r = tid; r < H; r += kSplitThreads * kRowsAtOnce) {
+  for (int r = tid; r < H; r += kProbeThreads * kRowsAtOnce) {
     uint4 w[kRowsAtOnce][kVecs];
 #pragma unroll
     for (int j = 0; j < kRowsAtOnce; ++j) {
-      const int row = r + j * kSplitThreads;
+      const int row = r + j * kProbeThreads;
       const uint4* p = reinterpret_cast<const uint4*>(wdn + size_t(row) * I);
 #pragma unroll
       for (int v = 0; v < kVecs; ++v)
@@ -140,7 +141,7 @@ split_experts_kernel(const bf16* __restrict__ x, const int32_t* __restrict__ ids
     }
 #pragma unroll
     for (int j = 0; j < kRowsAtOnce; ++j) {
-      const int row = r + j * kSplitThreads;
+      const int row = r + j * kProbeThreads;
       float s = 0.f;
 #pragma unroll
       for (int v = 0; v < kVecs; ++v) {
@@ -158,11 +159,11 @@ split_experts_kernel(const bf16* __restrict__ x, const int32_t* __restrict__ ids
 // w[t, j] * part[t * R + row, col]: one block per (token, 32 columns); warp w sums
 // rows w, w + 8, ... in ascending order, then the 8 warps' sums are added in order.
 constexpr int kSumMaxRowsPerWarp = 32;
-__global__ void __launch_bounds__(kSplitThreads)
-split_sum_kernel(const float* __restrict__ part, const float* __restrict__ w, int k, int nc,
+__global__ void __launch_bounds__(kProbeThreads)
+probe_sum_kernel(const float* __restrict__ part, const float* __restrict__ w, int k, int nc,
                  int H, bf16* __restrict__ out) {
   pdl_wait_prerequisites();
-  __shared__ float acc[kSplitWarps][32];
+  __shared__ float acc[kProbeWarps][32];
   const int col_groups = (H + 31) / 32;
   const int t = blockIdx.x / col_groups, col = (blockIdx.x % col_groups) * 32 + (threadIdx.x & 31);
   const int warp = threadIdx.x >> 5;
@@ -171,13 +172,13 @@ split_sum_kernel(const float* __restrict__ part, const float* __restrict__ w, in
   float v[kSumMaxRowsPerWarp];
 #pragma unroll
   for (int i = 0; i < kSumMaxRowsPerWarp; ++i) {
-    const int row = warp + kSplitWarps * i;
+    const int row = warp + kProbeWarps * i;
     v[i] = (row < R && col < H) ? __ldcg(base + size_t(row) * H + col) : 0.f;
   }
   float s = 0.f;
 #pragma unroll
   for (int i = 0; i < kSumMaxRowsPerWarp; ++i) {
-    const int row = warp + kSplitWarps * i;
+    const int row = warp + kProbeWarps * i;
     if (row < R) s = fmaf(w[size_t(t) * k + row / nc], v[i], s);
   }
   acc[warp][threadIdx.x & 31] = s;
@@ -185,7 +186,7 @@ split_sum_kernel(const float* __restrict__ part, const float* __restrict__ w, in
   if (warp == 0 && col < H) {
     float o = 0.f;
 #pragma unroll
-    for (int i = 0; i < kSplitWarps; ++i) o += acc[i][threadIdx.x];
+    for (int i = 0; i < kProbeWarps; ++i) o += acc[i][threadIdx.x];
     out[size_t(t) * H + col] = __float2bfloat16_rn(o);
   }
 }
@@ -197,12 +198,12 @@ static void launch_split(const bf16* x, const int32_t* ids, int T, int k, int E,
                          const bf16* wgu, const bf16* wd, float* part, const float* w,
                          bf16* out, cudaStream_t st) {
   const int nc = I / C;
-  split_experts_kernel<C, VPL><<<T * k * nc, kSplitThreads, 0, st>>>(x, ids, k, E, H, I, wgu,
+  probe_split_kernel<C, VPL><<<T * k * nc, kProbeThreads, 0, st>>>(x, ids, k, E, H, I, wgu,
                                                                        wd, part);
   CK(cudaGetLastError());
   if (g_experts_only) return;
   const int col_groups = (H + 31) / 32;
-  CK(LaunchMaybePdl(split_sum_kernel, dim3(T * col_groups), dim3(kSplitThreads), 0, st, true,
+  CK(LaunchMaybePdl(probe_sum_kernel, dim3(T * col_groups), dim3(kProbeThreads), 0, st, true,
                     static_cast<const float*>(part), w, k, nc, H, out));
 }
 
@@ -322,9 +323,9 @@ int main(int argc, char** argv) {
     CK(cudaFree(buf));
   }
   printf("read bandwidth %.3f TB/s, %d SMs\n", bw * 1e-12, sms);
-  printf("%-8s %2s %8s %8s %9s %8s %6s %8s %6s %8s %8s %8s %6s %8s %8s %9s %9s %s\n", "shape",
-         "T", "floor_us", "lib_us", "lib_in_us", "read_us", "read_x", "c32_us", "c32_x", "c32_g_us",
-         "c32_k_us", "c64_us", "c64_x", "c64_g_us", "c64_k_us", "relerr32", "relerr64", "repeat");
+  printf("%-8s %2s %8s %8s %9s %8s %8s %6s %8s %6s %8s %8s %8s %6s %8s %8s %9s %9s %9s %s\n", "shape",
+         "T", "floor_us", "lib_us", "lib_in_us", "lib7_us", "read_us", "read_x", "c32_us", "c32_x", "c32_g_us",
+         "c32_k_us", "c64_us", "c64_x", "c64_g_us", "c64_k_us", "relerr32", "relerr64", "relerr7", "repeat");
   std::mt19937 rng(1234);
   for (const std::string& sn : shapes) {
     const Shape* sp = nullptr;
@@ -337,7 +338,7 @@ int main(int argc, char** argv) {
     CK(cudaMalloc(&wgu, ngu * 2));
     CK(cudaMalloc(&wd, nd * 2));
     CK(cudaMalloc(&x, size_t(Tmax) * S.H * 2));
-    CK(cudaMalloc(&h, size_t(nmax) * S.I * 2));
+    CK(cudaMalloc(&h, size_t(nmax) * (S.I / 32) * S.H * 4));  // variant 7's partials
     CK(cudaMalloc(&y, size_t(nmax) * S.H * 2));
     CK(cudaMalloc(&out_lib, size_t(Tmax) * S.H * 2));
     CK(cudaMalloc(&out_split, size_t(Tmax) * S.H * 2));
@@ -385,6 +386,9 @@ int main(int argc, char** argv) {
       la.combine_in_kernel = true;  // the library's choice at T <= 2 on these shapes
       const float lib_in_us = back_to_back_us(5, iters, e0, e1, run_lib);
       la.combine_in_kernel = false;
+      la.variant = kGemvSplit;  // the library's split kernels (C = kSplitChunk)
+      const float lib7_us = back_to_back_us(5, iters, e0, e1, run_lib);
+      la.variant = kGemvStream;
       auto run32 = [&](int i) {
         run_split<32>(S, x, dids + size_t(i % R) * n, T, wgu, wd, part, cw, out_split, 0);
       };
@@ -447,14 +451,22 @@ int main(int argc, char** argv) {
       CK(LaunchExpertGemv<bf16>(la, 0));
       CK(cudaMemcpy(ref.data(), out_lib, on * 2, cudaMemcpyDeviceToHost));
       auto bf = [](uint16_t b) { uint32_t u = uint32_t(b) << 16; float f; memcpy(&f, &u, 4); return f; };
-      double relerr[2] = {0, 0};
+      double relerr[3] = {0, 0, 0};
       bool same = true;
-      for (int ci = 0; ci < 2; ++ci) {
+      for (int ci = 0; ci < 3; ++ci) {  // probe C = 32, C = 64, the library's variant 7
         for (int rep = 0; rep < 2; ++rep) {
           CK(cudaMemset(out_split, 0xff, on * 2));
           CK(cudaMemset(part, 0xff, size_t(n) * (S.I / 32) * S.H * 4));
+          CK(cudaMemset(h, 0xff, size_t(n) * (S.I / 32) * S.H * 4));
           if (ci == 0) run_split<32>(S, x, dids, T, wgu, wd, part, cw, out_split, 0);
-          else run_split<64>(S, x, dids, T, wgu, wd, part, cw, out_split, 0);
+          else if (ci == 1) run_split<64>(S, x, dids, T, wgu, wd, part, cw, out_split, 0);
+          else {
+            la.variant = kGemvSplit;
+            la.combine_out = out_split;
+            CK(LaunchExpertGemv<bf16>(la, 0));
+            la.variant = kGemvStream;
+            la.combine_out = out_lib;
+          }
           CK(cudaDeviceSynchronize());
           CK(cudaMemcpy(rep ? o2.data() : o1.data(), out_split, on * 2, cudaMemcpyDeviceToHost));
         }
@@ -469,11 +481,11 @@ int main(int argc, char** argv) {
         relerr[ci] = num / std::max(den, 1e-30);
       }
       const double floor_us = distinct * expert_bytes / bw * 1e6;
-      printf("%-8s %2d %8.1f %8.1f %9.1f %8.1f %6.3f %8.1f %6.3f %8.1f %8.1f %8.1f %6.3f %8.1f "
-             "%8.1f %9.2e %9.2e %s\n",
-             S.name, T, floor_us, lib_us, lib_in_us, read_us, read_us / floor_us, c32_us,
+      printf("%-8s %2d %8.1f %8.1f %9.1f %8.1f %8.1f %6.3f %8.1f %6.3f %8.1f %8.1f %8.1f %6.3f %8.1f "
+             "%8.1f %9.2e %9.2e %9.2e %s\n",
+             S.name, T, floor_us, lib_us, lib_in_us, lib7_us, read_us, read_us / floor_us, c32_us,
              c32_us / floor_us, c32_g, c32_k, c64_us, c64_us / floor_us, c64_g, c64_k, relerr[0],
-             relerr[1], same ? "equal" : "DIFFER");
+             relerr[1], relerr[2], same ? "equal" : "DIFFER");
       CK(cudaFree(dids));
     }
     CK(cudaFree(wgu)); CK(cudaFree(wd)); CK(cudaFree(x)); CK(cudaFree(h)); CK(cudaFree(y));

@@ -215,7 +215,7 @@ def test_model_shapes_gpu(name, T):
     x = jax.random.normal(k3, (T, H), jnp.float32).astype(jnp.bfloat16)
     r = rng()
     ids = jnp.asarray(distinct_ids(r, T, k, E))
-    for variant in (0, 1, 5, 6):  # the heuristics' choice, the plain kernel, the stream kernels
+    for variant in (0, 1, 5, 6, 7):  # the heuristics' choice, plain, stream, split kernels
       run_and_check(x, ids, wgu, wd, s.activation, config=dict(kernel_variant=variant))
 
 
@@ -347,6 +347,67 @@ def test_stream_kernel(platform, T, H, I, E, k, dtype, hot, variant):
   np.testing.assert_array_equal(y0, y1)
 
 
+@pytest.mark.parametrize("T,H,I,E,k,dtype,ids_kind", [
+    (1, 64, 64, 16, 4, jnp.bfloat16, "distinct"),   # 2 chunks of I, one vector per lane
+    (3, 72, 96, 8, 2, jnp.float16, "distinct"),     # H tail (9 vectors), 3 chunks
+    (4, 64, 32, 4, 3, jnp.bfloat16, "repeated"),    # an expert twice in a token, one chunk
+    (2, 2816, 704, 128, 8, jnp.bfloat16, "distinct"),  # Gemma-4 sizes: 22 chunks, 11 vectors
+    (1, 2048, 768, 128, 8, jnp.float16, "distinct"),   # Qwen3 sizes: 24 chunks, 8 vectors
+    (2, 4096, 64, 8, 2, jnp.bfloat16, "distinct"),  # the largest H (16 vectors per lane)
+    (6, 40, 64, 8, 16, jnp.bfloat16, "fuzz"),       # 16 slots (the sum's most), ids in [-3, E+3)
+    (3, 64, 48, 8, 2, jnp.bfloat16, "distinct"),    # I % 32 != 0: falls back to the stream kernel
+    (3, 64, 64, 8, 2, jnp.float32, "distinct"),     # f32: falls back
+    (2, 8200, 64, 4, 2, jnp.bfloat16, "distinct"),  # H > 4096: falls back
+])
+def test_split_kernel(platform, T, H, I, E, k, dtype, ids_kind):
+  """Variant 7 (csrc/kernels/expert_gemv_split.cuh: a block per assignment and chunk of
+  32 intermediate columns, f32 partials in the h scratch summed by a second kernel;
+  other platforms ignore it): ids -1 and E give zero rows, repeated experts, the
+  sizes it falls back on; bitwise equal over repeated runs; the h scratch has the
+  shape _codes.gemv_scratch_cols gives (partials of I / 32 chunks of H f32)."""
+  from jax_moe import _codes
+  from jax_moe.expert_gemv import expert_gemv_p
+  r = rng()
+  x = jnp.asarray(r.normal(size=(T, H)), dtype)
+  wgu, wd = make_weights(r, E, H, I, dtype)
+  if ids_kind == "fuzz":
+    ids = r.integers(-3, E + 3, size=(T, k)).astype(np.int32)
+  elif ids_kind == "repeated":
+    ids = r.integers(0, E, size=(T, k)).astype(np.int32)
+    ids[1, 1] = ids[1, 0]
+  else:
+    ids = distinct_ids(r, T, k, E)
+  ids[0, 0] = -1
+  ids[T - 1, k - 1] = E
+  cfg = dict(kernel_variant=7)
+  y0 = run_and_check(x, jnp.asarray(ids), wgu, wd, config=cfg)
+  assert np.all(y0[0, 0] == 0) and np.all(y0[T - 1, k - 1] == 0)
+  valid = (ids >= 0) & (ids < E)
+  assert np.all(np.abs(y0[valid]).max(-1) > 0)
+  y1 = run_and_check(x, jnp.asarray(ids), wgu, wd, config=cfg)
+  np.testing.assert_array_equal(y0, y1)
+  h = jax.eval_shape(lambda *a: expert_gemv_p.bind(
+      *a, jnp.zeros((0, 0, H), dtype), jnp.zeros((0, H, I), dtype), jnp.zeros((0, k), jnp.float32),
+      activation="silu", token_tiles=1, k_split_gate_up=8, k_split_down=8, kernel_variant=7,
+      combine=0)[1], x, jnp.asarray(ids), wgu, wd)
+  cols = max(I, 2 * H * (I // 32))
+  assert h.shape == (T * k, cols) and _codes.gemv_scratch_cols(H, I, 7) == cols
+  assert _codes.gemv_scratch_cols(H, I, 5) == I
+
+
+def test_split_constants_match_params_h():
+  """The split variant's number and chunk in jax_moe/_codes.py are the C++ ones
+  (csrc/common/params.h), which size the h scratch the handler checks."""
+  import os
+  import re
+  from jax_moe import _codes
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  with open(os.path.join(root, "csrc", "common", "params.h")) as f:
+    src = f.read()
+  assert int(re.search(r"kGemvSplitVariant = (\d+);", src).group(1)) == _codes.GEMV_SPLIT_VARIANT
+  assert int(re.search(r"kSplitChunk = (\d+);", src).group(1)) == _codes.GEMV_SPLIT_CHUNK
+
+
 @pytest.mark.parametrize("T,H,I,E,k,S,dtype", [
     (1, 64, 48, 16, 4, 1, jnp.bfloat16),
     (3, 64, 48, 16, 4, 2, jnp.float16),
@@ -354,7 +415,7 @@ def test_stream_kernel(platform, T, H, I, E, k, dtype, hot, variant):
     (5, 36, 20, 8, 2, 1, jnp.bfloat16),    # not multiples of 8: generic path on GPU
     (4, 64, 48, 16, 4, 2, jnp.float32),
 ])
-@pytest.mark.parametrize("variant", [0, 1, 4, 5, 6])
+@pytest.mark.parametrize("variant", [0, 1, 4, 5, 6, 7])
 def test_shared_experts(platform, T, H, I, E, k, S, dtype, variant):
   """Shared experts as slots k .. k + S - 1 of every token, in the same call: the
   reference's shared rows, and routed rows bitwise equal to a call without shared
@@ -390,7 +451,7 @@ def test_shared_experts(platform, T, H, I, E, k, S, dtype, variant):
 
 @pytest.mark.parametrize("cfg,match", [
     (dict(kernel_variant=2), "kernel_variant"),
-    (dict(kernel_variant=7), "kernel_variant"),
+    (dict(kernel_variant=8), "kernel_variant"),
     (dict(token_tiles=3), "token_tiles"),
     (dict(k_split_gate_up=16), "k_split_gate_up"),
     (dict(k_split_down=0), "k_split_down"),

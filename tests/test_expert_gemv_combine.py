@@ -3,7 +3,8 @@
 Against the reference (reference.combine of reference.expert_gemv, shared slots
 weighted 1) and bitwise against the two-call form combine(expert_gemv(...)), whose
 arithmetic it must keep: on GPU the stream kernel (variants 5 and 6) sums in its
-own launch (its last block, once every y row is written), the other variants and the
+own launch (its last block, once every y row is written), the split kernels
+(variant 7) in their second kernel, the other variants and the
 cases the fused sum does not take (more than 32 slots) run combine's kernel after
 the experts. Fresh random data, poisoned outputs, dropped
 ids, tokens without any valid slot, repeated experts, vmap, scan, bad input."""
@@ -62,10 +63,11 @@ def _check(x, ids, w, wgu, wd, sgu=None, sd=None, variant=None, runs=2, in_kerne
     (3, 64, 48, 16, 4, 2, jnp.float16),     # two shared experts (weight 1)
     (20, 64, 48, 8, 2, 1, jnp.bfloat16),    # 20 tokens on the shared expert: 3 segments
     (64, 128, 64, 64, 8, 0, jnp.bfloat16),  # 512 assignments: the prologue's long path
+    (2, 72, 64, 16, 4, 0, jnp.bfloat16),    # the split kernels' sizes (I % 32 == 0), H tail
     (4, 64, 48, 16, 4, 0, jnp.float32),     # f32: not the stream kernel on GPU
 ])
 @pytest.mark.parametrize("variant,in_kernel", [(None, None), (4, True), (5, True), (6, True),
-                                               (5, False), (6, False)])
+                                               (5, False), (6, False), (7, None)])
 def test_matches_reference_and_two_calls(platform, T, H, I, E, k, S, dtype, variant, in_kernel):
   r = rng()
   x = jnp.asarray(r.normal(size=(T, H)), dtype)
@@ -77,14 +79,15 @@ def test_matches_reference_and_two_calls(platform, T, H, I, E, k, S, dtype, vari
   _check(x, jnp.asarray(ids), _weights(r, T, k), wgu, wd, sgu, sd, variant, in_kernel=in_kernel)
 
 
-@pytest.mark.parametrize("variant", [5, 6])
+@pytest.mark.parametrize("variant", [5, 6, 7])
 def test_awkward_routings(platform, variant):
   """Tokens whose every slot is dropped (no unit counts them: their row is written
   from the weights alone), repeated experts within a token (two arrivals on one
   counter from one unit), one hot expert (runs of segments), and a NaN weight on a
   dropped slot propagating as combine propagates it."""
   r = rng()
-  T, H, I, E, k = 40, 64, 24, 6, 4
+  T, H, E, k = 40, 64, 6, 4
+  I = 32 if variant == 7 else 24  # the split kernels take I % 32 == 0 only
   x = jnp.asarray(r.normal(size=(T, H)), jnp.bfloat16)
   wgu, wd = make_weights(r, E, H, I, jnp.bfloat16)
   ids = r.integers(0, E, size=(T, k)).astype(np.int32)  # repeats allowed

@@ -15,6 +15,23 @@ enum Activation : int { kSilu = 0, kGeluTanh = 1, kGelu = 2 };
 // so an all-zero selection gives zeros instead of NaN.
 constexpr float kRenormEps = 1e-20f;
 
+// expert_gemv kernel_variant 7 ("split", kernels/expert_gemv_split.cuh): intermediate
+// columns per block. Its f32 partials live in the h scratch, so h's row length
+// depends on the variant (GemvScratchCols; jax_moe/expert_gemv.py's shape rule
+// computes the same).
+constexpr int kGemvSplitVariant = 7;
+constexpr int64_t kSplitChunk = 32;
+
+// Elements of x's dtype per assignment in expert_gemv's h scratch: I, or for the
+// split variant enough for its partials (I / C rows of H floats: 2 H (I / C) 16-bit
+// elements) and never less than I (where the split cannot run, 7 falls back to a
+// variant that keeps h [T * (k + S), I] in the same buffer).
+inline int64_t GemvScratchCols(int64_t H, int64_t I, int64_t variant) {
+  if (variant != kGemvSplitVariant) return I;
+  const int64_t split = 2 * H * (I / kSplitChunk);
+  return split > I ? split : I;
+}
+
 struct RouteParams {
   int top_k = 1;
   int scoring = kSoftmax;

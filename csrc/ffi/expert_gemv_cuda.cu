@@ -19,16 +19,18 @@ static ffi::Error ExpertGemvCudaHandler(cudaStream_t stream, ffi::AnyBuffer x, f
   GemvShapes s;
   JM_RETURN_IF_ERROR(ValidateExpertGemv(x, ids, wgu, wd, sgu, sd, *y, activation, &s));
   JM_RETURN_IF_ERROR(ValidateGemvCombine(s, x, weights, *out, combine));
-  JM_REQUIRE(h->element_type() == x.element_type() && NumElements(*h) == s.T * (s.k + s.S) * s.I,
-             "expert_gemv (CUDA): scratch h must be [T * (k + S), I] in x's dtype");
+  JM_REQUIRE(h->element_type() == x.element_type() &&
+                 NumElements(*h) == s.T * (s.k + s.S) * GemvScratchCols(s.H, s.I, kernel_variant),
+             "expert_gemv (CUDA): scratch h must be [T * (k + S), GemvScratchCols] in x's dtype");
   JM_REQUIRE(token_tiles == 1 || token_tiles == 2 || token_tiles == 4,
              "expert_gemv (CUDA): token_tiles must be 1, 2 or 4");
   auto ks_ok = [](int64_t v) { return v == 1 || v == 2 || v == 4 || v == 8; };
   JM_REQUIRE(ks_ok(k_split_gate_up) && ks_ok(k_split_down),
              "expert_gemv (CUDA): k_split values must be 1, 2, 4 or 8");
   JM_REQUIRE(kernel_variant == 0 || kernel_variant == 1 || kernel_variant == 3 ||
-                 kernel_variant == 4 || kernel_variant == 5 || kernel_variant == 6,
-             "expert_gemv (CUDA): kernel_variant must be 0, 1, 3, 4, 5 or 6 "
+                 kernel_variant == 4 || kernel_variant == 5 || kernel_variant == 6 ||
+                 kernel_variant == 7,
+             "expert_gemv (CUDA): kernel_variant must be 0, 1, 3, 4, 5, 6 or 7 "
              "(kernels/expert_gemv.cuh)");
   cuda::ExpertGemvArgs a;
   a.x = x.untyped_data();

@@ -34,6 +34,7 @@
 #include "common/mma.cuh"
 #include "common/params.h"
 #include "kernels/combine.cuh"
+#include "kernels/expert_gemv_split.cuh"
 #include "kernels/expert_gemv_stream.cuh"
 
 namespace jax_moe {
@@ -376,10 +377,13 @@ gemv_generic_kernel(GemvPhaseArgs a) {
 // 2.0-2.3; a cp.async ring through shared memory (once variant 2) was slower than 1.
 //   5 stream: the persistent bulk-copy kernels of expert_gemv_stream.cuh (sm_90, T*k <=
 //     512, E <= 1024); where they cannot run, 5 falls back to 4;
-//   6 the same with the wide ring (kStreamColsWide columns per slot: long rows).
+//   6 the same with the wide ring (kStreamColsWide columns per slot: long rows);
+//   7 split: the dependency-free kernels of expert_gemv_split.cuh (16-bit, no shared
+//     experts, SplitSupported sizes; h is their f32 partials' scratch, so it must hold
+//     SplitScratchFloats); elsewhere 7 falls back to 5.
 enum GemvVariant : int {
   kGemvAuto = 0, kGemvDirect = 1, kGemvDirectPf = 3, kGemvDirectPf8 = 4, kGemvStream = 5,
-  kGemvStreamWide = 6
+  kGemvStreamWide = 6, kGemvSplit = kGemvSplitVariant
 };
 
 struct ExpertGemvArgs {
@@ -462,9 +466,23 @@ cudaError_t LaunchExpertGemvKernels(const ExpertGemvArgs& a, cudaStream_t stream
   const size_t bitmap_smem = static_cast<size_t>((experts + 31) / 32) * sizeof(uint32_t);
   const bool pdl = DeviceSupportsPdl();
   const bool mma_ok = sizeof(T) == 2 && a.H % 8 == 0 && a.I % 8 == 0;
+  int variant = a.variant;
+  if (variant == kGemvSplit) {
+    if (SplitSupported(a.T, a.k, a.S, a.H, a.I, sizeof(T) == 2)) {
+      GemvSplitArgs s;
+      s.x = a.x;  s.ids = a.ids;  s.w_gate_up = a.w_gate_up;  s.w_down = a.w_down;
+      s.part = static_cast<float*>(a.h);  s.y = a.y;
+      s.combine_w = a.combine_w;  s.combine_out = a.combine_out;
+      s.T = static_cast<int>(a.T);  s.k = static_cast<int>(a.k);  s.E = static_cast<int>(a.E);
+      s.H = static_cast<int>(a.H);  s.I = static_cast<int>(a.I);  s.activation = a.activation;
+      *fused = a.combine_out != nullptr;
+      return LaunchGemvSplit<T>(s, stream);
+    }
+    variant = kGemvStream;
+  }
   if constexpr (sizeof(T) == 2) {
-    const bool wide = a.variant == kGemvStreamWide;
-    if ((a.variant == kGemvStream || wide) &&
+    const bool wide = variant == kGemvStreamWide;
+    if ((variant == kGemvStream || wide) &&
         StreamSupported(num_assign, experts, a.H, a.I, mma_ok, DeviceIsSm90(), MaxSmemPerBlock(),
                         wide)) {
       *fused = a.combine_out != nullptr && a.combine_in_kernel &&
@@ -482,7 +500,7 @@ cudaError_t LaunchExpertGemvKernels(const ExpertGemvArgs& a, cudaStream_t stream
     // I == 0: no gate_up work; y is down(empty) = 0, written by phase 2 alone.
     dim3 g1(static_cast<unsigned>((a.I + rows1 - 1) / rows1), slots);
     dim3 g2(static_cast<unsigned>((a.H + rows2 - 1) / rows2), slots);
-    const int v = a.variant;
+    const int v = variant;
     if constexpr (sizeof(T) == 2) {
       switch (a.token_tiles) {
         case 1: return LaunchGemvPhases<T, 1>(p1, p2, g1, g2, bitmap_smem, stream, pdl, v);
