@@ -103,9 +103,10 @@ def _batch_rule(args, dims, **params):
   k = ids.shape[2]
   E, S = wgu.shape[0], sgu.shape[0]
   params = dict(params, token_tiles=_token_tiles(B * T, E, k, S))
-  if params["kernel_variant"] == heuristics.expert_gemv_variant(T, E, k, S, H):
+  I, size = wd.shape[2], x.dtype.itemsize
+  if params["kernel_variant"] == heuristics.expert_gemv_variant(T, E, k, S, H, I, size):
     # the heuristic's choice for T tokens: choose again for the B * T folded ones
-    params["kernel_variant"] = heuristics.expert_gemv_variant(B * T, E, k, S, H)
+    params["kernel_variant"] = heuristics.expert_gemv_variant(B * T, E, k, S, H, I, size)
   if params["combine"]:
     w = move_to_front(w, wtd, B).reshape(B * T, k + S)
   y, h, out = expert_gemv_p.bind(x.reshape(B * T, H), ids.reshape(B * T, k), wgu, wd, sgu, sd,
@@ -254,7 +255,8 @@ def _prepare(fn, x, ids, w_gate_up, w_down, activation, shared_gate_up, shared_d
   config = dict(token_tiles=_token_tiles(T, E, k, S),
                 k_split_gate_up=heuristics.gemv_k_split(I, H, gated=True),
                 k_split_down=heuristics.gemv_k_split(H, I),
-                kernel_variant=heuristics.expert_gemv_variant(T, E, k, S, H))
+                kernel_variant=heuristics.expert_gemv_variant(T, E, k, S, H, I,
+                                                              x.dtype.itemsize))
   unknown = set(_config or {}) - set(config)
   if unknown:
     raise ValueError(f"{fn}: unknown _config key(s) {sorted(unknown)}; "

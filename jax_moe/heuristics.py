@@ -155,13 +155,36 @@ def gemv_kernel_variant(num_tokens: int, num_experts: int, top_k: int,
   return 6 if wide else 5
 
 
+# Variant 7, the split kernels (csrc/kernels/expert_gemv_split.cuh: no block waits for
+# another; an expert that several tokens chose is read once per token), up to this
+# many tokens where gemv_split_supported. 0: never picked (not yet measured through
+# JAX).
+GEMV_SPLIT_MAX_TOKENS = 0
+
+
+def gemv_split_supported(num_tokens: int, top_k: int, num_shared: int, hidden: int,
+                         intermediate: int, itemsize: int) -> bool:
+  """Whether the split kernels take this call (else variant 7 runs the stream kernel);
+  the same rule as SplitSupported in csrc/kernels/expert_gemv_split.cuh: 16-bit
+  dtypes, no shared experts, k <= 16, H a multiple of 8 up to 4096, I a multiple of
+  32 up to 1024."""
+  T, k, H, I = num_tokens, top_k, hidden, intermediate
+  return (itemsize == 2 and num_shared == 0 and T >= 1 and 1 <= k <= 16 and 8 <= H <= 4096
+          and H % 8 == 0 and 32 <= I <= 32 * 32 and I % 32 == 0 and T * k * (I // 32) < 2**31)
+
+
 def expert_gemv_variant(num_tokens: int, num_experts: int, top_k: int, num_shared: int,
-                        hidden: int) -> int:
-  """The variant expert_gemv runs: GEMV_KERNEL_VARIANT if set, else gemv_kernel_variant
-  of the problem the kernels see, T * (k + S) assignments over E + S experts (the S
-  shared experts are slots k .. k + S - 1 of every token)."""
-  return GEMV_KERNEL_VARIANT or gemv_kernel_variant(
-      num_tokens, num_experts + num_shared, top_k + num_shared, hidden)
+                        hidden: int, intermediate: int | None = None, itemsize: int = 2) -> int:
+  """The variant expert_gemv runs: GEMV_KERNEL_VARIANT if set; else the split kernels
+  (7) up to GEMV_SPLIT_MAX_TOKENS tokens where they run (intermediate given); else
+  gemv_kernel_variant of the problem the kernels see, T * (k + S) assignments over
+  E + S experts (the S shared experts are slots k .. k + S - 1 of every token)."""
+  if GEMV_KERNEL_VARIANT:
+    return GEMV_KERNEL_VARIANT
+  if (intermediate is not None and num_tokens <= GEMV_SPLIT_MAX_TOKENS and
+      gemv_split_supported(num_tokens, top_k, num_shared, hidden, intermediate, itemsize)):
+    return 7
+  return gemv_kernel_variant(num_tokens, num_experts + num_shared, top_k + num_shared, hidden)
 
 
 # Most tokens one expert_gemv weight pass serves: 8 per n-tile, at most 4 n-tiles.

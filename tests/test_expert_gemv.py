@@ -480,6 +480,33 @@ def test_kernel_variant_heuristic():
   assert v(100, 16, 8) == 4           # T*k > 512: the kernel would fall back anyway
 
 
+def test_split_variant_heuristic(monkeypatch):
+  """heuristics.expert_gemv_variant picks the split kernels (7) up to
+  GEMV_SPLIT_MAX_TOKENS tokens, only where gemv_split_supported (16-bit, no shared
+  experts, k <= 16, H % 8 == 0 up to 4096, I % 32 == 0 up to 1024) and only when the
+  caller gives I; the primitive's h scratch follows the choice."""
+  from jax_moe import heuristics
+  v = heuristics.expert_gemv_variant
+  monkeypatch.setattr(heuristics, "GEMV_SPLIT_MAX_TOKENS", 2)
+  assert v(1, 128, 8, 0, 2816, 704) == 7 and v(2, 128, 8, 0, 2048, 768, 2) == 7
+  assert v(3, 128, 8, 0, 2816, 704) == 5                 # above the token limit
+  assert v(1, 128, 8, 0, 2816) == 5                       # I not given
+  assert v(1, 128, 8, 0, 2816, 704, 4) == 5               # f32
+  assert v(1, 256, 8, 1, 7168, 2048) == 6                 # shared expert; H > 4096
+  assert v(1, 128, 8, 0, 2816, 720) == 5                  # I % 32 != 0
+  assert v(1, 128, 8, 0, 4096, 1024) == 7 and v(1, 128, 8, 0, 4096, 1056) == 6  # I > 1024
+  assert v(1, 128, 16, 0, 64, 64) == 7 and v(1, 128, 17, 0, 64, 64) == 5
+  assert v(1, 8, 2, 0, 4104, 64) == 6                     # H > 4096
+  r = rng()
+  x = jnp.asarray(r.normal(size=(1, 64)), jnp.bfloat16)
+  wgu, wd = make_weights(r, 8, 64, 64, jnp.bfloat16)
+  ids = jnp.asarray(distinct_ids(r, 1, 2, 8))
+  hlo = jax.jit(lambda *a: jax_moe.expert_gemv(*a)).lower(x, ids, wgu, wd).as_text()
+  assert "kernel_variant = 7" in hlo and f"tensor<2x{2 * 64 * 2}xbf16>" in hlo
+  monkeypatch.setattr(heuristics, "GEMV_SPLIT_MAX_TOKENS", 0)
+  assert v(1, 128, 8, 0, 2816, 704) == 5
+
+
 def test_kernel_variant_max_mean(monkeypatch):
   """heuristics.GEMV_STREAM_MAX_MEAN (narrow ring) and GEMV_STREAM_MAX_MEAN_WIDE are
   the limits the rule reads: Gemma-4-like T=32 with E=32 (mean 8) takes variant 4 at
