@@ -1,7 +1,8 @@
-// Helpers shared by the standalone probes (scripts/stream_probe.cu,
-// scripts/route_probe.cu): CUDA error checks, a deterministic random fill, timing of
-// CUDA-graph replays, and argument parsing that exits 2 naming the argument before
-// any CUDA call.
+// Helpers shared by the standalone probes (scripts/stream_probe.cu, split_probe.cu,
+// route_probe.cu): CUDA error checks, a deterministic random fill, timing of
+// back-to-back launches and CUDA-graph replays, argument parsing that exits 2 naming
+// the argument before any CUDA call, and the plain read kernels (the HBM read rate;
+// a routing's distinct experts read with no work).
 #pragma once
 
 #include <algorithm>
@@ -13,6 +14,8 @@
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
+
+#include "common/cuda_utils.cuh"  // ldg_stream_v4
 
 // Name printed in front of argument errors; each probe defines it.
 extern const char* const kProbeName;
@@ -87,4 +90,89 @@ static std::vector<float> graph_replay_us(cudaStream_t st, int n, int reps, cuda
   CK(cudaGraphDestroy(g));
   std::sort(us.begin(), us.end());
   return us;
+}
+
+static std::vector<std::string> split_list(const char* s) {
+  std::vector<std::string> out;
+  std::string cur;
+  for (const char* p = s;; ++p) {
+    if (*p == ',' || *p == 0) { if (!cur.empty()) out.push_back(cur); cur.clear(); if (!*p) break; }
+    else cur += *p;
+  }
+  return out;
+}
+
+// us per launch of body(i) for i in [0, iters), issued back to back on the default
+// stream after `warm` untimed launches.
+template <typename F>
+static float back_to_back_us(int warm, int iters, cudaEvent_t e0, cudaEvent_t e1, F body) {
+  for (int i = 0; i < warm; ++i) body(i);
+  CK(cudaEventRecord(e0));
+  for (int i = 0; i < iters; ++i) body(i);
+  CK(cudaEventRecord(e1));
+  CK(cudaEventSynchronize(e1));
+  CK(cudaGetLastError());
+  float ms;
+  CK(cudaEventElapsedTime(&ms, e0, e1));
+  return ms * 1e3f / iters;
+}
+
+__global__ void read_kernel(const uint4* p, size_t n, unsigned int* sink) {
+  uint32_t acc = 0;
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n;
+       i += size_t(gridDim.x) * blockDim.x) {
+    uint4 v = jax_moe::ldg_stream_v4(p + i);
+    acc ^= v.x ^ v.y ^ v.z ^ v.w;
+  }
+  if (acc == 0x12345678u) atomicAdd(sink, 1u);
+}
+
+// The layer's bytes read by the simplest good kernel: npieces pieces of piece_words
+// 16-byte words each (a distinct expert's gate rows, up rows, down matrix: I*H each),
+// in 64 KiB tiles (8 independent 16-byte loads per thread), blocks striding over the
+// tiles. What one launch that only reads a routing's distinct experts takes: the
+// fixed part of the gap between the floor and the stream kernel (ramp, tail, launch).
+constexpr int kReadThreads = 512, kReadUnroll = 8;
+__global__ void __launch_bounds__(kReadThreads)
+read_pieces_kernel(const uint4* const* pieces, int npieces, size_t piece_words,
+                   unsigned int* sink) {
+  constexpr size_t kTile = size_t(kReadThreads) * kReadUnroll;
+  const size_t tiles_per_piece = (piece_words + kTile - 1) / kTile;
+  const size_t tiles = tiles_per_piece * npieces;
+  uint32_t acc = 0;
+  for (size_t t = blockIdx.x; t < tiles; t += gridDim.x) {
+    const uint4* p = pieces[t / tiles_per_piece];
+    const size_t base = (t % tiles_per_piece) * kTile + threadIdx.x;
+    uint4 v[kReadUnroll];
+#pragma unroll
+    for (int u = 0; u < kReadUnroll; ++u) {
+      const size_t w = base + size_t(u) * kReadThreads;
+      v[u] = w < piece_words ? jax_moe::ldg_stream_v4(p + w) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int u = 0; u < kReadUnroll; ++u) acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
+  }
+  if (acc == 0x12345678u) atomicAdd(sink, 1u);
+}
+
+
+// Read bandwidth in bytes/s: 4 GiB streamed by read_kernel, best of 5 passes after one
+// warm pass.
+static double measure_read_bw(int sms, unsigned int* sink, cudaEvent_t e0, cudaEvent_t e1) {
+  const size_t bytes = size_t(4) << 30;
+  uint4* buf;
+  CK(cudaMalloc(&buf, bytes));
+  fill_bf16<<<4096, 256>>>(reinterpret_cast<__nv_bfloat16*>(buf), bytes / 2, 7u, 1.0f);
+  double bw = 0;
+  for (int rep = 0; rep < 6; ++rep) {
+    CK(cudaEventRecord(e0));
+    read_kernel<<<sms * 8, 512>>>(buf, bytes / 16, sink);
+    CK(cudaEventRecord(e1));
+    CK(cudaEventSynchronize(e1));
+    float ms;
+    CK(cudaEventElapsedTime(&ms, e0, e1));
+    if (rep) bw = std::max(bw, bytes / (ms * 1e-3));
+  }
+  CK(cudaFree(buf));
+  return bw;
 }

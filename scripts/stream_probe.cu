@@ -52,57 +52,10 @@ using namespace jax_moe::cuda;
 
 const char* const kProbeName = "stream_probe";
 
-__global__ void read_kernel(const uint4* p, size_t n, unsigned int* sink) {
-  uint32_t acc = 0;
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n;
-       i += size_t(gridDim.x) * blockDim.x) {
-    uint4 v = ldg_stream_v4(p + i);
-    acc ^= v.x ^ v.y ^ v.z ^ v.w;
-  }
-  if (acc == 0x12345678u) atomicAdd(sink, 1u);
-}
-
-// The layer's bytes read by the simplest good kernel: npieces pieces of piece_words
-// 16-byte words each (a distinct expert's gate rows, up rows, down matrix: I*H each),
-// in 64 KiB tiles (8 independent 16-byte loads per thread), blocks striding over the
-// tiles. What one launch that only reads a routing's distinct experts takes: the
-// fixed part of the gap between the floor and the stream kernel (ramp, tail, launch).
-constexpr int kReadThreads = 512, kReadUnroll = 8;
-__global__ void __launch_bounds__(kReadThreads)
-read_pieces_kernel(const uint4* const* pieces, int npieces, size_t piece_words,
-                   unsigned int* sink) {
-  constexpr size_t kTile = size_t(kReadThreads) * kReadUnroll;
-  const size_t tiles_per_piece = (piece_words + kTile - 1) / kTile;
-  const size_t tiles = tiles_per_piece * npieces;
-  uint32_t acc = 0;
-  for (size_t t = blockIdx.x; t < tiles; t += gridDim.x) {
-    const uint4* p = pieces[t / tiles_per_piece];
-    const size_t base = (t % tiles_per_piece) * kTile + threadIdx.x;
-    uint4 v[kReadUnroll];
-#pragma unroll
-    for (int u = 0; u < kReadUnroll; ++u) {
-      const size_t w = base + size_t(u) * kReadThreads;
-      v[u] = w < piece_words ? ldg_stream_v4(p + w) : make_uint4(0, 0, 0, 0);
-    }
-#pragma unroll
-    for (int u = 0; u < kReadUnroll; ++u) acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
-  }
-  if (acc == 0x12345678u) atomicAdd(sink, 1u);
-}
-
 struct Shape { const char* name; int H, I, E, k; };
 static const Shape kShapes[] = {{"gemma4", 2816, 704, 128, 8}, {"qwen3", 2048, 768, 128, 8},
                                 {"mixtral", 4096, 14336, 8, 2}, {"deepseek_v3", 7168, 2048, 256, 8}};
 
-static std::vector<std::string> split(const char* s) {
-  std::vector<std::string> out;
-  std::string cur;
-  for (const char* p = s;; ++p) {
-    if (*p == ',' || *p == 0) { if (!cur.empty()) out.push_back(cur); cur.clear(); if (!*p) break; }
-    else cur += *p;
-  }
-  return out;
-}
 
 // Ring geometry (4th argument): slots per consumer group x columns per slot (the
 // kernel's template), and the columns per stage actually used (0: the slot's, -1:
@@ -134,20 +87,6 @@ static void launch(const GemvStreamArgs& a, int sms) {
   }
 }
 
-// us per launch of body(i) for i in [0, iters), issued back to back on the default
-// stream after `warm` untimed launches.
-template <typename F>
-static float back_to_back_us(int warm, int iters, cudaEvent_t e0, cudaEvent_t e1, F body) {
-  for (int i = 0; i < warm; ++i) body(i);
-  CK(cudaEventRecord(e0));
-  for (int i = 0; i < iters; ++i) body(i);
-  CK(cudaEventRecord(e1));
-  CK(cudaEventSynchronize(e1));
-  CK(cudaGetLastError());
-  float ms;
-  CK(cudaEventElapsedTime(&ms, e0, e1));
-  return ms * 1e3f / iters;
-}
 
 // Median us per launch of n launches of body(i) replayed from a CUDA graph on st.
 template <typename F>
@@ -316,7 +255,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   std::vector<std::string> shapes =
-      split(argc > 1 && !read_only ? argv[1] : "gemma4,qwen3,mixtral,deepseek_v3");
+      split_list(argc > 1 && !read_only ? argv[1] : "gemma4,qwen3,mixtral,deepseek_v3");
   for (const std::string& sn : shapes) {
     bool known = false;
     for (const Shape& s : kShapes) known |= sn == s.name;
@@ -327,7 +266,7 @@ int main(int argc, char** argv) {
     }
   }
   std::vector<int> ts;
-  for (const std::string& t : split(argc > 2 ? argv[2] : "1,2,8"))
+  for (const std::string& t : split_list(argc > 2 ? argv[2] : "1,2,8"))
     ts.push_back(parse_int(t, "T (2nd argument)", 1, 64));
   const int iters = argc > 3 ? parse_int(argv[3], "iterations (3rd argument)", 1, 1000000) : 200;
   g_ring = argc > 4 ? parse_int(argv[4], "ring (4th argument)", 0, kNumRings - 1) : 0;
@@ -356,25 +295,7 @@ int main(int argc, char** argv) {
 
   // Read bandwidth: 4 GiB streamed once per pass, best of 5 (STREAM_PROBE_BW_GBPS
   // instead, e.g. under compute-sanitizer).
-  double bw = 0;
-  if (bw_fixed > 0) {
-    bw = bw_fixed;
-  } else {
-    const size_t bytes = size_t(4) << 30;
-    uint4* buf;
-    CK(cudaMalloc(&buf, bytes));
-    fill_bf16<<<4096, 256>>>(reinterpret_cast<bf16*>(buf), bytes / 2, 7u, 1.0f);
-    for (int rep = 0; rep < 6; ++rep) {
-      CK(cudaEventRecord(e0));
-      read_kernel<<<sms * 8, 512>>>(buf, bytes / 16, sink);
-      CK(cudaEventRecord(e1));
-      CK(cudaEventSynchronize(e1));
-      float ms;
-      CK(cudaEventElapsedTime(&ms, e0, e1));
-      if (rep) bw = std::max(bw, bytes / (ms * 1e-3));
-    }
-    CK(cudaFree(buf));
-  }
+  const double bw = bw_fixed > 0 ? bw_fixed : measure_read_bw(sms, sink, e0, e1);
   if (read_only) {
     printf("%.1f\n", bw * 1e-9);
     return 0;

@@ -149,6 +149,26 @@ def test_stream_probe_bad_env(stream_probe, name, value):
 
 
 @pytest.fixture(scope="module")
+def split_probe(tmp_path_factory):
+  """It also checks that the probe compiles against the current split kernels."""
+  return _build_probe(tmp_path_factory, "split_probe")
+
+
+@pytest.mark.parametrize("args,match", [
+    (["bogus"], "unknown shape 'bogus'"),
+    (["gemma4", "0"], "T \\(2nd argument\\)"),
+    (["qwen3", "5"], "T \\(2nd argument\\)"),
+    (["gemma4", "1", "0"], "iterations \\(3rd argument\\)"),
+    (["gemma4", "1", "10", "extra"], "at most 3 arguments"),
+])
+def test_split_probe_bad_args(split_probe, args, match):
+  import re
+  p = subprocess.run([split_probe, *args], capture_output=True, text=True, timeout=60)
+  assert p.returncode == 2, p.stdout + p.stderr
+  assert re.search(match, p.stderr), p.stderr
+
+
+@pytest.fixture(scope="module")
 def route_probe(tmp_path_factory):
   """It also checks that the probe compiles against the current kernels/route.cuh."""
   return _build_probe(tmp_path_factory, "route_probe")

@@ -81,10 +81,12 @@ __device__ __forceinline__ float dot16b(const uint4& w, const uint4& v) {
 }
 
 // blockIdx.x = a * (I / C) + c. VPL: 16-byte vectors per lane of a gate/up row
-// (H <= 256 VPL).
-template <typename T, int VPL>
+// (H <= 256 VPL). C: intermediate columns per block (kSplitChunk in the library;
+// scripts/split_probe.cu also builds 64).
+template <typename T, int VPL, int C>
 __global__ void __launch_bounds__(kSplitThreads, 2) gemv_split_kernel(GemvSplitArgs a) {
-  constexpr int C = static_cast<int>(kSplitChunk);
+  static_assert(C % 8 == 0 && 2 * C % kSplitWarps == 0 && C % (2 * C / kSplitWarps) == 0,
+                "whole 16-byte vectors per w_down row piece; row pairs on one side");
   __shared__ uint4 xs[32 * VPL];
   __shared__ float gu[2 * C];
   __shared__ float hs[C];
@@ -177,10 +179,10 @@ __global__ void __launch_bounds__(kSplitThreads, 2) gemv_split_kernel(GemvSplitA
 // warp sums its assignment's I / C partials in c order into y[t, j] (rounded to x's
 // dtype; zeros for a dropped id); then, with the combine, warp 0 sums w[t, j] y[t, j]
 // over j in order as combine's kernel does.
-template <typename T>
+template <typename T, int C>
 __global__ void __launch_bounds__(32 * kSplitMaxSlots) gemv_split_sum_kernel(GemvSplitArgs a) {
   __shared__ float ys[kSplitMaxSlots][32];
-  const int H = a.H, nc = a.I / kSplitChunk;
+  const int H = a.H, nc = a.I / C;
   const int groups = (H + 31) / 32;
   const int t = blockIdx.x / groups, lane = threadIdx.x & 31, j = threadIdx.x >> 5;
   const int col = (blockIdx.x % groups) * 32 + lane;
@@ -210,26 +212,29 @@ __global__ void __launch_bounds__(32 * kSplitMaxSlots) gemv_split_sum_kernel(Gem
   }
 }
 
-template <typename T, int VPL>
-cudaError_t LaunchGemvSplitVpl(const GemvSplitArgs& a, cudaStream_t stream, bool pdl) {
-  const unsigned blocks = static_cast<unsigned>(a.T * a.k * (a.I / kSplitChunk));
-  cudaError_t err = LaunchMaybePdl(gemv_split_kernel<T, VPL>, dim3(blocks), dim3(kSplitThreads),
-                                   0, stream, pdl, a);
-  if (err != cudaSuccess) return err;
+template <typename T, int VPL, int C>
+cudaError_t LaunchGemvSplitVpl(const GemvSplitArgs& a, cudaStream_t stream, bool pdl, bool sum) {
+  const unsigned blocks = static_cast<unsigned>(a.T * a.k * (a.I / C));
+  cudaError_t err = LaunchMaybePdl(gemv_split_kernel<T, VPL, C>, dim3(blocks),
+                                   dim3(kSplitThreads), 0, stream, pdl, a);
+  if (err != cudaSuccess || !sum) return err;
   const unsigned sums = static_cast<unsigned>(a.T * ((a.H + 31) / 32));
-  return LaunchMaybePdl(gemv_split_sum_kernel<T>, dim3(sums), dim3(32 * a.k), 0, stream, pdl, a);
+  return LaunchMaybePdl(gemv_split_sum_kernel<T, C>, dim3(sums), dim3(32 * a.k), 0, stream, pdl,
+                        a);
 }
 
-// Both kernels; the caller checked SplitSupported. VPL: the smallest that covers H.
-template <typename T>
-cudaError_t LaunchGemvSplit(const GemvSplitArgs& a, cudaStream_t stream) {
+// Both kernels (sum = false: the experts kernel alone, for scripts/split_probe.cu);
+// the caller checked SplitSupported (for C = kSplitChunk; part holds T k (I / C) H
+// floats). VPL: the smallest that covers H.
+template <typename T, int C = static_cast<int>(kSplitChunk)>
+cudaError_t LaunchGemvSplit(const GemvSplitArgs& a, cudaStream_t stream, bool sum = true) {
   if (a.T == 0) return cudaSuccess;
   const bool pdl = DeviceSupportsPdl();
   const int vpl = (a.H / 8 + 31) / 32;
-  if (vpl <= 4) return LaunchGemvSplitVpl<T, 4>(a, stream, pdl);
-  if (vpl <= 8) return LaunchGemvSplitVpl<T, 8>(a, stream, pdl);
-  if (vpl <= 12) return LaunchGemvSplitVpl<T, 12>(a, stream, pdl);
-  return LaunchGemvSplitVpl<T, kSplitMaxVpl>(a, stream, pdl);
+  if (vpl <= 4) return LaunchGemvSplitVpl<T, 4, C>(a, stream, pdl, sum);
+  if (vpl <= 8) return LaunchGemvSplitVpl<T, 8, C>(a, stream, pdl, sum);
+  if (vpl <= 12) return LaunchGemvSplitVpl<T, 12, C>(a, stream, pdl, sum);
+  return LaunchGemvSplitVpl<T, kSplitMaxVpl, C>(a, stream, pdl, sum);
 }
 
 }  // namespace cuda
