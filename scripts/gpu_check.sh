@@ -3,7 +3,7 @@
 # run the GPU tests, run compute-sanitizer over a small run of every kernel, and run
 # the benchmarks. Writes logs, JSON and tables under OUT_DIR.
 #
-#   scripts/gpu_check.sh OUT_DIR [build] [test] [sanitize] [profile] [trace] [bench] [bench-quick] [combine-probe]
+#   scripts/gpu_check.sh OUT_DIR [build] [test] [sanitize] [profile] [trace] [bench] [bench-quick] [combine-probe] [split-probe]
 # With no stage names, runs all four full stages. Each stage appends a line to
 # OUT_DIR/summary.txt; the script exits non-zero if any stage failed.
 # Narrowing a call (device time is short), all optional:
@@ -16,6 +16,8 @@
 #   TRACE_ARGS="--shapes gemma4 --tokens 1"   arguments of scripts/trace_chain.py
 #   PROBE_TOKENS, PROBE_FORMS, PROBE_SETS     scripts/combine_xla_probe.py (combine-probe
 #                           stage: XLA formulations of combine's sum, no extension needed)
+#   SPLIT_PROBE_ARGS="gemma4,qwen3 1,2,4 100"  arguments of scripts/split_probe.cu (split-probe
+#                           stage: expert_gemv's split kernels against the stream kernel, no JAX)
 set -u
 OUT=${1:?usage: gpu_check.sh OUT_DIR [stages...]}
 shift
@@ -111,6 +113,17 @@ if has combine-probe; then
     note "combine_xla_probe: ok"; grep -v -i warn "$OUT/combine_probe.log"
   else
     tail -20 "$OUT/combine_probe.log"; note "combine_xla_probe: FAILED"; status=1
+  fi
+fi
+
+if has split-probe; then
+  # shellcheck disable=SC2086
+  if mkdir -p build && nvcc -std=c++17 -O3 -arch=sm_90a -Icsrc scripts/split_probe.cu -o build/split_probe \
+       >"$OUT/split_probe.log" 2>&1 &&
+     build/split_probe ${SPLIT_PROBE_ARGS:-gemma4,qwen3 1,2,4 100} >>"$OUT/split_probe.log" 2>&1; then
+    note "split_probe: ok"; grep -v -i warn "$OUT/split_probe.log"
+  else
+    tail -20 "$OUT/split_probe.log"; note "split_probe: FAILED"; status=1
   fi
 fi
 

@@ -564,3 +564,20 @@ def test_benchmarks_refuse_fallbacks_on_gpu(monkeypatch, capsys):
     monkeypatch.setenv("JAX_MOE_BENCH_ALLOW_FALLBACK", bad)
     with pytest.raises(SystemExit, match="JAX_MOE_BENCH_ALLOW_FALLBACK must be 0 or 1"):
       harness.require_kernels("bench_x")
+
+
+def test_gpu_check_split_probe_stage(tmp_path):
+  """gpu_check.sh's split-probe stage builds scripts/split_probe.cu and runs it with
+  SPLIT_PROBE_ARGS; a bad argument (checked before any CUDA call, so no GPU is needed)
+  fails the stage and the script, and the probe's message reaches the log."""
+  import shutil
+  if shutil.which("nvcc") is None:
+    pytest.skip("nvcc not found")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  script = os.path.join(root, "scripts", "gpu_check.sh")
+  env = dict(os.environ, SPLIT_PROBE_ARGS="bogus 1", PYTHON=sys.executable)
+  p = subprocess.run(["bash", script, str(tmp_path), "split-probe"], capture_output=True,
+                     text=True, env=env, timeout=600)
+  assert p.returncode != 0
+  assert "split_probe: FAILED" in (tmp_path / "summary.txt").read_text()
+  assert "unknown shape 'bogus'" in (tmp_path / "split_probe.log").read_text()

@@ -351,8 +351,8 @@ def test_stream_kernel(platform, T, H, I, E, k, dtype, hot, variant):
     (1, 64, 64, 16, 4, jnp.bfloat16, "distinct"),   # 2 chunks of I, one vector per lane
     (3, 72, 96, 8, 2, jnp.float16, "distinct"),     # H tail (9 vectors), 3 chunks
     (4, 64, 32, 4, 3, jnp.bfloat16, "repeated"),    # an expert twice in a token, one chunk
-    (2, 2816, 704, 128, 8, jnp.bfloat16, "distinct"),  # Gemma-4 sizes: 22 chunks, 11 vectors
-    (1, 2048, 768, 128, 8, jnp.float16, "distinct"),   # Qwen3 sizes: 24 chunks, 8 vectors
+    (2, 2816, 704, 16, 8, jnp.bfloat16, "distinct"),   # Gemma-4 H, I: 22 chunks, 11 vectors
+    (1, 2048, 768, 16, 8, jnp.float16, "distinct"),    # Qwen3 H, I: 24 chunks, 8 vectors
     (2, 4096, 64, 8, 2, jnp.bfloat16, "distinct"),  # the largest H (16 vectors per lane)
     (6, 40, 64, 8, 16, jnp.bfloat16, "fuzz"),       # 16 slots (the sum's most), ids in [-3, E+3)
     (3, 64, 48, 8, 2, jnp.bfloat16, "distinct"),    # I % 32 != 0: falls back to the stream kernel
