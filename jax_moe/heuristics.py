@@ -95,7 +95,8 @@ def route_k_splits(hidden: int) -> int:
 # 4 + 8 chunks per batch (two launches, registers hold the weights in flight),
 # 5 the persistent bulk-copy kernel (one launch, a shared-memory ring; sm_90,
 # T*k <= GEMV_STREAM_MAX_ASSIGN, E <= 1024; elsewhere it falls back to 4), 6 the same
-# kernel with wider ring slots (1024 columns instead of 768), for H >= 4096.
+# kernel with wider ring slots (1024 columns instead of 768), for H >= 4096; 7 the
+# split kernels (no dependency between blocks; GEMV_SPLIT_MAX_TOKENS below).
 # Measured on H100 (bench_gemv --variants 1,3,4): 4 reaches 2.6-3.0 TB/s on the
 # large shapes where 1 reached 2.0-2.3 TB/s.
 GEMV_KERNEL_VARIANT = 0
