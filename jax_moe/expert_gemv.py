@@ -165,8 +165,9 @@ def expert_gemv_combine(x, ids, weights, w_gate_up, w_down, *, activation="silu"
     shared slots with weight 1, accumulated in f32 in slot order (as combine) and
     rounded once. On GPU combine's kernel runs after the experts, or the stream
     kernel (expert_gemv variants 5/6) sums in its own launch (its last block, once
-    every y row is written), where heuristics.gemv_combine_in_kernel says so; the
-    result is the same bitwise.
+    every y row is written), where heuristics.gemv_combine_in_kernel says so, or the
+    split kernels (variant 7) sum in their second kernel; the result is the same
+    bitwise.
 
   `_config` as expert_gemv's, plus combine_in_kernel (bool) over the heuristic.
   """
