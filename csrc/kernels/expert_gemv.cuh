@@ -468,17 +468,19 @@ cudaError_t LaunchExpertGemvKernels(const ExpertGemvArgs& a, cudaStream_t stream
   const bool mma_ok = sizeof(T) == 2 && a.H % 8 == 0 && a.I % 8 == 0;
   int variant = a.variant;
   if (variant == kGemvSplit) {
-    if (SplitSupported(a.T, a.k, a.S, a.H, a.I, sizeof(T) == 2)) {
-      GemvSplitArgs s;
-      s.x = a.x;  s.ids = a.ids;  s.w_gate_up = a.w_gate_up;  s.w_down = a.w_down;
-      s.part = static_cast<float*>(a.h);  s.y = a.y;
-      s.combine_w = a.combine_w;  s.combine_out = a.combine_out;
-      s.T = static_cast<int>(a.T);  s.k = static_cast<int>(a.k);  s.E = static_cast<int>(a.E);
-      s.H = static_cast<int>(a.H);  s.I = static_cast<int>(a.I);  s.activation = a.activation;
-      *fused = a.combine_out != nullptr;
-      return LaunchGemvSplit<T>(s, stream);
+    if constexpr (sizeof(T) == 2) {
+      if (SplitSupported(a.T, a.k, a.S, a.H, a.I, true)) {
+        GemvSplitArgs s;
+        s.x = a.x;  s.ids = a.ids;  s.w_gate_up = a.w_gate_up;  s.w_down = a.w_down;
+        s.part = static_cast<float*>(a.h);  s.y = a.y;
+        s.combine_w = a.combine_w;  s.combine_out = a.combine_out;
+        s.T = static_cast<int>(a.T);  s.k = static_cast<int>(a.k);  s.E = static_cast<int>(a.E);
+        s.H = static_cast<int>(a.H);  s.I = static_cast<int>(a.I);  s.activation = a.activation;
+        *fused = a.combine_out != nullptr;
+        return LaunchGemvSplit<T>(s, stream);
+      }
     }
-    variant = kGemvStream;
+    variant = kGemvStream;  // where the split kernels do not run
   }
   if constexpr (sizeof(T) == 2) {
     const bool wide = variant == kGemvStreamWide;
