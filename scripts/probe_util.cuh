@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -176,3 +177,39 @@ static double measure_read_bw(int sms, unsigned int* sink, cudaEvent_t e0, cudaE
   CK(cudaFree(buf));
   return bw;
 }
+
+// R routings' distinct experts (ids: R rows of n ids; each expert 3 pieces of I*H:
+// gate rows, up rows, down matrix) as read_pieces_kernel's work: launch(i) reads
+// routing i % R's experts with the occupancy's blocks on every SM.
+struct DistinctExpertReads {
+  const uint4** dp = nullptr;
+  std::vector<int> npieces;
+  int R = 0, maxp = 0, blocks = 0;
+  size_t piece_words = 0;
+  DistinctExpertReads(const std::vector<int32_t>& ids, int R_, int n, int E, int H, int I,
+                      const __nv_bfloat16* wgu, const __nv_bfloat16* wd, int sms)
+      : npieces(R_), R(R_), maxp(3 * std::min(E, n)), piece_words(size_t(I) * H * 2 / 16) {
+    std::vector<const uint4*> hp;
+    for (int r = 0; r < R; ++r) {
+      std::set<int> ex(ids.begin() + size_t(r) * n, ids.begin() + size_t(r + 1) * n);
+      npieces[r] = 3 * int(ex.size());
+      for (int e : ex) {
+        hp.push_back(reinterpret_cast<const uint4*>(wgu + size_t(e) * 2 * I * H));
+        hp.push_back(reinterpret_cast<const uint4*>(wgu + (size_t(e) * 2 + 1) * I * H));
+        hp.push_back(reinterpret_cast<const uint4*>(wd + size_t(e) * H * I));
+      }
+      hp.resize(size_t(r + 1) * maxp, hp.back());
+    }
+    CK(cudaMalloc(&dp, hp.size() * sizeof(void*)));
+    CK(cudaMemcpy(dp, hp.data(), hp.size() * sizeof(void*), cudaMemcpyHostToDevice));
+    CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, read_pieces_kernel, kReadThreads, 0));
+    blocks *= sms;
+  }
+  DistinctExpertReads(const DistinctExpertReads&) = delete;
+  DistinctExpertReads& operator=(const DistinctExpertReads&) = delete;
+  ~DistinctExpertReads() { cudaFree(dp); }
+  void launch(int i, cudaStream_t st, unsigned int* sink) const {
+    read_pieces_kernel<<<blocks, kReadThreads, 0, st>>>(dp + size_t(i % R) * maxp,
+                                                        npieces[i % R], piece_words, sink);
+  }
+};

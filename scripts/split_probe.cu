@@ -25,7 +25,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <random>
-#include <set>
 #include <string>
 #include <vector>
 
@@ -156,33 +155,10 @@ int main(int argc, char** argv) {
       const std::vector<float> g7 =
           graph_replay_us(st, std::min(iters, 64), 5, e0, e1, lib_with(kGemvSplit, false, st));
       CK(cudaStreamDestroy(st));
-      // Plain read of the same routings' distinct experts (3 pieces of I*H each).
-      std::vector<const uint4*> hp;
-      std::vector<int> npieces(R);
-      const int maxp = 3 * std::min(S.E, n);
-      for (int r = 0; r < R; ++r) {
-        std::set<int> ex(ids.begin() + size_t(r) * n, ids.begin() + size_t(r + 1) * n);
-        npieces[r] = 3 * int(ex.size());
-        for (int e : ex) {
-          hp.push_back(reinterpret_cast<const uint4*>(wgu + size_t(e) * 2 * S.I * S.H));
-          hp.push_back(reinterpret_cast<const uint4*>(wgu + (size_t(e) * 2 + 1) * S.I * S.H));
-          hp.push_back(reinterpret_cast<const uint4*>(wd + size_t(e) * S.H * S.I));
-        }
-        hp.resize(size_t(r + 1) * maxp, hp.back());
-      }
-      const uint4** dp;
-      CK(cudaMalloc(&dp, hp.size() * sizeof(void*)));
-      CK(cudaMemcpy(dp, hp.data(), hp.size() * sizeof(void*), cudaMemcpyHostToDevice));
-      const size_t piece_words = size_t(S.I) * S.H * 2 / 16;
-      int read_blocks = 0;
-      CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&read_blocks, read_pieces_kernel,
-                                                       kReadThreads, 0));
-      read_blocks *= sms;
-      const float read_us = back_to_back_us(5, iters, e0, e1, [&](int i) {
-        read_pieces_kernel<<<read_blocks, kReadThreads>>>(dp + size_t(i % R) * maxp,
-                                                          npieces[i % R], piece_words, sink);
-      });
-      CK(cudaFree(dp));
+      // Plain read of the same routings' distinct experts.
+      const DistinctExpertReads reads(ids, R, n, S.E, S.H, S.I, wgu, wd, sms);
+      const float read_us =
+          back_to_back_us(5, iters, e0, e1, [&](int i) { reads.launch(i, 0, sink); });
       // Correctness on a fresh routing with some ids out of range.
       std::vector<int32_t> fz(n);
       for (int i = 0; i < n; ++i) fz[i] = (rng() % 9 == 0) ? -1 : int(rng() % S.E);

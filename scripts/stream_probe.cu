@@ -38,7 +38,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <random>
-#include <set>
 #include <string>
 #include <vector>
 #include <algorithm>
@@ -392,37 +391,16 @@ int main(int argc, char** argv) {
       g_stream = 0;
       // The same routings' distinct experts read by read_pieces_kernel (3 pieces of
       // I*H per expert), timed the same two ways.
-      std::vector<const uint4*> hp;
-      std::vector<int> npieces(R);
-      const int maxp = 3 * std::min(S.E, n);
-      for (int r = 0; r < R; ++r) {
-        std::set<int> ex(ids.begin() + size_t(r) * n, ids.begin() + size_t(r + 1) * n);
-        npieces[r] = 3 * int(ex.size());
-        for (int e : ex) {
-          hp.push_back(reinterpret_cast<const uint4*>(wgu + size_t(e) * 2 * S.I * S.H));
-          hp.push_back(reinterpret_cast<const uint4*>(wgu + (size_t(e) * 2 + 1) * S.I * S.H));
-          hp.push_back(reinterpret_cast<const uint4*>(wd + size_t(e) * S.H * S.I));
-        }
-        hp.resize(size_t(r + 1) * maxp, hp.back());
+      float read_us = 0, read_graph = 0;
+      {
+        const DistinctExpertReads reads(ids, R, n, S.E, S.H, S.I, wgu, wd, sms);
+        cudaStream_t read_st = 0;
+        auto run_read = [&](int i) { reads.launch(i, read_st, sink); };
+        read_us = back_to_back_us(warm, iters, e0, e1, run_read);
+        read_st = st;
+        read_graph = graph_median_us(st, glaunches, e0, e1, run_read);
       }
-      const uint4** dp;
-      CK(cudaMalloc(&dp, hp.size() * sizeof(void*)));
-      CK(cudaMemcpy(dp, hp.data(), hp.size() * sizeof(void*), cudaMemcpyHostToDevice));
-      const size_t piece_words = size_t(S.I) * S.H * 2 / 16;
-      int read_blocks = 0;
-      CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&read_blocks, read_pieces_kernel,
-                                                       kReadThreads, 0));
-      read_blocks *= sms;
-      cudaStream_t read_st = 0;
-      auto run_read = [&](int i) {
-        read_pieces_kernel<<<read_blocks, kReadThreads, 0, read_st>>>(
-            dp + size_t(i % R) * maxp, npieces[i % R], piece_words, sink);
-      };
-      const float read_us = back_to_back_us(warm, iters, e0, e1, run_read);
-      read_st = st;
-      const float read_graph = graph_median_us(st, glaunches, e0, e1, run_read);
       CK(cudaStreamDestroy(st));
-      CK(cudaFree(dp));
       // Repeat on a fresh routing with some ids out of range: every output written
       // (poisoned before), both calls bitwise equal.
       std::vector<int32_t> fz(n);
