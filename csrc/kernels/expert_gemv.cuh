@@ -379,8 +379,8 @@ gemv_generic_kernel(GemvPhaseArgs a) {
 //     512, E <= 1024); where they cannot run, 5 falls back to 4;
 //   6 the same with the wide ring (kStreamColsWide columns per slot: long rows);
 //   7 split: the dependency-free kernels of expert_gemv_split.cuh (16-bit, no shared
-//     experts, SplitSupported sizes; h is their f32 partials' scratch, so it must hold
-//     SplitScratchFloats); elsewhere 7 falls back to 5.
+//     experts, SplitSupported sizes; h is their f32 partials' scratch, so it has
+//     GemvScratchCols(H, I, 7) elements per assignment); elsewhere 7 falls back to 5.
 enum GemvVariant : int {
   kGemvAuto = 0, kGemvDirect = 1, kGemvDirectPf = 3, kGemvDirectPf8 = 4, kGemvStream = 5,
   kGemvStreamWide = 6, kGemvSplit = kGemvSplitVariant

@@ -64,11 +64,6 @@ inline bool SplitSupported(int64_t T, int64_t k, int64_t S, int64_t H, int64_t I
          I / kSplitChunk <= kSplitMaxChunks && T * k * (I / kSplitChunk) < (int64_t(1) << 31);
 }
 
-// Scratch floats the split kernels need (part): T k (I / C) H.
-inline int64_t SplitScratchFloats(int64_t T, int64_t k, int64_t H, int64_t I) {
-  return T * k * (I / kSplitChunk) * H;
-}
-
 template <typename T>
 __device__ __forceinline__ float dot16b(const uint4& w, const uint4& v) {
   float a[8], b[8];
