@@ -593,7 +593,13 @@ def _bucket_index(counts, buckets):
   none does."""
   if not buckets:
     return jnp.int32(0)
-  return jnp.sum(jnp.max(counts) > jnp.asarray(buckets, jnp.int32)).astype(jnp.int32)
+  return _busiest_bucket(jnp.max(counts), buckets)
+
+
+def _busiest_bucket(busiest, buckets):
+  """_bucket_index from the busiest expert's count (a traced int32 scalar): scalar
+  compares that XLA fuses into one small kernel, no array of the buckets to reduce."""
+  return sum((busiest > C).astype(jnp.int32) for C in buckets) if buckets else jnp.int32(0)
 
 
 def _capacity_switch(x, ids, weights, w_gate_up, w_down, activation, combine_fn, buckets,
@@ -690,12 +696,21 @@ def _priced_plan(ids, num_experts, hidden, intermediate, method):
   buckets = _priced_buckets(T, E, k, method)
   names = tuple(f"capacity:{C}" for C in buckets) + ("dense", "gemv")
   counts = _expert_counts(ids, E)
-  grouped = _bucket_index(counts, buckets)
-  grouped_s = jnp.asarray([heuristics.moe_grouped_seconds(r, E, H, I)
-                           for r in tuple(buckets) + (T,)], jnp.float32)[grouped]
   per_pass = heuristics.gemv_tokens_per_pass(T, E, k)
-  passes = jnp.sum((counts + per_pass - 1) // per_pass).astype(jnp.float32)  # x bytes: no int32
-  gemv_s = jnp.asarray(heuristics.moe_gemv_seconds(passes, T, k, H, I), jnp.float32)
+  # The busiest expert and gemv's weight passes in one variadic reduction over the
+  # counts, then scalar selects: fewer small kernels before the switch than a max, a
+  # sum and a gather of the grouped prices (the plan is all that auto adds to the
+  # capacity method where it picks a capacity branch; it cost 8-11 us per layer at
+  # T=128 on Gemma-4 and Qwen3 in run s19-4 as separate reductions).
+  busiest, passes = jax.lax.reduce(
+      (counts, (counts + per_pass - 1) // per_pass), (jnp.int32(0), jnp.int32(0)),
+      lambda a, b: (jnp.maximum(a[0], b[0]), a[1] + b[1]), (0,))
+  grouped = _busiest_bucket(busiest, buckets)
+  grouped_s = jnp.float32(heuristics.moe_grouped_seconds(T, E, H, I))  # dense rows
+  for C in reversed(buckets):  # the smallest bucket holding the busiest expert
+    grouped_s = jnp.where(busiest <= C, jnp.float32(heuristics.moe_grouped_seconds(C, E, H, I)),
+                          grouped_s)
+  gemv_s = heuristics.moe_gemv_seconds(passes.astype(jnp.float32), T, k, H, I)  # no int32 bytes
   return names, jnp.where(gemv_s < grouped_s, jnp.int32(len(names) - 1), grouped)
 
 
