@@ -158,8 +158,14 @@ def gemv_kernel_variant(num_tokens: int, num_experts: int, top_k: int,
 
 # Variant 7, the split kernels (csrc/kernels/expert_gemv_split.cuh: no block waits for
 # another; an expert that several tokens chose is read once per token), up to this
-# many tokens where gemv_split_supported. 0: never picked (not yet measured through
-# JAX).
+# many tokens where gemv_split_supported. 0: never picked by auto, because it lost to
+# the stream kernel with the combine in its last block (scripts/split_probe.cu, run
+# s21-1, H100, us, experts + weighted sum, stream / split; the floor 30.2 and 24.0 at
+# T=1): Gemma-4 T=1 44.1 / 45.4, T=2 70.2 / 87.5, T=4 123.5 / 154.9; Qwen3 T=1 34.6 /
+# 36.2, T=2 57.4 / 67.1, T=4 98.5 / 121.1. With no grid-wide wait the split kernel
+# alone still took 48.8 us at Gemma-4 T=1 (41.9 with 64 columns per block) against a
+# plain read's 32.7: the dependency was not what keeps the stream kernel off the floor.
+# kernel_variant=7 still runs it (tested, memcheck clean in run s21-4).
 GEMV_SPLIT_MAX_TOKENS = 0
 
 
