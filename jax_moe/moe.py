@@ -698,10 +698,12 @@ def _priced_plan(ids, num_experts, hidden, intermediate, method):
   counts = _expert_counts(ids, E)
   per_pass = heuristics.gemv_tokens_per_pass(T, E, k)
   # The busiest expert and gemv's weight passes in one variadic reduction over the
-  # counts, then scalar selects: fewer small kernels before the switch than a max, a
-  # sum and a gather of the grouped prices (the plan is all that auto adds to the
-  # capacity method where it picks a capacity branch; it cost 8-11 us per layer at
-  # T=128 on Gemma-4 and Qwen3 in run s19-4 as separate reductions).
+  # counts, then scalar selects: fewer small ops before the switch than a max, a sum
+  # and a gather of the grouped prices (CPU compile of Gemma-4 T=128: 23 entry
+  # fusions, was 28). The plan is all that auto adds to the capacity method where it
+  # picks a capacity branch. On H100 the rewrite bought nothing measurable: auto /
+  # grouped:capacity at T=128, Gemma-4 and Qwen3, 1.017 and 1.015 before (run s19-4),
+  # 1.019 and 1.005 after (s21-2).
   busiest, passes = jax.lax.reduce(
       (counts, (counts + per_pass - 1) // per_pass), (jnp.int32(0), jnp.int32(0)),
       lambda a, b: (jnp.maximum(a[0], b[0]), a[1] + b[1]), (0,))
