@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <random>
 #include <set>
 #include <string>
 #include <vector>
@@ -101,6 +102,40 @@ static std::vector<std::string> split_list(const char* s) {
     else cur += *p;
   }
   return out;
+}
+
+// One layer's inputs drawn on the device (never zeros): w_gate_up [.., H] and w_down
+// [.., I] rows scaled by 2 / sqrt(row length), x in [-1, 1); and n combine weights in
+// [0.05, 1.05) uploaded to cw. Same seeds in every probe, so their outputs compare.
+static void fill_layer_inputs(__nv_bfloat16* wgu, size_t ngu, __nv_bfloat16* wd, size_t nd,
+                              __nv_bfloat16* x, size_t nx, int H, int I, float* cw, size_t n) {
+  std::vector<float> hcw(n);
+  std::mt19937 wr(99);
+  for (float& v : hcw) v = 0.05f + (wr() % 1000) * 1e-3f;
+  CK(cudaMemcpy(cw, hcw.data(), hcw.size() * 4, cudaMemcpyHostToDevice));
+  fill_bf16<<<4096, 256>>>(wgu, ngu, 11u, 2.0f / sqrtf(float(H)));
+  fill_bf16<<<4096, 256>>>(wd, nd, 13u, 2.0f / sqrtf(float(I)));
+  fill_bf16<<<256, 256>>>(x, nx, 17u, 1.0f);
+  CK(cudaGetLastError());
+}
+
+// What every probe sets up first: the SM count, a sink word for the read kernels,
+// and two timing events.
+struct ProbeDevice {
+  int sms = 0;
+  unsigned int* sink = nullptr;
+  cudaEvent_t e0, e1;
+};
+
+static ProbeDevice probe_device() {
+  ProbeDevice d;
+  int dev = 0;
+  CK(cudaGetDevice(&dev));
+  CK(cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, dev));
+  CK(cudaMalloc(&d.sink, 4));
+  CK(cudaEventCreate(&d.e0));
+  CK(cudaEventCreate(&d.e1));
+  return d;
 }
 
 // us per launch of body(i) for i in [0, iters), issued back to back on the default

@@ -57,14 +57,10 @@ int main(int argc, char** argv) {
     fprintf(stderr, "split_probe: at most 3 arguments\n");
     return 2;
   }
-  int dev = 0, sms = 0;
-  CK(cudaGetDevice(&dev));
-  CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  unsigned int* sink;
-  CK(cudaMalloc(&sink, 4));
-  cudaEvent_t e0, e1;
-  CK(cudaEventCreate(&e0));
-  CK(cudaEventCreate(&e1));
+  const ProbeDevice pd = probe_device();
+  const int sms = pd.sms;
+  unsigned int* const sink = pd.sink;
+  const cudaEvent_t e0 = pd.e0, e1 = pd.e1;
   const double bw = measure_read_bw(sms, sink, e0, e1);
   printf("read bandwidth %.3f TB/s, %d SMs\n", bw * 1e-12, sms);
   printf("%-8s %2s %8s %8s %9s %8s %6s %8s %8s %8s %8s %8s %6s %9s %9s %s\n", "shape", "T",
@@ -88,16 +84,7 @@ int main(int argc, char** argv) {
     CK(cudaMalloc(&out_lib, size_t(Tmax) * S.H * 2));
     CK(cudaMalloc(&out_split, size_t(Tmax) * S.H * 2));
     CK(cudaMalloc(&cw, size_t(nmax) * 4));
-    {
-      std::vector<float> hcw(static_cast<size_t>(nmax));
-      std::mt19937 wr(99);
-      for (float& v : hcw) v = 0.05f + (wr() % 1000) * 1e-3f;
-      CK(cudaMemcpy(cw, hcw.data(), hcw.size() * 4, cudaMemcpyHostToDevice));
-    }
-    fill_bf16<<<4096, 256>>>(wgu, ngu, 11u, 2.0f / sqrtf(float(S.H)));
-    fill_bf16<<<4096, 256>>>(wd, nd, 13u, 2.0f / sqrtf(float(S.I)));
-    fill_bf16<<<256, 256>>>(x, size_t(Tmax) * S.H, 17u, 1.0f);
-    CK(cudaGetLastError());
+    fill_layer_inputs(wgu, ngu, wd, nd, x, size_t(Tmax) * S.H, S.H, S.I, cw, size_t(nmax));
     const double expert_bytes = 3.0 * S.I * S.H * 2;
     for (const int T : ts) {
       const int R = 32, n = T * S.k;

@@ -283,14 +283,10 @@ int main(int argc, char** argv) {
   const char* zipf_env = getenv("STREAM_PROBE_ZIPF");
   const double zipf =
       zipf_env != nullptr ? parse_int(zipf_env, "STREAM_PROBE_ZIPF", 0, 1000) / 100.0 : 0.0;
-  int dev = 0, sms = 0;
-  CK(cudaGetDevice(&dev));
-  CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  unsigned int* sink;
-  CK(cudaMalloc(&sink, 4));
-  cudaEvent_t e0, e1;
-  CK(cudaEventCreate(&e0));
-  CK(cudaEventCreate(&e1));
+  const ProbeDevice pd = probe_device();
+  const int sms = pd.sms;
+  unsigned int* const sink = pd.sink;
+  const cudaEvent_t e0 = pd.e0, e1 = pd.e1;
 
   // Read bandwidth: 4 GiB streamed once per pass, best of 5 (STREAM_PROBE_BW_GBPS
   // instead, e.g. under compute-sanitizer).
@@ -324,16 +320,7 @@ int main(int argc, char** argv) {
     float* cw;
     CK(cudaMalloc(&cout, size_t(Tmax) * S.H * 2));
     CK(cudaMalloc(&cw, size_t(Tmax) * S.k * 4));
-    {
-      std::vector<float> hcw(size_t(Tmax) * S.k);
-      std::mt19937 wr(99);
-      for (float& v : hcw) v = 0.05f + (wr() % 1000) * 1e-3f;
-      CK(cudaMemcpy(cw, hcw.data(), hcw.size() * 4, cudaMemcpyHostToDevice));
-    }
-    fill_bf16<<<4096, 256>>>(wgu, ngu, 11u, 2.0f / sqrtf(float(S.H)));
-    fill_bf16<<<4096, 256>>>(wd, nd, 13u, 2.0f / sqrtf(float(S.I)));
-    fill_bf16<<<256, 256>>>(x, size_t(Tmax) * S.H, 17u, 1.0f);
-    CK(cudaGetLastError());
+    fill_layer_inputs(wgu, ngu, wd, nd, x, size_t(Tmax) * S.H, S.H, S.I, cw, size_t(Tmax) * S.k);
     const double expert_bytes = (3.0 * S.I * S.H) * 2;
     for (const int T : ts) {
       if (T * S.k > kStreamMaxAssign) {

@@ -96,6 +96,14 @@ def _build_probe(tmp_path_factory, name):
   return exe
 
 
+def _assert_refused(exe, args, match, env=None):
+  """A probe run that must exit 2 before any CUDA call, naming what was wrong."""
+  p = subprocess.run([exe, *args], capture_output=True, text=True, timeout=60,
+                     env=dict(os.environ, **(env or {})))
+  assert p.returncode == 2, p.stdout + p.stderr
+  assert re.search(match, p.stderr), p.stderr
+
+
 @pytest.fixture(scope="module")
 def stream_probe(tmp_path_factory):
   return _build_probe(tmp_path_factory, "stream_probe")
@@ -112,10 +120,7 @@ def stream_probe(tmp_path_factory):
     (["--self-test", "x"], "--self-test takes no other arguments"),
 ])
 def test_stream_probe_bad_args(stream_probe, args, match):
-  import re
-  p = subprocess.run([stream_probe, *args], capture_output=True, text=True, timeout=60)
-  assert p.returncode == 2, p.stdout + p.stderr
-  assert re.search(match, p.stderr), p.stderr
+  _assert_refused(stream_probe, args, match)
 
 
 def test_stream_probe_self_test(stream_probe):
@@ -162,10 +167,7 @@ def split_probe(tmp_path_factory):
     (["gemma4", "1", "10", "extra"], "at most 3 arguments"),
 ])
 def test_split_probe_bad_args(split_probe, args, match):
-  import re
-  p = subprocess.run([split_probe, *args], capture_output=True, text=True, timeout=60)
-  assert p.returncode == 2, p.stdout + p.stderr
-  assert re.search(match, p.stderr), p.stderr
+  _assert_refused(split_probe, args, match)
 
 
 @pytest.fixture(scope="module")
@@ -184,11 +186,7 @@ def route_probe(tmp_path_factory):
     (["1", "8"], {"ROUTE_PROBE_NOBIAS": "yes"}, "ROUTE_PROBE_NOBIAS"),
 ])
 def test_route_probe_bad_args(route_probe, args, env, match):
-  import re
-  p = subprocess.run([route_probe, *args], capture_output=True, text=True, timeout=60,
-                     env=dict(os.environ, **env))
-  assert p.returncode == 2, p.stdout + p.stderr
-  assert re.search(match, p.stderr), p.stderr
+  _assert_refused(route_probe, args, match, env)
 
 
 def test_route_forced_k_splits_reach_the_primitive():
