@@ -34,7 +34,7 @@ expert_gemv_p = define_primitive(TARGET)
 # Kernel configuration values the CUDA handler takes (csrc/kernels/expert_gemv.cuh);
 # the shape rule checks them on every platform, so a bad one fails at trace time.
 _CONFIG_CHOICES = dict(token_tiles=(1, 2, 4), k_split_gate_up=(1, 2, 4, 8),
-                       k_split_down=(1, 2, 4, 8), kernel_variant=(0, 1, 3, 4, 5, 6, 7))
+                       k_split_down=(1, 2, 4, 8), kernel_variant=(0, 1, 3, 4, 5, 6, 7, 8))
 
 
 def _abstract_eval(x, ids, w_gate_up, w_down, shared_gate_up, shared_down, weights, *,

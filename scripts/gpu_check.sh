@@ -3,7 +3,7 @@
 # run the GPU tests, run compute-sanitizer over a small run of every kernel, and run
 # the benchmarks. Writes logs, JSON and tables under OUT_DIR.
 #
-#   scripts/gpu_check.sh OUT_DIR [build] [test] [sanitize] [profile] [trace] [bench] [bench-quick] [combine-probe] [split-probe]
+#   scripts/gpu_check.sh OUT_DIR [build] [test] [sanitize] [profile] [trace] [bench] [bench-quick] [combine-probe] [split-probe] [cluster-probe]
 # With no stage names, runs all four full stages. Each stage appends a line to
 # OUT_DIR/summary.txt; the script exits non-zero if any stage failed.
 # Narrowing a call (device time is short), all optional:
@@ -18,6 +18,8 @@
 #                           stage: XLA formulations of combine's sum, no extension needed)
 #   SPLIT_PROBE_ARGS="gemma4,qwen3 1,2,4 100"  arguments of scripts/split_probe.cu (split-probe
 #                           stage: expert_gemv's split kernels against the stream kernel, no JAX)
+#   CLUSTER_PROBE_ARGS="gemma4,qwen3 1,2 200"  arguments of scripts/cluster_probe.cu (cluster-probe
+#                           stage: expert_gemv's cluster kernel against the stream kernel, no JAX)
 set -u
 OUT=${1:?usage: gpu_check.sh OUT_DIR [stages...]}
 shift
@@ -116,16 +118,19 @@ if has combine-probe; then
   fi
 fi
 
-if has split-probe; then
+run_probe() {  # name, default arguments: build scripts/NAME.cu (CUDA only, no JAX) and run it
+  local name=$1 args=$2
   # shellcheck disable=SC2086
-  if mkdir -p build && nvcc -std=c++17 -O3 -arch=sm_90a -Icsrc scripts/split_probe.cu -o build/split_probe \
-       >"$OUT/split_probe.log" 2>&1 &&
-     build/split_probe ${SPLIT_PROBE_ARGS:-gemma4,qwen3 1,2,4 100} >>"$OUT/split_probe.log" 2>&1; then
-    note "split_probe: ok"; grep -v -i warn "$OUT/split_probe.log"
+  if mkdir -p build && nvcc -std=c++17 -O3 -arch=sm_90a -Icsrc "scripts/$name.cu" -o "build/$name" \
+       >"$OUT/$name.log" 2>&1 &&
+     "build/$name" $args >>"$OUT/$name.log" 2>&1; then
+    note "$name: ok"; grep -v -i warn "$OUT/$name.log"
   else
-    tail -20 "$OUT/split_probe.log"; note "split_probe: FAILED"; status=1
+    tail -20 "$OUT/$name.log"; note "$name: FAILED"; status=1
   fi
-fi
+}
+has split-probe && run_probe split_probe "${SPLIT_PROBE_ARGS:-gemma4,qwen3 1,2,4 100}"
+has cluster-probe && run_probe cluster_probe "${CLUSTER_PROBE_ARGS:-gemma4,qwen3 1,2 200}"
 
 run_bench() {  # name, args...
   local name=$1; shift

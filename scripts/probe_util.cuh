@@ -119,6 +119,29 @@ static void fill_layer_inputs(__nv_bfloat16* wgu, size_t ngu, __nv_bfloat16* wd,
   CK(cudaGetLastError());
 }
 
+// R routings of T tokens, each token k distinct experts of E drawn uniformly (rows of
+// n = T k ids); *distinct: the mean number of distinct experts per routing.
+static std::vector<int32_t> uniform_routings(int R, int T, int E, int k, std::mt19937& rng,
+                                             double* distinct) {
+  const int n = T * k;
+  std::vector<int32_t> ids(size_t(R) * n);
+  double d = 0;
+  for (int r = 0; r < R; ++r) {
+    std::vector<int> cnt(E, 0), perm(E);
+    for (int t = 0; t < T; ++t) {
+      for (int e = 0; e < E; ++e) perm[e] = e;
+      std::shuffle(perm.begin(), perm.end(), rng);
+      for (int j = 0; j < k; ++j) {
+        ids[size_t(r) * n + t * k + j] = perm[j];
+        ++cnt[perm[j]];
+      }
+    }
+    for (int c : cnt) d += c > 0;
+  }
+  *distinct = d / R;
+  return ids;
+}
+
 // What every probe sets up first: the SM count, a sink word for the read kernels,
 // and two timing events.
 struct ProbeDevice {

@@ -88,22 +88,8 @@ int main(int argc, char** argv) {
     const double expert_bytes = 3.0 * S.I * S.H * 2;
     for (const int T : ts) {
       const int R = 32, n = T * S.k;
-      std::vector<int32_t> ids(size_t(R) * n);
       double distinct = 0;
-      for (int r = 0; r < R; ++r) {  // k distinct experts per token, uniform
-        std::vector<int> cnt(S.E, 0);
-        for (int t = 0; t < T; ++t) {
-          std::vector<int> perm(S.E);
-          for (int e = 0; e < S.E; ++e) perm[e] = e;
-          std::shuffle(perm.begin(), perm.end(), rng);
-          for (int j = 0; j < S.k; ++j) {
-            ids[size_t(r) * n + t * S.k + j] = perm[j];
-            ++cnt[perm[j]];
-          }
-        }
-        for (int c : cnt) distinct += c > 0;
-      }
-      distinct /= R;
+      const std::vector<int32_t> ids = uniform_routings(R, T, S.E, S.k, rng, &distinct);
       int32_t* dids;
       CK(cudaMalloc(&dids, ids.size() * 4));
       CK(cudaMemcpy(dids, ids.data(), ids.size() * 4, cudaMemcpyHostToDevice));

@@ -215,7 +215,7 @@ def test_model_shapes_gpu(name, T):
     x = jax.random.normal(k3, (T, H), jnp.float32).astype(jnp.bfloat16)
     r = rng()
     ids = jnp.asarray(distinct_ids(r, T, k, E))
-    for variant in (0, 1, 5, 6, 7):  # the heuristics' choice, plain, stream, split kernels
+    for variant in (0, 1, 5, 6, 7, 8):  # the heuristics' choice, plain, stream, split, cluster
       run_and_check(x, ids, wgu, wd, s.activation, config=dict(kernel_variant=variant))
 
 
@@ -395,6 +395,85 @@ def test_split_kernel(platform, T, H, I, E, k, dtype, ids_kind):
   assert _codes.gemv_scratch_cols(H, I, 5) == I
 
 
+@pytest.mark.parametrize("T,H,I,E,k,dtype,ids_kind", [
+    (1, 64, 64, 16, 4, jnp.bfloat16, "distinct"),    # 4 rows of each phase per block
+    (3, 72, 96, 8, 2, jnp.float16, "distinct"),      # H tail (9 vectors), 6 I rows per block
+    (4, 64, 8, 4, 3, jnp.bfloat16, "repeated"),      # I = 8: ranks 1-15 own no h rows
+    (2, 2816, 704, 16, 8, jnp.bfloat16, "distinct"),  # Gemma-4 H, I: 11 + 11 vectors per lane
+    (1, 2048, 768, 16, 8, jnp.float16, "distinct"),   # Qwen3 H, I: 8 + 12 vectors per lane
+    (2, 3072, 40, 8, 2, jnp.bfloat16, "distinct"),   # the largest H; H / 16 rows per block
+    (6, 40, 24, 8, 16, jnp.bfloat16, "fuzz"),        # 16 slots, ids in [-3, E+3); H < 16 rows
+    (3, 64, 44, 8, 2, jnp.bfloat16, "distinct"),     # I % 8 != 0: falls back
+    (3, 64, 64, 8, 2, jnp.float32, "distinct"),      # f32: falls back
+    (2, 3080, 64, 4, 2, jnp.bfloat16, "distinct"),   # H > 3072: falls back
+    (2, 64, 776, 4, 2, jnp.bfloat16, "distinct"),    # I > 768: falls back
+])
+def test_cluster_kernel(platform, T, H, I, E, k, dtype, ids_kind):
+  """Variant 8 (csrc/kernels/expert_gemv_cluster.cuh: a cluster of 16 blocks per
+  assignment, h shared in distributed shared memory; other platforms ignore it): ids
+  -1 and E give zero rows, repeated experts, sizes where some blocks own no rows, the
+  sizes it falls back on; bitwise equal over repeated runs."""
+  r = rng()
+  x = jnp.asarray(r.normal(size=(T, H)), dtype)
+  wgu, wd = make_weights(r, E, H, I, dtype)
+  if ids_kind == "fuzz":
+    ids = r.integers(-3, E + 3, size=(T, k)).astype(np.int32)
+  elif ids_kind == "repeated":
+    ids = r.integers(0, E, size=(T, k)).astype(np.int32)
+    ids[1, 1] = ids[1, 0]
+  else:
+    ids = distinct_ids(r, T, k, E)
+  ids[0, 0] = -1
+  ids[T - 1, k - 1] = E
+  cfg = dict(kernel_variant=8)
+  y0 = run_and_check(x, jnp.asarray(ids), wgu, wd, config=cfg)
+  assert np.all(y0[0, 0] == 0) and np.all(y0[T - 1, k - 1] == 0)
+  valid = (ids >= 0) & (ids < E)
+  assert np.all(np.abs(y0[valid]).max(-1) > 0)
+  y1 = run_and_check(x, jnp.asarray(ids), wgu, wd, config=cfg)
+  np.testing.assert_array_equal(y0, y1)
+
+
+def test_cluster_limits_match_the_kernel():
+  """heuristics.gemv_cluster_supported's size limits (H <= 3072, I <= 768) are the
+  cluster kernel's register arrays (kClusterMaxVpl, kClusterMaxDvpl in
+  csrc/kernels/expert_gemv_cluster.cuh): H <= 256 VPL, I <= 64 DVPL."""
+  import os
+  import re
+  from jax_moe import heuristics
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  with open(os.path.join(root, "csrc", "kernels", "expert_gemv_cluster.cuh")) as f:
+    src = f.read()
+  vpl = int(re.search(r"kClusterMaxVpl = (\d+);", src).group(1))
+  dvpl = int(re.search(r"kClusterMaxDvpl = (\d+);", src).group(1))
+  rows = int(re.search(r"kClusterDownRows = (\d+);", src).group(1))
+  ok = heuristics.gemv_cluster_supported
+  assert ok(1, 8, 0, 256 * vpl, 64, 2) and not ok(1, 8, 0, 256 * vpl + 8, 64, 2)
+  imax = 32 * dvpl * 8 // rows
+  assert ok(1, 8, 0, 64, imax, 2) and not ok(1, 8, 0, 64, imax + 8, 2)
+
+
+def test_cluster_variant_heuristic(monkeypatch):
+  """heuristics.expert_gemv_variant picks the cluster kernel (8) up to
+  GEMV_CLUSTER_MAX_TOKENS tokens, only where gemv_cluster_supported (16-bit, no
+  shared experts, H % 8 == 0 up to 3072, I % 8 == 0 up to 768) and only when the
+  caller gives I, before the split kernels' rule."""
+  from jax_moe import heuristics
+  v = heuristics.expert_gemv_variant
+  monkeypatch.setattr(heuristics, "GEMV_CLUSTER_MAX_TOKENS", 1)
+  monkeypatch.setattr(heuristics, "GEMV_SPLIT_MAX_TOKENS", 2)
+  assert v(1, 128, 8, 0, 2816, 704) == 8 and v(1, 128, 8, 0, 2048, 768, 2) == 8
+  assert v(2, 128, 8, 0, 2816, 704) == 7                  # above the cluster's limit
+  assert v(1, 128, 8, 0, 2816) == 5                       # I not given
+  assert v(1, 128, 8, 0, 2816, 704, 4) == 5               # f32
+  assert v(1, 128, 8, 1, 2816, 704) == 5                  # a shared expert: neither
+  assert v(1, 128, 8, 0, 2816, 700) == 5                  # I % 8 != 0 (and % 32)
+  assert v(1, 128, 8, 0, 2816, 800) == 7                  # I > 768: the split kernels
+  assert v(1, 8, 2, 0, 3080, 64) == 7                     # H > 3072: the split kernels
+  monkeypatch.setattr(heuristics, "GEMV_CLUSTER_MAX_TOKENS", 0)
+  assert v(1, 128, 8, 0, 2816, 704) == 7
+
+
 def test_split_constants_match_params_h():
   """The split variant's number and chunk in jax_moe/_codes.py are the C++ ones
   (csrc/common/params.h), which size the h scratch the handler checks."""
@@ -415,7 +494,7 @@ def test_split_constants_match_params_h():
     (5, 36, 20, 8, 2, 1, jnp.bfloat16),    # not multiples of 8: generic path on GPU
     (4, 64, 48, 16, 4, 2, jnp.float32),
 ])
-@pytest.mark.parametrize("variant", [0, 1, 4, 5, 6, 7])
+@pytest.mark.parametrize("variant", [0, 1, 4, 5, 6, 7, 8])
 def test_shared_experts(platform, T, H, I, E, k, S, dtype, variant):
   """Shared experts as slots k .. k + S - 1 of every token, in the same call: the
   reference's shared rows, and routed rows bitwise equal to a call without shared
@@ -451,7 +530,7 @@ def test_shared_experts(platform, T, H, I, E, k, S, dtype, variant):
 
 @pytest.mark.parametrize("cfg,match", [
     (dict(kernel_variant=2), "kernel_variant"),
-    (dict(kernel_variant=8), "kernel_variant"),
+    (dict(kernel_variant=9), "kernel_variant"),
     (dict(token_tiles=3), "token_tiles"),
     (dict(k_split_gate_up=16), "k_split_gate_up"),
     (dict(k_split_down=0), "k_split_down"),

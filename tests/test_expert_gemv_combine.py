@@ -67,7 +67,8 @@ def _check(x, ids, w, wgu, wd, sgu=None, sd=None, variant=None, runs=2, in_kerne
     (4, 64, 48, 16, 4, 0, jnp.float32),     # f32: not the stream kernel on GPU
 ])
 @pytest.mark.parametrize("variant,in_kernel", [(None, None), (4, True), (5, True), (6, True),
-                                               (5, False), (6, False), (7, None)])
+                                               (5, False), (6, False), (7, None),
+                                               (8, None)])
 def test_matches_reference_and_two_calls(platform, T, H, I, E, k, S, dtype, variant, in_kernel):
   r = rng()
   x = jnp.asarray(r.normal(size=(T, H)), dtype)
@@ -79,7 +80,7 @@ def test_matches_reference_and_two_calls(platform, T, H, I, E, k, S, dtype, vari
   _check(x, jnp.asarray(ids), _weights(r, T, k), wgu, wd, sgu, sd, variant, in_kernel=in_kernel)
 
 
-@pytest.mark.parametrize("variant", [5, 6, 7])
+@pytest.mark.parametrize("variant", [5, 6, 7, 8])
 def test_awkward_routings(platform, variant):
   """Tokens whose every slot is dropped (no unit counts them: their row is written
   from the weights alone), repeated experts within a token (two arrivals on one

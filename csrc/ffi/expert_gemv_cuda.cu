@@ -29,8 +29,8 @@ static ffi::Error ExpertGemvCudaHandler(cudaStream_t stream, ffi::AnyBuffer x, f
              "expert_gemv (CUDA): k_split values must be 1, 2, 4 or 8");
   JM_REQUIRE(kernel_variant == 0 || kernel_variant == 1 || kernel_variant == 3 ||
                  kernel_variant == 4 || kernel_variant == 5 || kernel_variant == 6 ||
-                 kernel_variant == 7,
-             "expert_gemv (CUDA): kernel_variant must be 0, 1, 3, 4, 5, 6 or 7 "
+                 kernel_variant == 7 || kernel_variant == 8,
+             "expert_gemv (CUDA): kernel_variant must be 0, 1, 3, 4, 5, 6, 7 or 8 "
              "(kernels/expert_gemv.cuh)");
   cuda::ExpertGemvArgs a;
   a.x = x.untyped_data();

@@ -34,6 +34,7 @@
 #include "common/mma.cuh"
 #include "common/params.h"
 #include "kernels/combine.cuh"
+#include "kernels/expert_gemv_cluster.cuh"
 #include "kernels/expert_gemv_split.cuh"
 #include "kernels/expert_gemv_stream.cuh"
 
@@ -380,10 +381,13 @@ gemv_generic_kernel(GemvPhaseArgs a) {
 //   6 the same with the wide ring (kStreamColsWide columns per slot: long rows);
 //   7 split: the dependency-free kernels of expert_gemv_split.cuh (16-bit, no shared
 //     experts, SplitSupported sizes; h is their f32 partials' scratch, so it has
-//     GemvScratchCols(H, I, 7) elements per assignment); elsewhere 7 falls back to 5.
+//     GemvScratchCols(H, I, 7) elements per assignment); elsewhere 7 falls back to 5;
+//   8 cluster: the kernel of expert_gemv_cluster.cuh, a thread-block cluster per
+//     assignment sharing h in distributed shared memory (sm_90, 16-bit, no shared
+//     experts, ClusterSupported sizes); elsewhere 8 falls back to 5.
 enum GemvVariant : int {
   kGemvAuto = 0, kGemvDirect = 1, kGemvDirectPf = 3, kGemvDirectPf8 = 4, kGemvStream = 5,
-  kGemvStreamWide = 6, kGemvSplit = kGemvSplitVariant
+  kGemvStreamWide = 6, kGemvSplit = kGemvSplitVariant, kGemvCluster = 8
 };
 
 struct ExpertGemvArgs {
@@ -481,6 +485,18 @@ cudaError_t LaunchExpertGemvKernels(const ExpertGemvArgs& a, cudaStream_t stream
       }
     }
     variant = kGemvStream;  // where the split kernels do not run
+  }
+  if (variant == kGemvCluster) {
+    if constexpr (sizeof(T) == 2) {
+      if (ClusterSupported(a.T, a.k, a.S, a.H, a.I, true, DeviceIsSm90())) {
+        GemvClusterArgs c;
+        c.x = a.x;  c.ids = a.ids;  c.w_gate_up = a.w_gate_up;  c.w_down = a.w_down;  c.y = a.y;
+        c.T = static_cast<int>(a.T);  c.k = static_cast<int>(a.k);  c.E = static_cast<int>(a.E);
+        c.H = static_cast<int>(a.H);  c.I = static_cast<int>(a.I);  c.activation = a.activation;
+        return LaunchGemvCluster<T>(c, stream);  // combine's kernel follows (not fused)
+      }
+    }
+    variant = kGemvStream;  // where the cluster kernel does not run
   }
   if constexpr (sizeof(T) == 2) {
     const bool wide = variant == kGemvStreamWide;
