@@ -97,7 +97,7 @@ def route_k_splits(hidden: int) -> int:
 # T*k <= GEMV_STREAM_MAX_ASSIGN, E <= 1024; elsewhere it falls back to 4), 6 the same
 # kernel with wider ring slots (1024 columns instead of 768), for H >= 4096; 7 the
 # split kernels (no dependency between blocks; GEMV_SPLIT_MAX_TOKENS below); 8 the
-# cluster kernel (GEMV_CLUSTER_MAX_TOKENS below).
+# group kernel (GEMV_GROUP_MAX_TOKENS below).
 # Measured on H100 (bench_gemv --variants 1,3,4): 4 reaches 2.6-3.0 TB/s on the
 # large shapes where 1 reached 2.0-2.3 TB/s.
 GEMV_KERNEL_VARIANT = 0
@@ -181,36 +181,36 @@ def gemv_split_supported(num_tokens: int, top_k: int, num_shared: int, hidden: i
           and H % 8 == 0 and 32 <= I <= 32 * 32 and I % 32 == 0 and T * k * (I // 32) < 2**31)
 
 
-# Variant 8, the cluster kernel (csrc/kernels/expert_gemv_cluster.cuh: a cluster of 16
-# blocks per assignment shares h in distributed shared memory; both phases read whole
-# rows; an expert that several tokens chose is read once per token), up to this many
-# tokens where gemv_cluster_supported. 0 until measured.
-GEMV_CLUSTER_MAX_TOKENS = 0
+# Variant 8, the group kernel (csrc/kernels/expert_gemv_group.cuh: G blocks per
+# assignment, one per SM, each reading the same bytes in whole rows, h shared through
+# the scratch; an expert that several tokens chose is read once per token), up to this
+# many tokens where gemv_group_supported. 0 until measured.
+GEMV_GROUP_MAX_TOKENS = 0
 
 
-def gemv_cluster_supported(num_tokens: int, top_k: int, num_shared: int, hidden: int,
-                           intermediate: int, itemsize: int) -> bool:
-  """Whether the cluster kernel takes this call on an sm_90 GPU (else variant 8 runs
-  the stream kernel); the same rule as ClusterSupported in
-  csrc/kernels/expert_gemv_cluster.cuh: 16-bit dtypes, no shared experts, H a
-  multiple of 8 up to 3072, I a multiple of 8 up to 768 (the register arrays that fit
-  without spills)."""
+def gemv_group_supported(num_tokens: int, top_k: int, num_shared: int, hidden: int,
+                         intermediate: int, itemsize: int) -> bool:
+  """Whether the group kernel takes this call on an sm_90 GPU (else variant 8 runs the
+  stream kernel); the same rule as GroupSupported in
+  csrc/kernels/expert_gemv_group.cuh: 16-bit dtypes, no shared experts, T * k <= 512,
+  H a multiple of 8 up to 3072, I a multiple of 8 up to 768 (the register arrays that
+  fit without spills)."""
   T, k, H, I = num_tokens, top_k, hidden, intermediate
-  return (itemsize == 2 and num_shared == 0 and T >= 1 and k >= 1 and 8 <= H <= 3072
-          and H % 8 == 0 and 8 <= I <= 768 and I % 8 == 0 and T * k * 16 < 2**31)
+  return (itemsize == 2 and num_shared == 0 and T >= 1 and k >= 1 and T * k <= 512
+          and 8 <= H <= 3072 and H % 8 == 0 and 8 <= I <= 768 and I % 8 == 0)
 
 
 def expert_gemv_variant(num_tokens: int, num_experts: int, top_k: int, num_shared: int,
                         hidden: int, intermediate: int | None = None, itemsize: int = 2) -> int:
-  """The variant expert_gemv runs: GEMV_KERNEL_VARIANT if set; else the cluster
-  kernel (8) up to GEMV_CLUSTER_MAX_TOKENS tokens, or the split kernels (7) up to
+  """The variant expert_gemv runs: GEMV_KERNEL_VARIANT if set; else the group
+  kernel (8) up to GEMV_GROUP_MAX_TOKENS tokens, or the split kernels (7) up to
   GEMV_SPLIT_MAX_TOKENS tokens, where they run (intermediate given); else
   gemv_kernel_variant of the problem the kernels see, T * (k + S) assignments over
   E + S experts (the S shared experts are slots k .. k + S - 1 of every token)."""
   if GEMV_KERNEL_VARIANT:
     return GEMV_KERNEL_VARIANT
-  if (intermediate is not None and num_tokens <= GEMV_CLUSTER_MAX_TOKENS and
-      gemv_cluster_supported(num_tokens, top_k, num_shared, hidden, intermediate, itemsize)):
+  if (intermediate is not None and num_tokens <= GEMV_GROUP_MAX_TOKENS and
+      gemv_group_supported(num_tokens, top_k, num_shared, hidden, intermediate, itemsize)):
     return 8
   if (intermediate is not None and num_tokens <= GEMV_SPLIT_MAX_TOKENS and
       gemv_split_supported(num_tokens, top_k, num_shared, hidden, intermediate, itemsize)):

@@ -3,7 +3,7 @@
 # run the GPU tests, run compute-sanitizer over a small run of every kernel, and run
 # the benchmarks. Writes logs, JSON and tables under OUT_DIR.
 #
-#   scripts/gpu_check.sh OUT_DIR [build] [test] [sanitize] [profile] [trace] [bench] [bench-quick] [combine-probe] [split-probe] [cluster-probe]
+#   scripts/gpu_check.sh OUT_DIR [build] [test] [sanitize] [profile] [trace] [bench] [bench-quick] [combine-probe] [split-probe] [group-probe]
 # With no stage names, runs all four full stages. Each stage appends a line to
 # OUT_DIR/summary.txt; the script exits non-zero if any stage failed.
 # Narrowing a call (device time is short), all optional:
@@ -18,8 +18,8 @@
 #                           stage: XLA formulations of combine's sum, no extension needed)
 #   SPLIT_PROBE_ARGS="gemma4,qwen3 1,2,4 100"  arguments of scripts/split_probe.cu (split-probe
 #                           stage: expert_gemv's split kernels against the stream kernel, no JAX)
-#   CLUSTER_PROBE_ARGS="gemma4,qwen3 1,2 200"  arguments of scripts/cluster_probe.cu (cluster-probe
-#                           stage: expert_gemv's cluster kernel against the stream kernel, no JAX)
+#   GROUP_PROBE_ARGS="gemma4,qwen3 1,2 200"  arguments of scripts/group_probe.cu (group-probe
+#                           stage: expert_gemv's group kernel against the stream kernel, no JAX)
 set -u
 OUT=${1:?usage: gpu_check.sh OUT_DIR [stages...]}
 shift
@@ -130,7 +130,7 @@ run_probe() {  # name, default arguments: build scripts/NAME.cu (CUDA only, no J
   fi
 }
 has split-probe && run_probe split_probe "${SPLIT_PROBE_ARGS:-gemma4,qwen3 1,2,4 100}"
-has cluster-probe && run_probe cluster_probe "${CLUSTER_PROBE_ARGS:-gemma4,qwen3 1,2 200}"
+has group-probe && run_probe group_probe "${GROUP_PROBE_ARGS:-gemma4,qwen3 1,2 200}"
 
 run_bench() {  # name, args...
   local name=$1; shift

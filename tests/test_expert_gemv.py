@@ -215,7 +215,7 @@ def test_model_shapes_gpu(name, T):
     x = jax.random.normal(k3, (T, H), jnp.float32).astype(jnp.bfloat16)
     r = rng()
     ids = jnp.asarray(distinct_ids(r, T, k, E))
-    for variant in (0, 1, 5, 6, 7, 8):  # the heuristics' choice, plain, stream, split, cluster
+    for variant in (0, 1, 5, 6, 7, 8):  # the heuristics' choice, plain, stream, split, group
       run_and_check(x, ids, wgu, wd, s.activation, config=dict(kernel_variant=variant))
 
 
@@ -396,23 +396,25 @@ def test_split_kernel(platform, T, H, I, E, k, dtype, ids_kind):
 
 
 @pytest.mark.parametrize("T,H,I,E,k,dtype,ids_kind", [
-    (1, 64, 64, 16, 4, jnp.bfloat16, "distinct"),    # 4 rows of each phase per block
-    (3, 72, 96, 8, 2, jnp.float16, "distinct"),      # H tail (9 vectors), 6 I rows per block
-    (4, 64, 8, 4, 3, jnp.bfloat16, "repeated"),      # I = 8: ranks 1-15 own no h rows
-    (2, 2816, 704, 16, 8, jnp.bfloat16, "distinct"),  # Gemma-4 H, I: 11 + 11 vectors per lane
-    (1, 2048, 768, 16, 8, jnp.float16, "distinct"),   # Qwen3 H, I: 8 + 12 vectors per lane
-    (2, 3072, 40, 8, 2, jnp.bfloat16, "distinct"),   # the largest H; H / 16 rows per block
-    (6, 40, 24, 8, 16, jnp.bfloat16, "fuzz"),        # 16 slots, ids in [-3, E+3); H < 16 rows
+    (1, 64, 64, 16, 4, jnp.bfloat16, "distinct"),    # G = 16 (132 SMs): 4 rows per block
+    (3, 72, 96, 8, 2, jnp.float16, "distinct"),      # H tail (9 vectors), G = 16
+    (4, 64, 8, 4, 3, jnp.bfloat16, "repeated"),      # I = 8: G = 11, ranks 1-10 own no h rows
+    (2, 2816, 704, 16, 8, jnp.bfloat16, "distinct"),  # Gemma-4 H, I: G = 8
+    (1, 2048, 768, 16, 8, jnp.float16, "distinct"),   # Qwen3 H, I: G = 16
+    (2, 3072, 40, 8, 2, jnp.bfloat16, "distinct"),   # the largest H; I / G = 2.5 rows
+    (6, 40, 24, 8, 16, jnp.bfloat16, "fuzz"),        # 96 slots: G = 1; ids in [-3, E+3)
     (3, 64, 44, 8, 2, jnp.bfloat16, "distinct"),     # I % 8 != 0: falls back
     (3, 64, 64, 8, 2, jnp.float32, "distinct"),      # f32: falls back
     (2, 3080, 64, 4, 2, jnp.bfloat16, "distinct"),   # H > 3072: falls back
     (2, 64, 776, 4, 2, jnp.bfloat16, "distinct"),    # I > 768: falls back
+    (65, 64, 64, 16, 8, jnp.bfloat16, "distinct"),   # T k = 520 > 512: falls back
 ])
-def test_cluster_kernel(platform, T, H, I, E, k, dtype, ids_kind):
-  """Variant 8 (csrc/kernels/expert_gemv_cluster.cuh: a cluster of 16 blocks per
-  assignment, h shared in distributed shared memory; other platforms ignore it): ids
-  -1 and E give zero rows, repeated experts, sizes where some blocks own no rows, the
-  sizes it falls back on; bitwise equal over repeated runs."""
+def test_group_kernel(platform, T, H, I, E, k, dtype, ids_kind):
+  """Variant 8 (csrc/kernels/expert_gemv_group.cuh: G blocks per assignment sharing
+  h through the scratch; other platforms ignore it): ids -1 and E give zero rows,
+  repeated experts, sizes where some blocks own no rows, one block per assignment,
+  the sizes it falls back on; bitwise equal over repeated runs (the arrival words are
+  reset for the next call)."""
   r = rng()
   x = jnp.asarray(r.normal(size=(T, H)), dtype)
   wgu, wd = make_weights(r, E, H, I, dtype)
@@ -434,43 +436,44 @@ def test_cluster_kernel(platform, T, H, I, E, k, dtype, ids_kind):
   np.testing.assert_array_equal(y0, y1)
 
 
-def test_cluster_limits_match_the_kernel():
-  """heuristics.gemv_cluster_supported's size limits (H <= 3072, I <= 768) are the
-  cluster kernel's register arrays (kClusterMaxVpl, kClusterMaxDvpl in
-  csrc/kernels/expert_gemv_cluster.cuh): H <= 256 VPL, I <= 64 DVPL."""
+def test_group_limits_match_the_kernel():
+  """heuristics.gemv_group_supported's limits (H <= 3072, I <= 768, T k <= 512) are
+  the group kernel's (kGroupMaxVpl, kGroupMaxDvpl, kGroupMaxAssign in
+  csrc/kernels/expert_gemv_group.cuh): H <= 256 VPL, I <= 64 DVPL."""
   import os
   import re
   from jax_moe import heuristics
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  with open(os.path.join(root, "csrc", "kernels", "expert_gemv_cluster.cuh")) as f:
+  with open(os.path.join(root, "csrc", "kernels", "expert_gemv_group.cuh")) as f:
     src = f.read()
-  vpl = int(re.search(r"kClusterMaxVpl = (\d+);", src).group(1))
-  dvpl = int(re.search(r"kClusterMaxDvpl = (\d+);", src).group(1))
-  rows = int(re.search(r"kClusterDownRows = (\d+);", src).group(1))
-  ok = heuristics.gemv_cluster_supported
+  const = lambda name: int(re.search(name + r" = (\d+);", src).group(1))
+  vpl, dvpl, rows = const("kGroupMaxVpl"), const("kGroupMaxDvpl"), const("kGroupDownRows")
+  ok = heuristics.gemv_group_supported
   assert ok(1, 8, 0, 256 * vpl, 64, 2) and not ok(1, 8, 0, 256 * vpl + 8, 64, 2)
   imax = 32 * dvpl * 8 // rows
   assert ok(1, 8, 0, 64, imax, 2) and not ok(1, 8, 0, 64, imax + 8, 2)
+  most = const("kGroupMaxAssign")
+  assert ok(most // 8, 8, 0, 64, 64, 2) and not ok(most // 8 + 1, 8, 0, 64, 64, 2)
 
 
-def test_cluster_variant_heuristic(monkeypatch):
-  """heuristics.expert_gemv_variant picks the cluster kernel (8) up to
-  GEMV_CLUSTER_MAX_TOKENS tokens, only where gemv_cluster_supported (16-bit, no
-  shared experts, H % 8 == 0 up to 3072, I % 8 == 0 up to 768) and only when the
-  caller gives I, before the split kernels' rule."""
+def test_group_variant_heuristic(monkeypatch):
+  """heuristics.expert_gemv_variant picks the group kernel (8) up to
+  GEMV_GROUP_MAX_TOKENS tokens, only where gemv_group_supported (16-bit, no shared
+  experts, H % 8 == 0 up to 3072, I % 8 == 0 up to 768) and only when the caller
+  gives I, before the split kernels' rule."""
   from jax_moe import heuristics
   v = heuristics.expert_gemv_variant
-  monkeypatch.setattr(heuristics, "GEMV_CLUSTER_MAX_TOKENS", 1)
+  monkeypatch.setattr(heuristics, "GEMV_GROUP_MAX_TOKENS", 1)
   monkeypatch.setattr(heuristics, "GEMV_SPLIT_MAX_TOKENS", 2)
   assert v(1, 128, 8, 0, 2816, 704) == 8 and v(1, 128, 8, 0, 2048, 768, 2) == 8
-  assert v(2, 128, 8, 0, 2816, 704) == 7                  # above the cluster's limit
+  assert v(2, 128, 8, 0, 2816, 704) == 7                  # above the group kernel's limit
   assert v(1, 128, 8, 0, 2816) == 5                       # I not given
   assert v(1, 128, 8, 0, 2816, 704, 4) == 5               # f32
   assert v(1, 128, 8, 1, 2816, 704) == 5                  # a shared expert: neither
   assert v(1, 128, 8, 0, 2816, 700) == 5                  # I % 8 != 0 (and % 32)
   assert v(1, 128, 8, 0, 2816, 800) == 7                  # I > 768: the split kernels
   assert v(1, 8, 2, 0, 3080, 64) == 7                     # H > 3072: the split kernels
-  monkeypatch.setattr(heuristics, "GEMV_CLUSTER_MAX_TOKENS", 0)
+  monkeypatch.setattr(heuristics, "GEMV_GROUP_MAX_TOKENS", 0)
   assert v(1, 128, 8, 0, 2816, 704) == 7
 
 

@@ -34,7 +34,7 @@
 #include "common/mma.cuh"
 #include "common/params.h"
 #include "kernels/combine.cuh"
-#include "kernels/expert_gemv_cluster.cuh"
+#include "kernels/expert_gemv_group.cuh"
 #include "kernels/expert_gemv_split.cuh"
 #include "kernels/expert_gemv_stream.cuh"
 
@@ -382,12 +382,12 @@ gemv_generic_kernel(GemvPhaseArgs a) {
 //   7 split: the dependency-free kernels of expert_gemv_split.cuh (16-bit, no shared
 //     experts, SplitSupported sizes; h is their f32 partials' scratch, so it has
 //     GemvScratchCols(H, I, 7) elements per assignment); elsewhere 7 falls back to 5;
-//   8 cluster: the kernel of expert_gemv_cluster.cuh, a thread-block cluster per
-//     assignment sharing h in distributed shared memory (sm_90, 16-bit, no shared
-//     experts, ClusterSupported sizes); elsewhere 8 falls back to 5.
+//   8 group: the kernel of expert_gemv_group.cuh, G blocks per assignment that share
+//     h through the scratch, one block per SM (sm_90, 16-bit, no shared experts,
+//     GroupSupported sizes); elsewhere 8 falls back to 5.
 enum GemvVariant : int {
   kGemvAuto = 0, kGemvDirect = 1, kGemvDirectPf = 3, kGemvDirectPf8 = 4, kGemvStream = 5,
-  kGemvStreamWide = 6, kGemvSplit = kGemvSplitVariant, kGemvCluster = 8
+  kGemvStreamWide = 6, kGemvSplit = kGemvSplitVariant, kGemvGroup = 8
 };
 
 struct ExpertGemvArgs {
@@ -486,17 +486,19 @@ cudaError_t LaunchExpertGemvKernels(const ExpertGemvArgs& a, cudaStream_t stream
     }
     variant = kGemvStream;  // where the split kernels do not run
   }
-  if (variant == kGemvCluster) {
+  if (variant == kGemvGroup) {
     if constexpr (sizeof(T) == 2) {
-      if (ClusterSupported(a.T, a.k, a.S, a.H, a.I, true, DeviceIsSm90())) {
-        GemvClusterArgs c;
-        c.x = a.x;  c.ids = a.ids;  c.w_gate_up = a.w_gate_up;  c.w_down = a.w_down;  c.y = a.y;
-        c.T = static_cast<int>(a.T);  c.k = static_cast<int>(a.k);  c.E = static_cast<int>(a.E);
-        c.H = static_cast<int>(a.H);  c.I = static_cast<int>(a.I);  c.activation = a.activation;
-        return LaunchGemvCluster<T>(c, stream);  // combine's kernel follows (not fused)
+      if (GroupSupported(a.T, a.k, a.S, a.H, a.I, true, DeviceIsSm90())) {
+        GemvGroupArgs g;
+        g.x = a.x;  g.ids = a.ids;  g.w_gate_up = a.w_gate_up;  g.w_down = a.w_down;
+        g.h = a.h;  g.y = a.y;
+        g.T = static_cast<int>(a.T);  g.k = static_cast<int>(a.k);  g.E = static_cast<int>(a.E);
+        g.H = static_cast<int>(a.H);  g.I = static_cast<int>(a.I);  g.activation = a.activation;
+        g.G = GroupBlocks(a.T * a.k, CurrentDeviceAttr<cudaDevAttrMultiProcessorCount>(132));
+        return LaunchGemvGroup<T>(g, stream);  // combine's kernel follows (not fused)
       }
     }
-    variant = kGemvStream;  // where the cluster kernel does not run
+    variant = kGemvStream;  // where the group kernel does not run
   }
   if constexpr (sizeof(T) == 2) {
     const bool wide = variant == kGemvStreamWide;

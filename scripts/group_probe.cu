@@ -1,24 +1,23 @@
-// Standalone probe of expert_gemv's cluster kernel (kernels/expert_gemv_cluster.cuh,
-// kernel_variant 8), no JAX: does a cluster of blocks per assignment, reading whole
-// rows in both phases and sharing h through distributed shared memory, bring the
+// Standalone probe of expert_gemv's group kernel (kernels/expert_gemv_group.cuh,
+// kernel_variant 8), no JAX: G blocks per assignment, one per SM, each reading the
+// same bytes in whole rows, h shared through the scratch (L2). Does it bring the
 // experts at T=1 on the narrow shapes (Gemma-4, Qwen3) towards a plain read of the
-// same bytes (1.08-1.11x the floor; the stream kernel 1.4-1.5x, RESULTS.md s21)?
+// same bytes (1.08-1.12x the floor; the stream kernel 1.4-1.5x, RESULTS.md s21)?
 //
-//   nvcc -std=c++17 -O3 -arch=sm_90a -Icsrc scripts/cluster_probe.cu -o build/cluster_probe
-//   build/cluster_probe [shape,...] [T,...] [iterations]     e.g. gemma4,qwen3 1,2 200
+//   nvcc -std=c++17 -O3 -arch=sm_90a -Icsrc scripts/group_probe.cu -o build/group_probe
+//   build/group_probe [shape,...] [T,...] [iterations]     e.g. gemma4,qwen3 1,2 200
 //
 // Prints, us per call, launches back to back over 32 routings (weights far larger
 // than L2): lib_us the stream kernel then combine's kernel; lib_in_us the sum in the
 // stream kernel's last block (the library's choice at T <= 2 on these shapes);
-// cl16_us the cluster kernel (16 blocks per cluster) then combine's kernel;
-// cl16_k_us / cl8_k_us the cluster kernel alone with 16 / 8 blocks per cluster;
-// read_us a plain read of the same routings' distinct experts; floor = those
-// experts' bytes / the 4 GiB read rate; clusters16 / clusters8 the clusters that can
-// be resident at once (cudaOccupancyMaxActiveClusters). Checks, on a fresh routing
-// with ids out of range: the cluster kernel's y against the stream kernel's (max
-// error / max |y|; both round h to bf16, so they differ by the order of the f32 sums),
-// dropped ids' rows exactly zero, and two runs bitwise equal with every output
-// written (poisoned before).
+// grp_us the group kernel then combine's kernel (the library's variant 8);
+// grp_k_us the group kernel alone; g8_k_us / g12_k_us the same with 8 / 12 blocks per
+// assignment instead of GroupBlocks' choice (G, printed); read_us a plain read of the
+// same routings' distinct experts; floor = those experts' bytes / the 4 GiB read
+// rate. Checks, on a fresh routing with ids out of range: the group kernel's y
+// against the stream kernel's (max error / max |y|; both round h to bf16, so they
+// differ by the order of the f32 sums), dropped ids' rows exactly zero, and two runs
+// (and a run with G = 8) bitwise equal with every output written (poisoned before).
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -29,35 +28,16 @@
 #include <vector>
 
 #include "kernels/expert_gemv.cuh"          // LaunchExpertGemv
-#include "kernels/expert_gemv_cluster.cuh"  // LaunchGemvCluster
+#include "kernels/expert_gemv_group.cuh"    // LaunchGemvGroup, GroupBlocks
 #include "probe_util.cuh"
 
 using namespace jax_moe;
 using namespace jax_moe::cuda;
 
-const char* const kProbeName = "cluster_probe";
+const char* const kProbeName = "group_probe";
 
 struct Shape { const char* name; int H, I, E, k; };
 static const Shape kShapes[] = {{"gemma4", 2816, 704, 128, 8}, {"qwen3", 2048, 768, 128, 8}};
-
-template <int CS>
-static int max_active_clusters(const Shape& S) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(S.k * CS);
-  cfg.blockDim = dim3(kClusterThreads);
-  cudaLaunchAttribute attr;
-  attr.id = cudaLaunchAttributeClusterDimension;
-  attr.val.clusterDim.x = CS;
-  attr.val.clusterDim.y = 1;
-  attr.val.clusterDim.z = 1;
-  cfg.attrs = &attr;
-  cfg.numAttrs = 1;
-  auto kernel = gemv_cluster_kernel<bf16, 12, 12, CS>;
-  if (CS > 8) CK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
-  int n = 0;
-  CK(cudaOccupancyMaxActiveClusters(&n, kernel, &cfg));
-  return n;
-}
 
 int main(int argc, char** argv) {
   std::vector<std::string> shapes = split_list(argc > 1 ? argv[1] : "gemma4,qwen3");
@@ -65,7 +45,7 @@ int main(int argc, char** argv) {
     bool known = false;
     for (const Shape& s : kShapes) known |= sn == s.name;
     if (!known) {
-      fprintf(stderr, "cluster_probe: unknown shape '%s' (gemma4, qwen3)\n", sn.c_str());
+      fprintf(stderr, "group_probe: unknown shape '%s' (gemma4, qwen3)\n", sn.c_str());
       return 2;
     }
   }
@@ -74,21 +54,20 @@ int main(int argc, char** argv) {
     ts.push_back(parse_int(t, "T (2nd argument)", 1, 4));
   const int iters = argc > 3 ? parse_int(argv[3], "iterations (3rd argument)", 1, 1000000) : 200;
   if (argc > 4) {
-    fprintf(stderr, "cluster_probe: at most 3 arguments\n");
+    fprintf(stderr, "group_probe: at most 3 arguments\n");
     return 2;
   }
   const ProbeDevice pd = probe_device();
   const double bw = measure_read_bw(pd.sms, pd.sink, pd.e0, pd.e1);
   printf("read bandwidth %.3f TB/s, %d SMs\n", bw * 1e-12, pd.sms);
-  printf("%-8s %2s %8s %8s %9s %8s %9s %7s %8s %8s %6s %6s %9s %10s %s\n", "shape", "T",
-         "floor_us", "lib_us", "lib_in_us", "cl16_us", "cl16_k_us", "cl16_x", "cl8_k_us",
-         "read_us", "read_x", "cl16", "cl8", "relerr", "zeros", "repeat");
+  printf("%-8s %2s %8s %8s %9s %8s %8s %7s %3s %8s %8s %8s %6s %9s %6s %s\n", "shape", "T",
+         "floor_us", "lib_us", "lib_in_us", "grp_us", "grp_k_us", "grp_x", "G", "g8_k_us",
+         "g12_k_us", "read_us", "read_x", "relerr", "zeros", "repeat");
   std::mt19937 rng(1234);
   for (const std::string& sn : shapes) {
     const Shape* sp = nullptr;
     for (const Shape& s : kShapes) if (sn == s.name) sp = &s;
     const Shape S = *sp;
-    const int clusters16 = max_active_clusters<16>(S), clusters8 = max_active_clusters<8>(S);
     const size_t ngu = size_t(S.E) * 2 * S.I * S.H, nd = size_t(S.E) * S.H * S.I;
     const int Tmax = 4, nmax = Tmax * S.k;
     bf16 *wgu, *wd, *x, *h, *y, *y_ref, *out;
@@ -122,23 +101,26 @@ int main(int argc, char** argv) {
           CK(LaunchExpertGemv<bf16>(la, 0));
         };
       };
-      GemvClusterArgs ca;
-      ca.x = x; ca.w_gate_up = wgu; ca.w_down = wd; ca.y = y;
+      GemvGroupArgs ca;
+      ca.x = x; ca.w_gate_up = wgu; ca.w_down = wd; ca.h = h; ca.y = y;
       ca.T = T; ca.k = S.k; ca.E = S.E; ca.H = S.H; ca.I = S.I; ca.activation = kSilu;
       CombineArgs cc;
       cc.y = y; cc.weights = cw; cc.out = out; cc.T = T; cc.k = S.k; cc.H = S.H;
-      auto cluster_with = [&](int cs, bool combine) {
-        return [&, cs, combine](int i) {
+      const int G = GroupBlocks(n, pd.sms);
+      auto group_with = [&](int g, bool combine) {
+        return [&, g, combine](int i) {
           ca.ids = dids + size_t(i % R) * n;
-          CK((cs == 16 ? LaunchGemvCluster<bf16, 16>(ca, 0) : LaunchGemvCluster<bf16, 8>(ca, 0)));
+          ca.G = g;
+          CK(LaunchGemvGroup<bf16>(ca, 0));
           if (combine) CK((LaunchCombine<bf16, float, bf16>(cc, 0)));
         };
       };
       const float lib_us = back_to_back_us(5, iters, pd.e0, pd.e1, lib_with(false));
       const float lib_in_us = back_to_back_us(5, iters, pd.e0, pd.e1, lib_with(true));
-      const float cl16_us = back_to_back_us(5, iters, pd.e0, pd.e1, cluster_with(16, true));
-      const float cl16_k = back_to_back_us(5, iters, pd.e0, pd.e1, cluster_with(16, false));
-      const float cl8_k = back_to_back_us(5, iters, pd.e0, pd.e1, cluster_with(8, false));
+      const float grp_us = back_to_back_us(5, iters, pd.e0, pd.e1, group_with(G, true));
+      const float grp_k = back_to_back_us(5, iters, pd.e0, pd.e1, group_with(G, false));
+      const float g8_k = back_to_back_us(5, iters, pd.e0, pd.e1, group_with(8, false));
+      const float g12_k = back_to_back_us(5, iters, pd.e0, pd.e1, group_with(12, false));
       const DistinctExpertReads reads(ids, R, n, S.E, S.H, S.I, wgu, wd, pd.sms);
       const float read_us =
           back_to_back_us(5, iters, pd.e0, pd.e1, [&](int i) { reads.launch(i, 0, pd.sink); });
@@ -152,17 +134,17 @@ int main(int argc, char** argv) {
       lib_with(false)(0);
       CK(cudaDeviceSynchronize());
       CK(cudaMemcpy(ref.data(), y_ref, yn * 2, cudaMemcpyDeviceToHost));
-      for (int rep = 0; rep < 3; ++rep) {  // CS = 16, 16, 8
+      for (int rep = 0; rep < 3; ++rep) {  // G, G, 8
         o[rep].resize(yn);
         CK(cudaMemset(y, 0xff, yn * 2));
-        cluster_with(rep < 2 ? 16 : 8, false)(0);
+        group_with(rep < 2 ? G : 8, false)(0);
         CK(cudaDeviceSynchronize());
         CK(cudaMemcpy(o[rep].data(), y, yn * 2, cudaMemcpyDeviceToHost));
       }
       auto bf = [](uint16_t b) { uint32_t u = uint32_t(b) << 16; float f; memcpy(&f, &u, 4); return f; };
-      bool same = o[0] == o[1], zeros = true;
+      bool same = o[0] == o[1] && o[0] == o[2], zeros = true;
       double num = 0, den = 0;
-      for (int rep = 0; rep < 3; rep += 2)
+      for (int rep = 0; rep < 3; ++rep)
         for (size_t i = 0; i < yn; ++i) {
           const bool dropped = fz[i / S.H] < 0 || fz[i / S.H] >= S.E;
           same &= o[rep][i] != 0xffff;
@@ -171,10 +153,10 @@ int main(int argc, char** argv) {
           den = std::max(den, double(std::fabs(bf(ref[i]))));
         }
       const double floor_us = distinct * expert_bytes / bw * 1e6;
-      printf("%-8s %2d %8.1f %8.1f %9.1f %8.1f %9.1f %7.3f %8.1f %8.1f %6.3f %6d %6d %9.2e %10s "
+      printf("%-8s %2d %8.1f %8.1f %9.1f %8.1f %8.1f %7.3f %3d %8.1f %8.1f %8.1f %6.3f %9.2e %6s "
              "%s\n",
-             S.name, T, floor_us, lib_us, lib_in_us, cl16_us, cl16_k, cl16_k / floor_us, cl8_k,
-             read_us, read_us / floor_us, clusters16, clusters8, num / std::max(den, 1e-30),
+             S.name, T, floor_us, lib_us, lib_in_us, grp_us, grp_k, grp_k / floor_us, G, g8_k,
+             g12_k, read_us, read_us / floor_us, num / std::max(den, 1e-30),
              zeros ? "zero" : "NONZERO", same ? "equal" : "DIFFER");
       CK(cudaFree(dids));
     }

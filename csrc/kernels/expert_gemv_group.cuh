@@ -1,0 +1,252 @@
+// expert_gemv "group" kernel (sm_90, kernel_variant 8): a group of G consecutive
+// blocks per assignment, one block per SM, every block the same bytes. Same outputs
+// as the other variants:
+//   y[a] = w_down[e] . h[a],  h[a, r] = act(w_gate[e, r] . x[a / k]) * (w_up[e, r] . x[a / k]).
+//
+// Why: at T = 1 on the narrow shapes (Gemma-4, Qwen3) the stream kernel stays at
+// 1.4-1.5x the floor where a plain read of the same bytes takes 1.08-1.11x
+// (RESULTS.md s12, s21). What limits a block's reads: one SM streamed at most about
+// 28.5 GB/s with 16 warps of 16-byte loads in flight (run s22-1: a thread-block
+// cluster version of this kernel on 64 and on 112 + 16 SMs), and 132 x 28.5 GB/s is
+// only 1.18x the HBM rate. So the floor needs every SM reading for the whole call:
+// the work cut into equal parts, one per SM, each read in whole rows (the split
+// kernels' 64-byte pieces of w_down rows and their 176 blocks on 132 SMs took
+// 1.4-1.6x, s21-1). Design:
+//   * G = SMs / (T k) blocks per assignment (at most kGroupMaxBlocks; at T = 1 with
+//     k = 8 on 132 SMs, G = 16: 128 blocks); block rank r of assignment a = index / G;
+//   * phase 1: rank r computes h for intermediate rows [r I/G, (r+1) I/G) (a warp per
+//     gate/up row pair, lanes along H, x from shared memory) and stores them to the
+//     h scratch, rounded to x's dtype as the other variants store h; then it counts
+//     itself on the assignment's arrival word (release);
+//   * each warp issues its first w_down loads (they do not depend on h), then the
+//     block waits until all G ranks have arrived (acquire) and reads h[a] (L2) into
+//     shared memory;
+//   * phase 2: rank r computes y[a, rows] for w_down rows [r H/G, (r+1) H/G): a warp
+//     takes 4 whole rows at a time (4 I contiguous elements), lanes along them; the
+//     next step's loads are issued before the current step's arithmetic.
+// Forward progress: a block waits only for blocks of its own assignment, which have
+// neighbouring indices; blocks are dispatched in index order, and a dependent
+// PDL-launched kernel takes no SM before every block here has started
+// (pdl_launch_dependents), so the blocks waited for are running or will get an SM
+// as other groups finish. The arrival and departure words are static device words
+// that the last block of each group resets, so one call may run at a time per
+// device (XLA issues our custom calls on one compute stream).
+// Assignments are not grouped by expert: an expert chosen by several tokens is read
+// once per token (heuristics.expert_gemv_variant picks this kernel at few tokens).
+// Deterministic: fixed summation orders; no atomics on values. An id outside [0, E)
+// gives zeros.
+#pragma once
+
+#include <cstdint>
+#include <cuda_runtime.h>
+
+#include "common/activation.cuh"
+#include "common/cuda_utils.cuh"
+#include "common/params.h"
+
+namespace jax_moe {
+namespace cuda {
+
+constexpr int kGroupThreads = 512;
+constexpr int kGroupWarps = kGroupThreads / 32;
+// The register arrays' sizes: 12 vectors per lane fit 128 registers (512 threads, one
+// block per SM) with no spills; 16 spilled (ptxas, both phases).
+constexpr int kGroupMaxVpl = 12;     // 16-byte vectors per lane of a gate/up row: H <= 3072
+constexpr int kGroupDownRows = 4;    // w_down rows per warp step
+constexpr int kGroupMaxDvpl = 12;    // 16-byte vectors per lane of a 4-row step: I <= 768
+constexpr int kGroupMaxI = 32 * kGroupMaxDvpl * 8 / kGroupDownRows;
+constexpr int kGroupMaxAssign = 512;   // T * k: the arrival words
+constexpr int kGroupMaxBlocks = 16;    // G
+
+struct GemvGroupArgs {
+  const void* x = nullptr;         // [T, H]
+  const int32_t* ids = nullptr;    // [T, k]
+  const void* w_gate_up = nullptr; // [E, 2I, H]
+  const void* w_down = nullptr;    // [E, H, I]
+  void* h = nullptr;               // [T k, I] scratch
+  void* y = nullptr;               // [T, k, H]
+  int T = 0, k = 0, E = 0, H = 0, I = 0;
+  int G = 1;                       // blocks per assignment
+  int activation = kSilu;
+};
+
+// Whether the group kernel takes this call (else the caller falls back): sm_90,
+// 16-bit dtypes, no shared experts, the sizes its register arrays and arrival words
+// cover.
+inline bool GroupSupported(int64_t T, int64_t k, int64_t S, int64_t H, int64_t I,
+                           bool is16bit, bool sm90) {
+  return sm90 && is16bit && S == 0 && T >= 1 && k >= 1 && T * k <= kGroupMaxAssign && H >= 8 &&
+         H % 8 == 0 && H <= 256 * kGroupMaxVpl && I >= 8 && I % 8 == 0 && I <= kGroupMaxI;
+}
+
+// Blocks per assignment for `sms` SMs: as many as fill the SMs once, 1 to kGroupMaxBlocks.
+inline int GroupBlocks(int64_t assignments, int sms) {
+  const int64_t g = assignments > 0 ? sms / assignments : 1;
+  return static_cast<int>(g < 1 ? 1 : (g > kGroupMaxBlocks ? kGroupMaxBlocks : g));
+}
+
+__device__ unsigned int g_group_arrived[kGroupMaxAssign];
+__device__ unsigned int g_group_left[kGroupMaxAssign];
+
+__device__ __forceinline__ unsigned int ld_acquire_gpu(const unsigned int* p) {
+  unsigned int v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+template <typename T>
+__device__ __forceinline__ float dot8(const uint4& w, const float* v) {
+  float f[8];
+  Vec16<T>::unpack(w, f);
+  float s = 0.f;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) s = fmaf(f[i], v[i], s);
+  return s;
+}
+
+// VPL: 16-byte vectors per lane of a gate/up row (H <= 256 VPL); DVPL: per lane of a
+// 4-row w_down step (I <= 64 DVPL).
+template <typename T, int VPL, int DVPL>
+__global__ void __launch_bounds__(kGroupThreads, 1) gemv_group_kernel(GemvGroupArgs a) {
+  __shared__ uint4 xs[32 * VPL];
+  __shared__ __align__(16) T hs[64 * DVPL];  // h[a]: I <= 64 DVPL
+  const int G = a.G;
+  const int as = blockIdx.x / G, rank = blockIdx.x % G;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int H = a.H, I = a.I;
+  const int i_per = (I + G - 1) / G, h_per = (H + G - 1) / G;
+  const int i0 = min(I, rank * i_per), i1 = min(I, i0 + i_per);
+  const int r0 = min(H, rank * h_per), r1 = min(H, r0 + h_per);
+  T* const y = static_cast<T*>(a.y) + size_t(as) * H;
+  T* const hg = static_cast<T*>(a.h) + size_t(as) * I;
+  // Launched with programmatic stream serialization: ids and x come from the
+  // previous kernel. Dependents launch once every block here has started.
+  pdl_wait_prerequisites();
+  pdl_launch_dependents();
+  const int e = a.ids[as];
+  if (e < 0 || e >= a.E) {  // the whole group takes this branch: nobody waits
+    for (int r = r0 + tid; r < r1; r += kGroupThreads) y[r] = from_float<T>(0.f);
+    return;
+  }
+  const int nv = H / 8;
+  const uint4* xv = reinterpret_cast<const uint4*>(static_cast<const T*>(a.x) + size_t(as / a.k) * H);
+  for (int v = tid; v < nv; v += kGroupThreads) xs[v] = xv[v];
+  __syncthreads();
+  // Phase 1: rows i0 .. i1-1 of gate and up, a warp per row pair.
+  const T* wg = static_cast<const T*>(a.w_gate_up) + size_t(e) * 2 * I * H;
+  const T* wu = wg + size_t(I) * H;
+#pragma unroll 1
+  for (int r = i0 + warp; r < i1; r += kGroupWarps) {
+    const uint4* pg = reinterpret_cast<const uint4*>(wg + size_t(r) * H);
+    const uint4* pu = reinterpret_cast<const uint4*>(wu + size_t(r) * H);
+    uint4 g[VPL], u[VPL];
+#pragma unroll
+    for (int i = 0; i < VPL; ++i) {
+      const int v = lane + 32 * i;
+      g[i] = v < nv ? ldg_stream_v4(pg + v) : make_uint4(0, 0, 0, 0);
+      u[i] = v < nv ? ldg_stream_v4(pu + v) : make_uint4(0, 0, 0, 0);
+    }
+    float sg = 0.f, su = 0.f;
+#pragma unroll
+    for (int i = 0; i < VPL; ++i) {
+      const int v = lane + 32 * i;
+      if (v < nv) {
+        float xf[8];
+        Vec16<T>::unpack(xs[v], xf);
+        sg += dot8<T>(g[i], xf);
+        su += dot8<T>(u[i], xf);
+      }
+    }
+    sg = warp_sum(sg);
+    su = warp_sum(su);
+    if (lane == 0) hg[r] = from_float<T>(activate(a.activation, sg) * su);
+  }
+  // Phase 2's first loads: a warp's step covers rows q .. q+3 (4 I contiguous
+  // elements); lane element j = lane + 32 i of the step is row j / nvi, vector j % nvi.
+  const int nvi = I / 8, nstep = kGroupDownRows * nvi;
+  const T* wd = static_cast<const T*>(a.w_down) + size_t(e) * H * I;
+  const int steps = (r1 - r0 + kGroupDownRows - 1) / kGroupDownRows;
+  auto load_step = [&](int s, uint4* w) {
+    const int q = r0 + s * kGroupDownRows;
+    const int rows = min(kGroupDownRows, r1 - q);
+    const uint4* p = reinterpret_cast<const uint4*>(wd + size_t(q) * I);
+#pragma unroll
+    for (int i = 0; i < DVPL; ++i) {
+      const int j = lane + 32 * i;
+      w[i] = (s < steps && j < rows * nvi) ? ldg_stream_v4(p + j) : make_uint4(0, 0, 0, 0);
+    }
+  };
+  uint4 cur[DVPL], nxt[DVPL];
+  load_step(warp, cur);
+  // Count this block's h rows done (release), wait for the group's (acquire).
+  __syncthreads();
+  if (tid == 0) {
+    __threadfence();
+    atomicAdd(&g_group_arrived[as], 1u);
+    while (ld_acquire_gpu(&g_group_arrived[as]) < static_cast<unsigned>(G)) __nanosleep(64);
+  }
+  __syncthreads();
+  const uint4* hgv = reinterpret_cast<const uint4*>(hg);
+  uint4* hsv = reinterpret_cast<uint4*>(hs);
+  for (int v = tid; v < nvi; v += kGroupThreads) hsv[v] = __ldcg(hgv + v);
+  __syncthreads();
+  if (tid == 0 && atomicAdd(&g_group_left[as], 1u) == static_cast<unsigned>(G) - 1) {
+    g_group_arrived[as] = 0;  // every rank has passed its wait: reset for the next call
+    g_group_left[as] = 0;
+  }
+  // Phase 2: y[a, q .. q+3] for this warp's steps, the next step's loads in flight.
+#pragma unroll 1
+  for (int s = warp; s < steps; s += kGroupWarps) {
+    load_step(s + kGroupWarps, nxt);
+    float acc[kGroupDownRows] = {};
+#pragma unroll
+    for (int i = 0; i < DVPL; ++i) {
+      const int j = lane + 32 * i;
+      if (j < nstep) {
+        const int row = j / nvi, col = j - row * nvi;
+        float hf[8];
+        Vec16<T>::unpack(hsv[col], hf);
+        const float d = dot8<T>(cur[i], hf);
+#pragma unroll
+        for (int q = 0; q < kGroupDownRows; ++q) acc[q] += row == q ? d : 0.f;
+      }
+    }
+    const int q = r0 + s * kGroupDownRows;
+#pragma unroll
+    for (int rr = 0; rr < kGroupDownRows; ++rr) {
+      const float v = warp_sum(acc[rr]);
+      if (lane == rr && q + rr < r1) y[q + rr] = from_float<T>(v);
+    }
+#pragma unroll
+    for (int i = 0; i < DVPL; ++i) cur[i] = nxt[i];
+  }
+}
+
+template <typename T, int VPL>
+cudaError_t LaunchGemvGroupVpl(const GemvGroupArgs& a, cudaStream_t stream, bool pdl) {
+  const unsigned blocks = static_cast<unsigned>(a.T * a.k * a.G);
+  const int dvpl = (kGroupDownRows * (a.I / 8) + 31) / 32;
+  if (dvpl <= 4)
+    return LaunchMaybePdl(gemv_group_kernel<T, VPL, 4>, dim3(blocks), dim3(kGroupThreads), 0,
+                          stream, pdl, a);
+  if (dvpl <= 8)
+    return LaunchMaybePdl(gemv_group_kernel<T, VPL, 8>, dim3(blocks), dim3(kGroupThreads), 0,
+                          stream, pdl, a);
+  return LaunchMaybePdl(gemv_group_kernel<T, VPL, kGroupMaxDvpl>, dim3(blocks),
+                        dim3(kGroupThreads), 0, stream, pdl, a);
+}
+
+// The caller checked GroupSupported; a.G set (GroupBlocks; any G >= 1 is correct).
+template <typename T>
+cudaError_t LaunchGemvGroup(const GemvGroupArgs& a, cudaStream_t stream) {
+  if (a.T == 0) return cudaSuccess;
+  if (a.G < 1) return cudaErrorInvalidValue;
+  const bool pdl = DeviceSupportsPdl();
+  const int vpl = (a.H / 8 + 31) / 32;
+  if (vpl <= 4) return LaunchGemvGroupVpl<T, 4>(a, stream, pdl);
+  if (vpl <= 8) return LaunchGemvGroupVpl<T, 8>(a, stream, pdl);
+  return LaunchGemvGroupVpl<T, kGroupMaxVpl>(a, stream, pdl);
+}
+
+}  // namespace cuda
+}  // namespace jax_moe
