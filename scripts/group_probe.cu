@@ -10,14 +10,16 @@
 // Prints, us per call, launches back to back over 32 routings (weights far larger
 // than L2): lib_us the stream kernel then combine's kernel; lib_in_us the sum in the
 // stream kernel's last block (the library's choice at T <= 2 on these shapes);
-// grp_us the group kernel then combine's kernel (the library's variant 8);
+// grp_us the group kernel then combine's kernel; grp_in_us the group kernel with the
+// sum in the last block of each row range (the library's variant 8 with the combine);
 // grp_k_us the group kernel alone; g8_k_us / g12_k_us the same with 8 / 12 blocks per
 // assignment instead of GroupBlocks' choice (G, printed); read_us a plain read of the
 // same routings' distinct experts; floor = those experts' bytes / the 4 GiB read
 // rate. Checks, on a fresh routing with ids out of range: the group kernel's y
 // against the stream kernel's (max error / max |y|; both round h to bf16, so they
 // differ by the order of the f32 sums), dropped ids' rows exactly zero, and two runs
-// (and a run with G = 8) bitwise equal with every output written (poisoned before).
+// (and a run with G = 8) bitwise equal with every output written (poisoned before);
+// the fused sum bitwise equal to combine's kernel on the same y.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -60,9 +62,9 @@ int main(int argc, char** argv) {
   const ProbeDevice pd = probe_device();
   const double bw = measure_read_bw(pd.sms, pd.sink, pd.e0, pd.e1);
   printf("read bandwidth %.3f TB/s, %d SMs\n", bw * 1e-12, pd.sms);
-  printf("%-8s %2s %8s %8s %9s %8s %8s %7s %3s %8s %8s %8s %6s %9s %6s %s\n", "shape", "T",
-         "floor_us", "lib_us", "lib_in_us", "grp_us", "grp_k_us", "grp_x", "G", "g8_k_us",
-         "g12_k_us", "read_us", "read_x", "relerr", "zeros", "repeat");
+  printf("%-8s %2s %8s %8s %9s %8s %9s %7s %8s %3s %8s %8s %8s %6s %9s %6s %6s %s\n", "shape",
+         "T", "floor_us", "lib_us", "lib_in_us", "grp_us", "grp_in_us", "grp_in_x", "grp_k_us",
+         "G", "g8_k_us", "g12_k_us", "read_us", "read_x", "relerr", "zeros", "repeat", "fused");
   std::mt19937 rng(1234);
   for (const std::string& sn : shapes) {
     const Shape* sp = nullptr;
@@ -107,20 +109,24 @@ int main(int argc, char** argv) {
       CombineArgs cc;
       cc.y = y; cc.weights = cw; cc.out = out; cc.T = T; cc.k = S.k; cc.H = S.H;
       const int G = GroupBlocks(n, pd.sms);
-      auto group_with = [&](int g, bool combine) {
+      // combine: 0 none, 1 combine's kernel after, 2 fused (the last block of a row range)
+      auto group_with = [&](int g, int combine) {
         return [&, g, combine](int i) {
           ca.ids = dids + size_t(i % R) * n;
           ca.G = g;
+          ca.combine_w = combine == 2 ? cw : nullptr;
+          ca.combine_out = combine == 2 ? out : nullptr;
           CK(LaunchGemvGroup<bf16>(ca, 0));
-          if (combine) CK((LaunchCombine<bf16, float, bf16>(cc, 0)));
+          if (combine == 1) CK((LaunchCombine<bf16, float, bf16>(cc, 0)));
         };
       };
       const float lib_us = back_to_back_us(5, iters, pd.e0, pd.e1, lib_with(false));
       const float lib_in_us = back_to_back_us(5, iters, pd.e0, pd.e1, lib_with(true));
-      const float grp_us = back_to_back_us(5, iters, pd.e0, pd.e1, group_with(G, true));
-      const float grp_k = back_to_back_us(5, iters, pd.e0, pd.e1, group_with(G, false));
-      const float g8_k = back_to_back_us(5, iters, pd.e0, pd.e1, group_with(8, false));
-      const float g12_k = back_to_back_us(5, iters, pd.e0, pd.e1, group_with(12, false));
+      const float grp_us = back_to_back_us(5, iters, pd.e0, pd.e1, group_with(G, 1));
+      const float grp_in_us = back_to_back_us(5, iters, pd.e0, pd.e1, group_with(G, 2));
+      const float grp_k = back_to_back_us(5, iters, pd.e0, pd.e1, group_with(G, 0));
+      const float g8_k = back_to_back_us(5, iters, pd.e0, pd.e1, group_with(8, 0));
+      const float g12_k = back_to_back_us(5, iters, pd.e0, pd.e1, group_with(12, 0));
       const DistinctExpertReads reads(ids, R, n, S.E, S.H, S.I, wgu, wd, pd.sms);
       const float read_us =
           back_to_back_us(5, iters, pd.e0, pd.e1, [&](int i) { reads.launch(i, 0, pd.sink); });
@@ -137,10 +143,21 @@ int main(int argc, char** argv) {
       for (int rep = 0; rep < 3; ++rep) {  // G, G, 8
         o[rep].resize(yn);
         CK(cudaMemset(y, 0xff, yn * 2));
-        group_with(rep < 2 ? G : 8, false)(0);
+        group_with(rep < 2 ? G : 8, 0)(0);
         CK(cudaDeviceSynchronize());
         CK(cudaMemcpy(o[rep].data(), y, yn * 2, cudaMemcpyDeviceToHost));
       }
+      // The fused combine against combine's kernel on the same y: the same bits.
+      const size_t on = size_t(T) * S.H;
+      std::vector<uint16_t> o_sep(on), o_in(on);
+      for (int mode = 1; mode <= 2; ++mode) {
+        CK(cudaMemset(out, 0xff, on * 2));
+        group_with(G, mode)(0);
+        CK(cudaDeviceSynchronize());
+        CK(cudaMemcpy(mode == 1 ? o_sep.data() : o_in.data(), out, on * 2, cudaMemcpyDeviceToHost));
+      }
+      bool fused_same = o_sep == o_in;
+      for (uint16_t v : o_in) fused_same &= v != 0xffff;
       auto bf = [](uint16_t b) { uint32_t u = uint32_t(b) << 16; float f; memcpy(&f, &u, 4); return f; };
       bool same = o[0] == o[1] && o[0] == o[2], zeros = true;
       double num = 0, den = 0;
@@ -153,11 +170,11 @@ int main(int argc, char** argv) {
           den = std::max(den, double(std::fabs(bf(ref[i]))));
         }
       const double floor_us = distinct * expert_bytes / bw * 1e6;
-      printf("%-8s %2d %8.1f %8.1f %9.1f %8.1f %8.1f %7.3f %3d %8.1f %8.1f %8.1f %6.3f %9.2e %6s "
-             "%s\n",
-             S.name, T, floor_us, lib_us, lib_in_us, grp_us, grp_k, grp_k / floor_us, G, g8_k,
-             g12_k, read_us, read_us / floor_us, num / std::max(den, 1e-30),
-             zeros ? "zero" : "NONZERO", same ? "equal" : "DIFFER");
+      printf("%-8s %2d %8.1f %8.1f %9.1f %8.1f %9.1f %8.3f %8.1f %3d %8.1f %8.1f %8.1f %6.3f %9.2e "
+             "%6s %6s %s\n",
+             S.name, T, floor_us, lib_us, lib_in_us, grp_us, grp_in_us, grp_in_us / floor_us, grp_k,
+             G, g8_k, g12_k, read_us, read_us / floor_us, num / std::max(den, 1e-30),
+             zeros ? "zero" : "NONZERO", same ? "equal" : "DIFFER", fused_same ? "equal" : "DIFFER");
       CK(cudaFree(dids));
     }
     CK(cudaFree(wgu)); CK(cudaFree(wd)); CK(cudaFree(x)); CK(cudaFree(h)); CK(cudaFree(y));

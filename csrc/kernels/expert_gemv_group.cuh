@@ -43,6 +43,7 @@
 #include "common/activation.cuh"
 #include "common/cuda_utils.cuh"
 #include "common/params.h"
+#include "kernels/combine.cuh"  // store_unit: the fused combine writes as combine does
 
 namespace jax_moe {
 namespace cuda {
@@ -65,6 +66,8 @@ struct GemvGroupArgs {
   const void* w_down = nullptr;    // [E, H, I]
   void* h = nullptr;               // [T k, I] scratch
   void* y = nullptr;               // [T, k, H]
+  const float* combine_w = nullptr;  // [T, k] f32, or null: no fused combine
+  void* combine_out = nullptr;       // [T, H]
   int T = 0, k = 0, E = 0, H = 0, I = 0;
   int G = 1;                       // blocks per assignment
   int activation = kSilu;
@@ -87,6 +90,9 @@ inline int GroupBlocks(int64_t assignments, int sms) {
 
 __device__ unsigned int g_group_arrived[kGroupMaxAssign];
 __device__ unsigned int g_group_left[kGroupMaxAssign];
+// The fused combine's arrivals per (token, rank): T G <= T k <= kGroupMaxAssign, or
+// T G <= SMs / k when G > 1.
+__device__ unsigned int g_group_summed[kGroupMaxAssign];
 
 __device__ __forceinline__ unsigned int ld_acquire_gpu(const unsigned int* p) {
   unsigned int v;
@@ -104,30 +110,15 @@ __device__ __forceinline__ float dot8(const uint4& w, const float* v) {
   return s;
 }
 
-// VPL: 16-byte vectors per lane of a gate/up row (H <= 256 VPL); DVPL: per lane of a
-// 4-row w_down step (I <= 64 DVPL).
+// One block's share of assignment as (expert e): phase 1 rows [i0, i1), phase 2 rows
+// [r0, r1).
 template <typename T, int VPL, int DVPL>
-__global__ void __launch_bounds__(kGroupThreads, 1) gemv_group_kernel(GemvGroupArgs a) {
-  __shared__ uint4 xs[32 * VPL];
-  __shared__ __align__(16) T hs[64 * DVPL];  // h[a]: I <= 64 DVPL
-  const int G = a.G;
-  const int as = blockIdx.x / G, rank = blockIdx.x % G;
+__device__ __forceinline__ void group_expert(const GemvGroupArgs& a, int e, int as, int rank,
+                                             int r0, int r1, int i0, int i1, uint4* xs, T* hs) {
+  const int G = a.G, H = a.H, I = a.I;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int H = a.H, I = a.I;
-  const int i_per = (I + G - 1) / G, h_per = (H + G - 1) / G;
-  const int i0 = min(I, rank * i_per), i1 = min(I, i0 + i_per);
-  const int r0 = min(H, rank * h_per), r1 = min(H, r0 + h_per);
   T* const y = static_cast<T*>(a.y) + size_t(as) * H;
   T* const hg = static_cast<T*>(a.h) + size_t(as) * I;
-  // Launched with programmatic stream serialization: ids and x come from the
-  // previous kernel. Dependents launch once every block here has started.
-  pdl_wait_prerequisites();
-  pdl_launch_dependents();
-  const int e = a.ids[as];
-  if (e < 0 || e >= a.E) {  // the whole group takes this branch: nobody waits
-    for (int r = r0 + tid; r < r1; r += kGroupThreads) y[r] = from_float<T>(0.f);
-    return;
-  }
   const int nv = H / 8;
   const uint4* xv = reinterpret_cast<const uint4*>(static_cast<const T*>(a.x) + size_t(as / a.k) * H);
   for (int v = tid; v < nv; v += kGroupThreads) xs[v] = xv[v];
@@ -220,6 +211,83 @@ __global__ void __launch_bounds__(kGroupThreads, 1) gemv_group_kernel(GemvGroupA
 #pragma unroll
     for (int i = 0; i < DVPL; ++i) cur[i] = nxt[i];
   }
+}
+
+// The fused combine of token t's rows [r0, r1), by the last of the token's k blocks
+// of this rank to finish (the others' y rows then written): out[t, c] = sum_j
+// cw[t, j] * y[t, j, c], f32 in slot order with each product rounded before the add,
+// rounded once to T: combine_kernel's arithmetic on the same y (zeros for dropped
+// ids), so the same bits. r0 and r1 are multiples of 8 (or H).
+template <typename T>
+__device__ __forceinline__ void group_combine(const GemvGroupArgs& a, int t, int rank, int r0,
+                                              int r1) {
+  __shared__ bool last;
+  __syncthreads();  // this block's y rows are written
+  if (threadIdx.x == 0) {
+    unsigned int* cnt = &g_group_summed[t * a.G + rank];
+    __threadfence();
+    last = atomicAdd(cnt, 1u) == static_cast<unsigned>(a.k) - 1;
+    if (last) {
+      *cnt = 0;  // all k arrived: reset for the next call
+      __threadfence();
+    }
+  }
+  __syncthreads();
+  if (!last) return;
+  const int H = a.H, k = a.k;
+  const T* yt = static_cast<const T*>(a.y) + size_t(t) * k * H;
+  const float* wt = a.combine_w + size_t(t) * k;
+  for (int c = r0 + 8 * static_cast<int>(threadIdx.x); c < r1; c += 8 * kGroupThreads) {
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    for (int j0 = 0; j0 < k; j0 += 8) {
+      uint4 r[8];
+      float wj[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const bool in = j0 + j < k;
+        wj[j] = in ? __ldg(wt + j0 + j) : 0.f;
+        r[j] = in ? __ldcg(reinterpret_cast<const uint4*>(yt + size_t(j0 + j) * H + c))
+                  : make_uint4(0u, 0u, 0u, 0u);
+      }
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        if (j0 + j >= k) continue;
+        float f[8];
+        Vec16<T>::unpack(r[j], f);
+#pragma unroll
+        for (int q = 0; q < 8; ++q) acc[q] = __fadd_rn(acc[q], __fmul_rn(wj[j], f[q]));
+      }
+    }
+    store_unit<T, 8>(static_cast<T*>(a.combine_out) + size_t(t) * H + c, acc);
+  }
+}
+
+// VPL: 16-byte vectors per lane of a gate/up row (H <= 256 VPL); DVPL: per lane of a
+// 4-row w_down step (I <= 64 DVPL).
+template <typename T, int VPL, int DVPL>
+__global__ void __launch_bounds__(kGroupThreads, 1) gemv_group_kernel(GemvGroupArgs a) {
+  __shared__ uint4 xs[32 * VPL];
+  __shared__ __align__(16) T hs[64 * DVPL];  // h[a]: I <= 64 DVPL
+  const int G = a.G;
+  const int as = blockIdx.x / G, rank = blockIdx.x % G;
+  const int tid = threadIdx.x;
+  const int H = a.H, I = a.I;
+  // w_down rows per rank in multiples of 8: the fused combine's 16-byte vectors.
+  const int i_per = (I + G - 1) / G, h_per = (H + 8 * G - 1) / (8 * G) * 8;
+  const int i0 = min(I, rank * i_per), i1 = min(I, i0 + i_per);
+  const int r0 = min(H, rank * h_per), r1 = min(H, r0 + h_per);
+  T* const y = static_cast<T*>(a.y) + size_t(as) * H;
+  // Launched with programmatic stream serialization: ids and x come from the
+  // previous kernel. Dependents launch once every block here has started.
+  pdl_wait_prerequisites();
+  pdl_launch_dependents();
+  const int e = a.ids[as];
+  if (e < 0 || e >= a.E) {  // the whole group takes this branch: nobody waits for it
+    for (int r = r0 + tid; r < r1; r += kGroupThreads) y[r] = from_float<T>(0.f);
+  } else {
+    group_expert<T, VPL, DVPL>(a, e, as, rank, r0, r1, i0, i1, xs, hs);
+  }
+  if (a.combine_out != nullptr) group_combine<T>(a, as / a.k, rank, r0, r1);
 }
 
 template <typename T, int VPL>
