@@ -90,14 +90,16 @@ for dtype, T, H, I, E, k in [(jnp.bfloat16, 1, 256, 128, 16, 4), (jnp.float16, 1
   wgu = jnp.asarray(r.normal(size=(E, 2 * I, H)) / np.sqrt(H), dtype)
   wd = jnp.asarray(r.normal(size=(E, H, I)) / np.sqrt(I), dtype)
   ref = reference.expert_gemv(x, ids, wgu, wd, activation="gelu_tanh")
-  for variant in (0, 1, 5, 6, 7):  # the default, the plain variant, stream, split
+  for variant in (0, 1, 5, 6, 7, 8):  # the default, the plain variant, stream, split, group
     y = jax_moe.expert_gemv(x, ids, wgu, wd, activation="gelu_tanh",
                             _config=dict(kernel_variant=variant))
     check(f"expert_gemv v{variant} {jnp.dtype(dtype).name} T={T} H={H} I={I}", y, ref, 2e-2)
-  # the weighted sum in the same call (in kernel: the stream kernel's last block sums)
+  # the weighted sum in the same call (in kernel: the stream or group kernel's last
+  # block sums)
   w = jnp.asarray(r.normal(size=(T, k)), jnp.float32)
   ref_out = reference.combine(ref, w)
-  for variant, in_kernel in ((0, False), (5, False), (5, True), (6, True), (7, False)):
+  for variant, in_kernel in ((0, False), (5, False), (5, True), (6, True), (7, False),
+                             (8, False), (8, True)):
     out = jax_moe.expert_gemv_combine(x, ids, w, wgu, wd, activation="gelu_tanh",
                                       _config=dict(kernel_variant=variant,
                                                    combine_in_kernel=in_kernel))

@@ -68,7 +68,7 @@ def _check(x, ids, w, wgu, wd, sgu=None, sd=None, variant=None, runs=2, in_kerne
 ])
 @pytest.mark.parametrize("variant,in_kernel", [(None, None), (4, True), (5, True), (6, True),
                                                (5, False), (6, False), (7, None),
-                                               (8, None)])
+                                               (8, True), (8, False)])
 def test_matches_reference_and_two_calls(platform, T, H, I, E, k, S, dtype, variant, in_kernel):
   r = rng()
   x = jnp.asarray(r.normal(size=(T, H)), dtype)
