@@ -1,7 +1,8 @@
 """jax_moe.combine: the weighted sum of each token's k expert outputs, one launch.
 
-On CUDA, up to heuristics.COMBINE_XLA_MAX_BYTES of rows it lowers to XLA's fusion of
-the same f32 sum instead of the kernel: a custom call cannot fuse with its
+On CUDA, up to heuristics.COMBINE_XLA_MAX_BYTES of 16-bit rows it lowers to XLA's
+fusion of the same f32 sum instead of the kernel (f32 rows always take the kernel:
+heuristics.combine_uses_kernel): a custom call cannot fuse with its
 neighbours, and XLA's fusion of this sum streams as fast as the kernel (measured,
 see heuristics.py). Up to COMBINE_XLA_REDUCE_MAX_BYTES of rows that fusion is a
 reduction over the slots, above it the slot-ordered chain of adds

@@ -184,8 +184,17 @@ def gemv_split_supported(num_tokens: int, top_k: int, num_shared: int, hidden: i
 # Variant 8, the group kernel (csrc/kernels/expert_gemv_group.cuh: G blocks per
 # assignment, one per SM, each reading the same bytes in whole rows, h shared through
 # the scratch; an expert that several tokens chose is read once per token), up to this
-# many tokens where gemv_group_supported. 0 until measured.
-GEMV_GROUP_MAX_TOKENS = 0
+# many tokens where gemv_group_supported. Measured on H100, experts + weighted sum, us,
+# stream kernel / group kernel (floor 29.9 and 23.7 at T=1, 57.4-57.9 and 46.1-46.3 at
+# T=2):
+#   bench_gemv (run s22-2, through JAX, one call): Gemma-4 T=1 44.1 / 40.6, T=2 73.2 /
+#     72.2; Qwen3 T=1 37.2 / 35.0, T=2 59.5 / 58.1;
+#   scripts/group_probe.cu (run s22-2, the sum in the kernel's last blocks): Gemma-4
+#     T=1 41.2 / 39.7, T=2 69.8 / 69.5; Qwen3 T=1 34.8 / 33.4, T=2 57.7 / 56.8.
+# T=1 gains 4-8%; T=2's 0.4-2.4% is within the harness's run-to-run spread (about
+# 1.5%), and from T=2 tokens that share an expert make the group kernel read it twice
+# (uniform routings rarely share one; real ones do). So 1.
+GEMV_GROUP_MAX_TOKENS = 1
 
 
 def gemv_group_supported(num_tokens: int, top_k: int, num_shared: int, hidden: int,
@@ -302,8 +311,8 @@ GEMV_COMBINE_IN_KERNEL_MAX_SLOTS = 8
 
 def gemv_combine_in_kernel(num_tokens: int, slots: int, hidden: int) -> bool:
   """True: expert_gemv_combine sums inside the stream kernel (its last block, when
-  the stream kernel runs); False: combine's kernel after the experts, launched by the
-  same FFI call."""
+  the stream kernel runs) or the group kernel (the last block of each token's row
+  range); False: combine's kernel after the experts, launched by the same FFI call."""
   vectors = num_tokens * (hidden // 8)
   return (slots <= GEMV_COMBINE_IN_KERNEL_MAX_SLOTS and hidden % 8 == 0 and
           vectors <= GEMV_COMBINE_IN_KERNEL_MAX_ROUNDS * GEMV_COMBINE_IN_KERNEL_THREADS)
@@ -335,7 +344,14 @@ COMBINE_XLA_MAX_BYTES = 512 << 20
 
 
 def combine_uses_kernel(num_tokens: int, top_k: int, hidden: int, itemsize: int) -> bool:
-  """True: jax_moe.combine runs its CUDA kernel; False: XLA's fusion (reference)."""
+  """True: jax_moe.combine runs its CUDA kernel; False: XLA's fusion (reference).
+  f32 rows always take the kernel: XLA's fusion of the f32 sum did not give the
+  kernel's bits (run s22-2, H100: expert_gemv_combine on f32 against expert_gemv then
+  combine differed in the last bit in 33-36% of the outputs, T=4 k=4 H=64), and the
+  two calls must equal the fused call bitwise; bf16 and f16 rows gave the same bits
+  (tests/test_combine.py::test_small_lowering_reduce_bitwise)."""
+  if itemsize == 4:
+    return True
   return num_tokens * top_k * hidden * itemsize > COMBINE_XLA_MAX_BYTES
 
 

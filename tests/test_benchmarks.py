@@ -153,10 +153,11 @@ def test_stream_probe_bad_env(stream_probe, name, value):
   assert f"{name} must be an integer" in p.stderr, p.stderr
 
 
-@pytest.fixture(scope="module")
-def split_probe(tmp_path_factory):
-  """It also checks that the probe compiles against the current split kernels."""
-  return _build_probe(tmp_path_factory, "split_probe")
+@pytest.fixture(scope="module", params=["split_probe", "group_probe"])
+def gemv_probe(request, tmp_path_factory):
+  """The split and group kernels' probes (same arguments). Building one also checks
+  that it compiles against the current kernels."""
+  return _build_probe(tmp_path_factory, request.param)
 
 
 @pytest.mark.parametrize("args,match", [
@@ -166,8 +167,8 @@ def split_probe(tmp_path_factory):
     (["gemma4", "1", "0"], "iterations \\(3rd argument\\)"),
     (["gemma4", "1", "10", "extra"], "at most 3 arguments"),
 ])
-def test_split_probe_bad_args(split_probe, args, match):
-  _assert_refused(split_probe, args, match)
+def test_gemv_probe_bad_args(gemv_probe, args, match):
+  _assert_refused(gemv_probe, args, match)
 
 
 @pytest.fixture(scope="module")
@@ -564,18 +565,20 @@ def test_benchmarks_refuse_fallbacks_on_gpu(monkeypatch, capsys):
       harness.require_kernels("bench_x")
 
 
-def test_gpu_check_split_probe_stage(tmp_path):
-  """gpu_check.sh's split-probe stage builds scripts/split_probe.cu and runs it with
-  SPLIT_PROBE_ARGS; a bad argument (checked before any CUDA call, so no GPU is needed)
-  fails the stage and the script, and the probe's message reaches the log."""
+@pytest.mark.parametrize("stage,name,var", [("split-probe", "split_probe", "SPLIT_PROBE_ARGS"),
+                                            ("group-probe", "group_probe", "GROUP_PROBE_ARGS")])
+def test_gpu_check_probe_stage(tmp_path, stage, name, var):
+  """gpu_check.sh's probe stages build scripts/NAME.cu and run it with their
+  arguments variable; a bad argument (checked before any CUDA call, so no GPU is
+  needed) fails the stage and the script, and the probe's message reaches the log."""
   import shutil
   if shutil.which("nvcc") is None:
     pytest.skip("nvcc not found")
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   script = os.path.join(root, "scripts", "gpu_check.sh")
-  env = dict(os.environ, SPLIT_PROBE_ARGS="bogus 1", PYTHON=sys.executable)
-  p = subprocess.run(["bash", script, str(tmp_path), "split-probe"], capture_output=True,
+  env = dict(os.environ, PYTHON=sys.executable, **{var: "bogus 1"})
+  p = subprocess.run(["bash", script, str(tmp_path), stage], capture_output=True,
                      text=True, env=env, timeout=600)
   assert p.returncode != 0
-  assert "split_probe: FAILED" in (tmp_path / "summary.txt").read_text()
-  assert "unknown shape 'bogus'" in (tmp_path / "split_probe.log").read_text()
+  assert f"{name}: FAILED" in (tmp_path / "summary.txt").read_text()
+  assert "unknown shape 'bogus'" in (tmp_path / f"{name}.log").read_text()

@@ -392,12 +392,14 @@ def test_handler_revalidates(args, has_index, match):
 # ---- XLA's fusion on CUDA instead of the kernel --------------------------------------
 
 def test_uses_kernel_rule(set_heuristic):
-  """y's bytes read against COMBINE_XLA_MAX_BYTES; -1 means the kernel always."""
+  """y's bytes read against COMBINE_XLA_MAX_BYTES; -1 means the kernel always; f32
+  rows take the kernel at every size."""
   set_heuristic("COMBINE_XLA_MAX_BYTES", 4 << 20)
   assert not heuristics.combine_uses_kernel(1, 8, 7168, 2)
   assert not heuristics.combine_uses_kernel(256, 8, 1024, 2)      # exactly 4 MiB
   assert heuristics.combine_uses_kernel(257, 8, 1024, 2)
   assert heuristics.combine_uses_kernel(129, 8, 1024, 4)
+  assert heuristics.combine_uses_kernel(1, 8, 64, 4)   # f32 rows: the kernel at any size
   set_heuristic("COMBINE_XLA_MAX_BYTES", -1)
   assert heuristics.combine_uses_kernel(0, 8, 64, 2)
 

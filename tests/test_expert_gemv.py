@@ -460,9 +460,16 @@ def test_group_variant_heuristic(monkeypatch):
   """heuristics.expert_gemv_variant picks the group kernel (8) up to
   GEMV_GROUP_MAX_TOKENS tokens, only where gemv_group_supported (16-bit, no shared
   experts, H % 8 == 0 up to 3072, I % 8 == 0 up to 768) and only when the caller
-  gives I, before the split kernels' rule."""
+  gives I, before the split kernels' rule; by default at one token only."""
   from jax_moe import heuristics
   v = heuristics.expert_gemv_variant
+  r = rng()
+  wgu, wd = make_weights(r, 8, 64, 64, jnp.bfloat16)
+  for T, want in ((1, 8), (2, 5)):  # the defaults: the group kernel at one token only
+    x = jnp.asarray(r.normal(size=(T, 64)), jnp.bfloat16)
+    ids = jnp.asarray(distinct_ids(r, T, 2, 8))
+    hlo = jax.jit(lambda *a: jax_moe.expert_gemv(*a)).lower(x, ids, wgu, wd).as_text()
+    assert f"kernel_variant = {want}" in hlo
   monkeypatch.setattr(heuristics, "GEMV_GROUP_MAX_TOKENS", 1)
   monkeypatch.setattr(heuristics, "GEMV_SPLIT_MAX_TOKENS", 2)
   assert v(1, 128, 8, 0, 2816, 704) == 8 and v(1, 128, 8, 0, 2048, 768, 2) == 8
@@ -569,6 +576,7 @@ def test_split_variant_heuristic(monkeypatch):
   caller gives I; the primitive's h scratch follows the choice."""
   from jax_moe import heuristics
   v = heuristics.expert_gemv_variant
+  monkeypatch.setattr(heuristics, "GEMV_GROUP_MAX_TOKENS", 0)  # the group kernel's rule first
   monkeypatch.setattr(heuristics, "GEMV_SPLIT_MAX_TOKENS", 2)
   assert v(1, 128, 8, 0, 2816, 704) == 7 and v(2, 128, 8, 0, 2048, 768, 2) == 7
   assert v(3, 128, 8, 0, 2816, 704) == 5                 # above the token limit

@@ -113,8 +113,8 @@ __device__ __forceinline__ float dot8(const uint4& w, const float* v) {
 // One block's share of assignment as (expert e): phase 1 rows [i0, i1), phase 2 rows
 // [r0, r1).
 template <typename T, int VPL, int DVPL>
-__device__ __forceinline__ void group_expert(const GemvGroupArgs& a, int e, int as, int rank,
-                                             int r0, int r1, int i0, int i1, uint4* xs, T* hs) {
+__device__ __forceinline__ void group_expert(const GemvGroupArgs& a, int e, int as, int r0,
+                                             int r1, int i0, int i1, uint4* xs, T* hs) {
   const int G = a.G, H = a.H, I = a.I;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   T* const y = static_cast<T*>(a.y) + size_t(as) * H;
@@ -285,7 +285,7 @@ __global__ void __launch_bounds__(kGroupThreads, 1) gemv_group_kernel(GemvGroupA
   if (e < 0 || e >= a.E) {  // the whole group takes this branch: nobody waits for it
     for (int r = r0 + tid; r < r1; r += kGroupThreads) y[r] = from_float<T>(0.f);
   } else {
-    group_expert<T, VPL, DVPL>(a, e, as, rank, r0, r1, i0, i1, xs, hs);
+    group_expert<T, VPL, DVPL>(a, e, as, r0, r1, i0, i1, xs, hs);
   }
   if (a.combine_out != nullptr) group_combine<T>(a, as / a.k, rank, r0, r1);
 }
