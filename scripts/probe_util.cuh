@@ -104,6 +104,40 @@ static std::vector<std::string> split_list(const char* s) {
   return out;
 }
 
+// The narrow decode shapes and the arguments of the split and group probes:
+// [shape,...] [T,...] [iterations], each checked before any CUDA call (exit 2 naming
+// it). T in [1, kNarrowMaxT].
+struct NarrowShape { const char* name; int H, I, E, k; };
+static const NarrowShape kNarrowShapes[] = {{"gemma4", 2816, 704, 128, 8},
+                                            {"qwen3", 2048, 768, 128, 8}};
+constexpr int kNarrowMaxT = 4;
+struct NarrowProbeArgs {
+  std::vector<NarrowShape> shapes;
+  std::vector<int> ts;
+  int iters = 0;
+};
+static NarrowProbeArgs parse_narrow_probe_args(int argc, char** argv, const char* default_ts,
+                                               int default_iters) {
+  NarrowProbeArgs a;
+  for (const std::string& sn : split_list(argc > 1 ? argv[1] : "gemma4,qwen3")) {
+    const NarrowShape* sp = nullptr;
+    for (const NarrowShape& s : kNarrowShapes) if (sn == s.name) sp = &s;
+    if (sp == nullptr) {
+      fprintf(stderr, "%s: unknown shape '%s' (gemma4, qwen3)\n", kProbeName, sn.c_str());
+      exit(2);
+    }
+    a.shapes.push_back(*sp);
+  }
+  for (const std::string& t : split_list(argc > 2 ? argv[2] : default_ts))
+    a.ts.push_back(parse_int(t, "T (2nd argument)", 1, kNarrowMaxT));
+  a.iters = argc > 3 ? parse_int(argv[3], "iterations (3rd argument)", 1, 1000000) : default_iters;
+  if (argc > 4) {
+    fprintf(stderr, "%s: at most 3 arguments\n", kProbeName);
+    exit(2);
+  }
+  return a;
+}
+
 // One layer's inputs drawn on the device (never zeros): w_gate_up [.., H] and w_down
 // [.., I] rows scaled by 2 / sqrt(row length), x in [-1, 1); and n combine weights in
 // [0.05, 1.05) uploaded to cw. Same seeds in every probe, so their outputs compare.

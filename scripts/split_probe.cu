@@ -36,27 +36,9 @@ using namespace jax_moe::cuda;
 
 const char* const kProbeName = "split_probe";
 
-struct Shape { const char* name; int H, I, E, k; };
-static const Shape kShapes[] = {{"gemma4", 2816, 704, 128, 8}, {"qwen3", 2048, 768, 128, 8}};
-
 int main(int argc, char** argv) {
-  std::vector<std::string> shapes = split_list(argc > 1 ? argv[1] : "gemma4,qwen3");
-  for (const std::string& sn : shapes) {
-    bool known = false;
-    for (const Shape& s : kShapes) known |= sn == s.name;
-    if (!known) {
-      fprintf(stderr, "split_probe: unknown shape '%s' (gemma4, qwen3)\n", sn.c_str());
-      return 2;
-    }
-  }
-  std::vector<int> ts;
-  for (const std::string& t : split_list(argc > 2 ? argv[2] : "1,2"))
-    ts.push_back(parse_int(t, "T (2nd argument)", 1, 4));
-  const int iters = argc > 3 ? parse_int(argv[3], "iterations (3rd argument)", 1, 1000000) : 200;
-  if (argc > 4) {
-    fprintf(stderr, "split_probe: at most 3 arguments\n");
-    return 2;
-  }
+  const NarrowProbeArgs args = parse_narrow_probe_args(argc, argv, "1,2", 200);
+  const int iters = args.iters;
   const ProbeDevice pd = probe_device();
   const int sms = pd.sms;
   unsigned int* const sink = pd.sink;
@@ -67,12 +49,9 @@ int main(int argc, char** argv) {
          "floor_us", "lib_us", "lib_in_us", "lib7_us", "lib7_x", "s32_k_us", "c64_us",
          "c64_k_us", "g7_us", "read_us", "read_x", "relerr7", "relerr64", "repeat");
   std::mt19937 rng(1234);
-  for (const std::string& sn : shapes) {
-    const Shape* sp = nullptr;
-    for (const Shape& s : kShapes) if (sn == s.name) sp = &s;
-    const Shape S = *sp;
+  for (const NarrowShape& S : args.shapes) {
     const size_t ngu = size_t(S.E) * 2 * S.I * S.H, nd = size_t(S.E) * S.H * S.I;
-    const int Tmax = 4, nmax = Tmax * S.k;
+    const int Tmax = kNarrowMaxT, nmax = Tmax * S.k;
     const size_t part_bytes = size_t(nmax) * (S.I / 32) * S.H * 4;  // the most (C = 32)
     bf16 *wgu, *wd, *x, *y, *out_lib, *out_split;
     float *cw, *h;  // h: the stream kernel's intermediate, or the split kernels' partials
@@ -86,7 +65,7 @@ int main(int argc, char** argv) {
     CK(cudaMalloc(&cw, size_t(nmax) * 4));
     fill_layer_inputs(wgu, ngu, wd, nd, x, size_t(Tmax) * S.H, S.H, S.I, cw, size_t(nmax));
     const double expert_bytes = 3.0 * S.I * S.H * 2;
-    for (const int T : ts) {
+    for (const int T : args.ts) {
       const int R = 32, n = T * S.k;
       double distinct = 0;
       const std::vector<int32_t> ids = uniform_routings(R, T, S.E, S.k, rng, &distinct);

@@ -347,6 +347,33 @@ def test_stream_kernel(platform, T, H, I, E, k, dtype, hot, variant):
   np.testing.assert_array_equal(y0, y1)
 
 
+def _check_variant_on_routing(variant, T, H, I, E, k, dtype, ids_kind):
+  """kernel_variant `variant` on fresh inputs whose ids are distinct per token,
+  'repeated' (an expert twice in token 1) or 'fuzz' (in [-3, E+3)), with ids -1 and E
+  at the first and last slot: against the reference (run_and_check), dropped slots
+  exactly zero, every kept slot nonzero, two runs bitwise equal. Returns the inputs."""
+  r = rng()
+  x = jnp.asarray(r.normal(size=(T, H)), dtype)
+  wgu, wd = make_weights(r, E, H, I, dtype)
+  if ids_kind == "fuzz":
+    ids = r.integers(-3, E + 3, size=(T, k)).astype(np.int32)
+  elif ids_kind == "repeated":
+    ids = r.integers(0, E, size=(T, k)).astype(np.int32)
+    ids[1, 1] = ids[1, 0]
+  else:
+    ids = distinct_ids(r, T, k, E)
+  ids[0, 0] = -1
+  ids[T - 1, k - 1] = E
+  cfg = dict(kernel_variant=variant)
+  y0 = run_and_check(x, jnp.asarray(ids), wgu, wd, config=cfg)
+  assert np.all(y0[0, 0] == 0) and np.all(y0[T - 1, k - 1] == 0)
+  valid = (ids >= 0) & (ids < E)
+  assert np.all(np.abs(y0[valid]).max(-1) > 0)
+  y1 = run_and_check(x, jnp.asarray(ids), wgu, wd, config=cfg)
+  np.testing.assert_array_equal(y0, y1)
+  return x, jnp.asarray(ids), wgu, wd
+
+
 @pytest.mark.parametrize("T,H,I,E,k,dtype,ids_kind", [
     (1, 64, 64, 16, 4, jnp.bfloat16, "distinct"),   # 2 chunks of I, one vector per lane
     (3, 72, 96, 8, 2, jnp.float16, "distinct"),     # H tail (9 vectors), 3 chunks
@@ -367,29 +394,11 @@ def test_split_kernel(platform, T, H, I, E, k, dtype, ids_kind):
   shape _codes.gemv_scratch_cols gives (partials of I / 32 chunks of H f32)."""
   from jax_moe import _codes
   from jax_moe.expert_gemv import expert_gemv_p
-  r = rng()
-  x = jnp.asarray(r.normal(size=(T, H)), dtype)
-  wgu, wd = make_weights(r, E, H, I, dtype)
-  if ids_kind == "fuzz":
-    ids = r.integers(-3, E + 3, size=(T, k)).astype(np.int32)
-  elif ids_kind == "repeated":
-    ids = r.integers(0, E, size=(T, k)).astype(np.int32)
-    ids[1, 1] = ids[1, 0]
-  else:
-    ids = distinct_ids(r, T, k, E)
-  ids[0, 0] = -1
-  ids[T - 1, k - 1] = E
-  cfg = dict(kernel_variant=7)
-  y0 = run_and_check(x, jnp.asarray(ids), wgu, wd, config=cfg)
-  assert np.all(y0[0, 0] == 0) and np.all(y0[T - 1, k - 1] == 0)
-  valid = (ids >= 0) & (ids < E)
-  assert np.all(np.abs(y0[valid]).max(-1) > 0)
-  y1 = run_and_check(x, jnp.asarray(ids), wgu, wd, config=cfg)
-  np.testing.assert_array_equal(y0, y1)
+  x, ids, wgu, wd = _check_variant_on_routing(7, T, H, I, E, k, dtype, ids_kind)
   h = jax.eval_shape(lambda *a: expert_gemv_p.bind(
       *a, jnp.zeros((0, 0, H), dtype), jnp.zeros((0, H, I), dtype), jnp.zeros((0, k), jnp.float32),
       activation="silu", token_tiles=1, k_split_gate_up=8, k_split_down=8, kernel_variant=7,
-      combine=0)[1], x, jnp.asarray(ids), wgu, wd)
+      combine=0)[1], x, ids, wgu, wd)
   cols = max(I, 2 * H * (I // 32))
   assert h.shape == (T * k, cols) and _codes.gemv_scratch_cols(H, I, 7) == cols
   assert _codes.gemv_scratch_cols(H, I, 5) == I
@@ -415,25 +424,7 @@ def test_group_kernel(platform, T, H, I, E, k, dtype, ids_kind):
   repeated experts, sizes where some blocks own no rows, one block per assignment,
   the sizes it falls back on; bitwise equal over repeated runs (the arrival words are
   reset for the next call)."""
-  r = rng()
-  x = jnp.asarray(r.normal(size=(T, H)), dtype)
-  wgu, wd = make_weights(r, E, H, I, dtype)
-  if ids_kind == "fuzz":
-    ids = r.integers(-3, E + 3, size=(T, k)).astype(np.int32)
-  elif ids_kind == "repeated":
-    ids = r.integers(0, E, size=(T, k)).astype(np.int32)
-    ids[1, 1] = ids[1, 0]
-  else:
-    ids = distinct_ids(r, T, k, E)
-  ids[0, 0] = -1
-  ids[T - 1, k - 1] = E
-  cfg = dict(kernel_variant=8)
-  y0 = run_and_check(x, jnp.asarray(ids), wgu, wd, config=cfg)
-  assert np.all(y0[0, 0] == 0) and np.all(y0[T - 1, k - 1] == 0)
-  valid = (ids >= 0) & (ids < E)
-  assert np.all(np.abs(y0[valid]).max(-1) > 0)
-  y1 = run_and_check(x, jnp.asarray(ids), wgu, wd, config=cfg)
-  np.testing.assert_array_equal(y0, y1)
+  _check_variant_on_routing(8, T, H, I, E, k, dtype, ids_kind)
 
 
 def test_group_limits_match_the_kernel():
