@@ -165,7 +165,8 @@ def expert_gemv_combine(x, ids, weights, w_gate_up, w_down, *, activation="silu"
     shared slots with weight 1, accumulated in f32 in slot order (as combine) and
     rounded once. On GPU combine's kernel runs after the experts, or the stream
     kernel (expert_gemv variants 5/6) sums in its own launch (its last block, once
-    every y row is written), where heuristics.gemv_combine_in_kernel says so, or the
+    every y row is written) and the group kernel (variant 8) in the last block of
+    each token's row range, where heuristics.gemv_combine_in_kernel says so, or the
     split kernels (variant 7) sum in their second kernel; the result is the same
     bitwise.
 
