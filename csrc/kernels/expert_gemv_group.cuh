@@ -112,7 +112,7 @@ __device__ __forceinline__ float dot8(const uint4& w, const float* v) {
 
 // One block's share of assignment as (expert e): phase 1 rows [i0, i1), phase 2 rows
 // [r0, r1).
-template <typename T, int VPL, int DVPL>
+template <typename T, int VPL, int DVPL, bool PIPE>
 __device__ __forceinline__ void group_expert(const GemvGroupArgs& a, int e, int as, int r0,
                                              int r1, int i0, int i1, uint4* xs, T* hs) {
   const int G = a.G, H = a.H, I = a.I;
@@ -126,21 +126,24 @@ __device__ __forceinline__ void group_expert(const GemvGroupArgs& a, int e, int 
   // Phase 1: rows i0 .. i1-1 of gate and up, a warp per row pair.
   const T* wg = static_cast<const T*>(a.w_gate_up) + size_t(e) * 2 * I * H;
   const T* wu = wg + size_t(I) * H;
-#pragma unroll 1
-  for (int r = i0 + warp; r < i1; r += kGroupWarps) {
+  // Vectors v0 .. v0+NVEC-1 of row r (per lane) of gate and up; zeros past i1 or H.
+  auto load_rows = [&](int r, int v0, auto& g, auto& u) {
+    constexpr int NVEC = sizeof(g) / sizeof(uint4);
     const uint4* pg = reinterpret_cast<const uint4*>(wg + size_t(r) * H);
     const uint4* pu = reinterpret_cast<const uint4*>(wu + size_t(r) * H);
-    uint4 g[VPL], u[VPL];
 #pragma unroll
-    for (int i = 0; i < VPL; ++i) {
-      const int v = lane + 32 * i;
-      g[i] = v < nv ? ldg_stream_v4(pg + v) : make_uint4(0, 0, 0, 0);
-      u[i] = v < nv ? ldg_stream_v4(pu + v) : make_uint4(0, 0, 0, 0);
+    for (int i = 0; i < NVEC; ++i) {
+      const int v = lane + 32 * (v0 + i);
+      const bool in = (!PIPE || r < i1) && v < nv;  // PIPE loads one pair past the last
+      g[i] = in ? ldg_stream_v4(pg + v) : make_uint4(0, 0, 0, 0);
+      u[i] = in ? ldg_stream_v4(pu + v) : make_uint4(0, 0, 0, 0);
     }
-    float sg = 0.f, su = 0.f;
+  };
+  auto dot_rows = [&](int v0, const auto& g, const auto& u, float& sg, float& su) {
+    constexpr int NVEC = sizeof(g) / sizeof(uint4);
 #pragma unroll
-    for (int i = 0; i < VPL; ++i) {
-      const int v = lane + 32 * i;
+    for (int i = 0; i < NVEC; ++i) {
+      const int v = lane + 32 * (v0 + i);
       if (v < nv) {
         float xf[8];
         Vec16<T>::unpack(xs[v], xf);
@@ -148,9 +151,36 @@ __device__ __forceinline__ void group_expert(const GemvGroupArgs& a, int e, int 
         su += dot8<T>(u[i], xf);
       }
     }
-    sg = warp_sum(sg);
-    su = warp_sum(su);
-    if (lane == 0) hg[r] = from_float<T>(activate(a.activation, sg) * su);
+  };
+  if constexpr (!PIPE) {
+#pragma unroll 1
+    for (int r = i0 + warp; r < i1; r += kGroupWarps) {
+      uint4 g[VPL], u[VPL];
+      load_rows(r, 0, g, u);
+      float sg = 0.f, su = 0.f;
+      dot_rows(0, g, u, sg, su);
+      sg = warp_sum(sg);
+      su = warp_sum(su);
+      if (lane == 0) hg[r] = from_float<T>(activate(a.activation, sg) * su);
+    }
+  } else {
+    // The row pair in two halves: the next pair's first half loads while this pair's
+    // second half is summed (the same sums in the same order as above).
+    constexpr int HV = VPL / 2;
+    uint4 ga[HV], ua[HV], gb[VPL - HV], ub[VPL - HV];
+    load_rows(i0 + warp, 0, ga, ua);
+    load_rows(i0 + warp, HV, gb, ub);
+#pragma unroll 1
+    for (int r = i0 + warp; r < i1; r += kGroupWarps) {
+      float sg = 0.f, su = 0.f;
+      dot_rows(0, ga, ua, sg, su);
+      load_rows(r + kGroupWarps, 0, ga, ua);
+      dot_rows(HV, gb, ub, sg, su);
+      load_rows(r + kGroupWarps, HV, gb, ub);
+      sg = warp_sum(sg);
+      su = warp_sum(su);
+      if (lane == 0) hg[r] = from_float<T>(activate(a.activation, sg) * su);
+    }
   }
   // Phase 2's first loads: a warp's step covers rows q .. q+3 (4 I contiguous
   // elements); lane element j = lane + 32 i of the step is row j / nvi, vector j % nvi.
@@ -263,8 +293,10 @@ __device__ __forceinline__ void group_combine(const GemvGroupArgs& a, int t, int
 }
 
 // VPL: 16-byte vectors per lane of a gate/up row (H <= 256 VPL); DVPL: per lane of a
-// 4-row w_down step (I <= 64 DVPL).
-template <typename T, int VPL, int DVPL>
+// 4-row w_down step (I <= 64 DVPL). PIPE: phase 1 in half rows, the next row pair's
+// first half in flight while the second half is summed (scripts/group_probe.cu times
+// it; the library runs false, not yet measured).
+template <typename T, int VPL, int DVPL, bool PIPE>
 __global__ void __launch_bounds__(kGroupThreads, 1) gemv_group_kernel(GemvGroupArgs a) {
   __shared__ uint4 xs[32 * VPL];
   __shared__ __align__(16) T hs[64 * DVPL];  // h[a]: I <= 64 DVPL
@@ -285,35 +317,36 @@ __global__ void __launch_bounds__(kGroupThreads, 1) gemv_group_kernel(GemvGroupA
   if (e < 0 || e >= a.E) {  // the whole group takes this branch: nobody waits for it
     for (int r = r0 + tid; r < r1; r += kGroupThreads) y[r] = from_float<T>(0.f);
   } else {
-    group_expert<T, VPL, DVPL>(a, e, as, r0, r1, i0, i1, xs, hs);
+    group_expert<T, VPL, DVPL, PIPE>(a, e, as, r0, r1, i0, i1, xs, hs);
   }
   if (a.combine_out != nullptr) group_combine<T>(a, as / a.k, rank, r0, r1);
 }
 
-template <typename T, int VPL>
+template <typename T, int VPL, bool PIPE>
 cudaError_t LaunchGemvGroupVpl(const GemvGroupArgs& a, cudaStream_t stream, bool pdl) {
   const unsigned blocks = static_cast<unsigned>(a.T * a.k * a.G);
   const int dvpl = (kGroupDownRows * (a.I / 8) + 31) / 32;
   if (dvpl <= 4)
-    return LaunchMaybePdl(gemv_group_kernel<T, VPL, 4>, dim3(blocks), dim3(kGroupThreads), 0,
-                          stream, pdl, a);
+    return LaunchMaybePdl(gemv_group_kernel<T, VPL, 4, PIPE>, dim3(blocks), dim3(kGroupThreads),
+                          0, stream, pdl, a);
   if (dvpl <= 8)
-    return LaunchMaybePdl(gemv_group_kernel<T, VPL, 8>, dim3(blocks), dim3(kGroupThreads), 0,
-                          stream, pdl, a);
-  return LaunchMaybePdl(gemv_group_kernel<T, VPL, kGroupMaxDvpl>, dim3(blocks),
+    return LaunchMaybePdl(gemv_group_kernel<T, VPL, 8, PIPE>, dim3(blocks), dim3(kGroupThreads),
+                          0, stream, pdl, a);
+  return LaunchMaybePdl(gemv_group_kernel<T, VPL, kGroupMaxDvpl, PIPE>, dim3(blocks),
                         dim3(kGroupThreads), 0, stream, pdl, a);
 }
 
 // The caller checked GroupSupported; a.G set (GroupBlocks; any G >= 1 is correct).
-template <typename T>
+// PIPE: the probe's half-row phase 1 (gemv_group_kernel).
+template <typename T, bool PIPE = false>
 cudaError_t LaunchGemvGroup(const GemvGroupArgs& a, cudaStream_t stream) {
   if (a.T == 0) return cudaSuccess;
   if (a.G < 1) return cudaErrorInvalidValue;
   const bool pdl = DeviceSupportsPdl();
   const int vpl = (a.H / 8 + 31) / 32;
-  if (vpl <= 4) return LaunchGemvGroupVpl<T, 4>(a, stream, pdl);
-  if (vpl <= 8) return LaunchGemvGroupVpl<T, 8>(a, stream, pdl);
-  return LaunchGemvGroupVpl<T, kGroupMaxVpl>(a, stream, pdl);
+  if (vpl <= 4) return LaunchGemvGroupVpl<T, 4, PIPE>(a, stream, pdl);
+  if (vpl <= 8) return LaunchGemvGroupVpl<T, 8, PIPE>(a, stream, pdl);
+  return LaunchGemvGroupVpl<T, kGroupMaxVpl, PIPE>(a, stream, pdl);
 }
 
 }  // namespace cuda
