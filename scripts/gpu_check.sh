@@ -120,11 +120,13 @@ fi
 
 run_probe() {  # name, default arguments: build scripts/NAME.cu (CUDA only, no JAX) and run it
   local name=$1 args=$2
+  if ! { mkdir -p build && nvcc -std=c++17 -O3 -arch=sm_90a -Icsrc "scripts/$name.cu" \
+           -o "build/$name" >"$OUT/$name.build.log" 2>&1; }; then
+    tail -20 "$OUT/$name.build.log"; note "$name: build FAILED"; status=1; return
+  fi
   # shellcheck disable=SC2086
-  if mkdir -p build && nvcc -std=c++17 -O3 -arch=sm_90a -Icsrc "scripts/$name.cu" -o "build/$name" \
-       >"$OUT/$name.log" 2>&1 &&
-     "build/$name" $args >>"$OUT/$name.log" 2>&1; then
-    note "$name: ok"; grep -v -i warn "$OUT/$name.log"
+  if "build/$name" $args >"$OUT/$name.log" 2>&1; then
+    note "$name: ok"; cat "$OUT/$name.log"
   else
     tail -20 "$OUT/$name.log"; note "$name: FAILED"; status=1
   fi
