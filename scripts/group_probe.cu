@@ -91,7 +91,7 @@ int main(int argc, char** argv) {
       ca.T = T; ca.k = S.k; ca.E = S.E; ca.H = S.H; ca.I = S.I; ca.activation = kSilu;
       CombineArgs cc;
       cc.y = y; cc.weights = cw; cc.out = out; cc.T = T; cc.k = S.k; cc.H = S.H;
-      const int G = GroupBlocks(n, pd.sms);
+      const int G = GroupBlocks(T, S.k, pd.sms);
       // combine: 0 none, 1 combine's kernel after, 2 fused (the last block of a row range);
       // 3: none, with phase 1 in half rows (the kernel's PIPE).
       auto group_with = [&](int g, int combine) {

@@ -494,7 +494,7 @@ cudaError_t LaunchExpertGemvKernels(const ExpertGemvArgs& a, cudaStream_t stream
         g.h = a.h;  g.y = a.y;
         g.T = static_cast<int>(a.T);  g.k = static_cast<int>(a.k);  g.E = static_cast<int>(a.E);
         g.H = static_cast<int>(a.H);  g.I = static_cast<int>(a.I);  g.activation = a.activation;
-        g.G = GroupBlocks(a.T * a.k, CurrentDeviceAttr<cudaDevAttrMultiProcessorCount>(132));
+        g.G = GroupBlocks(a.T, a.k, CurrentDeviceAttr<cudaDevAttrMultiProcessorCount>(132));
         *fused = a.combine_out != nullptr && a.combine_in_kernel;
         g.combine_w = *fused ? a.combine_w : nullptr;
         g.combine_out = *fused ? a.combine_out : nullptr;

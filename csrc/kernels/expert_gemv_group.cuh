@@ -82,16 +82,20 @@ inline bool GroupSupported(int64_t T, int64_t k, int64_t S, int64_t H, int64_t I
          H % 8 == 0 && H <= 256 * kGroupMaxVpl && I >= 8 && I % 8 == 0 && I <= kGroupMaxI;
 }
 
-// Blocks per assignment for `sms` SMs: as many as fill the SMs once, 1 to kGroupMaxBlocks.
-inline int GroupBlocks(int64_t assignments, int sms) {
-  const int64_t g = assignments > 0 ? sms / assignments : 1;
-  return static_cast<int>(g < 1 ? 1 : (g > kGroupMaxBlocks ? kGroupMaxBlocks : g));
+// Blocks per assignment for T tokens of k slots on `sms` SMs: as many as fill the SMs
+// once, 1 to kGroupMaxBlocks, and at most kGroupMaxAssign / T (the fused combine's
+// words, one per token and rank; T <= kGroupMaxAssign where GroupSupported).
+inline int GroupBlocks(int64_t T, int64_t k, int sms) {
+  const int64_t assignments = T * k;
+  int64_t g = assignments > 0 ? sms / assignments : 1;
+  if (g > kGroupMaxBlocks) g = kGroupMaxBlocks;
+  if (T > 0 && g > kGroupMaxAssign / T) g = kGroupMaxAssign / T;
+  return static_cast<int>(g < 1 ? 1 : g);
 }
 
 __device__ unsigned int g_group_arrived[kGroupMaxAssign];
 __device__ unsigned int g_group_left[kGroupMaxAssign];
-// The fused combine's arrivals per (token, rank): T G <= T k <= kGroupMaxAssign, or
-// T G <= SMs / k when G > 1.
+// The fused combine's arrivals per (token, rank): T G <= kGroupMaxAssign (GroupBlocks).
 __device__ unsigned int g_group_summed[kGroupMaxAssign];
 
 __device__ __forceinline__ unsigned int ld_acquire_gpu(const unsigned int* p) {
@@ -341,7 +345,8 @@ cudaError_t LaunchGemvGroupVpl(const GemvGroupArgs& a, cudaStream_t stream, bool
 template <typename T, bool PIPE = false>
 cudaError_t LaunchGemvGroup(const GemvGroupArgs& a, cudaStream_t stream) {
   if (a.T == 0) return cudaSuccess;
-  if (a.G < 1) return cudaErrorInvalidValue;
+  if (a.G < 1 || (a.combine_out != nullptr && int64_t(a.T) * a.G > kGroupMaxAssign))
+    return cudaErrorInvalidValue;
   const bool pdl = DeviceSupportsPdl();
   const int vpl = (a.H / 8 + 31) / 32;
   if (vpl <= 4) return LaunchGemvGroupVpl<T, 4, PIPE>(a, stream, pdl);
