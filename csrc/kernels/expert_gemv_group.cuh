@@ -5,10 +5,11 @@
 //
 // Why: at T = 1 on the narrow shapes (Gemma-4, Qwen3) the stream kernel stays at
 // 1.4-1.5x the floor where a plain read of the same bytes takes 1.08-1.11x
-// (RESULTS.md s12, s21). What limits a block's reads: one SM streamed at most about
-// 28.5 GB/s with 16 warps of 16-byte loads in flight (run s22-1: a thread-block
-// cluster version of this kernel on 64 and on 112 + 16 SMs), and 132 x 28.5 GB/s is
-// only 1.18x the HBM rate. So the floor needs every SM reading for the whole call:
+// (RESULTS.md s12, s21). What limits a block's reads: one SM streamed only 28-33 GB/s
+// with 16 warps of 16-byte loads in flight (Gemma-4 T=1 on 64 SMs: 28.4 in run s22-1,
+// a thread-block cluster version of this kernel; 33 in s22-2, this kernel with G = 8),
+// and 132 x 28.5 GB/s is only 1.18x the HBM rate. So the floor needs every SM reading
+// for the whole call:
 // the work cut into equal parts, one per SM, each read in whole rows (the split
 // kernels' 64-byte pieces of w_down rows and their 176 blocks on 132 SMs took
 // 1.4-1.6x, s21-1). Design:
@@ -21,9 +22,14 @@
 //   * each warp issues its first w_down loads (they do not depend on h), then the
 //     block waits until all G ranks have arrived (acquire) and reads h[a] (L2) into
 //     shared memory;
-//   * phase 2: rank r computes y[a, rows] for w_down rows [r H/G, (r+1) H/G): a warp
-//     takes 4 whole rows at a time (4 I contiguous elements), lanes along them; the
-//     next step's loads are issued before the current step's arithmetic.
+//   * phase 2: rank r computes y[a, rows] for w_down rows [r H', (r+1) H') (H' = H/G
+//     rounded up to 8): a warp takes 4 whole rows at a time (4 I contiguous
+//     elements), lanes along them; the next step's loads are issued before the
+//     current step's arithmetic;
+//   * with the combine (expert_gemv_combine), the last of a token's k blocks of one
+//     rank to finish sums that rank's rows of out as combine's kernel does.
+// Measured (s22-2, Gemma-4 / Qwen3 T=1, experts + combine): 40.6 / 35.0 us against
+// the stream kernel's 44.1 / 37.2 (heuristics.GEMV_GROUP_MAX_TOKENS has the table).
 // Forward progress: a block waits only for blocks of its own assignment, which have
 // neighbouring indices; blocks are dispatched in index order, and a dependent
 // PDL-launched kernel takes no SM before every block here has started
