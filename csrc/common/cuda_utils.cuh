@@ -39,6 +39,14 @@ __device__ __forceinline__ uint4 ldg_stream_v4(const void* p) {
   return r;
 }
 
+// 16-byte load from L2 only (not L1): data that other blocks wrote in the same launch.
+__device__ __forceinline__ uint4 ldg_cg_v4(const void* p) {
+  uint4 r;
+  asm volatile("ld.global.cg.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p) : "memory");
+  return r;
+}
+
 // Streamed load that also asks L2 to fetch the surrounding 256-byte block: a warp
 // that reads 64 bytes of each of several rows turns into 256-byte DRAM bursts.
 __device__ __forceinline__ uint4 ldg_stream_pf_v4(const void* p) {

@@ -95,6 +95,36 @@ __device__ __forceinline__ void store_unit(O* dst, const float* f) {
   }
 }
 
+// One token's 8 columns of the weighted sum as combine_kernel computes it, for a sum
+// fused into the kernel that wrote y (the stream and group kernels of expert_gemv):
+// acc[e] = sum_j wt[j] * yt[j H + e] over j < k, f32, each product rounded before the
+// add, in slot order (the same bits). y is read from L2 (written in the same launch),
+// up to 8 slots in flight; yt points at slot 0's first column, 16-byte aligned.
+template <typename T>
+__device__ __forceinline__ void sum_slots8_l2(const T* yt, const float* wt, int k, int64_t H,
+                                              float* acc) {
+#pragma unroll
+  for (int e = 0; e < 8; ++e) acc[e] = 0.f;
+  for (int j0 = 0; j0 < k; j0 += 8) {
+    uint4 r[8];
+    float wj[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const bool in = j0 + j < k;
+      wj[j] = in ? __ldg(wt + j0 + j) : 0.f;
+      r[j] = in ? ldg_cg_v4(yt + static_cast<int64_t>(j0 + j) * H) : make_uint4(0u, 0u, 0u, 0u);
+    }
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      if (j0 + j >= k) continue;
+      float f[8];
+      Vec16<T>::unpack(r[j], f);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc[e] = __fadd_rn(acc[e], __fmul_rn(wj[j], f[e]));
+    }
+  }
+}
+
 // units: loads per row (H / vector width, or H); chunks: column chunks per token.
 template <typename Y, typename W, typename O, bool kVec, int VPT, int KC>
 __global__ void __launch_bounds__(kCombineThreads)

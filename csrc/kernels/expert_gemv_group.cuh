@@ -49,7 +49,7 @@
 #include "common/activation.cuh"
 #include "common/cuda_utils.cuh"
 #include "common/params.h"
-#include "kernels/combine.cuh"  // store_unit: the fused combine writes as combine does
+#include "kernels/combine.cuh"  // sum_slots8_l2, store_unit: the fused combine sums as combine does
 
 namespace jax_moe {
 namespace cuda {
@@ -278,26 +278,8 @@ __device__ __forceinline__ void group_combine(const GemvGroupArgs& a, int t, int
   const T* yt = static_cast<const T*>(a.y) + size_t(t) * k * H;
   const float* wt = a.combine_w + size_t(t) * k;
   for (int c = r0 + 8 * static_cast<int>(threadIdx.x); c < r1; c += 8 * kGroupThreads) {
-    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    for (int j0 = 0; j0 < k; j0 += 8) {
-      uint4 r[8];
-      float wj[8];
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        const bool in = j0 + j < k;
-        wj[j] = in ? __ldg(wt + j0 + j) : 0.f;
-        r[j] = in ? __ldcg(reinterpret_cast<const uint4*>(yt + size_t(j0 + j) * H + c))
-                  : make_uint4(0u, 0u, 0u, 0u);
-      }
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        if (j0 + j >= k) continue;
-        float f[8];
-        Vec16<T>::unpack(r[j], f);
-#pragma unroll
-        for (int q = 0; q < 8; ++q) acc[q] = __fadd_rn(acc[q], __fmul_rn(wj[j], f[q]));
-      }
-    }
+    float acc[8];
+    sum_slots8_l2<T>(yt + c, wt, k, H, acc);
     store_unit<T, 8>(static_cast<T*>(a.combine_out) + size_t(t) * H + c, acc);
   }
 }

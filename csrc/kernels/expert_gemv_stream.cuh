@@ -51,7 +51,7 @@
 #include "common/cuda_utils.cuh"
 #include "common/mma.cuh"
 #include "common/params.h"
-#include "kernels/combine.cuh"  // store_unit: the fused combine writes as combine does
+#include "kernels/combine.cuh"  // sum_slots8_l2, store_unit: the fused combine sums as combine does
 
 namespace jax_moe {
 namespace cuda {
@@ -388,12 +388,6 @@ __host__ __device__ __forceinline__ StreamUnit decode_unit(int u, int n1, int ti
 }
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-__device__ __forceinline__ uint4 ldg_cg_v4(const void* p) {  // L2 only: h is written in-kernel
-  uint4 r;
-  asm volatile("ld.global.cg.v4.u32 {%0,%1,%2,%3}, [%4];"
-               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p) : "memory");
-  return r;
-}
 
 // The ring: 2 * NS stage slots, NS per consumer group. Each group's stages are
 // produced and consumed in order in its own slots, so a waiter is never more than one
@@ -868,25 +862,8 @@ __device__ void combine_in_last_block(const GemvStreamArgs& a) {
     const int t = item / V, v = item - t * V;
     const T* yt = y + static_cast<int64_t>(t) * kk * H + 8 * v;
     const float* wt = a.cw + static_cast<int64_t>(t) * kk;
-    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    for (int j0 = 0; j0 < kk; j0 += 8) {
-      uint4 r[8];
-      float wj[8];
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        const bool in = j0 + j < kk;
-        wj[j] = in ? __ldg(wt + j0 + j) : 0.f;
-        r[j] = in ? ldg_cg_v4(yt + static_cast<int64_t>(j0 + j) * H) : make_uint4(0u, 0u, 0u, 0u);
-      }
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        if (j0 + j >= kk) continue;
-        float f[8];
-        Vec16<T>::unpack(r[j], f);
-#pragma unroll
-        for (int e = 0; e < 8; ++e) acc[e] = __fadd_rn(acc[e], __fmul_rn(wj[j], f[e]));
-      }
-    }
+    float acc[8];
+    sum_slots8_l2<T>(yt, wt, kk, H, acc);
     store_unit<T, 8>(static_cast<T*>(a.cout) + static_cast<int64_t>(t) * H + 8 * v, acc);
   }
 }
