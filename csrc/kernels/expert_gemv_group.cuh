@@ -99,6 +99,24 @@ inline int GroupBlocks(int64_t T, int64_t k, int sms) {
   return static_cast<int>(g < 1 ? 1 : g);
 }
 
+// Options of gemv_group_kernel (a bit mask, template argument OPT), for
+// scripts/group_probe.cu to time against each other; the library runs
+// kGroupLibraryOptions.
+//   kGroupOptEarly: the first row pair's gate/up loads are issued as soon as the
+//     expert id is known, before x is staged in shared memory (otherwise nothing is
+//     in flight during the x loads and the barrier after them);
+//   kGroupOptPipe: phase 1 in half rows, the next row pair's first half in flight
+//     while this pair's second half is summed;
+//   kGroupOptPrefetchDown: the block's w_down rows (one contiguous range) are
+//     prefetched into L2 by bulk prefetches once the expert is known, and the gate/up
+//     loads carry an L2 evict-first policy so the prefetched rows outlive them: HBM
+//     keeps streaming phase 2's bytes while the blocks wait for each other's h.
+constexpr int kGroupOptEarly = 1;
+constexpr int kGroupOptPipe = 2;
+constexpr int kGroupOptPrefetchDown = 4;
+constexpr int kGroupLibraryOptions = 0;  // none measured yet (the probe's columns)
+constexpr int kGroupPrefetchChunk = 16384;  // bytes per bulk prefetch
+
 __device__ unsigned int g_group_arrived[kGroupMaxAssign];
 __device__ unsigned int g_group_left[kGroupMaxAssign];
 // The fused combine's arrivals per (token, rank): T G <= kGroupMaxAssign (GroupBlocks).
@@ -120,19 +138,49 @@ __device__ __forceinline__ float dot8(const uint4& w, const float* v) {
   return s;
 }
 
+// 16-byte streaming load with an L2 cache policy (kGroupOptPrefetchDown's gate/up
+// loads: evict first).
+__device__ __forceinline__ uint4 ldg_stream_policy_v4(const void* p, uint64_t policy) {
+  uint4 r;
+  asm volatile("ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32 {%0,%1,%2,%3}, [%4], %5;"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p), "l"(policy));
+  return r;
+}
+
+// Bulk prefetch of [p, p + bytes) into L2 (sm_90; p 16-byte aligned, bytes a multiple
+// of 16), in kGroupPrefetchChunk pieces dealt to the calling warp's lanes.
+__device__ __forceinline__ void prefetch_l2_range(const void* p, size_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const char* c = static_cast<const char*>(p);
+  for (size_t o = size_t(threadIdx.x & 31) * kGroupPrefetchChunk; o < bytes;
+       o += size_t(32) * kGroupPrefetchChunk) {
+    const uint32_t n = static_cast<uint32_t>(bytes - o < kGroupPrefetchChunk ? bytes - o
+                                                                              : kGroupPrefetchChunk);
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(c + o), "r"(n) : "memory");
+  }
+#endif
+}
+
 // One block's share of assignment as (expert e): phase 1 rows [i0, i1), phase 2 rows
-// [r0, r1).
-template <typename T, int VPL, int DVPL, bool PIPE>
+// [r0, r1). OPT: kGroupOpt* bits.
+template <typename T, int VPL, int DVPL, int OPT>
 __device__ __forceinline__ void group_expert(const GemvGroupArgs& a, int e, int as, int r0,
                                              int r1, int i0, int i1, uint4* xs, T* hs) {
+  constexpr bool PIPE = (OPT & kGroupOptPipe) != 0;
+  constexpr bool EARLY = (OPT & kGroupOptEarly) != 0;
+  constexpr bool PF = (OPT & kGroupOptPrefetchDown) != 0;
   const int G = a.G, H = a.H, I = a.I;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   T* const y = static_cast<T*>(a.y) + size_t(as) * H;
   T* const hg = static_cast<T*>(a.h) + size_t(as) * I;
   const int nv = H / 8;
-  const uint4* xv = reinterpret_cast<const uint4*>(static_cast<const T*>(a.x) + size_t(as / a.k) * H);
-  for (int v = tid; v < nv; v += kGroupThreads) xs[v] = xv[v];
-  __syncthreads();
+  uint64_t policy = 0;
+  if constexpr (PF) {
+    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+    if (warp == kGroupWarps - 1)
+      prefetch_l2_range(static_cast<const T*>(a.w_down) + (size_t(e) * H + r0) * I,
+                        size_t(r1 - r0) * I * sizeof(T));
+  }
   // Phase 1: rows i0 .. i1-1 of gate and up, a warp per row pair.
   const T* wg = static_cast<const T*>(a.w_gate_up) + size_t(e) * 2 * I * H;
   const T* wu = wg + size_t(I) * H;
@@ -144,11 +192,28 @@ __device__ __forceinline__ void group_expert(const GemvGroupArgs& a, int e, int 
 #pragma unroll
     for (int i = 0; i < NVEC; ++i) {
       const int v = lane + 32 * (v0 + i);
-      const bool in = (!PIPE || r < i1) && v < nv;  // PIPE loads one pair past the last
-      g[i] = in ? ldg_stream_v4(pg + v) : make_uint4(0, 0, 0, 0);
-      u[i] = in ? ldg_stream_v4(pu + v) : make_uint4(0, 0, 0, 0);
+      // PIPE and EARLY load a warp's first pair before the loop, maybe past the last
+      const bool in = (!(PIPE || EARLY) || r < i1) && v < nv;
+      if constexpr (PF) {
+        g[i] = in ? ldg_stream_policy_v4(pg + v, policy) : make_uint4(0, 0, 0, 0);
+        u[i] = in ? ldg_stream_policy_v4(pu + v, policy) : make_uint4(0, 0, 0, 0);
+      } else {
+        g[i] = in ? ldg_stream_v4(pg + v) : make_uint4(0, 0, 0, 0);
+        u[i] = in ? ldg_stream_v4(pu + v) : make_uint4(0, 0, 0, 0);
+      }
     }
   };
+  constexpr int HV = PIPE ? VPL / 2 : VPL;  // PIPE's halves (else a whole row)
+  constexpr int HB = PIPE ? VPL - HV : 1;    // gb, ub: PIPE's second halves (else unused)
+  uint4 ga[HV], ua[HV], gb[HB], ub[HB];
+  auto load_pair = [&](int r) {
+    load_rows(r, 0, ga, ua);
+    if constexpr (PIPE) load_rows(r, HV, gb, ub);
+  };
+  if constexpr (EARLY) load_pair(i0 + warp);
+  const uint4* xv = reinterpret_cast<const uint4*>(static_cast<const T*>(a.x) + size_t(as / a.k) * H);
+  for (int v = tid; v < nv; v += kGroupThreads) xs[v] = xv[v];
+  __syncthreads();
   auto dot_rows = [&](int v0, const auto& g, const auto& u, float& sg, float& su) {
     constexpr int NVEC = sizeof(g) / sizeof(uint4);
 #pragma unroll
@@ -162,7 +227,7 @@ __device__ __forceinline__ void group_expert(const GemvGroupArgs& a, int e, int 
       }
     }
   };
-  if constexpr (!PIPE) {
+  if constexpr (!PIPE && !EARLY) {
 #pragma unroll 1
     for (int r = i0 + warp; r < i1; r += kGroupWarps) {
       uint4 g[VPL], u[VPL];
@@ -173,13 +238,22 @@ __device__ __forceinline__ void group_expert(const GemvGroupArgs& a, int e, int 
       su = warp_sum(su);
       if (lane == 0) hg[r] = from_float<T>(activate(a.activation, sg) * su);
     }
+  } else if constexpr (!PIPE) {
+    // EARLY: the pair in ga, ua was loaded before x; the next pair loads once this
+    // one is summed (the same sums in the same order as above).
+#pragma unroll 1
+    for (int r = i0 + warp; r < i1; r += kGroupWarps) {
+      float sg = 0.f, su = 0.f;
+      dot_rows(0, ga, ua, sg, su);
+      load_pair(r + kGroupWarps);
+      sg = warp_sum(sg);
+      su = warp_sum(su);
+      if (lane == 0) hg[r] = from_float<T>(activate(a.activation, sg) * su);
+    }
   } else {
     // The row pair in two halves: the next pair's first half loads while this pair's
     // second half is summed (the same sums in the same order as above).
-    constexpr int HV = VPL / 2;
-    uint4 ga[HV], ua[HV], gb[VPL - HV], ub[VPL - HV];
-    load_rows(i0 + warp, 0, ga, ua);
-    load_rows(i0 + warp, HV, gb, ub);
+    if constexpr (!EARLY) load_pair(i0 + warp);
 #pragma unroll 1
     for (int r = i0 + warp; r < i1; r += kGroupWarps) {
       float sg = 0.f, su = 0.f;
@@ -285,10 +359,9 @@ __device__ __forceinline__ void group_combine(const GemvGroupArgs& a, int t, int
 }
 
 // VPL: 16-byte vectors per lane of a gate/up row (H <= 256 VPL); DVPL: per lane of a
-// 4-row w_down step (I <= 64 DVPL). PIPE: phase 1 in half rows, the next row pair's
-// first half in flight while the second half is summed (scripts/group_probe.cu times
-// it; the library runs false, not yet measured).
-template <typename T, int VPL, int DVPL, bool PIPE>
+// 4-row w_down step (I <= 64 DVPL). OPT: kGroupOpt* bits (scripts/group_probe.cu
+// times them; the library runs kGroupLibraryOptions).
+template <typename T, int VPL, int DVPL, int OPT>
 __global__ void __launch_bounds__(kGroupThreads, 1) gemv_group_kernel(GemvGroupArgs a) {
   __shared__ uint4 xs[32 * VPL];
   __shared__ __align__(16) T hs[64 * DVPL];  // h[a]: I <= 64 DVPL
@@ -309,37 +382,37 @@ __global__ void __launch_bounds__(kGroupThreads, 1) gemv_group_kernel(GemvGroupA
   if (e < 0 || e >= a.E) {  // the whole group takes this branch: nobody waits for it
     for (int r = r0 + tid; r < r1; r += kGroupThreads) y[r] = from_float<T>(0.f);
   } else {
-    group_expert<T, VPL, DVPL, PIPE>(a, e, as, r0, r1, i0, i1, xs, hs);
+    group_expert<T, VPL, DVPL, OPT>(a, e, as, r0, r1, i0, i1, xs, hs);
   }
   if (a.combine_out != nullptr) group_combine<T>(a, as / a.k, rank, r0, r1);
 }
 
-template <typename T, int VPL, bool PIPE>
+template <typename T, int VPL, int OPT>
 cudaError_t LaunchGemvGroupVpl(const GemvGroupArgs& a, cudaStream_t stream, bool pdl) {
   const unsigned blocks = static_cast<unsigned>(a.T * a.k * a.G);
   const int dvpl = (kGroupDownRows * (a.I / 8) + 31) / 32;
   if (dvpl <= 4)
-    return LaunchMaybePdl(gemv_group_kernel<T, VPL, 4, PIPE>, dim3(blocks), dim3(kGroupThreads),
+    return LaunchMaybePdl(gemv_group_kernel<T, VPL, 4, OPT>, dim3(blocks), dim3(kGroupThreads),
                           0, stream, pdl, a);
   if (dvpl <= 8)
-    return LaunchMaybePdl(gemv_group_kernel<T, VPL, 8, PIPE>, dim3(blocks), dim3(kGroupThreads),
+    return LaunchMaybePdl(gemv_group_kernel<T, VPL, 8, OPT>, dim3(blocks), dim3(kGroupThreads),
                           0, stream, pdl, a);
-  return LaunchMaybePdl(gemv_group_kernel<T, VPL, kGroupMaxDvpl, PIPE>, dim3(blocks),
+  return LaunchMaybePdl(gemv_group_kernel<T, VPL, kGroupMaxDvpl, OPT>, dim3(blocks),
                         dim3(kGroupThreads), 0, stream, pdl, a);
 }
 
 // The caller checked GroupSupported; a.G set (GroupBlocks; any G >= 1 is correct).
-// PIPE: the probe's half-row phase 1 (gemv_group_kernel).
-template <typename T, bool PIPE = false>
+// OPT: kGroupOpt* bits (the probe's variants; the library passes none).
+template <typename T, int OPT = kGroupLibraryOptions>
 cudaError_t LaunchGemvGroup(const GemvGroupArgs& a, cudaStream_t stream) {
   if (a.T == 0) return cudaSuccess;
   if (a.G < 1 || (a.combine_out != nullptr && int64_t(a.T) * a.G > kGroupMaxAssign))
     return cudaErrorInvalidValue;
   const bool pdl = DeviceSupportsPdl();
   const int vpl = (a.H / 8 + 31) / 32;
-  if (vpl <= 4) return LaunchGemvGroupVpl<T, 4, PIPE>(a, stream, pdl);
-  if (vpl <= 8) return LaunchGemvGroupVpl<T, 8, PIPE>(a, stream, pdl);
-  return LaunchGemvGroupVpl<T, kGroupMaxVpl, PIPE>(a, stream, pdl);
+  if (vpl <= 4) return LaunchGemvGroupVpl<T, 4, OPT>(a, stream, pdl);
+  if (vpl <= 8) return LaunchGemvGroupVpl<T, 8, OPT>(a, stream, pdl);
+  return LaunchGemvGroupVpl<T, kGroupMaxVpl, OPT>(a, stream, pdl);
 }
 
 }  // namespace cuda
