@@ -75,6 +75,23 @@ def route_fuse_router(num_tokens: int, num_experts: int, hidden: int) -> bool:
   return num_tokens <= ROUTE_FUSED_MAX_TOKENS
 
 
+# The logits path's selection, one block per token with a thread per expert
+# (route_block_kernel, E <= ROUTE_BLOCK_MAX_EXPERTS) instead of one warp per token
+# (route_logits_kernel). Why it may pay: the warp's selection is a chain of dependent
+# steps, 4142 cycles (2.1 us) on DeepSeek-V3 and 2200 on the E=128 shapes (run s8-5),
+# against a router GEMM of 1.8-2.4 us; the block kernel does each step in a few
+# block-wide passes. Not yet measured on a GPU (written in session 23, when no device
+# was lent), so 0: never picked until scripts/route_probe.cu and bench_route.py
+# have timed it (their "block" columns); the GPU tests run it forced.
+ROUTE_BLOCK_SELECT_MAX_TOKENS = 0
+ROUTE_BLOCK_MAX_EXPERTS = 256  # kRouteBlockMaxExperts in csrc/kernels/route.cuh
+
+
+def route_block_select(num_tokens: int, num_experts: int) -> bool:
+  """True: the logits path's one-block-per-token selection kernel (see above)."""
+  return 1 <= num_tokens <= ROUTE_BLOCK_SELECT_MAX_TOKENS and num_experts <= ROUTE_BLOCK_MAX_EXPERTS
+
+
 def route_k_splits(hidden: int) -> int:
   """Slices of H in the fused route kernel: the blocks per (expert tile, token tile).
 

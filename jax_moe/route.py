@@ -40,12 +40,15 @@ def _num_experts(x_aval, router_aval) -> int:
 
 
 def _abstract_eval(x, router, bias, scale, *, top_k, scoring, renormalize, num_groups,
-                   top_groups, group_score, scaling_factor, k_splits):
+                   top_groups, group_score, scaling_factor, k_splits, block_select):
   if not isinstance(k_splits, (int, np.integer)) or not 1 <= k_splits <= _CUDA_MAX_K_SPLITS:
     raise ValueError(f"route: k_splits must be an int in [1, {_CUDA_MAX_K_SPLITS}], "
                      f"got {k_splits!r}")
   T = x.shape[0]
   E = _num_experts(x, router)
+  if block_select and (router.size or E > heuristics.ROUTE_BLOCK_MAX_EXPERTS):
+    raise ValueError(f"route: block_select needs logits (no router in the call) and at most "
+                     f"{heuristics.ROUTE_BLOCK_MAX_EXPERTS} experts, got E = {E}")
   scratch = (k_splits * T, E) if router.size else (0,)
   return (ShapedArray((T, top_k), jnp.float32), ShapedArray((T, top_k), jnp.int32),
           ShapedArray(scratch, jnp.float32))
@@ -64,11 +67,13 @@ def _ffi_attrs(params):
       group_score=np.int64(_codes.GROUP_SCORE[params["group_score"]]),
       scaling_factor=np.float32(params["scaling_factor"]),
       k_splits=np.int64(params["k_splits"]),
+      block_select=np.int64(bool(params["block_select"])),
   )
 
 
 def _fallback(x, router, bias, scale, *, top_k, scoring, renormalize, num_groups, top_groups,
-              group_score, scaling_factor, k_splits):
+              group_score, scaling_factor, k_splits, block_select):
+  del block_select  # a CUDA kernel choice
   w, ids = reference.route(
       x, top_k, router_weight=router if router.size else None, scoring=scoring,
       renormalize=renormalize, num_groups=num_groups, top_groups=top_groups,
@@ -184,6 +189,7 @@ def route(x, top_k, *, router_weight=None, scoring="softmax", renormalize=True, 
   x2 = x.reshape(-1, x.shape[-1])
   T = x2.shape[0]
   k_splits = 1
+  block_select = False
   if router_weight is not None:
     H = x.shape[-1]
     if heuristics.route_fuse_router(T, E, H):
@@ -204,9 +210,11 @@ def route(x, top_k, *, router_weight=None, scoring="softmax", renormalize=True, 
       router = jnp.zeros((0, 0), x2.dtype)
   else:
     router = jnp.zeros((0, 0), x2.dtype)
+  if not router.size:
+    block_select = heuristics.route_block_select(T, E)
   w, ids, _ = route_p.bind(x2, router, bias, scale, top_k=top_k, scoring=scoring,
                            renormalize=bool(renormalize), num_groups=num_groups,
                            top_groups=top_groups, group_score=group_score,
                            scaling_factor=scaling_factor,
-                           k_splits=k_splits)
+                           k_splits=k_splits, block_select=block_select)
   return w.reshape(lead + (top_k,)), ids.reshape(lead + (top_k,))

@@ -4,7 +4,9 @@
 // the cluster kernel (which leave out the selection, the finishing block, or
 // everything after the GEMM, so the time of each stage is a difference). Also
 // prints a %globaltimer timeline of one launch of the full copy and the clock64
-// cycles of the selection's phases (one warp, one token). For quick device runs;
+// cycles of the selection's phases (one warp, one token). The logits path's
+// one-block-per-token kernel (RouteArgs::block_select, session 23) is timed beside the
+// warp kernel, and its ids and weights compared with the warp kernel's. For quick device runs;
 // the numbers we report come from benchmarks/bench_route.py. (The A/B against the
 // selection of before session 8, RESULTS.md session 8, used this file as of commit
 // 699ad13, which compiled the old selection in beside the new one.)
@@ -16,6 +18,7 @@
 // [1, 64] (default 32: cold in L2; 1: hot), ROUTE_PROBE_NOBIAS=1 (no correction
 // bias in the DeepSeek-V3 case).
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
@@ -218,7 +221,8 @@ int main(int argc, char** argv) {
       struct V { const char* name; int id; };
       const V vs[] = {{"empty 1 block", 0},        {"empty cluster grid", 1},
                       {"library fused (cluster)", 2}, {"library fused (global)", 3},
-                      {"library logits kernel", 4},  {"copy: full", 5},
+                      {"library logits kernel", 4},  {"logits kernel, block select", 9},
+                      {"copy: full", 5},
                       {"copy: no selection", 6},     {"copy: no finishing block", 7},
                       {"copy: GEMM only", 8}};
       printf("%s T=%d (E=%d H=%d k_splits=%d, router %.2f MB)\n", c.name, T, c.E, c.H,
@@ -242,6 +246,12 @@ int main(int argc, char** argv) {
               b.x = logits + size_t(i % kCopies) * 64 * c.E;
               CK(LaunchRoute<float>(b, st));
               break;
+            case 9:
+              b.router = nullptr;
+              b.block_select = true;
+              b.x = logits + size_t(i % kCopies) * 64 * c.E;
+              CK(LaunchRoute<float>(b, st));
+              break;
             case 5: CK(launch_copy<0>(c.E, cg, blk, smem, st, pdl, ks, b)); break;
             case 6: CK(launch_copy<1>(c.E, cg, blk, smem, st, pdl, ks, b)); break;
             case 7: CK(launch_copy<2>(c.E, cg, blk, smem, st, pdl, ks, b)); break;
@@ -253,6 +263,29 @@ int main(int argc, char** argv) {
         CK(cudaStreamSynchronize(st));
         const std::vector<float> us = graph_replay_us(st, N, 15, e0, e1, launch);
         printf("  %-26s %7.2f us/launch (min %.2f)\n", v.name, us[us.size() / 2], us[0]);
+      }
+      {  // The block-select kernel against the warp kernel on the same logits.
+        std::vector<float> wv[2];
+        std::vector<int32_t> iv[2];
+        for (int blk_sel = 0; blk_sel < 2; ++blk_sel) {
+          RouteArgs b = a;
+          b.router = nullptr;
+          b.x = logits;
+          b.block_select = blk_sel == 1;
+          CK(cudaMemset(weights, 0xff, size_t(T) * c.k * sizeof(float)));
+          CK(cudaMemset(ids, 0xff, size_t(T) * c.k * sizeof(int32_t)));
+          CK(LaunchRoute<float>(b, st));
+          CK(cudaStreamSynchronize(st));
+          wv[blk_sel].resize(size_t(T) * c.k);
+          iv[blk_sel].resize(size_t(T) * c.k);
+          CK(cudaMemcpy(wv[blk_sel].data(), weights, wv[blk_sel].size() * 4, cudaMemcpyDeviceToHost));
+          CK(cudaMemcpy(iv[blk_sel].data(), ids, iv[blk_sel].size() * 4, cudaMemcpyDeviceToHost));
+        }
+        double rel = 0;
+        for (size_t j = 0; j < wv[0].size(); ++j)
+          rel = std::max(rel, double(std::fabs(wv[1][j] - wv[0][j])) / std::max(1e-30f, std::fabs(wv[0][j])));
+        printf("  block select vs warp kernel: ids %s, max weight rel. diff %.2e\n",
+               iv[0] == iv[1] ? "equal" : "DIFFER", rel);
       }
       // Timeline of one launch of the full copy, after a cold-router launch.
       for (int i = 0; i < 3; ++i) {

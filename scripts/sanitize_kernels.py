@@ -59,6 +59,19 @@ for E, k, T, groups in [(8, 2, 5, 1), (64, 6, 17, 4), (256, 8, 33, 8),
   print(f"{'ok  ' if ok else 'FAIL'} route logits E={E} T={T}: ids in range", flush=True)
   if not ok:
     failures.append(f"route E={E}")
+  if E <= heuristics.ROUTE_BLOCK_MAX_EXPERTS:  # the one-block-per-token kernel, forced
+    kw = dict(scoring="sigmoid" if groups > 1 else "softmax", num_groups=groups,
+              top_groups=max(1, groups // 2), group_score="top2_sum")
+    wb, ib, _ = route_p.bind(x, jnp.zeros((0, 0), x.dtype), e0, e0, top_k=k, renormalize=True,
+                             scaling_factor=1.0, k_splits=1, block_select=True, **kw)
+    w_ref, _ = reference.route(x, k, **kw)
+    ib = np.asarray(ib)
+    ok = np.all((ib >= 0) & (ib < E))
+    print(f"{'ok  ' if ok else 'FAIL'} route block select E={E} T={T}: ids in range",
+          flush=True)
+    if not ok:
+      failures.append(f"route block select E={E}")
+    check(f"route block select E={E} T={T} weights", wb, w_ref, 1e-3)
 for E, H, T, dt in [(256, 7168, 1, jnp.bfloat16), (128, 2816, 16, jnp.bfloat16),
                    (64, 200, 40, jnp.float16), (60, 33, 3, jnp.bfloat16),
                    (40, 64, 9, jnp.float32)][2 if SMALL else 0:] if "route" in OPS else []:
@@ -70,7 +83,7 @@ for E, H, T, dt in [(256, 7168, 1, jnp.bfloat16), (128, 2816, 16, jnp.bfloat16),
   for k_splits in (1, 5, 12, heuristics.route_k_splits(H)):
     w, _, _ = route_p.bind(x, wr, e0, e0, top_k=6, scoring="sigmoid", renormalize=True,
                            num_groups=1, top_groups=1, group_score="top2_sum",
-                           scaling_factor=1.0, k_splits=k_splits)
+                           scaling_factor=1.0, k_splits=k_splits, block_select=False)
     check(f"route fused E={E} H={H} T={T} k_splits={k_splits}", w, w_ref, 1e-3)
   w, _ = jax_moe.route(x, 6, router_weight=wr, scoring="sigmoid")  # default path
   check(f"route E={E} H={H} T={T}", w, w_ref, 1e-3)

@@ -211,6 +211,25 @@ def test_route_forced_k_splits_reach_the_primitive():
     splits(0)
 
 
+@pytest.mark.parametrize("mode", ["dot", "reduce"])
+def test_route_forced_block_select_reaches_the_primitive(mode):
+  """bench_route's dot_block / reduce_block columns: the logits-path kernel is traced
+  with block_select (the heuristic's default, off, in the plain columns)."""
+  import bench_route
+  import jax
+  import jax.numpy as jnp
+  import jax_moe
+  x, w = jnp.ones((2, 64), jnp.bfloat16), jnp.ones((8, 64), jnp.bfloat16)
+  fn = lambda x, w: jax_moe.route(x, 2, router_weight=w)  # noqa: E731
+
+  def selects(f):
+    jaxpr = jax.make_jaxpr(bench_route._forced(mode, f))(x, w)
+    return [e.params["block_select"] for e in jaxpr.eqns if "block_select" in e.params]
+
+  assert selects(bench_route._block(fn)) == [True]
+  assert selects(fn) == [False]
+
+
 def test_time_loop_program_computes_every_output():
   """The timing loop carries every call's whole output, so XLA cannot compute only
   the element that chains the calls (the old loop let XLA's own combine skip its

@@ -289,7 +289,7 @@ def test_handler_revalidates():
     jax.jit(lambda x: route_p.bind(x, empty, e0, e0, top_k=2, scoring="softmax",
                                    renormalize=True, num_groups=3, top_groups=1,
                                    group_score="top2_sum", scaling_factor=1.0,
-                                   k_splits=1))(x)[0].block_until_ready()
+                                   k_splits=1, block_select=False))(x)[0].block_until_ready()
 
 
 @pytest.mark.parametrize("k_splits", [0, 4097, 2.0])
@@ -300,7 +300,7 @@ def test_bad_k_splits(k_splits):
   with pytest.raises(ValueError, match="k_splits"):
     route_p.bind(x, jnp.ones((8, 16), jnp.bfloat16), e0, e0, top_k=2, scoring="softmax",
                  renormalize=True, num_groups=1, top_groups=1, group_score="top2_sum",
-                 scaling_factor=1.0, k_splits=k_splits)
+                 scaling_factor=1.0, k_splits=k_splits, block_select=False)
 
 
 @pytest.mark.parametrize("k_splits", [1, 3, 5, 8, 40])
@@ -324,7 +324,7 @@ def test_fused_kernel_configs(platform, k_splits, E, H, dtype):
   poison_device_memory()
   w, ids, scratch = jax.jit(lambda x, r: route_p.bind(
       x, r, e0, e0, top_k=k, renormalize=True, group_score="top2_sum", scaling_factor=1.0,
-      k_splits=k_splits, **kw))(xb, rb)
+      k_splits=k_splits, block_select=False, **kw))(xb, rb)
   assert scratch.shape == (k_splits * T, E)
   wr, ir = reference.route(xb, k, router_weight=rb, **kw)
   np.testing.assert_array_equal(np.asarray(ids), np.asarray(ir))
@@ -380,3 +380,117 @@ def test_router_reduce_heuristic():
   assert rr(4, 256, 7168) and not rr(8, 256, 7168) and not rr(16, 256, 7168)
   assert not rr(17, 8, 64) and not rr(64, 128, 2048)
   assert not rr(8, 128, 2816, itemsize=4 * 8)  # the bound is in bytes
+
+
+# ---- the logits path's one-block-per-token selection (route_block_kernel) -----------
+
+BLOCK_EK = [(E, k) for E, k in EK if E <= 256] + [(64, 32), (256, 32), (33, 5)]
+
+
+@pytest.fixture
+def block_select(set_heuristic):
+  """Every logits-path call with E <= 256 takes the block kernel (CUDA; the CPU
+  handler ignores the choice, so there these tests check the plumbing)."""
+  set_heuristic("ROUTE_BLOCK_SELECT_MAX_TOKENS", 1 << 30)
+
+
+def _bound_block_select(f, *args):
+  """block_select of every route primitive in f's jaxpr."""
+  from jax_moe.route import route_p
+  return [e.params["block_select"] for e in jax.make_jaxpr(f)(*args).jaxpr.eqns
+          if e.primitive is route_p]
+
+
+@pytest.mark.parametrize("E,k", BLOCK_EK)
+def test_block_select_softmax(platform, block_select, E, k):
+  r = rng()
+  T = 40 if E % 2 == 0 else 3
+  x = jnp.asarray(routing_logits(r, T, E, jnp.bfloat16, top_k=k), jnp.bfloat16)
+  assert _bound_block_select(lambda x: jax_moe.route(x, k), x) == [True]
+  w, ids = check(x, k)
+  np.testing.assert_allclose(w.sum(-1), 1.0, rtol=1e-5)
+  assert all(len(set(row)) == k for row in ids)
+
+
+@pytest.mark.parametrize("name", sorted(GROUPED))
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
+def test_block_select_grouped(platform, block_select, name, dtype):
+  cfg = dict(GROUPED[name])
+  r = rng()
+  E, k = cfg.pop("E"), cfg.pop("k")
+  bias = (r.normal(scale=0.05, size=E)).astype(np.float32) if cfg.pop("bias") else None
+  kw = dict(scoring=cfg["scoring"], num_groups=cfg["num_groups"], top_groups=cfg["top_groups"],
+            group_score=cfg["group_score"])
+  x = routing_logits(r, 24, E, dtype, top_k=k, bias=bias, **kw)
+  scale = jnp.asarray(r.uniform(0.5, 1.5, size=E), jnp.float32)
+  w, ids = check(jnp.asarray(x, dtype), k, correction_bias=None if bias is None else jnp.asarray(bias),
+                 scaling_factor=cfg["scaling_factor"], renormalize=cfg.get("renormalize", True),
+                 expert_scale=scale, **kw)
+  G = E // cfg["num_groups"]
+  assert all(len(set(row // G)) <= cfg["top_groups"] for row in ids)
+
+
+@pytest.mark.parametrize("T", [1, 3, 1000])
+def test_block_select_token_counts(platform, block_select, T):
+  r = rng()
+  x = jnp.asarray(routing_logits(r, T, 128, jnp.float16, top_k=8), jnp.float16)
+  check(x, 8)
+
+
+def test_block_select_nan_and_determinism(platform, block_select):
+  r = rng()
+  E, k, T = 256, 8, 8
+  x = routing_logits(r, T, E, jnp.float32, top_k=k)
+  x[0, :] = np.nan
+  x[1, ::3] = np.nan
+  x[2, 5] = np.nan
+  for scoring in ("softmax", "sigmoid"):
+    f = jax.jit(lambda x: jax_moe.route(x, k, scoring=scoring, num_groups=8, top_groups=4))
+    w, ids = f(jnp.asarray(x))
+    ids = np.asarray(ids)
+    assert np.all((ids >= 0) & (ids < E)), ids
+    assert all(len(set(row)) == k for row in ids)
+    w2, ids2 = f(jnp.asarray(x))
+    np.testing.assert_array_equal(np.asarray(ids2), ids)
+    np.testing.assert_array_equal(np.asarray(w2), np.asarray(w))
+
+
+def test_block_select_heuristic(monkeypatch):
+  """Picked only on the logits path (the router matmul as XLA's dot or reduce ahead of
+  the kernel), for 1 <= T <= ROUTE_BLOCK_SELECT_MAX_TOKENS and E <= 256; off at 0."""
+  bs = heuristics.route_block_select
+  monkeypatch.setattr(heuristics, "ROUTE_BLOCK_SELECT_MAX_TOKENS", 0)
+  assert not bs(1, 128)
+  monkeypatch.setattr(heuristics, "ROUTE_BLOCK_SELECT_MAX_TOKENS", 16)
+  assert bs(1, 256) and bs(16, 8) and not bs(17, 128) and not bs(0, 128) and not bs(1, 257)
+  x = jnp.ones((4, 64), jnp.bfloat16)
+  rw = jnp.ones((256, 64), jnp.bfloat16)
+  assert _bound_block_select(lambda x: jax_moe.route(x, 2), jnp.ones((4, 256))) == [True]
+  assert _bound_block_select(lambda x: jax_moe.route(x, 2), jnp.ones((4, 300))) == [False]
+  assert _bound_block_select(lambda x: jax_moe.route(x, 2), jnp.ones((20, 256))) == [False]
+  assert _bound_block_select(lambda x: jax_moe.route(x, 2, router_weight=rw), x) == [True]
+  monkeypatch.setattr(heuristics, "ROUTE_FUSED_MAX_TOKENS", 1 << 30)  # the fused kernel
+  assert _bound_block_select(lambda x: jax_moe.route(x, 2, router_weight=rw), x) == [False]
+
+
+def test_block_limit_matches_the_kernel():
+  """heuristics.ROUTE_BLOCK_MAX_EXPERTS is kRouteBlockMaxExperts in route.cuh."""
+  import os
+  import re
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  with open(os.path.join(root, "csrc", "kernels", "route.cuh")) as f:
+    src = f.read()
+  assert int(re.search(r"kRouteBlockMaxExperts = (\d+);", src).group(1)) == \
+      heuristics.ROUTE_BLOCK_MAX_EXPERTS
+
+
+@pytest.mark.parametrize("E,with_router", [(257, False), (64, True)])
+def test_bad_block_select(E, with_router):
+  from jax_moe.route import route_p
+  x = jnp.ones((4, 16 if with_router else E), jnp.bfloat16)
+  router = jnp.ones((E, 16), jnp.bfloat16) if with_router else jnp.zeros((0, 0), jnp.bfloat16)
+  e0 = jnp.zeros((0,), jnp.float32)
+  with pytest.raises(ValueError, match="block_select"):
+    route_p.bind(x, router, e0, e0, top_k=2, scoring="softmax", renormalize=True, num_groups=1,
+                 top_groups=1, group_score="top2_sum", scaling_factor=1.0, k_splits=1,
+                 block_select=True)

@@ -12,9 +12,10 @@ static ffi::Error RouteCpuHandler(ffi::AnyBuffer x, ffi::AnyBuffer router, ffi::
                                ffi::Result<ffi::AnyBuffer> scratch, int64_t top_k,
                                int64_t scoring, int64_t renormalize, int64_t num_groups,
                                int64_t top_groups, int64_t group_score, float scaling_factor,
-                               int64_t k_splits) {
+                               int64_t k_splits, int64_t block_select) {
   (void)scratch;  // only the CUDA fused path uses the partial-logits workspace
   (void)k_splits;
+  (void)block_select;  // a CUDA kernel choice
   const RouteParams p = MakeRouteParams(top_k, scoring, renormalize, num_groups, top_groups,
                                         group_score, scaling_factor);
   RouteShapes s;
@@ -48,6 +49,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Attr<int64_t>("top_groups")
         .Attr<int64_t>("group_score")
         .Attr<float>("scaling_factor")
-        .Attr<int64_t>("k_splits"));
+        .Attr<int64_t>("k_splits")
+        .Attr<int64_t>("block_select"));  // CUDA only: the logits path's one-block-per-token kernel
 
 }  // namespace jax_moe

@@ -13,7 +13,7 @@ static ffi::Error RouteCudaHandler(cudaStream_t stream, ffi::AnyBuffer x, ffi::A
                                    ffi::Result<ffi::AnyBuffer> scratch, int64_t top_k,
                                    int64_t scoring, int64_t renormalize, int64_t num_groups,
                                    int64_t top_groups, int64_t group_score, float scaling_factor,
-                                   int64_t k_splits) {
+                                   int64_t k_splits, int64_t block_select) {
   const RouteParams p = MakeRouteParams(top_k, scoring, renormalize, num_groups, top_groups,
                                         group_score, scaling_factor);
   RouteShapes s;
@@ -28,6 +28,8 @@ static ffi::Error RouteCudaHandler(cudaStream_t stream, ffi::AnyBuffer x, ffi::A
                    NumElements(*scratch) == k_splits * s.T * s.E,
                "route (CUDA): scratch must be float32 [k_splits * T, E]");
   }
+  JM_REQUIRE(!block_select || (!s.fused && cuda::RouteBlockSupported(s.E)),
+             "route (CUDA): block_select needs logits (no router_weight) and at most 256 experts");
   cuda::RouteArgs a;
   a.x = x.untyped_data();
   a.router = s.fused ? router.untyped_data() : nullptr;
@@ -38,6 +40,7 @@ static ffi::Error RouteCudaHandler(cudaStream_t stream, ffi::AnyBuffer x, ffi::A
   a.E = s.E;
   a.p = p;
   a.k_splits = static_cast<int>(k_splits);
+  a.block_select = block_select != 0;
   a.weights = reinterpret_cast<float*>(weights->untyped_data());
   a.ids = reinterpret_cast<int32_t*>(ids->untyped_data());
   a.partial = s.fused ? reinterpret_cast<float*>(scratch->untyped_data()) : nullptr;
@@ -64,7 +67,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Attr<int64_t>("top_groups")
         .Attr<int64_t>("group_score")
         .Attr<float>("scaling_factor")
-        .Attr<int64_t>("k_splits"),
+        .Attr<int64_t>("k_splits")
+        .Attr<int64_t>("block_select"),  // logits path: one block per token (route_block_kernel)
     {ffi::Traits::kCmdBufferCompatible});
 
 }  // namespace jax_moe

@@ -50,6 +50,7 @@ constexpr int kRouteMaxGroups = 64;
 constexpr int kRouteMaxTiles = 1024;  // token tiles per fused launch (one counter each)
 constexpr int kRouteMaxKSplits = 4096;
 constexpr int kRouteMaxClusterSplits = 8;  // portable cluster size: the cluster kernel
+constexpr int kRouteBlockMaxExperts = 256;  // route_block_kernel: one thread per expert
 
 // Arrival counters of the fused path. The last block of a tile resets its counter
 // to zero, so every launch finds them zeroed (launches on one stream are ordered).
@@ -66,7 +67,11 @@ struct RouteArgs {
   int32_t* ids = nullptr;    // [T, k]
   float* partial = nullptr;  // [k_splits, T, E] scratch (fused path)
   int k_splits = 1;          // fused path: blocks along H per (expert tile, token tile)
+  bool block_select = false; // logits path: route_block_kernel (RouteBlockSupported)
 };
+
+// Whether route_block_kernel can take a logits-path call with E experts.
+inline bool RouteBlockSupported(int64_t E) { return E >= 1 && E <= kRouteBlockMaxExperts; }
 
 __device__ __forceinline__ float sel_value(float v) { return v != v ? -INFINITY : v; }
 
@@ -313,6 +318,135 @@ __global__ void __launch_bounds__(kRouteThreads) route_logits_kernel(RouteArgs a
   if (t >= a.T) return;
   const T* row = static_cast<const T*>(a.x) + t * a.E;
   route_token_warp<EPL>([&](int e) { return to_float(row[e]); }, t, a, RouteLaneExtras<EPL>(a));
+}
+
+// Logits path, one block per token, one thread per expert (E <= 256; blockDim = E
+// rounded up to a warp). The same selection as route_token_warp, spread over the
+// block: one warp's chain of dependent steps took 4142 cycles for DeepSeek-V3 (E=256,
+// 8 groups) and 2200 for E=128 (RESULTS.md session 8), longer than the router GEMM.
+// Here each step is a few block-wide passes:
+//   * softmax: block maximum and sum (warp reductions, then the warps' values in
+//     warp order from shared memory);
+//   * groups: thread g < num_groups takes group g's top-2 (or max) from shared
+//     memory; every thread then ranks its own group against the num_groups scores
+//     (allowed when fewer than top_groups groups beat it: higher score, or equal
+//     score and lower index; the same set as the warp's);
+//   * top-k: keys (score key, then lower expert first; 0 = not selectable) in shared
+//     memory; each thread counts the keys of its warp above its own, and the ones
+//     with fewer than k above them (at most k per warp) go to slot warp * k + rank;
+//     thread j < warps * k counts the candidates above slot j's key, which is its
+//     final rank; ranks < k write their expert to that output position;
+//   * threads j < k add the k chosen scores in rank order, and write the weights.
+// Ties, NaN and the weights' formula as route_token_warp; the renormalizing sum's
+// order differs (rank order here, lanes there), so weights may differ by an ulp.
+template <typename T>
+__global__ void __launch_bounds__(kRouteBlockMaxExperts) route_block_kernel(RouteArgs a) {
+  constexpr int kMaxWarps = kRouteBlockMaxExperts / 32;
+  __shared__ float s_score[kRouteBlockMaxExperts], s_sc[kRouteBlockMaxExperts];
+  __shared__ float s_sel[kRouteBlockMaxExperts];
+  __shared__ unsigned long long s_key[kRouteBlockMaxExperts];
+  __shared__ unsigned long long s_cand[kRouteBlockMaxExperts];  // warps * k <= blockDim
+  __shared__ uint32_t s_red[kMaxWarps];
+  __shared__ float s_sum[kMaxWarps];
+  __shared__ uint32_t s_gkey[kRouteMaxGroups];
+  __shared__ float s_w[kRouteMaxTopK];
+  __shared__ int s_id[kRouteMaxTopK];
+  pdl_launch_dependents();  // a PDL-launched consumer still waits for our completion
+  pdl_wait_prerequisites();  // the logits come from the previous kernel (XLA's dot)
+  const int64_t t = blockIdx.x;
+  const int e = threadIdx.x, lane = e & 31, warp = e >> 5;
+  const int nwarps = static_cast<int>(blockDim.x) >> 5;
+  const int E = static_cast<int>(a.E);
+  const RouteParams& p = a.p;
+  const int k = p.top_k;
+  const bool in = e < E;
+  const float bias = (a.bias != nullptr && in) ? a.bias[e] : 0.f;
+  const float sc = (a.scale != nullptr && in) ? a.scale[e] : 1.f;
+  float s = in ? to_float(static_cast<const T*>(a.x)[t * a.E + e]) : -INFINITY;
+  if (p.scoring == kSoftmax) {
+    // fmaxf drops NaN: the maximum is never NaN (as the warp's)
+    const uint32_t mk = __reduce_max_sync(0xffffffffu, float_order_key(fmaxf(-INFINITY, s)));
+    if (lane == 0) s_red[warp] = mk;
+    __syncthreads();
+    uint32_t m = 0u;
+    for (int w = 0; w < nwarps; ++w) m = max(m, s_red[w]);
+    s = expf(in ? s - key_float(m) : -INFINITY);
+    const float ws = warp_sum(s);
+    if (lane == 0) s_sum[warp] = ws;
+    __syncthreads();
+    float sum = 0.f;
+    for (int w = 0; w < nwarps; ++w) sum += s_sum[w];
+    s *= 1.0f / sum;
+  } else {
+    s = sigmoid_fast(s);
+  }
+  const float sel = sel_value(s + bias);  // never NaN
+  bool avail = in;
+  if (p.num_groups > 1) {
+    const int G = E / p.num_groups;
+    s_sel[e] = sel;
+    __syncthreads();
+    if (e < p.num_groups) {
+      float b1 = -INFINITY, b2 = -INFINITY;
+      for (int i = e * G; i < (e + 1) * G; ++i) {
+        const float v = s_sel[i];
+        b2 = fmaxf(b2, fminf(b1, v));
+        b1 = fmaxf(b1, v);
+      }
+      const float gs = sel_value((p.group_score == kGroupMax || G < 2) ? b1 : b1 + b2);
+      s_gkey[e] = float_order_key(gs + 0.0f);
+    }
+    __syncthreads();
+    if (in) {
+      const int g = e / G;
+      const uint32_t mine = s_gkey[g];
+      int rank = 0;
+      for (int o = 0; o < p.num_groups; ++o) {
+        const uint32_t other = s_gkey[o];
+        rank += (other > mine || (other == mine && o < g)) ? 1 : 0;
+      }
+      avail = rank < p.top_groups;
+    }
+  }
+  const unsigned long long key =
+      avail ? (static_cast<unsigned long long>(float_order_key(sel + 0.0f)) << 32) |
+                  (0xffffffffu - static_cast<uint32_t>(e))
+            : 0ull;
+  s_key[e] = key;
+  s_score[e] = s;
+  s_sc[e] = sc;
+  if (e < nwarps * k) s_cand[e] = 0ull;
+  __syncthreads();
+  int local = 0;  // keys of this warp above this one
+#pragma unroll 8
+  for (int j = 0; j < 32; ++j) local += s_key[warp * 32 + j] > key ? 1 : 0;
+  if (key != 0ull && local < k) s_cand[warp * k + local] = key;
+  __syncthreads();
+  const int n = nwarps * k;
+  if (e < n) {
+    const unsigned long long c = s_cand[e];
+    if (c != 0ull) {
+      int rank = 0;
+      for (int j = 0; j < n; ++j) rank += s_cand[j] > c ? 1 : 0;
+      if (rank < k) {
+        const int id = key_index(c);
+        s_w[rank] = s_score[id];
+        s_id[rank] = id;
+      }
+    }
+  }
+  __syncthreads();
+  if (e < k) {
+    float sum = 0.f;
+    for (int r = 0; r < k; ++r) sum += s_w[r];
+    const int id = s_id[e];
+    float w = s_w[e];
+    if (p.renormalize) w = w * (1.0f / (sum + kRenormEps));
+    w *= p.scaling_factor;
+    if (a.scale != nullptr) w *= s_sc[id];
+    a.weights[t * k + e] = w;
+    a.ids[t * k + e] = id;
+  }
 }
 
 // ---- fused path ----------------------------------------------------------------------
@@ -572,6 +706,11 @@ template <typename T, int EPL>
 cudaError_t LaunchRouteEpl(const RouteArgs& a, cudaStream_t stream) {
   const bool pdl = DeviceSupportsPdl();
   if (a.router == nullptr) {
+    if (a.block_select) {
+      const unsigned threads = static_cast<unsigned>((a.E + 31) / 32 * 32);
+      return LaunchMaybePdl(route_block_kernel<T>, dim3(static_cast<unsigned>(a.T)),
+                            dim3(threads), 0, stream, pdl, a);
+    }
     const unsigned blocks = static_cast<unsigned>((a.T + kRouteWarps - 1) / kRouteWarps);
     return LaunchMaybePdl(route_logits_kernel<T, EPL>, dim3(blocks), dim3(kRouteThreads), 0,
                           stream, pdl, a);
@@ -611,6 +750,8 @@ cudaError_t LaunchRoute(const RouteArgs& a, cudaStream_t stream) {
   if (a.T == 0) return cudaSuccess;
   if (a.E > kRouteMaxExperts || a.p.top_k > kRouteMaxTopK || a.p.num_groups > kRouteMaxGroups ||
       a.k_splits < 1 || a.k_splits > kRouteMaxKSplits)
+    return cudaErrorInvalidValue;
+  if (a.block_select && (a.router != nullptr || !RouteBlockSupported(a.E) || a.T > 0x7fffffff))
     return cudaErrorInvalidValue;
   if (a.E <= 64) return LaunchRouteEpl<T, 2>(a, stream);
   if (a.E <= 128) return LaunchRouteEpl<T, 4>(a, stream);
