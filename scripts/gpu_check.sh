@@ -3,7 +3,7 @@
 # run the GPU tests, run compute-sanitizer over a small run of every kernel, and run
 # the benchmarks. Writes logs, JSON and tables under OUT_DIR.
 #
-#   scripts/gpu_check.sh OUT_DIR [build] [test] [sanitize] [profile] [trace] [bench] [bench-quick] [combine-probe] [split-probe] [group-probe]
+#   scripts/gpu_check.sh OUT_DIR [build] [test] [sanitize] [profile] [trace] [bench] [bench-quick] [combine-probe] [split-probe] [group-probe] [route-probe]
 # With no stage names, runs all four full stages. Each stage appends a line to
 # OUT_DIR/summary.txt; the script exits non-zero if any stage failed.
 # Narrowing a call (device time is short), all optional:
@@ -20,6 +20,8 @@
 #                           stage: expert_gemv's split kernels against the stream kernel, no JAX)
 #   GROUP_PROBE_ARGS="gemma4,qwen3 1,2 200"  arguments of scripts/group_probe.cu (group-probe
 #                           stage: expert_gemv's group kernel against the stream kernel, no JAX)
+#   ROUTE_PROBE_ARGS="1,8,16 64"  arguments of scripts/route_probe.cu (route-probe stage:
+#                           the route kernels and the cluster kernel's stages, no JAX)
 set -u
 OUT=${1:?usage: gpu_check.sh OUT_DIR [stages...]}
 shift
@@ -133,6 +135,7 @@ run_probe() {  # name, default arguments: build scripts/NAME.cu (CUDA only, no J
 }
 has split-probe && run_probe split_probe "${SPLIT_PROBE_ARGS:-gemma4,qwen3 1,2,4 100}"
 has group-probe && run_probe group_probe "${GROUP_PROBE_ARGS:-gemma4,qwen3 1,2 200}"
+has route-probe && run_probe route_probe "${ROUTE_PROBE_ARGS:-1,8,16 64}"
 
 run_bench() {  # name, args...
   local name=$1; shift
