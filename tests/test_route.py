@@ -215,19 +215,28 @@ def test_scan(platform):
     np.testing.assert_allclose(w[s], wr, rtol=2e-6, atol=1e-7)
 
 
-def test_nan_logits_give_valid_ids(platform):
-  r = rng()
-  E, k, T = 64, 8, 8
-  x = routing_logits(r, T, E, jnp.float32, top_k=k)
+def nan_logits(E, k, T=8):
+  """Logits [T, E] with NaN rows: all NaN, every third, one."""
+  x = routing_logits(rng(), T, E, jnp.float32, top_k=k)
   x[0, :] = np.nan
   x[1, ::3] = np.nan
   x[2, 5] = np.nan
+  return jnp.asarray(x)
+
+
+def assert_valid_ids(ids, E, k):
+  ids = np.asarray(ids)
+  assert np.all((ids >= 0) & (ids < E)), ids
+  assert all(len(set(row)) == k for row in ids)
+
+
+def test_nan_logits_give_valid_ids(platform):
+  E, k = 64, 8
+  x = nan_logits(E, k)
   for scoring in ("softmax", "sigmoid"):
     w, ids = jax.jit(lambda x: jax_moe.route(x, k, scoring=scoring, num_groups=4,
-                                             top_groups=2))(jnp.asarray(x))
-    ids = np.asarray(ids)
-    assert np.all((ids >= 0) & (ids < E)), ids
-    assert all(len(set(row)) == k for row in ids)
+                                             top_groups=2))(x)
+    assert_valid_ids(ids, E, k)
 
 
 def test_deterministic(platform):
@@ -438,20 +447,14 @@ def test_block_select_token_counts(platform, block_select, T):
 
 
 def test_block_select_nan_and_determinism(platform, block_select):
-  r = rng()
-  E, k, T = 256, 8, 8
-  x = routing_logits(r, T, E, jnp.float32, top_k=k)
-  x[0, :] = np.nan
-  x[1, ::3] = np.nan
-  x[2, 5] = np.nan
+  E, k = 256, 8
+  x = nan_logits(E, k)
   for scoring in ("softmax", "sigmoid"):
     f = jax.jit(lambda x: jax_moe.route(x, k, scoring=scoring, num_groups=8, top_groups=4))
-    w, ids = f(jnp.asarray(x))
-    ids = np.asarray(ids)
-    assert np.all((ids >= 0) & (ids < E)), ids
-    assert all(len(set(row)) == k for row in ids)
-    w2, ids2 = f(jnp.asarray(x))
-    np.testing.assert_array_equal(np.asarray(ids2), ids)
+    w, ids = f(x)
+    assert_valid_ids(ids, E, k)
+    w2, ids2 = f(x)
+    np.testing.assert_array_equal(np.asarray(ids2), np.asarray(ids))
     np.testing.assert_array_equal(np.asarray(w2), np.asarray(w))
 
 
