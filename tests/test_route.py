@@ -414,7 +414,10 @@ def _bound_block_select(f, *args):
 def test_block_select_softmax(platform, block_select, E, k):
   r = rng()
   T = 40 if E % 2 == 0 else 3
-  x = jnp.asarray(routing_logits(r, T, E, jnp.bfloat16, top_k=k), jnp.bfloat16)
+  # bf16 logits (8-bit mantissa) at k = 32 of 256 rarely come without a near-tie at the
+  # 32nd place; f32 there
+  dtype = jnp.bfloat16 if k < 32 else jnp.float32
+  x = jnp.asarray(routing_logits(r, T, E, dtype, top_k=k), dtype)
   assert _bound_block_select(lambda x: jax_moe.route(x, k), x) == [True]
   w, ids = check(x, k)
   np.testing.assert_allclose(w.sum(-1), 1.0, rtol=1e-5)
