@@ -10,7 +10,8 @@ router matmul as an XLA multiply-reduce fusion, then the same kernel); "ours" is
 one heuristics picks (route_fuse_router, route_router_reduce, route_block_select).
 "dot_block" and "reduce_block" are the same two paths with the routing kernel's
 one-block-per-token selection (route_block_kernel) forced in place of one warp per
-token. The crossovers are set from these columns.
+token; "fused_block" the one-launch kernel with that selection
+(route_gemv_block_kernel). The crossovers are set from these columns.
 """
 
 from __future__ import annotations
@@ -71,6 +72,11 @@ def _block(fn):
   return _patched(fn, ROUTE_BLOCK_SELECT_MAX_TOKENS=1 << 30)
 
 
+def _fused_block(fn):
+  """fn traced with the one-launch block-selection kernel forced (E <= 256, 16-bit)."""
+  return _patched(fn, ROUTE_FUSED_BLOCK_MAX_TOKENS=1 << 30)
+
+
 def _splits(n, fn):
   """fn traced with the fused kernel's k_splits forced to n (k_splits <= 8 runs the
   cluster kernel on sm_90, more the split-K kernel with global partials)."""
@@ -112,26 +118,30 @@ def run(out_dir, quick=False, tokens=None, case_names=None, fused_splits=()):
       red = harness.time_loop(_forced("reduce", ours_fn), sets, **tl)
       dot_b = harness.time_loop(_forced("dot", _block(ours_fn)), sets, **tl)
       red_b = harness.time_loop(_forced("reduce", _block(ours_fn)), sets, **tl)
+      fused_b = harness.time_loop(_fused_block(ours_fn), sets, **tl)
       extra = {f"us_fused_ks{n}": harness.time_loop(_forced("fused", _splits(n, ours_fn)), sets,
                                                     **tl) * 1e6 for n in fused_splits}
       xla = harness.time_loop(lambda x, w: baselines.route(x, k, router_weight=w, **kw), sets,
                               net=False, **tl)
       h = jax_moe.heuristics
-      path = ("fused" if h.route_fuse_router(T, E, H) else
+      path = ("fused_block" if h.route_fused_block(T, E, H, 2) else
+              "fused" if h.route_fuse_router(T, E, H) else
               "reduce" if h.route_router_reduce(T, E, H, 2) else "dot")
-      if path != "fused" and h.route_block_select(T, E):
+      if path in ("dot", "reduce") and h.route_block_select(T, E):
         path += "_block"
       ours = {"fused": fused, "dot": dot, "reduce": red, "dot_block": dot_b,
-              "reduce_block": red_b}[path]
+              "reduce_block": red_b, "fused_block": fused_b}[path]
       floor = (wbytes + T * H * 2) / read_bw
       rows.append(dict(case=name, T=T, E=E, H=H, us_ours=ours * 1e6, us_fused=fused * 1e6,
                        us_dot=dot * 1e6, us_reduce=red * 1e6, us_dot_block=dot_b * 1e6,
-                       us_reduce_block=red_b * 1e6, us_xla=xla * 1e6,
+                       us_reduce_block=red_b * 1e6, us_fused_block=fused_b * 1e6,
+                       us_xla=xla * 1e6,
                        us_floor=floor * 1e6, speedup=xla / ours, x_floor=ours / floor,
                        path=path, k_splits=h.route_k_splits(H), **extra))
       print(f"route {name} T={T}: fused {fused*1e6:.2f} us, dot {dot*1e6:.2f} us, "
             f"reduce {red*1e6:.2f} us, dot+block {dot_b*1e6:.2f} us, "
-            f"reduce+block {red_b*1e6:.2f} us, xla {xla*1e6:.2f} us", flush=True)
+            f"reduce+block {red_b*1e6:.2f} us, fused+block {fused_b*1e6:.2f} us, "
+            f"xla {xla*1e6:.2f} us", flush=True)
   payload = dict(device=harness.device_description(), read_bw_GBps=read_bw / 1e9, rows=rows)
   harness.write_json(os.path.join(out_dir, "route.json"), payload)
   print(f"\nroute ({payload['device']}, read {read_bw/1e9:.0f} GB/s; floor = router bytes / read bw)")
@@ -140,6 +150,7 @@ def run(out_dir, quick=False, tokens=None, case_names=None, fused_splits=()):
                             [(f"us_fused_ks{n}", "{:.2f}") for n in fused_splits] +
                             [("us_dot", "{:.2f}"), ("us_reduce", "{:.2f}"),
                              ("us_dot_block", "{:.2f}"), ("us_reduce_block", "{:.2f}"),
+                             ("us_fused_block", "{:.2f}"),
                              ("us_xla", "{:.2f}"),
                              ("speedup", "{:.2f}x"), ("us_floor", "{:.2f}"),
                              ("x_floor", "{:.2f}"), ("k_splits", "{}")])

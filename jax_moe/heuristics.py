@@ -92,6 +92,33 @@ def route_block_select(num_tokens: int, num_experts: int) -> bool:
   return 1 <= num_tokens <= ROUTE_BLOCK_SELECT_MAX_TOKENS and num_experts <= ROUTE_BLOCK_MAX_EXPERTS
 
 
+# The fused path with the same block selection (route_gemv_block_kernel): one launch,
+# each block the whole dot products of 1-2 router rows with a tile of 8 tokens, the
+# logits through L2 and a per-tile arrival word, then blocks 0..7 of the tile route
+# one token each. Why it may pay: after the router GEMM the cluster kernel spent 4.7
+# of its 7.0 us at DeepSeek-V3 T=1 on the cluster exchange, the finishing block and
+# one warp's selection (route_probe, s8-1/s8-5). Each block re-reads the tile's x rows
+# from L2 (DeepSeek-V3 T=8: 128 blocks x 115 KB), so it is meant for few tokens. Not
+# yet measured (session 23, no device), so 0: never picked.
+ROUTE_FUSED_BLOCK_MAX_TOKENS = 0
+
+
+def route_block_supported(num_experts: int, hidden: int | None, k_splits: int,
+                          itemsize: int) -> bool:
+  """Whether the block-selection kernels take a call: hidden None is the logits path
+  (E <= ROUTE_BLOCK_MAX_EXPERTS); with the router (route.cuh's RouteGemvBlockSupported)
+  also 16-bit inputs, H a multiple of 8 and one k-split."""
+  if not 1 <= num_experts <= ROUTE_BLOCK_MAX_EXPERTS:
+    return False
+  return hidden is None or (itemsize == 2 and hidden >= 8 and hidden % 8 == 0 and k_splits == 1)
+
+
+def route_fused_block(num_tokens: int, num_experts: int, hidden: int, itemsize: int) -> bool:
+  """True: the router matmul and the block selection in one launch (see above)."""
+  return (1 <= num_tokens <= ROUTE_FUSED_BLOCK_MAX_TOKENS
+          and route_block_supported(num_experts, hidden, 1, itemsize))
+
+
 def route_k_splits(hidden: int) -> int:
   """Slices of H in the fused route kernel: the blocks per (expert tile, token tile).
 

@@ -6,7 +6,9 @@ x is logits [..., E], or hidden states [..., H] when router_weight [E, H] is giv
 With router_weight, the router matmul runs either inside the routing launch (the
 fused kernel: a split-K tensor-core GEMM whose last block also does the selection)
 or as XLA's dot followed by the logits-only routing kernel; heuristics.py picks
-(today the dot path at every T: it measured faster). Returns weights f32 [..., k]
+(today the dot path at every T: it measured faster). With block_select the selection
+runs with a whole block per token (on the logits path, and in a one-launch fused
+kernel without the cluster exchange); written without a device, not yet picked. Returns weights f32 [..., k]
 and ids int32 [..., k], ordered by selection score (highest first, ties to the
 lower expert index). See DESIGN.md for the semantics.
 """
@@ -46,9 +48,12 @@ def _abstract_eval(x, router, bias, scale, *, top_k, scoring, renormalize, num_g
                      f"got {k_splits!r}")
   T = x.shape[0]
   E = _num_experts(x, router)
-  if block_select and (router.size or E > heuristics.ROUTE_BLOCK_MAX_EXPERTS):
-    raise ValueError(f"route: block_select needs logits (no router in the call) and at most "
-                     f"{heuristics.ROUTE_BLOCK_MAX_EXPERTS} experts, got E = {E}")
+  if block_select and not heuristics.route_block_supported(
+      E, x.shape[1] if router.size else None, k_splits, jnp.dtype(x.dtype).itemsize):
+    raise ValueError(f"route: block_select needs at most {heuristics.ROUTE_BLOCK_MAX_EXPERTS} "
+                     f"experts, and with the router in the call 16-bit x, H a multiple of 8 "
+                     f"and k_splits = 1; got E = {E}, x {x.dtype} {tuple(x.shape)}, "
+                     f"k_splits = {k_splits}")
   scratch = (k_splits * T, E) if router.size else (0,)
   return (ShapedArray((T, top_k), jnp.float32), ShapedArray((T, top_k), jnp.int32),
           ShapedArray(scratch, jnp.float32))
@@ -192,7 +197,11 @@ def route(x, top_k, *, router_weight=None, scoring="softmax", renormalize=True, 
   block_select = False
   if router_weight is not None:
     H = x.shape[-1]
-    if heuristics.route_fuse_router(T, E, H):
+    if heuristics.route_fused_block(T, E, H, x.dtype.itemsize):
+      # One launch: the router matmul and the selection (route_gemv_block_kernel).
+      block_select = True
+      router = router_weight
+    elif heuristics.route_fuse_router(T, E, H):
       k_splits = heuristics.route_k_splits(H)
       router = router_weight
     elif heuristics.route_router_reduce(T, E, H, x.dtype.itemsize):
@@ -210,7 +219,7 @@ def route(x, top_k, *, router_weight=None, scoring="softmax", renormalize=True, 
       router = jnp.zeros((0, 0), x2.dtype)
   else:
     router = jnp.zeros((0, 0), x2.dtype)
-  if not router.size:
+  if not router.size:  # the logits path
     block_select = heuristics.route_block_select(T, E)
   w, ids, _ = route_p.bind(x2, router, bias, scale, top_k=top_k, scoring=scoring,
                            renormalize=bool(renormalize), num_groups=num_groups,

@@ -4,9 +4,10 @@
 // the cluster kernel (which leave out the selection, the finishing block, or
 // everything after the GEMM, so the time of each stage is a difference). Also
 // prints a %globaltimer timeline of one launch of the full copy and the clock64
-// cycles of the selection's phases (one warp, one token). The logits path's
-// one-block-per-token kernel (RouteArgs::block_select, session 23) is timed beside the
-// warp kernel, and its ids and weights compared with the warp kernel's. For quick device runs;
+// cycles of the selection's phases (one warp, one token). The block-selection kernels
+// of session 23 (RouteArgs::block_select: the logits path's one block per token, and
+// the fused route_gemv_block_kernel) are timed beside the warp and cluster kernels,
+// and their ids and weights compared with those kernels'. For quick device runs;
 // the numbers we report come from benchmarks/bench_route.py. (The A/B against the
 // selection of before session 8, RESULTS.md session 8, used this file as of commit
 // 699ad13, which compiled the old selection in beside the new one.)
@@ -222,6 +223,7 @@ int main(int argc, char** argv) {
       const V vs[] = {{"empty 1 block", 0},        {"empty cluster grid", 1},
                       {"library fused (cluster)", 2}, {"library fused (global)", 3},
                       {"library logits kernel", 4},  {"logits kernel, block select", 9},
+                      {"fused, block select", 10},
                       {"copy: full", 5},
                       {"copy: no selection", 6},     {"copy: no finishing block", 7},
                       {"copy: GEMM only", 8}};
@@ -251,6 +253,11 @@ int main(int argc, char** argv) {
               b.block_select = true;
               b.x = logits + size_t(i % kCopies) * 64 * c.E;
               CK(LaunchRoute<float>(b, st));
+              break;
+            case 10:
+              b.block_select = true;
+              b.k_splits = 1;
+              CK(LaunchRoute<bf16>(b, st));
               break;
             case 5: CK(launch_copy<0>(c.E, cg, blk, smem, st, pdl, ks, b)); break;
             case 6: CK(launch_copy<1>(c.E, cg, blk, smem, st, pdl, ks, b)); break;
@@ -285,6 +292,24 @@ int main(int argc, char** argv) {
         for (size_t j = 0; j < wv[0].size(); ++j)
           rel = std::max(rel, double(std::fabs(wv[1][j] - wv[0][j])) / std::max(1e-30f, std::fabs(wv[0][j])));
         printf("  block select vs warp kernel: ids %s, max weight rel. diff %.2e\n",
+               iv[0] == iv[1] ? "equal" : "DIFFER", rel);
+        // The fused block-select kernel against the library's cluster kernel on the same
+        // hidden states and router (logits summed in another order: near-ties may differ).
+        for (int blk_sel = 0; blk_sel < 2; ++blk_sel) {
+          RouteArgs b = a;
+          b.block_select = blk_sel == 1;
+          if (b.block_select) b.k_splits = 1;
+          CK(cudaMemset(weights, 0xff, size_t(T) * c.k * sizeof(float)));
+          CK(cudaMemset(ids, 0xff, size_t(T) * c.k * sizeof(int32_t)));
+          CK(LaunchRoute<bf16>(b, st));
+          CK(cudaStreamSynchronize(st));
+          CK(cudaMemcpy(wv[blk_sel].data(), weights, wv[blk_sel].size() * 4, cudaMemcpyDeviceToHost));
+          CK(cudaMemcpy(iv[blk_sel].data(), ids, iv[blk_sel].size() * 4, cudaMemcpyDeviceToHost));
+        }
+        rel = 0;
+        for (size_t j = 0; j < wv[0].size(); ++j)
+          rel = std::max(rel, double(std::fabs(wv[1][j] - wv[0][j])) / std::max(1e-30f, std::fabs(wv[0][j])));
+        printf("  fused block select vs cluster kernel: ids %s, max weight rel. diff %.2e\n",
                iv[0] == iv[1] ? "equal" : "DIFFER", rel);
       }
       // Timeline of one launch of the full copy, after a cold-router launch.

@@ -87,6 +87,12 @@ for E, H, T, dt in [(256, 7168, 1, jnp.bfloat16), (128, 2816, 16, jnp.bfloat16),
     check(f"route fused E={E} H={H} T={T} k_splits={k_splits}", w, w_ref, 1e-3)
   w, _ = jax_moe.route(x, 6, router_weight=wr, scoring="sigmoid")  # default path
   check(f"route E={E} H={H} T={T}", w, w_ref, 1e-3)
+  if heuristics.route_block_supported(E, H, 1, jnp.dtype(dt).itemsize):
+    # the fused kernel with block selection (route_gemv_block_kernel), forced
+    w, _, _ = route_p.bind(x, wr, e0, e0, top_k=6, scoring="sigmoid", renormalize=True,
+                           num_groups=1, top_groups=1, group_score="top2_sum",
+                           scaling_factor=1.0, k_splits=1, block_select=True)
+    check(f"route fused block select E={E} H={H} T={T}", w, w_ref, 1e-3)
 
 # expert_gemv: tensor-core path (NT = 1, 2, 4; K and row tails), generic path, the stream
 # kernel in both unit orders (v5 segment-major, v6 run order), the split kernels (v7,

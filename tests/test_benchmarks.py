@@ -230,6 +230,20 @@ def test_route_forced_block_select_reaches_the_primitive(mode):
   assert selects(fn) == [False]
 
 
+def test_route_forced_fused_block_reaches_the_primitive():
+  """bench_route's fused_block column: the router in the call, with block_select."""
+  import bench_route
+  import jax
+  import jax.numpy as jnp
+  import jax_moe
+  x, w = jnp.ones((2, 64), jnp.bfloat16), jnp.ones((8, 64), jnp.bfloat16)
+  fn = lambda x, w: jax_moe.route(x, 2, router_weight=w)  # noqa: E731
+  eqns = [e for e in jax.make_jaxpr(bench_route._fused_block(fn))(x, w).eqns
+          if "block_select" in e.params]
+  assert len(eqns) == 1 and eqns[0].params["block_select"]
+  assert eqns[0].invars[1].aval.shape == (8, 64)  # the router is the kernel's operand
+
+
 def test_time_loop_program_computes_every_output():
   """The timing loop carries every call's whole output, so XLA cannot compute only
   the element that chains the calls (the old loop let XLA's own combine skip its

@@ -490,13 +490,73 @@ def test_block_limit_matches_the_kernel():
       heuristics.ROUTE_BLOCK_MAX_EXPERTS
 
 
-@pytest.mark.parametrize("E,with_router", [(257, False), (64, True)])
-def test_bad_block_select(E, with_router):
+@pytest.fixture
+def fused_block(set_heuristic):
+  """Every routed call with the router takes the one-launch block-selection kernel
+  (route_gemv_block_kernel) where it applies (CUDA; CPU checks the plumbing)."""
+  set_heuristic("ROUTE_FUSED_BLOCK_MAX_TOKENS", 1 << 30)
+
+
+@pytest.mark.parametrize("T", [1, 3, 8, 9, 20])
+@pytest.mark.parametrize("E,H,dtype", [(256, 7168, jnp.bfloat16), (128, 2816, jnp.float16),
+                                       (60, 136, jnp.bfloat16), (8, 64, jnp.bfloat16),
+                                       (3, 64, jnp.bfloat16), (1, 16, jnp.float16)])
+def test_fused_block(platform, fused_block, T, E, H, dtype):
+  """Token tiles of 8 (one, one partial, several), E not a multiple of the experts per
+  block, fewer experts than a tile's tokens (blocks past E that only route), the model
+  shapes' router sizes; ids exactly the reference's."""
+  r = rng()
+  k = min(6, E)
+  router = np.asarray(jnp.asarray(r.normal(size=(E, H)) / np.sqrt(H), dtype).astype(jnp.float32))
+  x = jnp.asarray(routing_hidden(r, T, H, router.astype(np.float64), dtype, top_k=k), dtype)
+  rw = jnp.asarray(router, dtype)
+  assert _bound_block_select(lambda x: jax_moe.route(x, k, router_weight=rw), x) == [True]
+  check(x, k, router_weight=rw)
+
+
+@pytest.mark.parametrize("name", sorted(GROUPED))
+def test_fused_block_grouped(platform, fused_block, name):
+  cfg = dict(GROUPED[name])
+  r = rng()
+  E, k, H, T = cfg.pop("E"), cfg.pop("k"), 264, 12
+  bias = (r.normal(scale=0.05, size=E)).astype(np.float32) if cfg.pop("bias") else None
+  kw = dict(scoring=cfg["scoring"], num_groups=cfg["num_groups"], top_groups=cfg["top_groups"],
+            group_score=cfg["group_score"])
+  router = np.asarray(jnp.asarray(r.normal(size=(E, H)) / np.sqrt(H), jnp.bfloat16)
+                      .astype(jnp.float32))
+  x = routing_hidden(r, T, H, router.astype(np.float64), jnp.bfloat16, top_k=k, bias=bias, **kw)
+  scale = jnp.asarray(r.uniform(0.5, 1.5, size=E), jnp.float32)
+  check(jnp.asarray(x, jnp.bfloat16), k, router_weight=jnp.asarray(router, jnp.bfloat16),
+        correction_bias=None if bias is None else jnp.asarray(bias), expert_scale=scale,
+        scaling_factor=cfg["scaling_factor"], renormalize=cfg.get("renormalize", True), **kw)
+
+
+def test_fused_block_heuristic(monkeypatch):
+  """Only where route_gemv_block_kernel applies: 16-bit, H % 8 == 0, E <= 256."""
+  monkeypatch.setattr(heuristics, "ROUTE_FUSED_BLOCK_MAX_TOKENS", 4)
+  fb = heuristics.route_fused_block
+  assert fb(1, 256, 7168, 2) and fb(4, 128, 2816, 2)
+  assert not fb(5, 256, 7168, 2) and not fb(0, 256, 7168, 2)
+  assert not fb(1, 257, 7168, 2) and not fb(1, 256, 7164, 2) and not fb(1, 256, 7168, 4)
+  f = lambda x, rw: jax_moe.route(x, 2, router_weight=rw)  # noqa: E731
+  rw = jnp.ones((64, 64), jnp.bfloat16)
+  assert _bound_block_select(f, jnp.ones((4, 64), jnp.bfloat16), rw) == [True]
+  assert _bound_block_select(f, jnp.ones((4, 64), jnp.float32), rw.astype(jnp.float32)) == [False]
+
+
+@pytest.mark.parametrize("E,H,dtype,k_splits", [
+    (257, None, jnp.bfloat16, 1),  # logits path: too many experts
+    (257, 64, jnp.bfloat16, 1),    # router: too many experts
+    (64, 64, jnp.float32, 1),      # router: f32
+    (64, 60, jnp.bfloat16, 1),     # router: H not a multiple of 8
+    (64, 64, jnp.bfloat16, 2),     # router: k-splits
+])
+def test_bad_block_select(E, H, dtype, k_splits):
   from jax_moe.route import route_p
-  x = jnp.ones((4, 16 if with_router else E), jnp.bfloat16)
-  router = jnp.ones((E, 16), jnp.bfloat16) if with_router else jnp.zeros((0, 0), jnp.bfloat16)
+  x = jnp.ones((4, E if H is None else H), dtype)
+  router = jnp.zeros((0, 0), dtype) if H is None else jnp.ones((E, H), dtype)
   e0 = jnp.zeros((0,), jnp.float32)
   with pytest.raises(ValueError, match="block_select"):
     route_p.bind(x, router, e0, e0, top_k=2, scoring="softmax", renormalize=True, num_groups=1,
-                 top_groups=1, group_score="top2_sum", scaling_factor=1.0, k_splits=1,
+                 top_groups=1, group_score="top2_sum", scaling_factor=1.0, k_splits=k_splits,
                  block_select=True)

@@ -147,6 +147,14 @@ __device__ __forceinline__ void pdl_wait_prerequisites() {
 #endif
 }
 
+// Acquire load of a word that other blocks of the same launch release (their stores,
+// then __threadfence and an atomic on the word): a block waiting for its peers.
+__device__ __forceinline__ unsigned int ld_acquire_gpu(const unsigned int* p) {
+  unsigned int v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
 // Host: launch `kernel`, with programmatic stream serialization when `pdl` is true
 // (the kernel must call pdl_wait_prerequisites before it reads what earlier kernels
 // in the stream wrote), in thread-block clusters of `cluster_x` blocks along x when

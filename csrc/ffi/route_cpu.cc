@@ -50,6 +50,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Attr<int64_t>("group_score")
         .Attr<float>("scaling_factor")
         .Attr<int64_t>("k_splits")
-        .Attr<int64_t>("block_select"));  // CUDA only: the logits path's one-block-per-token kernel
+        .Attr<int64_t>("block_select"));  // CUDA only: the one-block-per-token selection kernels
 
 }  // namespace jax_moe

@@ -28,8 +28,12 @@ static ffi::Error RouteCudaHandler(cudaStream_t stream, ffi::AnyBuffer x, ffi::A
                    NumElements(*scratch) == k_splits * s.T * s.E,
                "route (CUDA): scratch must be float32 [k_splits * T, E]");
   }
-  JM_REQUIRE(!block_select || (!s.fused && cuda::RouteBlockSupported(s.E)),
-             "route (CUDA): block_select needs logits (no router_weight) and at most 256 experts");
+  const bool is16bit = x.element_type() == ffi::DataType::BF16 ||
+                       x.element_type() == ffi::DataType::F16;
+  JM_REQUIRE(!block_select || (s.fused ? cuda::RouteGemvBlockSupported(s.E, s.H, k_splits, is16bit)
+                                       : cuda::RouteBlockSupported(s.E)),
+             "route (CUDA): block_select needs at most 256 experts, and with router_weight "
+             "16-bit inputs, H a multiple of 8 and k_splits = 1");
   cuda::RouteArgs a;
   a.x = x.untyped_data();
   a.router = s.fused ? router.untyped_data() : nullptr;
@@ -68,7 +72,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Attr<int64_t>("group_score")
         .Attr<float>("scaling_factor")
         .Attr<int64_t>("k_splits")
-        .Attr<int64_t>("block_select"),  // logits path: one block per token (route_block_kernel)
+        .Attr<int64_t>("block_select"),  // one block per token's selection (route_block_kernel,
+                                         // or route_gemv_block_kernel with the router)
     {ffi::Traits::kCmdBufferCompatible});
 
 }  // namespace jax_moe

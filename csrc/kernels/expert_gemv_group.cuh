@@ -122,12 +122,6 @@ __device__ unsigned int g_group_left[kGroupMaxAssign];
 // The fused combine's arrivals per (token, rank): T G <= kGroupMaxAssign (GroupBlocks).
 __device__ unsigned int g_group_summed[kGroupMaxAssign];
 
-__device__ __forceinline__ unsigned int ld_acquire_gpu(const unsigned int* p) {
-  unsigned int v;
-  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-
 template <typename T>
 __device__ __forceinline__ float dot8(const uint4& w, const float* v) {
   float f[8];

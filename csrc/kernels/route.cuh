@@ -73,6 +73,17 @@ struct RouteArgs {
 // Whether route_block_kernel can take a logits-path call with E experts.
 inline bool RouteBlockSupported(int64_t E) { return E >= 1 && E <= kRouteBlockMaxExperts; }
 
+// Whether route_gemv_block_kernel can take a fused-path call (block_select with the
+// router): 16-bit types (is16bit), H a multiple of 8, E <= 256, one k-split.
+inline bool RouteGemvBlockSupported(int64_t E, int64_t H, int k_splits, bool is16bit) {
+  return is16bit && H >= 8 && H % 8 == 0 && RouteBlockSupported(E) && k_splits == 1;
+}
+
+// Arrival and departure words of route_gemv_block_kernel, one per token tile; the
+// last departing block of a tile resets both, so every launch finds them zeroed.
+__device__ unsigned int g_route_gemv_arrived[kRouteMaxTiles];
+__device__ unsigned int g_route_gemv_left[kRouteMaxTiles];
+
 __device__ __forceinline__ float sel_value(float v) { return v != v ? -INFINITY : v; }
 
 // No-op phase hook of route_token_warp (scripts/route_probe.cu passes a clock reader).
@@ -320,11 +331,12 @@ __global__ void __launch_bounds__(kRouteThreads) route_logits_kernel(RouteArgs a
   route_token_warp<EPL>([&](int e) { return to_float(row[e]); }, t, a, RouteLaneExtras<EPL>(a));
 }
 
-// Logits path, one block per token, one thread per expert (E <= 256; blockDim = E
-// rounded up to a warp). The same selection as route_token_warp, spread over the
-// block: one warp's chain of dependent steps took 4142 cycles for DeepSeek-V3 (E=256,
-// 8 groups) and 2200 for E=128 (RESULTS.md session 8), longer than the router GEMM.
-// Here each step is a few block-wide passes:
+// Routes token t with the whole block, one thread per expert (E <= 256; blockDim = E
+// rounded up to a warp); thread e passes expert e's logit, bias and scale (any values
+// past E). The same selection as route_token_warp, spread over the block: one warp's
+// chain of dependent steps took 4142 cycles for DeepSeek-V3 (E=256, 8 groups) and
+// 2200 for E=128 (RESULTS.md session 8), longer than the router GEMM. Here each step
+// is a few block-wide passes:
 //   * softmax: block maximum and sum (warp reductions, then the warps' values in
 //     warp order from shared memory);
 //   * groups: thread g < num_groups takes group g's top-2 (or max) from shared
@@ -339,8 +351,9 @@ __global__ void __launch_bounds__(kRouteThreads) route_logits_kernel(RouteArgs a
 //   * threads j < k add the k chosen scores in rank order, and write the weights.
 // Ties, NaN and the weights' formula as route_token_warp; the renormalizing sum's
 // order differs (rank order here, lanes there), so weights may differ by an ulp.
-template <typename T>
-__global__ void __launch_bounds__(kRouteBlockMaxExperts) route_block_kernel(RouteArgs a) {
+// Called by every thread of the block; uses static shared memory.
+__device__ __forceinline__ void route_token_block(float s, float bias, float sc, int64_t t,
+                                                  const RouteArgs& a) {
   constexpr int kMaxWarps = kRouteBlockMaxExperts / 32;
   __shared__ float s_score[kRouteBlockMaxExperts], s_sc[kRouteBlockMaxExperts];
   __shared__ float s_sel[kRouteBlockMaxExperts];
@@ -351,18 +364,13 @@ __global__ void __launch_bounds__(kRouteBlockMaxExperts) route_block_kernel(Rout
   __shared__ uint32_t s_gkey[kRouteMaxGroups];
   __shared__ float s_w[kRouteMaxTopK];
   __shared__ int s_id[kRouteMaxTopK];
-  pdl_launch_dependents();  // a PDL-launched consumer still waits for our completion
-  pdl_wait_prerequisites();  // the logits come from the previous kernel (XLA's dot)
-  const int64_t t = blockIdx.x;
   const int e = threadIdx.x, lane = e & 31, warp = e >> 5;
   const int nwarps = static_cast<int>(blockDim.x) >> 5;
   const int E = static_cast<int>(a.E);
   const RouteParams& p = a.p;
   const int k = p.top_k;
   const bool in = e < E;
-  const float bias = (a.bias != nullptr && in) ? a.bias[e] : 0.f;
-  const float sc = (a.scale != nullptr && in) ? a.scale[e] : 1.f;
-  float s = in ? to_float(static_cast<const T*>(a.x)[t * a.E + e]) : -INFINITY;
+  if (!in) s = -INFINITY;
   if (p.scoring == kSoftmax) {
     // fmaxf drops NaN: the maximum is never NaN (as the warp's)
     const uint32_t mk = __reduce_max_sync(0xffffffffu, float_order_key(fmaxf(-INFINITY, s)));
@@ -380,7 +388,7 @@ __global__ void __launch_bounds__(kRouteBlockMaxExperts) route_block_kernel(Rout
   } else {
     s = sigmoid_fast(s);
   }
-  const float sel = sel_value(s + bias);  // never NaN
+  const float sel = sel_value(s + (in ? bias : 0.f));  // never NaN
   bool avail = in;
   if (p.num_groups > 1) {
     const int G = E / p.num_groups;
@@ -449,7 +457,130 @@ __global__ void __launch_bounds__(kRouteBlockMaxExperts) route_block_kernel(Rout
   }
 }
 
+// Logits path, one block per token (route_token_block).
+template <typename T>
+__global__ void __launch_bounds__(kRouteBlockMaxExperts) route_block_kernel(RouteArgs a) {
+  pdl_launch_dependents();  // a PDL-launched consumer still waits for our completion
+  pdl_wait_prerequisites();  // the logits come from the previous kernel (XLA's dot)
+  const int64_t t = blockIdx.x;
+  const int e = threadIdx.x;
+  const bool in = e < a.E;
+  const float bias = (a.bias != nullptr && in) ? a.bias[e] : 0.f;
+  const float sc = (a.scale != nullptr && in) ? a.scale[e] : 1.f;
+  const float s = in ? to_float(static_cast<const T*>(a.x)[t * a.E + e]) : -INFINITY;
+  route_token_block(s, bias, sc, t, a);
+}
+
 // ---- fused path ----------------------------------------------------------------------
+
+// Fused path with block selection (block_select with the router; 16-bit, H % 8 == 0,
+// E <= 256, k_splits = 1): one launch, no cluster, no partial sums. grid = (ceil(E /
+// EPB) expert blocks, at least 8; token tiles of 8). Block (b, z) computes the whole dot products
+// of router rows [b EPB, (b+1) EPB) with the tile's tokens (threads along H, 16-byte
+// loads, every router byte read once; the tile's x rows come from L2 to every block)
+// and stores the logits to the scratch [T, E]; then it counts itself on the tile's
+// arrival word (release). Blocks b < ntok then wait for the whole tile (acquire) and
+// route token z * 8 + b with route_token_block: the selection runs on up to 8 blocks
+// at once instead of one warp per token in one finishing block, and there is no
+// cluster exchange. Why it may pay: in the cluster kernel the stages after the GEMM
+// took 4.7 us of 7.0 at DeepSeek-V3 T=1 (route_probe, s8-1, s8-5: exchange 1.5,
+// finishing block 1.3, selection 2.1). Not yet measured (written in session 23
+// without a device). Only blocks b < 8 of a tile wait, and only for blocks of their
+// tile, which come after them in dispatch order and never wait: no deadlock, with or
+// without PDL (dependents start once every block here has started).
+template <typename T, int EPB>
+__global__ void __launch_bounds__(kRouteBlockMaxExperts) route_gemv_block_kernel(RouteArgs a,
+                                                                                 int64_t tile0) {
+  constexpr int kThreads = kRouteBlockMaxExperts;
+  constexpr int kU = 4;  // 16-byte vectors per thread per row in flight
+  __shared__ float red[kThreads / 32][EPB][kRouteTokTile];
+  pdl_launch_dependents();  // a PDL-launched consumer still waits for our completion
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int64_t e0 = static_cast<int64_t>(blockIdx.x) * EPB;
+  const int64_t tile = tile0 + blockIdx.y;
+  const int64_t tok0 = tile * kRouteTokTile;
+  const int ntok = static_cast<int>(a.T - tok0 < kRouteTokTile ? a.T - tok0 : kRouteTokTile);
+  const int64_t nv = a.H / 8;
+  const T* w = static_cast<const T*>(a.router);
+  const T* x = static_cast<const T*>(a.x) + tok0 * a.H;
+  float acc[EPB][kRouteTokTile];
+#pragma unroll
+  for (int j = 0; j < EPB; ++j)
+#pragma unroll
+    for (int t = 0; t < kRouteTokTile; ++t) acc[j][t] = 0.f;
+  bool waited = false;
+  for (int64_t v0 = tid; v0 < nv; v0 += kThreads * kU) {
+    uint4 wv[EPB][kU];
+#pragma unroll
+    for (int j = 0; j < EPB; ++j)
+#pragma unroll
+      for (int u = 0; u < kU; ++u) {
+        const int64_t v = v0 + u * kThreads;
+        wv[j][u] = (e0 + j < a.E && v < nv)
+                       ? ldg_stream_v4(w + (e0 + j) * a.H + 8 * v)
+                       : make_uint4(0u, 0u, 0u, 0u);
+      }
+    // PDL: the router rows are in flight; x comes from the previous kernel.
+    if (!waited) { pdl_wait_prerequisites(); waited = true; }
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {
+      const int64_t v = v0 + u * kThreads;
+      if (v >= nv) continue;
+#pragma unroll
+      for (int t = 0; t < kRouteTokTile; ++t) {
+        if (t < ntok) {
+          float xf[8], wf[8];
+          Vec16<T>::unpack(ldg_nc_v4(x + t * a.H + 8 * v), xf);
+#pragma unroll
+          for (int j = 0; j < EPB; ++j) {
+            Vec16<T>::unpack(wv[j][u], wf);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) acc[j][t] = fmaf(wf[i], xf[i], acc[j][t]);
+          }
+        }
+      }
+    }
+  }
+  if (!waited) pdl_wait_prerequisites();  // before this block's global writes
+#pragma unroll
+  for (int j = 0; j < EPB; ++j)
+#pragma unroll
+    for (int t = 0; t < kRouteTokTile; ++t) {
+      const float v = warp_sum(acc[j][t]);
+      if (lane == 0) red[warp][j][t] = v;
+    }
+  __syncthreads();
+  if (tid < EPB * kRouteTokTile) {  // output (j, t): the warps' partials in warp order
+    const int j = tid % EPB, t = tid / EPB;
+    float v = 0.f;
+#pragma unroll
+    for (int ww = 0; ww < kThreads / 32; ++ww) v += red[ww][j][t];
+    if (e0 + j < a.E && t < ntok) a.partial[(tok0 + t) * a.E + e0 + j] = v;
+    __threadfence();
+  }
+  __syncthreads();  // every store is made before the arrival
+  if (tid == 0) {
+    __threadfence();
+    atomicAdd(&g_route_gemv_arrived[blockIdx.y], 1u);
+  }
+  if (static_cast<int>(blockIdx.x) >= ntok) return;
+  // Block b < ntok routes token tok0 + b once every block of the tile has stored.
+  const int e = tid;
+  const bool in = e < a.E;
+  const float bias = (a.bias != nullptr && in) ? a.bias[e] : 0.f;
+  const float sc = (a.scale != nullptr && in) ? a.scale[e] : 1.f;
+  if (tid == 0)
+    while (ld_acquire_gpu(&g_route_gemv_arrived[blockIdx.y]) < gridDim.x) __nanosleep(32);
+  __syncthreads();
+  const int64_t t = tok0 + blockIdx.x;
+  const float s = in ? __ldcg(a.partial + t * a.E + e) : -INFINITY;
+  route_token_block(s, bias, sc, t, a);
+  if (tid == 0 &&
+      atomicAdd(&g_route_gemv_left[blockIdx.y], 1u) == static_cast<unsigned>(ntok) - 1u) {
+    g_route_gemv_arrived[blockIdx.y] = 0u;  // every router of the tile passed its wait
+    g_route_gemv_left[blockIdx.y] = 0u;
+  }
+}
 
 // red[warp][i][t]: warp's partial dot of router row e0 + i with token tok0 + t over
 // the chunks cb0 + warp, cb0 + warp + 8, ... below cb1. Tensor cores (16-bit types,
@@ -715,6 +846,30 @@ cudaError_t LaunchRouteEpl(const RouteArgs& a, cudaStream_t stream) {
     return LaunchMaybePdl(route_logits_kernel<T, EPL>, dim3(blocks), dim3(kRouteThreads), 0,
                           stream, pdl, a);
   }
+  if (a.block_select) {  // route_gemv_block_kernel (LaunchRoute checked the support)
+    const int sms = CurrentDeviceAttr<cudaDevAttrMultiProcessorCount>(132);
+    const int64_t tiles = (a.T + kRouteTokTile - 1) / kRouteTokTile;
+    const int epb = a.E <= sms ? 1 : a.E <= 2 * sms ? 2 : 4;
+    // at least 8 blocks: blocks 0..7 of a tile route its tokens (past E they only arrive)
+    const unsigned eb = static_cast<unsigned>(std::max<int64_t>((a.E + epb - 1) / epb, kRouteTokTile));
+    for (int64_t tile0 = 0; tile0 < tiles; tile0 += kRouteMaxTiles) {
+      const unsigned n = static_cast<unsigned>(std::min<int64_t>(kRouteMaxTiles, tiles - tile0));
+      const dim3 grid(eb, n), block(kRouteBlockMaxExperts);
+      cudaError_t err;
+      if constexpr (sizeof(T) == 2) {
+        err = epb == 1   ? LaunchMaybePdl(route_gemv_block_kernel<T, 1>, grid, block, 0, stream,
+                                          pdl, a, tile0)
+              : epb == 2 ? LaunchMaybePdl(route_gemv_block_kernel<T, 2>, grid, block, 0, stream,
+                                          pdl, a, tile0)
+                         : LaunchMaybePdl(route_gemv_block_kernel<T, 4>, grid, block, 0, stream,
+                                          pdl, a, tile0);
+      } else {
+        err = cudaErrorInvalidValue;
+      }
+      if (err != cudaSuccess) return err;
+    }
+    return cudaSuccess;
+  }
   constexpr bool kMma = sizeof(T) == 2;  // and H % 8 == 0, checked below
   const bool mma = kMma && a.H % 8 == 0;
   const bool cluster = a.k_splits <= kRouteMaxClusterSplits && DeviceIsSm90();
@@ -751,7 +906,9 @@ cudaError_t LaunchRoute(const RouteArgs& a, cudaStream_t stream) {
   if (a.E > kRouteMaxExperts || a.p.top_k > kRouteMaxTopK || a.p.num_groups > kRouteMaxGroups ||
       a.k_splits < 1 || a.k_splits > kRouteMaxKSplits)
     return cudaErrorInvalidValue;
-  if (a.block_select && (a.router != nullptr || !RouteBlockSupported(a.E) || a.T > 0x7fffffff))
+  if (a.block_select &&
+      (a.router != nullptr ? !RouteGemvBlockSupported(a.E, a.H, a.k_splits, sizeof(T) == 2)
+                           : !RouteBlockSupported(a.E) || a.T > 0x7fffffff))
     return cudaErrorInvalidValue;
   if (a.E <= 64) return LaunchRouteEpl<T, 2>(a, stream);
   if (a.E <= 128) return LaunchRouteEpl<T, 4>(a, stream);
