@@ -89,7 +89,8 @@ ROUTE_BLOCK_MAX_EXPERTS = 256  # kRouteBlockMaxExperts in csrc/kernels/route.cuh
 
 def route_block_select(num_tokens: int, num_experts: int) -> bool:
   """True: the logits path's one-block-per-token selection kernel (see above)."""
-  return 1 <= num_tokens <= ROUTE_BLOCK_SELECT_MAX_TOKENS and num_experts <= ROUTE_BLOCK_MAX_EXPERTS
+  return (1 <= num_tokens <= ROUTE_BLOCK_SELECT_MAX_TOKENS
+          and route_block_supported(num_experts, None, 1, 4))
 
 
 # The fused path with the same block selection (route_gemv_block_kernel): one launch,

@@ -8,9 +8,9 @@ fused kernel: a split-K tensor-core GEMM whose last block also does the selectio
 or as XLA's dot followed by the logits-only routing kernel; heuristics.py picks
 (today the dot path at every T: it measured faster). With block_select the selection
 runs with a whole block per token (on the logits path, and in a one-launch fused
-kernel without the cluster exchange); written without a device, not yet picked. Returns weights f32 [..., k]
-and ids int32 [..., k], ordered by selection score (highest first, ties to the
-lower expert index). See DESIGN.md for the semantics.
+kernel without the cluster exchange); written without a device, not yet picked.
+Returns weights f32 [..., k] and ids int32 [..., k], ordered by selection score
+(highest first, ties to the lower expert index). See DESIGN.md for the semantics.
 """
 
 from __future__ import annotations

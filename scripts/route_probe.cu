@@ -244,13 +244,9 @@ int main(int argc, char** argv) {
               CK(EPL_LAUNCH(c.E, L3));
               break;
             case 4:
+            case 9:  // the logits path, warp or block selection
               b.router = nullptr;
-              b.x = logits + size_t(i % kCopies) * 64 * c.E;
-              CK(LaunchRoute<float>(b, st));
-              break;
-            case 9:
-              b.router = nullptr;
-              b.block_select = true;
+              b.block_select = v.id == 9;
               b.x = logits + size_t(i % kCopies) * 64 * c.E;
               CK(LaunchRoute<float>(b, st));
               break;
@@ -271,47 +267,42 @@ int main(int argc, char** argv) {
         const std::vector<float> us = graph_replay_us(st, N, 15, e0, e1, launch);
         printf("  %-26s %7.2f us/launch (min %.2f)\n", v.name, us[us.size() / 2], us[0]);
       }
-      {  // The block-select kernel against the warp kernel on the same logits.
-        std::vector<float> wv[2];
-        std::vector<int32_t> iv[2];
-        for (int blk_sel = 0; blk_sel < 2; ++blk_sel) {
-          RouteArgs b = a;
-          b.router = nullptr;
-          b.x = logits;
-          b.block_select = blk_sel == 1;
-          CK(cudaMemset(weights, 0xff, size_t(T) * c.k * sizeof(float)));
-          CK(cudaMemset(ids, 0xff, size_t(T) * c.k * sizeof(int32_t)));
-          CK(LaunchRoute<float>(b, st));
+      // The block-selection kernels against the warp / cluster kernel on the same
+      // inputs: ids equal, weights within an ulp or so. `launch(block)` runs one of the
+      // pair. Outputs are poisoned before each launch.
+      auto compare = [&](const char* what, auto launch) {
+        const size_t n = size_t(T) * c.k;
+        std::vector<float> wv[2] = {std::vector<float>(n), std::vector<float>(n)};
+        std::vector<int32_t> iv[2] = {std::vector<int32_t>(n), std::vector<int32_t>(n)};
+        for (int blk = 0; blk < 2; ++blk) {
+          CK(cudaMemset(weights, 0xff, n * sizeof(float)));
+          CK(cudaMemset(ids, 0xff, n * sizeof(int32_t)));
+          CK(launch(blk == 1));
           CK(cudaStreamSynchronize(st));
-          wv[blk_sel].resize(size_t(T) * c.k);
-          iv[blk_sel].resize(size_t(T) * c.k);
-          CK(cudaMemcpy(wv[blk_sel].data(), weights, wv[blk_sel].size() * 4, cudaMemcpyDeviceToHost));
-          CK(cudaMemcpy(iv[blk_sel].data(), ids, iv[blk_sel].size() * 4, cudaMemcpyDeviceToHost));
+          CK(cudaMemcpy(wv[blk].data(), weights, n * 4, cudaMemcpyDeviceToHost));
+          CK(cudaMemcpy(iv[blk].data(), ids, n * 4, cudaMemcpyDeviceToHost));
         }
         double rel = 0;
-        for (size_t j = 0; j < wv[0].size(); ++j)
-          rel = std::max(rel, double(std::fabs(wv[1][j] - wv[0][j])) / std::max(1e-30f, std::fabs(wv[0][j])));
-        printf("  block select vs warp kernel: ids %s, max weight rel. diff %.2e\n",
+        for (size_t j = 0; j < n; ++j)
+          rel = std::max(rel, double(std::fabs(wv[1][j] - wv[0][j])) /
+                                  std::max(1e-30f, std::fabs(wv[0][j])));
+        printf("  %s: ids %s, max weight rel. diff %.2e\n", what,
                iv[0] == iv[1] ? "equal" : "DIFFER", rel);
-        // The fused block-select kernel against the library's cluster kernel on the same
-        // hidden states and router (logits summed in another order: near-ties may differ).
-        for (int blk_sel = 0; blk_sel < 2; ++blk_sel) {
-          RouteArgs b = a;
-          b.block_select = blk_sel == 1;
-          if (b.block_select) b.k_splits = 1;
-          CK(cudaMemset(weights, 0xff, size_t(T) * c.k * sizeof(float)));
-          CK(cudaMemset(ids, 0xff, size_t(T) * c.k * sizeof(int32_t)));
-          CK(LaunchRoute<bf16>(b, st));
-          CK(cudaStreamSynchronize(st));
-          CK(cudaMemcpy(wv[blk_sel].data(), weights, wv[blk_sel].size() * 4, cudaMemcpyDeviceToHost));
-          CK(cudaMemcpy(iv[blk_sel].data(), ids, iv[blk_sel].size() * 4, cudaMemcpyDeviceToHost));
-        }
-        rel = 0;
-        for (size_t j = 0; j < wv[0].size(); ++j)
-          rel = std::max(rel, double(std::fabs(wv[1][j] - wv[0][j])) / std::max(1e-30f, std::fabs(wv[0][j])));
-        printf("  fused block select vs cluster kernel: ids %s, max weight rel. diff %.2e\n",
-               iv[0] == iv[1] ? "equal" : "DIFFER", rel);
-      }
+      };
+      compare("block select vs warp kernel (logits)", [&](bool blk) {
+        RouteArgs b = a;
+        b.router = nullptr;
+        b.x = logits;
+        b.block_select = blk;
+        return LaunchRoute<float>(b, st);
+      });
+      // Logits summed in another order than the cluster kernel's: near-ties may differ.
+      compare("fused block select vs cluster kernel", [&](bool blk) {
+        RouteArgs b = a;
+        b.block_select = blk;
+        if (blk) b.k_splits = 1;
+        return LaunchRoute<bf16>(b, st);
+      });
       // Timeline of one launch of the full copy, after a cold-router launch.
       for (int i = 0; i < 3; ++i) {
         RouteArgs b = a;

@@ -86,32 +86,43 @@ GROUPED = {
 }
 
 
+def grouped_case(name, r):
+  """GROUPED[name] as (E, k, bias, kw, opts): kw the selection's arguments (scoring,
+  groups), opts the weights' (bias as an array or None, scaling, renormalization);
+  the bias drawn fresh where the config has one."""
+  cfg = GROUPED[name]
+  E = cfg["E"]
+  bias = r.normal(scale=0.05, size=E).astype(np.float32) if cfg["bias"] else None
+  kw = dict(scoring=cfg["scoring"], num_groups=cfg["num_groups"], top_groups=cfg["top_groups"],
+            group_score=cfg["group_score"])
+  opts = dict(correction_bias=None if bias is None else jnp.asarray(bias),
+              scaling_factor=cfg["scaling_factor"], renormalize=cfg.get("renormalize", True))
+  return E, cfg["k"], bias, kw, opts
+
+
+def assert_group_limit(ids, E, kw):
+  G = E // kw["num_groups"]
+  assert all(len(set(row // G)) <= kw["top_groups"] for row in np.asarray(ids))
+
+
 @pytest.mark.parametrize("name", sorted(GROUPED))
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("with_router", [False, True], ids=["logits", "router"])
 def test_grouped(platform, name, dtype, with_router):
-  cfg = dict(GROUPED[name])
   r = rng()
-  E, k = cfg.pop("E"), cfg.pop("k")
-  bias = (r.normal(scale=0.05, size=E)).astype(np.float32) if cfg.pop("bias") else None
-  kw = dict(scoring=cfg["scoring"], num_groups=cfg["num_groups"], top_groups=cfg["top_groups"],
-            group_score=cfg["group_score"], bias=bias)
+  E, k, bias, kw, opts = grouped_case(name, r)
   T = 40
   if with_router:
     H = 128
     router = np.asarray(jnp.asarray(r.normal(size=(E, H)) / np.sqrt(H), dtype)
                         .astype(jnp.float32))
-    x = routing_hidden(r, T, H, router.astype(np.float64), dtype, top_k=k, **kw)
+    x = routing_hidden(r, T, H, router.astype(np.float64), dtype, top_k=k, bias=bias, **kw)
     extra = dict(router_weight=jnp.asarray(router, dtype))
   else:
-    x = routing_logits(r, T, E, dtype, top_k=k, **kw)
+    x = routing_logits(r, T, E, dtype, top_k=k, bias=bias, **kw)
     extra = {}
-  kw.pop("bias")
-  w, ids = check(jnp.asarray(x, dtype), k, correction_bias=None if bias is None else jnp.asarray(bias),
-                 scaling_factor=cfg["scaling_factor"], renormalize=cfg.get("renormalize", True),
-                 **kw, **extra)
-  G = E // cfg["num_groups"]
-  assert all(len(set(row // G)) <= cfg["top_groups"] for row in ids)
+  w, ids = check(jnp.asarray(x, dtype), k, **opts, **kw, **extra)
+  assert_group_limit(ids, E, kw)
 
 
 def test_options_are_not_ignored(platform):
@@ -391,7 +402,7 @@ def test_router_reduce_heuristic():
   assert not rr(8, 128, 2816, itemsize=4 * 8)  # the bound is in bytes
 
 
-# ---- the logits path's one-block-per-token selection (route_block_kernel) -----------
+# ---- block selection: route_block_kernel (logits), route_gemv_block_kernel (router) --
 
 BLOCK_EK = [(E, k) for E, k in EK if E <= 256] + [(64, 32), (256, 32), (33, 5)]
 
@@ -427,19 +438,12 @@ def test_block_select_softmax(platform, block_select, E, k):
 @pytest.mark.parametrize("name", sorted(GROUPED))
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
 def test_block_select_grouped(platform, block_select, name, dtype):
-  cfg = dict(GROUPED[name])
   r = rng()
-  E, k = cfg.pop("E"), cfg.pop("k")
-  bias = (r.normal(scale=0.05, size=E)).astype(np.float32) if cfg.pop("bias") else None
-  kw = dict(scoring=cfg["scoring"], num_groups=cfg["num_groups"], top_groups=cfg["top_groups"],
-            group_score=cfg["group_score"])
+  E, k, bias, kw, opts = grouped_case(name, r)
   x = routing_logits(r, 24, E, dtype, top_k=k, bias=bias, **kw)
   scale = jnp.asarray(r.uniform(0.5, 1.5, size=E), jnp.float32)
-  w, ids = check(jnp.asarray(x, dtype), k, correction_bias=None if bias is None else jnp.asarray(bias),
-                 scaling_factor=cfg["scaling_factor"], renormalize=cfg.get("renormalize", True),
-                 expert_scale=scale, **kw)
-  G = E // cfg["num_groups"]
-  assert all(len(set(row // G)) <= cfg["top_groups"] for row in ids)
+  w, ids = check(jnp.asarray(x, dtype), k, expert_scale=scale, **opts, **kw)
+  assert_group_limit(ids, E, kw)
 
 
 @pytest.mark.parametrize("T", [1, 3, 1000])
@@ -516,19 +520,16 @@ def test_fused_block(platform, fused_block, T, E, H, dtype):
 
 @pytest.mark.parametrize("name", sorted(GROUPED))
 def test_fused_block_grouped(platform, fused_block, name):
-  cfg = dict(GROUPED[name])
   r = rng()
-  E, k, H, T = cfg.pop("E"), cfg.pop("k"), 264, 12
-  bias = (r.normal(scale=0.05, size=E)).astype(np.float32) if cfg.pop("bias") else None
-  kw = dict(scoring=cfg["scoring"], num_groups=cfg["num_groups"], top_groups=cfg["top_groups"],
-            group_score=cfg["group_score"])
+  E, k, bias, kw, opts = grouped_case(name, r)
+  H, T = 264, 12
   router = np.asarray(jnp.asarray(r.normal(size=(E, H)) / np.sqrt(H), jnp.bfloat16)
                       .astype(jnp.float32))
   x = routing_hidden(r, T, H, router.astype(np.float64), jnp.bfloat16, top_k=k, bias=bias, **kw)
   scale = jnp.asarray(r.uniform(0.5, 1.5, size=E), jnp.float32)
-  check(jnp.asarray(x, jnp.bfloat16), k, router_weight=jnp.asarray(router, jnp.bfloat16),
-        correction_bias=None if bias is None else jnp.asarray(bias), expert_scale=scale,
-        scaling_factor=cfg["scaling_factor"], renormalize=cfg.get("renormalize", True), **kw)
+  _, ids = check(jnp.asarray(x, jnp.bfloat16), k, router_weight=jnp.asarray(router, jnp.bfloat16),
+                 expert_scale=scale, **opts, **kw)
+  assert_group_limit(ids, E, kw)
 
 
 def test_fused_block_heuristic(monkeypatch):

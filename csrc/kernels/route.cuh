@@ -25,6 +25,12 @@
 // lanes, its top-2 is a local top-2 plus a few shuffles), then top_k rounds of a
 // warp float max, ties to the lowest lane (= lowest expert index). The chosen
 // weights are renormalized, scaled by scaling_factor and by expert_scale[id].
+//
+// Block selection (RouteArgs::block_select, E <= 256; written in session 23 without
+// a device, not yet picked by heuristics.py): the same selection with a whole block
+// per token, one thread per expert (route_token_block), on the logits path
+// (route_block_kernel) or in a one-launch fused kernel without k-splits or a cluster
+// (route_gemv_block_kernel).
 #pragma once
 
 #include <algorithm>
@@ -50,7 +56,7 @@ constexpr int kRouteMaxGroups = 64;
 constexpr int kRouteMaxTiles = 1024;  // token tiles per fused launch (one counter each)
 constexpr int kRouteMaxKSplits = 4096;
 constexpr int kRouteMaxClusterSplits = 8;  // portable cluster size: the cluster kernel
-constexpr int kRouteBlockMaxExperts = 256;  // route_block_kernel: one thread per expert
+constexpr int kRouteBlockMaxExperts = 256;  // block selection: one thread per expert
 
 // Arrival counters of the fused path. The last block of a tile resets its counter
 // to zero, so every launch finds them zeroed (launches on one stream are ordered).
@@ -67,7 +73,8 @@ struct RouteArgs {
   int32_t* ids = nullptr;    // [T, k]
   float* partial = nullptr;  // [k_splits, T, E] scratch (fused path)
   int k_splits = 1;          // fused path: blocks along H per (expert tile, token tile)
-  bool block_select = false; // logits path: route_block_kernel (RouteBlockSupported)
+  bool block_select = false; // block selection: route_block_kernel (logits) or
+                             // route_gemv_block_kernel (router); see the Supported rules
 };
 
 // Whether route_block_kernel can take a logits-path call with E experts.
@@ -331,9 +338,9 @@ __global__ void __launch_bounds__(kRouteThreads) route_logits_kernel(RouteArgs a
   route_token_warp<EPL>([&](int e) { return to_float(row[e]); }, t, a, RouteLaneExtras<EPL>(a));
 }
 
-// Routes token t with the whole block, one thread per expert (E <= 256; blockDim = E
-// rounded up to a warp); thread e passes expert e's logit, bias and scale (any values
-// past E). The same selection as route_token_warp, spread over the block: one warp's
+// Routes token t with the whole block, one thread per expert (blockDim a multiple of
+// 32 with E <= blockDim <= 256); thread e passes expert e's logit, bias and scale (any
+// values past E). The same selection as route_token_warp, spread over the block: one warp's
 // chain of dependent steps took 4142 cycles for DeepSeek-V3 (E=256, 8 groups) and
 // 2200 for E=128 (RESULTS.md session 8), longer than the router GEMM. Here each step
 // is a few block-wide passes:
@@ -851,7 +858,8 @@ cudaError_t LaunchRouteEpl(const RouteArgs& a, cudaStream_t stream) {
     const int64_t tiles = (a.T + kRouteTokTile - 1) / kRouteTokTile;
     const int epb = a.E <= sms ? 1 : a.E <= 2 * sms ? 2 : 4;
     // at least 8 blocks: blocks 0..7 of a tile route its tokens (past E they only arrive)
-    const unsigned eb = static_cast<unsigned>(std::max<int64_t>((a.E + epb - 1) / epb, kRouteTokTile));
+    const unsigned eb =
+        static_cast<unsigned>(std::max<int64_t>((a.E + epb - 1) / epb, kRouteTokTile));
     for (int64_t tile0 = 0; tile0 < tiles; tile0 += kRouteMaxTiles) {
       const unsigned n = static_cast<unsigned>(std::min<int64_t>(kRouteMaxTiles, tiles - tile0));
       const dim3 grid(eb, n), block(kRouteBlockMaxExperts);
