@@ -83,52 +83,39 @@ int main(int argc, char** argv) {
   printf(" %8s %6s %9s %6s %6s %s\n", "read_us", "read_x", "relerr", "zeros", "repeat", "fused");
   std::mt19937 rng(1234);
   for (const NarrowShape& S : args.shapes) {
-    const size_t ngu = size_t(S.E) * 2 * S.I * S.H, nd = size_t(S.E) * S.H * S.I;
     const int Tmax = kNarrowMaxT, nmax = Tmax * S.k;
-    bf16 *wgu, *wd, *x, *h, *y, *y_ref, *out;
-    float* cw;
-    CK(cudaMalloc(&wgu, ngu * 2));
-    CK(cudaMalloc(&wd, nd * 2));
-    CK(cudaMalloc(&x, size_t(Tmax) * S.H * 2));
+    const NarrowLayer L(S);
+    bf16 *y = L.y, *h, *y_ref, *out;
     CK(cudaMalloc(&h, size_t(nmax) * S.I * 2));
-    CK(cudaMalloc(&y, size_t(nmax) * S.H * 2));
     CK(cudaMalloc(&y_ref, size_t(nmax) * S.H * 2));
     CK(cudaMalloc(&out, size_t(Tmax) * S.H * 2));
-    CK(cudaMalloc(&cw, size_t(nmax) * 4));
-    fill_layer_inputs(wgu, ngu, wd, nd, x, size_t(Tmax) * S.H, S.H, S.I, cw, size_t(nmax));
-    const double expert_bytes = 3.0 * S.I * S.H * 2;
     for (const int T : args.ts) {
       const int R = 32, n = T * S.k;
-      double distinct = 0;
-      const std::vector<int32_t> ids = uniform_routings(R, T, S.E, S.k, rng, &distinct);
-      int32_t* dids;
-      CK(cudaMalloc(&dids, ids.size() * 4));
-      CK(cudaMemcpy(dids, ids.data(), ids.size() * 4, cudaMemcpyHostToDevice));
+      const NarrowRoutings rt(R, T, S, rng);
       ExpertGemvArgs la;
-      la.x = x; la.w_gate_up = wgu; la.w_down = wd; la.h = h; la.y = y_ref;
-      la.T = T; la.k = S.k; la.H = S.H; la.I = S.I; la.E = S.E; la.activation = kSilu;
-      la.combine_w = cw; la.combine_out = out;
+      set_layer_args(la, S, L, T);
+      la.h = h; la.y = y_ref; la.combine_out = out;
       auto lib_with = [&](bool in_kernel) {
         return [&, in_kernel](int i) {
-          la.ids = dids + size_t(i % R) * n;
+          la.ids = rt.d + size_t(i % R) * n;
           la.variant = kGemvStream;
           la.combine_in_kernel = in_kernel;
           CK(LaunchExpertGemv<bf16>(la, 0));
         };
       };
       GemvGroupArgs ca;
-      ca.x = x; ca.w_gate_up = wgu; ca.w_down = wd; ca.h = h; ca.y = y;
-      ca.T = T; ca.k = S.k; ca.E = S.E; ca.H = S.H; ca.I = S.I; ca.activation = kSilu;
+      set_layer_args(ca, S, L, T);
+      ca.h = h; ca.y = y;
       CombineArgs cc;
-      cc.y = y; cc.weights = cw; cc.out = out; cc.T = T; cc.k = S.k; cc.H = S.H;
+      cc.y = y; cc.weights = L.cw; cc.out = out; cc.T = T; cc.k = S.k; cc.H = S.H;
       const int G = GroupBlocks(T, S.k, pd.sms);
       // combine: 0 none, 1 combine's kernel after, 2 fused (the last block of a row range);
       // opt: kGroupOpt* bits.
       auto group_with = [&](int g, int combine, int opt = kGroupLibraryOptions) {
         return [&, g, combine, opt](int i) {
-          ca.ids = dids + size_t(i % R) * n;
+          ca.ids = rt.d + size_t(i % R) * n;
           ca.G = g;
-          ca.combine_w = combine == 2 ? cw : nullptr;
+          ca.combine_w = combine == 2 ? L.cw : nullptr;
           ca.combine_out = combine == 2 ? out : nullptr;
           CK(launch_group_opt(ca, opt));
           if (combine == 1) CK((LaunchCombine<bf16, float, bf16>(cc, 0)));
@@ -144,13 +131,13 @@ int main(int argc, char** argv) {
       float opt_k[kNumOpts];
       for (int o = 0; o < kNumOpts; ++o)
         opt_k[o] = back_to_back_us(5, iters, pd.e0, pd.e1, group_with(G, 0, kOpts[o].bits));
-      const DistinctExpertReads reads(ids, R, n, S.E, S.H, S.I, wgu, wd, pd.sms);
+      const DistinctExpertReads reads(rt.ids, R, n, S.E, S.H, S.I, L.wgu, L.wd, pd.sms);
       const float read_us =
           back_to_back_us(5, iters, pd.e0, pd.e1, [&](int i) { reads.launch(i, 0, pd.sink); });
       // Correctness on a fresh routing with some ids out of range.
       std::vector<int32_t> fz(n);
       for (int i = 0; i < n; ++i) fz[i] = (rng() % 9 == 0) ? (rng() % 2 ? -1 : S.E) : int(rng() % S.E);
-      CK(cudaMemcpy(dids, fz.data(), n * 4, cudaMemcpyHostToDevice));
+      CK(cudaMemcpy(rt.d, fz.data(), n * 4, cudaMemcpyHostToDevice));
       const size_t yn = size_t(n) * S.H;
       constexpr int kRuns = 3 + kNumOpts;
       std::vector<uint16_t> ref(yn), o[kRuns];
@@ -188,7 +175,7 @@ int main(int argc, char** argv) {
           num = std::max(num, std::fabs(double(bf(o[rep][i])) - bf(ref[i])));
           den = std::max(den, double(std::fabs(bf(ref[i]))));
         }
-      const double floor_us = distinct * expert_bytes / bw * 1e6;
+      const double floor_us = rt.distinct * L.expert_bytes / bw * 1e6;
       printf("%-8s %2d %8.1f %8.1f %9.1f %8.1f %9.1f %8.3f %8.1f %3d %8.1f %8.1f", S.name, T,
              floor_us, lib_us, lib_in_us, grp_us, grp_in_us, grp_in_us / floor_us, grp_k, G, g8_k,
              g12_k);
@@ -196,10 +183,8 @@ int main(int argc, char** argv) {
       printf(" %8.1f %6.3f %9.2e %6s %6s %s\n", read_us, read_us / floor_us,
              num / std::max(den, 1e-30), zeros ? "zero" : "NONZERO", same ? "equal" : "DIFFER",
              fused_same ? "equal" : "DIFFER");
-      CK(cudaFree(dids));
     }
-    CK(cudaFree(wgu)); CK(cudaFree(wd)); CK(cudaFree(x)); CK(cudaFree(h)); CK(cudaFree(y));
-    CK(cudaFree(y_ref)); CK(cudaFree(out)); CK(cudaFree(cw));
+    CK(cudaFree(h)); CK(cudaFree(y_ref)); CK(cudaFree(out));
   }
   return 0;
 }

@@ -18,6 +18,7 @@
 #include <cuda_runtime.h>
 
 #include "common/cuda_utils.cuh"  // ldg_stream_v4
+#include "common/params.h"      // kSilu
 
 // Name printed in front of argument errors; each probe defines it.
 extern const char* const kProbeName;
@@ -175,6 +176,54 @@ static std::vector<int32_t> uniform_routings(int R, int T, int E, int k, std::mt
   *distinct = d / R;
   return ids;
 }
+
+// One NarrowShape layer on the device for up to kNarrowMaxT tokens: the weights, x and
+// the combine weights (fill_layer_inputs), and y rows for every assignment. Freed on
+// destruction.
+struct NarrowLayer {
+  __nv_bfloat16 *wgu = nullptr, *wd = nullptr, *x = nullptr, *y = nullptr;
+  float* cw = nullptr;
+  double expert_bytes = 0;  // one expert's gate, up and down rows
+  explicit NarrowLayer(const NarrowShape& S) {
+    const size_t ngu = size_t(S.E) * 2 * S.I * S.H, nd = size_t(S.E) * S.H * S.I;
+    const size_t nmax = size_t(kNarrowMaxT) * S.k;
+    CK(cudaMalloc(&wgu, ngu * 2));
+    CK(cudaMalloc(&wd, nd * 2));
+    CK(cudaMalloc(&x, size_t(kNarrowMaxT) * S.H * 2));
+    CK(cudaMalloc(&y, nmax * S.H * 2));
+    CK(cudaMalloc(&cw, nmax * 4));
+    fill_layer_inputs(wgu, ngu, wd, nd, x, size_t(kNarrowMaxT) * S.H, S.H, S.I, cw, nmax);
+    expert_bytes = 3.0 * S.I * S.H * 2;
+  }
+  ~NarrowLayer() { cudaFree(wgu); cudaFree(wd); cudaFree(x); cudaFree(y); cudaFree(cw); }
+  NarrowLayer(const NarrowLayer&) = delete;
+  NarrowLayer& operator=(const NarrowLayer&) = delete;
+};
+
+// A kernel's arguments (ExpertGemvArgs, GemvGroupArgs, GemvSplitArgs) for layer L of
+// shape S at T tokens, SwiGLU: the inputs and sizes; its scratch, outputs and ids are
+// the caller's.
+template <typename Args>
+static void set_layer_args(Args& a, const NarrowShape& S, const NarrowLayer& L, int T) {
+  a.x = L.x; a.w_gate_up = L.wgu; a.w_down = L.wd; a.combine_w = L.cw;
+  a.T = T; a.k = S.k; a.E = S.E; a.H = S.H; a.I = S.I; a.activation = jax_moe::kSilu;
+}
+
+// R uniform routings of T tokens (uniform_routings), on the host (ids) and the device
+// (d, freed on destruction); distinct: the mean number of distinct experts.
+struct NarrowRoutings {
+  std::vector<int32_t> ids;
+  int32_t* d = nullptr;
+  double distinct = 0;
+  NarrowRoutings(int R, int T, const NarrowShape& S, std::mt19937& rng)
+      : ids(uniform_routings(R, T, S.E, S.k, rng, &distinct)) {
+    CK(cudaMalloc(&d, ids.size() * 4));
+    CK(cudaMemcpy(d, ids.data(), ids.size() * 4, cudaMemcpyHostToDevice));
+  }
+  ~NarrowRoutings() { cudaFree(d); }
+  NarrowRoutings(const NarrowRoutings&) = delete;
+  NarrowRoutings& operator=(const NarrowRoutings&) = delete;
+};
 
 // What every probe sets up first: the SM count, a sink word for the read kernels,
 // and two timing events.

@@ -50,35 +50,23 @@ int main(int argc, char** argv) {
          "c64_k_us", "g7_us", "read_us", "read_x", "relerr7", "relerr64", "repeat");
   std::mt19937 rng(1234);
   for (const NarrowShape& S : args.shapes) {
-    const size_t ngu = size_t(S.E) * 2 * S.I * S.H, nd = size_t(S.E) * S.H * S.I;
     const int Tmax = kNarrowMaxT, nmax = Tmax * S.k;
     const size_t part_bytes = size_t(nmax) * (S.I / 32) * S.H * 4;  // the most (C = 32)
-    bf16 *wgu, *wd, *x, *y, *out_lib, *out_split;
-    float *cw, *h;  // h: the stream kernel's intermediate, or the split kernels' partials
-    CK(cudaMalloc(&wgu, ngu * 2));
-    CK(cudaMalloc(&wd, nd * 2));
-    CK(cudaMalloc(&x, size_t(Tmax) * S.H * 2));
+    const NarrowLayer L(S);
+    bf16 *y = L.y, *out_lib, *out_split;
+    float* h;  // the stream kernel's intermediate, or the split kernels' partials
     CK(cudaMalloc(&h, part_bytes));
-    CK(cudaMalloc(&y, size_t(nmax) * S.H * 2));
     CK(cudaMalloc(&out_lib, size_t(Tmax) * S.H * 2));
     CK(cudaMalloc(&out_split, size_t(Tmax) * S.H * 2));
-    CK(cudaMalloc(&cw, size_t(nmax) * 4));
-    fill_layer_inputs(wgu, ngu, wd, nd, x, size_t(Tmax) * S.H, S.H, S.I, cw, size_t(nmax));
-    const double expert_bytes = 3.0 * S.I * S.H * 2;
     for (const int T : args.ts) {
       const int R = 32, n = T * S.k;
-      double distinct = 0;
-      const std::vector<int32_t> ids = uniform_routings(R, T, S.E, S.k, rng, &distinct);
-      int32_t* dids;
-      CK(cudaMalloc(&dids, ids.size() * 4));
-      CK(cudaMemcpy(dids, ids.data(), ids.size() * 4, cudaMemcpyHostToDevice));
+      const NarrowRoutings rt(R, T, S, rng);
       ExpertGemvArgs la;
-      la.x = x; la.w_gate_up = wgu; la.w_down = wd; la.h = h; la.y = y;
-      la.T = T; la.k = S.k; la.H = S.H; la.I = S.I; la.E = S.E; la.activation = kSilu;
-      la.combine_w = cw; la.combine_out = out_lib;
+      set_layer_args(la, S, L, T);
+      la.h = h; la.y = y; la.combine_out = out_lib;
       auto lib_with = [&](int variant, bool in_kernel, cudaStream_t st) {
         return [&, variant, in_kernel, st](int i) {
-          la.ids = dids + size_t(i % R) * n;
+          la.ids = rt.d + size_t(i % R) * n;
           la.variant = variant;
           la.combine_in_kernel = in_kernel;
           CK(LaunchExpertGemv<bf16>(la, st));
@@ -88,12 +76,11 @@ int main(int argc, char** argv) {
       const float lib_in_us = back_to_back_us(5, iters, e0, e1, lib_with(kGemvStream, true, 0));
       const float lib7_us = back_to_back_us(5, iters, e0, e1, lib_with(kGemvSplit, false, 0));
       GemvSplitArgs sa;
-      sa.x = x; sa.w_gate_up = wgu; sa.w_down = wd; sa.part = h; sa.y = y;
-      sa.combine_w = cw; sa.combine_out = out_split;
-      sa.T = T; sa.k = S.k; sa.E = S.E; sa.H = S.H; sa.I = S.I; sa.activation = kSilu;
+      set_layer_args(sa, S, L, T);
+      sa.part = h; sa.y = y; sa.combine_out = out_split;
       auto split_with = [&](int C, bool sum) {
         return [&, C, sum](int i) {
-          sa.ids = dids + size_t(i % R) * n;
+          sa.ids = rt.d + size_t(i % R) * n;
           const cudaError_t err =
               C == 64 ? LaunchGemvSplit<bf16, 64>(sa, 0, sum) : LaunchGemvSplit<bf16, 32>(sa, 0, sum);
           CK(err);
@@ -108,13 +95,13 @@ int main(int argc, char** argv) {
           graph_replay_us(st, std::min(iters, 64), 5, e0, e1, lib_with(kGemvSplit, false, st));
       CK(cudaStreamDestroy(st));
       // Plain read of the same routings' distinct experts.
-      const DistinctExpertReads reads(ids, R, n, S.E, S.H, S.I, wgu, wd, sms);
+      const DistinctExpertReads reads(rt.ids, R, n, S.E, S.H, S.I, L.wgu, L.wd, sms);
       const float read_us =
           back_to_back_us(5, iters, e0, e1, [&](int i) { reads.launch(i, 0, sink); });
       // Correctness on a fresh routing with some ids out of range.
       std::vector<int32_t> fz(n);
       for (int i = 0; i < n; ++i) fz[i] = (rng() % 9 == 0) ? -1 : int(rng() % S.E);
-      CK(cudaMemcpy(dids, fz.data(), n * 4, cudaMemcpyHostToDevice));
+      CK(cudaMemcpy(rt.d, fz.data(), n * 4, cudaMemcpyHostToDevice));
       const size_t on = size_t(T) * S.H;
       std::vector<uint16_t> ref(on), o1(on), o2(on);
       CK(cudaMemset(out_lib, 0xff, on * 2));
@@ -143,16 +130,14 @@ int main(int argc, char** argv) {
         }
         relerr[ci] = num / std::max(den, 1e-30);
       }
-      const double floor_us = distinct * expert_bytes / bw * 1e6;
+      const double floor_us = rt.distinct * L.expert_bytes / bw * 1e6;
       printf("%-8s %2d %8.1f %8.1f %9.1f %8.1f %6.3f %8.1f %8.1f %8.1f %8.1f %8.1f %6.3f %9.2e "
              "%9.2e %s\n",
              S.name, T, floor_us, lib_us, lib_in_us, lib7_us, lib7_us / floor_us, s32_k, c64_us,
              c64_k, g7[g7.size() / 2], read_us, read_us / floor_us, relerr[0], relerr[1],
              same ? "equal" : "DIFFER");
-      CK(cudaFree(dids));
     }
-    CK(cudaFree(wgu)); CK(cudaFree(wd)); CK(cudaFree(x)); CK(cudaFree(h)); CK(cudaFree(y));
-    CK(cudaFree(out_lib)); CK(cudaFree(out_split)); CK(cudaFree(cw));
+    CK(cudaFree(h)); CK(cudaFree(out_lib)); CK(cudaFree(out_split));
   }
   return 0;
 }
