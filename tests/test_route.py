@@ -561,3 +561,33 @@ def test_bad_block_select(E, H, dtype, k_splits):
     route_p.bind(x, router, e0, e0, top_k=2, scoring="softmax", renormalize=True, num_groups=1,
                  top_groups=1, group_score="top2_sum", scaling_factor=1.0, k_splits=k_splits,
                  block_select=True)
+
+
+def test_cuda_handler_reads_block_select(platform):
+  """The CUDA handler reads block_select: called past the Python checks (ffi_call),
+  block_select with an f32 router is refused there, and the same call without it runs.
+  The CPU handler ignores the attribute by design: there both calls give the same ids."""
+  from jax_moe.route import TARGET, _ffi_attrs
+  T, E, H = 4, 8, 64
+  r = rng()
+  router64 = r.normal(size=(E, H)) / np.sqrt(H)
+  x = jnp.asarray(routing_hidden(r, T, H, router64, jnp.float32, top_k=2))
+  router = jnp.asarray(router64, jnp.float32)
+  e0 = jnp.zeros((0,), jnp.float32)
+  params = dict(top_k=2, scoring="softmax", renormalize=True, num_groups=1, top_groups=1,
+                group_score="top2_sum", scaling_factor=1.0, k_splits=1)
+  out = (jax.ShapeDtypeStruct((T, 2), jnp.float32), jax.ShapeDtypeStruct((T, 2), jnp.int32),
+         jax.ShapeDtypeStruct((T, E), jnp.float32))
+
+  def call(block_select):
+    attrs = _ffi_attrs(dict(params, block_select=block_select))
+    f = jax.ffi.ffi_call(TARGET, out)
+    return np.asarray(jax.jit(lambda *a: f(*a, **attrs))(x, router, e0, e0)[1])
+
+  ids = call(False)
+  np.testing.assert_array_equal(ids, np.asarray(reference.route(x, 2, router_weight=router)[1]))
+  if platform == "gpu":
+    with pytest.raises(Exception, match="block_select"):
+      call(True)
+  else:
+    np.testing.assert_array_equal(call(True), ids)
